@@ -1,0 +1,142 @@
+"""Pure-PyTorch version of every bipkernels op: the CPU/GPU fallback and the oracle of the tests.
+
+The contracts (shared with csrc/include/bipkernels/math.h):
+
+- Score type: block scores are float32 for float16, bfloat16 and float32 scores, float64 for float64.
+  A block score reduces |s| in float64 and is rounded once to the score type.
+- Threshold: a float64 tensor (value, cut) per tensor. Block i (flat block index) is kept iff its score
+  is not NaN and (score > value, or score == value and i < cut). Keep-all is (-inf, +inf), keep-none
+  (+inf, 0). N:M ignores the threshold.
+- topk_threshold keeps exactly min(k, number of non-NaN block scores) blocks over all tensors together:
+  the largest scores, ties broken by the lowest global flat index (tensor order, then flat index). Its
+  cut per tensor is canonical: the tensor's numel where every one of its scores equal to the value is kept
+  (also where it has none), 0 where none of them is, else 1 + the flat index of its last kept one.
+- hypergrad: grad_θ = m ⊙ g (a select) and grad_s = θ ⊙ g − inv_gamma · I, with I = m ⊙ g ⊙ g (paper)
+  or (θ ⊙ g)² (released), computed in float32 for half types.
+
+No function here synchronises with the host.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .structures import Structure
+
+IMPLICIT_FORMS = ("paper", "released")
+
+
+def score_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The type of block scores (and of the arithmetic) for tensors of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _matrix(tensor: torch.Tensor, structure: Structure) -> torch.Tensor:
+    rows, cols, _, _ = structure.matrix_shape(tensor.shape)
+    return tensor.reshape(rows, cols)
+
+
+def block_scores(scores: torch.Tensor, structure: Structure) -> torch.Tensor:
+    """|s| reduced per block; shape ``structure.block_scores_shape(scores.shape)``, dtype score_dtype."""
+    out_dtype = score_dtype(scores.dtype)
+    if structure.kind in ("unstructured", "nm"):
+        return scores.to(out_dtype).abs()
+    magnitude = scores.double().abs()
+    if structure.p == 2:
+        magnitude = magnitude * magnitude
+    rows, cols, channels, inner = structure.matrix_shape(scores.shape)
+    if structure.kind == "filter":
+        summed = magnitude.reshape(rows, cols).sum(1)
+    elif structure.kind == "channel":
+        summed = magnitude.reshape(rows, channels, inner).sum((0, 2))
+    else:  # tile: pad with zeros to whole tiles, which leaves every sum unchanged
+        tile_rows, tile_cols = structure.block_scores_shape(scores.shape)
+        padded = torch.nn.functional.pad(
+            magnitude.reshape(rows, cols), (0, tile_cols * structure.b - cols, 0, tile_rows * structure.a - rows))
+        summed = padded.reshape(tile_rows, structure.a, tile_cols, structure.b).sum((1, 3))
+    if structure.p == 2:
+        summed = summed.sqrt()
+    return summed.to(out_dtype)
+
+
+def topk_threshold(block_scores_list: list[torch.Tensor], k: int) -> torch.Tensor:
+    """(L, 2) float64 thresholds (value, cut), one row per tensor, keeping the top k blocks of all."""
+    if not block_scores_list:
+        return torch.empty(0, 2, dtype=torch.float64)
+    device = block_scores_list[0].device
+    flat = [b.reshape(-1).double() for b in block_scores_list]
+    values = torch.cat(flat)
+    nan = values.isnan()
+    kept = torch.clamp((~nan).sum(), max=k)
+    ordered = torch.sort(values.masked_fill(nan, float("-inf")), descending=True).values
+    value = torch.where(kept > 0, ordered[torch.clamp(kept - 1, min=0)] if len(ordered) else kept.double(),
+                        torch.tensor(float("inf"), dtype=torch.float64, device=device))
+    ties_kept = kept - (values > value).sum()
+    rows, ties_before = [], torch.zeros((), dtype=torch.int64, device=device)
+    for scores in flat:
+        equal = scores == value
+        ties_here = equal.sum()
+        kept_here = torch.clamp(ties_kept - ties_before, min=0)
+        kept_here = torch.minimum(kept_here, ties_here)
+        last_kept = (equal.cumsum(0) < kept_here).sum() + 1  # 1 + flat index of the kept_here-th tie
+        cut = torch.where(kept_here == ties_here, scores.numel(), torch.where(kept_here == 0, 0, last_kept))
+        rows.append(torch.stack([value, cut.double()]))
+        ties_before = ties_before + ties_here
+    return torch.stack(rows)
+
+
+def _kept_blocks(block_score: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    value = threshold[0].to(block_score.dtype)
+    index = torch.arange(block_score.numel(), device=block_score.device, dtype=torch.float64)
+    tie_kept = (block_score.reshape(-1) == value) & (index < threshold[1])
+    return (block_score.reshape(-1) > value) | tie_kept
+
+
+def _nm_mask(scores: torch.Tensor, structure: Structure) -> torch.Tensor:
+    rows, _, channels, inner = structure.matrix_shape(scores.shape)
+    n, m = structure.a, structure.b
+    grouped = scores.to(score_dtype(scores.dtype)).abs().reshape(rows, channels // m, m, inner)
+    mine, other = grouped.unsqueeze(3), grouped.unsqueeze(2)  # (.., i, 1, ..) against (.., 1, j, ..)
+    lower = torch.ones(m, m, dtype=torch.bool, device=scores.device).tril(-1).reshape(m, m, 1)  # j < i
+    beaten_by = ((other > mine) | ((other == mine) & lower)).sum(3)
+    return (~grouped.isnan() & (beaten_by < n)).reshape(scores.shape)
+
+
+def block_mask(scores: torch.Tensor, threshold: torch.Tensor | None, structure: Structure) -> torch.Tensor:
+    """Boolean mask shaped like ``scores``: the blocks kept under ``threshold``."""
+    if structure.kind == "nm":
+        return _nm_mask(scores, structure)
+    kept = _kept_blocks(block_scores(scores, structure), threshold)
+    rows, cols, channels, inner = structure.matrix_shape(scores.shape)
+    if structure.kind == "unstructured":
+        return kept.reshape(scores.shape)
+    if structure.kind == "filter":
+        expanded = kept.reshape(rows, 1).expand(rows, cols)
+    elif structure.kind == "channel":
+        expanded = kept.reshape(1, channels, 1).expand(rows, channels, inner)
+    else:
+        tile_rows, tile_cols = structure.block_scores_shape(scores.shape)
+        tiles = kept.reshape(tile_rows, tile_cols)
+        expanded = tiles.repeat_interleave(structure.a, 0).repeat_interleave(structure.b, 1)[:rows, :cols]
+    return expanded.reshape(scores.shape)
+
+
+def masked_weight(weight: torch.Tensor, scores: torch.Tensor, threshold: torch.Tensor | None,
+                  structure: Structure) -> torch.Tensor:
+    """θ where kept and exactly 0 where pruned (a select: a pruned NaN or inf weight gives 0)."""
+    mask = block_mask(scores, threshold, structure)
+    return torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device)).contiguous()
+
+
+def hypergrad(grad: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, threshold: torch.Tensor | None,
+              structure: Structure, inv_gamma: float = 0.0, implicit: str = "paper"):
+    """(grad_θ, grad_s) of z = m ⊙ θ given g = ∂l/∂z; see the module docstring."""
+    mask = block_mask(scores, threshold, structure)
+    acc = score_dtype(weight.dtype)
+    g, theta = grad.to(acc), weight.to(acc)
+    zero = torch.zeros((), dtype=acc, device=weight.device)
+    direct = theta * g
+    implicit_term = direct * direct if implicit == "released" else torch.where(mask, g * g, zero)
+    grad_weight = torch.where(mask, g, zero)
+    grad_scores = direct - inv_gamma * implicit_term
+    return grad_weight.to(weight.dtype).contiguous(), grad_scores.to(weight.dtype).contiguous()

@@ -1,0 +1,126 @@
+"""Block structures of a mask: which weights are kept or pruned together.
+
+A weight of shape (out, in, *kernel) is viewed as the matrix (rows, cols) = (out, in·prod(kernel)).
+
+=============  ==========================  ===============================================================
+structure      spelled                     blocks (flat block index order)
+=============  ==========================  ===============================================================
+unstructured   ``"unstructured"``          every element; block index = flat element index
+filter         ``"filter"``                one per output channel (row); shape (out,)
+channel        ``"channel"``               one per input channel, across all filters and kernel positions;
+                                           shape (in,)
+N:M            ``"2:4"``                   N kept in every group of M consecutive input channels at the
+                                           same (out, kernel position); needs in % M == 0; no threshold
+tile           ``"tile4x8"``               4×8 tiles of the (rows, cols) matrix, edge tiles cut short;
+                                           shape (ceil(rows/4), ceil(cols/8))
+=============  ==========================  ===============================================================
+
+A block's score reduces |s| over its elements with the norm p (1: sum, 2: Euclidean norm).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+KINDS = ("unstructured", "filter", "channel", "nm", "tile")
+_NM = re.compile(r"^(\d+):(\d+)$")
+_TILE = re.compile(r"^tile:?(\d+)x(\d+)$")
+
+
+@dataclass(frozen=True)
+class Structure:
+    """A block structure. ``a``, ``b`` are N, M for "nm" and the tile height, width for "tile"."""
+
+    kind: str = "unstructured"
+    a: int = 0
+    b: int = 0
+    p: int = 1
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"structure: unknown kind {self.kind!r}; expected one of {KINDS}")
+        if self.p not in (1, 2):
+            raise ValueError(f"structure: p must be 1 or 2, got {self.p!r}")
+        if self.kind == "nm" and not (self.b >= 1 and 0 <= self.a <= self.b):
+            raise ValueError(f"structure: N:M needs 0 <= N <= M and M >= 1, got {self.a}:{self.b}")
+        if self.kind == "tile" and not (self.a >= 1 and self.b >= 1):
+            raise ValueError(f"structure: tile sizes must be positive, got {self.a}x{self.b}")
+
+    @property
+    def kind_id(self) -> int:
+        """The number the compiled ops take (csrc/include/bipkernels/math.h, StructureKind)."""
+        return KINDS.index(self.kind)
+
+    @property
+    def uses_threshold(self) -> bool:
+        """N:M keeps N per group by itself; every other structure keeps the blocks above a threshold."""
+        return self.kind != "nm"
+
+    def op_args(self) -> tuple[int, int, int, int]:
+        """(kind, a, b, p) as the registered ops take them."""
+        return self.kind_id, self.a, self.b, self.p
+
+    def matrix_shape(self, shape) -> tuple[int, int, int, int]:
+        """(rows, cols, channels, inner) of the matrix view of a tensor of this shape."""
+        shape = tuple(shape)
+        rows = shape[0] if len(shape) >= 1 else 1
+        channels = shape[1] if len(shape) >= 2 else 1
+        inner = math.prod(shape[2:])
+        return rows, channels * inner, channels, inner
+
+    def check_shape(self, shape, name: str = "scores") -> None:
+        """Raise ValueError if a tensor of this shape cannot carry this structure."""
+        if self.kind == "unstructured":
+            return
+        if len(shape) == 0:
+            raise ValueError(f"structure {self}: {name} must have at least 1 dimension, got a 0-dim tensor")
+        if self.kind == "nm":
+            channels = self.matrix_shape(shape)[2]
+            if channels % self.b:
+                raise ValueError(
+                    f"structure {self}: {name} has {channels} input channels (shape {tuple(shape)}), "
+                    f"not a multiple of M = {self.b}")
+
+    def block_scores_shape(self, shape) -> tuple[int, ...]:
+        """Shape of block_scores() of a tensor of this shape."""
+        rows, cols, channels, _ = self.matrix_shape(shape)
+        if self.kind == "filter":
+            return (rows,)
+        if self.kind == "channel":
+            return (channels,)
+        if self.kind == "tile":
+            return (-(-rows // self.a), -(-cols // self.b))
+        return tuple(shape)
+
+    def __str__(self) -> str:
+        name = {"nm": f"{self.a}:{self.b}", "tile": f"tile{self.a}x{self.b}"}.get(self.kind, self.kind)
+        return name if self.p == 1 else f"{name} (p=2)"
+
+
+def parse_structure(structure: str | Structure = "unstructured", p: int | None = None) -> Structure:
+    """A Structure from its spelling ("unstructured", "filter", "channel", "2:4", "tile4x4") or itself.
+
+    ``p`` (1 or 2), when given, replaces the structure's norm.
+    """
+    if isinstance(structure, Structure):
+        parsed = structure
+    elif isinstance(structure, str):
+        spelled = structure.strip().lower()
+        nm, tile = _NM.match(spelled), _TILE.match(spelled)
+        if spelled in ("unstructured", "filter", "channel"):
+            parsed = Structure(spelled)
+        elif nm:
+            parsed = Structure("nm", int(nm.group(1)), int(nm.group(2)))
+        elif tile:
+            parsed = Structure("tile", int(tile.group(1)), int(tile.group(2)))
+        else:
+            raise ValueError(
+                f"structure: cannot read {structure!r}; expected 'unstructured', 'filter', 'channel', "
+                "'N:M' (e.g. '2:4') or 'tileHxW' (e.g. 'tile4x4')")
+    else:
+        raise TypeError(f"structure: expected a str or Structure, got {type(structure).__name__}")
+    if p is not None and p != parsed.p:
+        parsed = Structure(parsed.kind, parsed.a, parsed.b, p)
+    return parsed

@@ -1,0 +1,49 @@
+// CPU kernel of bipkernels::hypergrad: one pass over g, θ and s writes both levels' gradients
+// (math.h: hypergrad_element).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include "bipkernels/checks.h"
+#include "cpu/block_scores.h"
+
+namespace bipkernels::cpu {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> hypergrad(const at::Tensor& grad, const at::Tensor& weight,
+                                             const at::Tensor& scores, const at::Tensor& threshold, int64_t kind,
+                                             int64_t a, int64_t b, int64_t p, double inv_gamma, int64_t implicit) {
+  check_like(grad, weight, "hypergrad", "grad", "weight");
+  check_like(scores, weight, "hypergrad", "scores", "weight");
+  TORCH_CHECK(implicit == kImplicitPaper || implicit == kImplicitReleased,
+              "bipkernels.hypergrad: implicit must be 0 (paper) or 1 (released), got ", implicit);
+  const PreparedMask prepared = prepare_mask(scores, threshold, kind, a, b, p, "hypergrad");
+  const at::Tensor grad_contiguous = grad.contiguous(), weight_contiguous = weight.contiguous();
+  at::Tensor grad_weight = at::empty_like(weight_contiguous), grad_scores = at::empty_like(weight_contiguous);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "hypergrad", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto rule = prepared.rule<scalar_t>();
+    const scalar_t* g = grad_contiguous.const_data_ptr<scalar_t>();
+    const scalar_t* theta = weight_contiguous.const_data_ptr<scalar_t>();
+    scalar_t* out_theta = grad_weight.mutable_data_ptr<scalar_t>();
+    scalar_t* out_score = grad_scores.mutable_data_ptr<scalar_t>();
+    const acc_t inv_gamma_acc = static_cast<acc_t>(inv_gamma);
+    at::parallel_for(0, weight.numel(), kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const auto element = hypergrad_element<acc_t>(static_cast<acc_t>(g[i]), static_cast<acc_t>(theta[i]),
+                                                      rule.kept(i), inv_gamma_acc, implicit);
+        out_theta[i] = static_cast<scalar_t>(element.grad_theta);
+        out_score[i] = static_cast<scalar_t>(element.grad_score);
+      }
+    });
+  });
+  return {grad_weight, grad_scores};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bipkernels, CPU, m) { m.impl("hypergrad", &hypergrad); }
+
+}  // namespace bipkernels::cpu

@@ -1,0 +1,53 @@
+// CPU kernels of bipkernels::block_mask and bipkernels::masked_weight: the mask (math.h: MaskRule)
+// recomputed from the scores and applied as a select, so a pruned NaN or inf weight gives exactly 0.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include "bipkernels/checks.h"
+#include "cpu/block_scores.h"
+
+namespace bipkernels::cpu {
+namespace {
+
+at::Tensor block_mask(const at::Tensor& scores, const at::Tensor& threshold, int64_t kind, int64_t a, int64_t b,
+                      int64_t p) {
+  const PreparedMask prepared = prepare_mask(scores, threshold, kind, a, b, p, "block_mask");
+  at::Tensor mask = at::empty(scores.sizes(), scores.options().dtype(at::kBool));
+  bool* target = mask.mutable_data_ptr<bool>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "block_mask", [&] {
+    const auto rule = prepared.rule<scalar_t>();
+    at::parallel_for(0, scores.numel(), kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) target[i] = rule.kept(i);
+    });
+  });
+  return mask;
+}
+
+at::Tensor masked_weight(const at::Tensor& weight, const at::Tensor& scores, const at::Tensor& threshold,
+                         int64_t kind, int64_t a, int64_t b, int64_t p) {
+  check_like(scores, weight, "masked_weight", "scores", "weight");
+  const PreparedMask prepared = prepare_mask(scores, threshold, kind, a, b, p, "masked_weight");
+  const at::Tensor weight_contiguous = weight.contiguous();
+  at::Tensor out = at::empty_like(weight_contiguous);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "masked_weight", [&] {
+    const auto rule = prepared.rule<scalar_t>();
+    const scalar_t* source = weight_contiguous.const_data_ptr<scalar_t>();
+    scalar_t* target = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, weight.numel(), kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) target[i] = rule.kept(i) ? source[i] : scalar_t(0);
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bipkernels, CPU, m) {
+  m.impl("block_mask", &block_mask);
+  m.impl("masked_weight", &masked_weight);
+}
+
+}  // namespace bipkernels::cpu

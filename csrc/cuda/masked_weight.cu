@@ -1,0 +1,64 @@
+// CUDA kernels of bipkernels::block_mask and bipkernels::masked_weight: the thread mapping around
+// math.h's MaskRule (the same decision the CPU kernels make).
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include "cuda/launch.cuh"
+
+namespace bipkernels::cuda {
+namespace {
+
+template <typename scalar_t, typename score_t>
+__global__ void block_mask_kernel(MaskRule<scalar_t, score_t> rule, bool* mask, int64_t n) {
+  for (int64_t i = first_index(); i < n; i += grid_stride()) mask[i] = rule.kept(i);
+}
+
+template <typename scalar_t, typename score_t>
+__global__ void masked_weight_kernel(MaskRule<scalar_t, score_t> rule, const scalar_t* weight, scalar_t* out,
+                                     int64_t n) {
+  for (int64_t i = first_index(); i < n; i += grid_stride()) out[i] = rule.kept(i) ? weight[i] : scalar_t(0);
+}
+
+at::Tensor block_mask(const at::Tensor& scores, const at::Tensor& threshold, int64_t kind, int64_t a, int64_t b,
+                      int64_t p) {
+  const c10::cuda::CUDAGuard guard(scores.device());
+  const PreparedMask prepared = prepare_mask(scores, threshold, kind, a, b, p, "block_mask");
+  at::Tensor mask = at::empty(scores.sizes(), scores.options().dtype(at::kBool));
+  const int64_t n = scores.numel();
+  if (n == 0) return mask;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "block_mask", [&] {
+    block_mask_kernel<<<grid_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        prepared.rule<scalar_t>(), mask.mutable_data_ptr<bool>(), n);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return mask;
+}
+
+at::Tensor masked_weight(const at::Tensor& weight, const at::Tensor& scores, const at::Tensor& threshold,
+                         int64_t kind, int64_t a, int64_t b, int64_t p) {
+  check_like(scores, weight, "masked_weight", "scores", "weight");
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const PreparedMask prepared = prepare_mask(scores, threshold, kind, a, b, p, "masked_weight");
+  const at::Tensor weight_contiguous = weight.contiguous();
+  at::Tensor out = at::empty_like(weight_contiguous);
+  const int64_t n = weight.numel();
+  if (n == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "masked_weight", [&] {
+    masked_weight_kernel<<<grid_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        prepared.rule<scalar_t>(), weight_contiguous.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+        n);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bipkernels, CUDA, m) {
+  m.impl("block_mask", &block_mask);
+  m.impl("masked_weight", &masked_weight);
+}
+
+}  // namespace bipkernels::cuda

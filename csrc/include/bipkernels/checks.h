@@ -1,0 +1,61 @@
+// Host-side argument checks shared by the CPU and CUDA entry points. Every message names the op and the
+// offending value, so an error deep inside a training run says what was wrong.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include "bipkernels/math.h"
+
+namespace bipkernels {
+
+inline void check_floating(const at::Tensor& tensor, const char* op, const char* name) {
+  const auto dtype = tensor.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+              "bipkernels.", op, ": ", name, " must be float32, float64, float16 or bfloat16, got ", dtype);
+}
+
+inline void check_like(const at::Tensor& tensor, const at::Tensor& like, const char* op, const char* name,
+                       const char* like_name) {
+  TORCH_CHECK(tensor.sizes() == like.sizes(), "bipkernels.", op, ": ", name, " has shape ", tensor.sizes(),
+              " but ", like_name, " has shape ", like.sizes());
+  TORCH_CHECK(tensor.scalar_type() == like.scalar_type(), "bipkernels.", op, ": ", name, " has dtype ",
+              tensor.scalar_type(), " but ", like_name, " has dtype ", like.scalar_type());
+  TORCH_CHECK(tensor.device() == like.device(), "bipkernels.", op, ": ", name, " is on ", tensor.device(),
+              " but ", like_name, " is on ", like.device());
+}
+
+// The threshold (value, cut) as float64 of shape (2,) beside the scores; ignored (any shape) for N:M.
+inline void check_threshold(const at::Tensor& threshold, const at::Tensor& scores, int64_t kind, const char* op) {
+  if (kind == kNM) return;
+  TORCH_CHECK(threshold.scalar_type() == at::kDouble && threshold.dim() == 1 && threshold.size(0) == 2,
+              "bipkernels.", op, ": threshold must be a float64 tensor of shape (2,) = (value, cut), got ",
+              threshold.scalar_type(), " of shape ", threshold.sizes());
+  TORCH_CHECK(threshold.device() == scores.device(), "bipkernels.", op, ": threshold is on ",
+              threshold.device(), " but scores are on ", scores.device());
+}
+
+// The (rows, cols) view of a weight-shaped tensor and the block structure over it, validated.
+inline BlockLayout make_layout(const at::Tensor& scores, int64_t kind, int64_t a, int64_t b, const char* op) {
+  TORCH_CHECK(kind >= kUnstructured && kind <= kTile, "bipkernels.", op, ": unknown structure kind ", kind);
+  BlockLayout layout{kind, a, b, 1, 1, 1, 1};
+  if (scores.dim() >= 1) layout.rows = scores.size(0);
+  if (scores.dim() >= 2) layout.channels = scores.size(1);
+  for (int64_t d = 2; d < scores.dim(); ++d) layout.inner *= scores.size(d);
+  layout.cols = layout.channels * layout.inner;
+  if (kind == kUnstructured) return layout;
+  TORCH_CHECK(scores.dim() >= 1, "bipkernels.", op, ": a block structure needs a tensor of at least 1 "
+              "dimension, got a 0-dimensional one");
+  if (kind == kNM) {
+    TORCH_CHECK(b >= 1 && a >= 0 && a <= b, "bipkernels.", op, ": N:M needs 0 <= N <= M and M >= 1, got ",
+                a, ":", b);
+    TORCH_CHECK(layout.in_channels() % b == 0, "bipkernels.", op, ": N:M with M = ",
+                b, " needs the input dimension to be a multiple of M, got ", layout.in_channels());
+  }
+  if (kind == kTile) {
+    TORCH_CHECK(a >= 1 && b >= 1, "bipkernels.", op, ": tile sizes must be positive, got ", a, "x", b);
+  }
+  return layout;
+}
+
+}  // namespace bipkernels

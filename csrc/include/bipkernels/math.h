@@ -1,0 +1,203 @@
+// The per-element and per-block arithmetic and decisions of every bipkernels kernel, written once.
+//
+// Everything here is `__host__ __device__` when compiled by nvcc and plain inline C++ otherwise, so the
+// CPU kernels (csrc/cpu) and the CUDA kernels (csrc/cuda) call the very same functions: the CPU tests,
+// which compare the CPU kernels with the float64 reference, therefore test the CUDA arithmetic too.
+//
+// Conventions (the contract of bipkernels/reference.py):
+// - A weight of shape (out, in, *kernel) is viewed as a matrix (rows, cols) = (out, in * inner) with
+//   inner = prod(kernel) (1 for a Linear weight, and for 1-D tensors rows = numel, cols = 1).
+// - A block score reduces |s| over the block in double precision, in the canonical order of
+//   BlockLayout::element (increasing flat index), and is rounded once to the score type.
+// - A threshold is the pair (value, cut): block i (flat block index) is kept iff its score is not NaN
+//   and (score > value, or score == value and i < cut). The cut carries the tie rule "lowest global
+//   flat index first"; keep-all is (-inf, +inf) and keep-none is (+inf, 0).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define BIPK_HD __host__ __device__ __forceinline__
+#else
+#define BIPK_HD inline
+#endif
+
+namespace bipkernels {
+
+// Numbering shared with bipkernels/structures.py (Structure.kind_id).
+enum StructureKind : int64_t {
+  kUnstructured = 0,
+  kFilter = 1,
+  kChannel = 2,
+  kNM = 3,  // a = N kept in every group of b = M consecutive input channels
+  kTile = 4,  // a x b tiles of the (rows, cols) matrix; edge tiles may be smaller
+};
+
+// Implicit-term forms of the hypergradient (bipkernels.ops.IMPLICIT_FORMS).
+enum ImplicitForm : int64_t {
+  kImplicitPaper = 0,     // -(1/gamma) * m * g * g
+  kImplicitReleased = 1,  // -(1/gamma) * (theta * g)^2, the released code's G1 * G2
+};
+
+BIPK_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Which elements form which block. For N:M the "blocks" are the groups of M; their scores are not
+// reduced (each element keeps |s|), the group only decides which N survive.
+struct BlockLayout {
+  int64_t kind, a, b;
+  int64_t rows, cols, inner, channels;  // cols = channels * inner
+
+  BIPK_HD int64_t in_channels() const { return channels; }
+  BIPK_HD int64_t tile_cols() const { return ceil_div(cols, b); }
+
+  // Number of blocks (groups for N:M); the length of the flattened block-score tensor except for N:M.
+  BIPK_HD int64_t num_blocks() const {
+    switch (kind) {
+      case kFilter: return rows;
+      case kChannel: return in_channels();
+      case kNM: return rows * (in_channels() / b) * inner;
+      case kTile: return ceil_div(rows, a) * tile_cols();
+      default: return rows * cols;
+    }
+  }
+
+  BIPK_HD int64_t block_of(int64_t flat) const {
+    switch (kind) {
+      case kFilter: return flat / cols;
+      case kChannel: return (flat % cols) / inner;
+      case kNM: {
+        const int64_t row = flat / cols, rem = flat % cols;
+        const int64_t channel = rem / inner, spatial = rem % inner;
+        return (row * (in_channels() / b) + channel / b) * inner + spatial;
+      }
+      case kTile: return (flat / cols / a) * tile_cols() + (flat % cols) / b;
+      default: return flat;
+    }
+  }
+
+  BIPK_HD int64_t block_size(int64_t block) const {
+    switch (kind) {
+      case kFilter: return cols;
+      case kChannel: return rows * inner;
+      case kNM: return b;
+      case kTile: {
+        const int64_t tile_row = block / tile_cols(), tile_col = block % tile_cols();
+        const int64_t height = rows - tile_row * a < a ? rows - tile_row * a : a;
+        const int64_t width = cols - tile_col * b < b ? cols - tile_col * b : b;
+        return height * width;
+      }
+      default: return 1;
+    }
+  }
+
+  // Flat index of the j-th element of a block, increasing with j (the canonical reduction order).
+  BIPK_HD int64_t element(int64_t block, int64_t j) const {
+    switch (kind) {
+      case kFilter: return block * cols + j;
+      case kChannel: return (j / inner) * cols + block * inner + j % inner;
+      case kNM: {
+        const int64_t spatial = block % inner, group_row = block / inner;
+        const int64_t groups_per_row = in_channels() / b;
+        const int64_t row = group_row / groups_per_row, group = group_row % groups_per_row;
+        return row * cols + (group * b + j) * inner + spatial;
+      }
+      case kTile: {
+        const int64_t tile_row = block / tile_cols(), tile_col = block % tile_cols();
+        const int64_t width = cols - tile_col * b < b ? cols - tile_col * b : b;
+        return (tile_row * a + j / width) * cols + tile_col * b + j % width;
+      }
+      default: return block;
+    }
+  }
+
+  // Position of an element inside its N:M group (0..M-1).
+  BIPK_HD int64_t group_position(int64_t flat) const { return ((flat % cols) / inner) % b; }
+};
+
+// Reduction of |s| over one block: p = 1 sums |s|, p = 2 takes the Euclidean norm. Accumulates in
+// double so the result does not depend on the order of summation for any block of practical size.
+template <typename scalar_t>
+BIPK_HD double block_score(const scalar_t* scores, const BlockLayout& layout, int64_t block, int64_t p) {
+  const int64_t size = layout.block_size(block);
+  double sum = 0.0;
+  for (int64_t j = 0; j < size; ++j) {
+    const double magnitude = fabs(static_cast<double>(scores[layout.element(block, j)]));
+    sum += p == 2 ? magnitude * magnitude : magnitude;
+  }
+  return p == 2 ? sqrt(sum) : sum;
+}
+
+// The keep decision of block `index` under threshold (value, cut). `value` was produced from scores
+// of type score_t, so converting it back is exact; `cut` is an integer below 2^53 or +inf.
+template <typename score_t>
+BIPK_HD bool is_kept(score_t score, double value, double cut, int64_t index) {
+  const score_t threshold_value = static_cast<score_t>(value);
+  if (score > threshold_value) return true;
+  return score == threshold_value && static_cast<double>(index) < cut;
+}
+
+// N:M decision: the element at `flat` is kept iff it is not NaN and fewer than N members of its group
+// beat it (a larger |s|, or an equal |s| at a lower position). NaN members never beat anyone.
+template <typename score_t, typename scalar_t>
+BIPK_HD bool nm_kept(const scalar_t* scores, const BlockLayout& layout, int64_t flat) {
+  const score_t mine = fabs(static_cast<score_t>(scores[flat]));
+  if (mine != mine) return false;
+  const int64_t group = layout.block_of(flat), position = layout.group_position(flat);
+  int64_t beaten_by = 0;
+  for (int64_t j = 0; j < layout.b; ++j) {
+    const score_t other = fabs(static_cast<score_t>(scores[layout.element(group, j)]));
+    beaten_by += (other > mine || (other == mine && j < position)) ? 1 : 0;
+  }
+  return beaten_by < layout.a;
+}
+
+// The mask of one element under any structure. `block_scores` holds the block scores of the tensor for
+// filter, channel and tile (computed by block_score beforehand, one per block) and is unused otherwise;
+// `threshold` points at (value, cut) in the memory of the kernel that runs (unused for N:M).
+template <typename scalar_t, typename score_t>
+struct MaskRule {
+  const scalar_t* scores;
+  const score_t* block_scores;
+  const double* threshold;
+  BlockLayout layout;
+
+  BIPK_HD bool kept(int64_t flat) const {
+    switch (layout.kind) {
+      case kUnstructured:
+        return is_kept<score_t>(fabs(static_cast<score_t>(scores[flat])), threshold[0], threshold[1], flat);
+      case kNM:
+        return nm_kept<score_t>(scores, layout, flat);
+      default: {
+        const int64_t block = layout.block_of(flat);
+        return is_kept<score_t>(block_scores[block], threshold[0], threshold[1], block);
+      }
+    }
+  }
+};
+
+BIPK_HD bool needs_block_scores(int64_t kind) { return kind == kFilter || kind == kChannel || kind == kTile; }
+
+// The fused backward of z = m ⊙ θ for one element, in the accumulation type acc_t:
+//   grad_theta = m ⊙ g                            (a select: g may be inf/NaN where pruned)
+//   grad_score = θ ⊙ g − inv_gamma · implicit      (straight-through: grad_s = grad_m)
+// with implicit = m ⊙ g ⊙ g (paper) or (θ ⊙ g)² (released code).
+template <typename acc_t>
+struct HypergradElement {
+  acc_t grad_theta, grad_score;
+};
+
+template <typename acc_t>
+BIPK_HD HypergradElement<acc_t> hypergrad_element(
+    acc_t grad, acc_t theta, bool kept, acc_t inv_gamma, int64_t implicit) {
+  const acc_t direct = theta * grad;
+  acc_t implicit_term;
+  if (implicit == kImplicitReleased) {
+    implicit_term = direct * direct;
+  } else {
+    implicit_term = kept ? grad * grad : acc_t(0);
+  }
+  return {kept ? grad : acc_t(0), direct - inv_gamma * implicit_term};
+}
+
+}  // namespace bipkernels
