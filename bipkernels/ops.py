@@ -130,7 +130,7 @@ def _structure(op: str, structure, p, scores: torch.Tensor) -> Structure:
 
 
 def block_scores(scores: torch.Tensor, structure: str | Structure = "unstructured", p: int | None = None):
-    """|s| reduced within each block of ``structure`` with norm ``p`` (1 or 2).
+    """|s| reduced within each block of ``structure``: Σ|s| for ``p`` = 1, Σs² (squared norm) for 2.
 
     Shapes: unstructured and N:M keep the shape of ``scores``; filter gives (out,), channel (in,), tile
     (ceil(rows/h), ceil(cols/w)). dtype: float32 (float64 for float64 scores). Empty in, empty out.

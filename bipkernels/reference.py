@@ -3,14 +3,16 @@
 The contracts (shared with csrc/include/bipkernels/math.h):
 
 - Score type: block scores are float32 for float16, bfloat16 and float32 scores, float64 for float64.
-  A block score reduces |s| in float64 and is rounded once to the score type.
+  A block score reduces |s| in float64 (p = 1: Σ|s|, p = 2: Σs², the squared norm, which ranks blocks
+  like the norm without a square root) and is rounded once to the score type.
 - Threshold: a float64 tensor (value, cut) per tensor. Block i (flat block index) is kept iff its score
   is not NaN and (score > value, or score == value and i < cut). Keep-all is (-inf, +inf), keep-none
   (+inf, 0). N:M ignores the threshold.
 - topk_threshold keeps exactly min(k, number of non-NaN block scores) blocks over all tensors together:
   the largest scores, ties broken by the lowest global flat index (tensor order, then flat index). Its
-  cut per tensor is canonical: the tensor's numel where every one of its scores equal to the value is kept
-  (also where it has none), 0 where none of them is, else 1 + the flat index of its last kept one.
+  cut per tensor is canonical: (+inf, 0) for every tensor when nothing is kept; else the tensor's numel
+  where every one of its scores equal to the value is kept (also where it has none), 0 where none of them
+  is, else 1 + the flat index of its last kept one.
 - hypergrad: grad_θ = m ⊙ g (a select) and grad_s = θ ⊙ g − inv_gamma · I, with I = m ⊙ g ⊙ g (paper)
   or (θ ⊙ g)² (released), computed in float32 for half types.
 
@@ -37,7 +39,7 @@ def _matrix(tensor: torch.Tensor, structure: Structure) -> torch.Tensor:
 
 
 def block_scores(scores: torch.Tensor, structure: Structure) -> torch.Tensor:
-    """|s| reduced per block; shape ``structure.block_scores_shape(scores.shape)``, dtype score_dtype."""
+    """Σ|s| (p = 1) or Σs² (p = 2) per block; shape ``structure.block_scores_shape(scores.shape)``, dtype score_dtype."""
     out_dtype = score_dtype(scores.dtype)
     if structure.kind in ("unstructured", "nm"):
         return scores.to(out_dtype).abs()
@@ -54,8 +56,6 @@ def block_scores(scores: torch.Tensor, structure: Structure) -> torch.Tensor:
         padded = torch.nn.functional.pad(
             magnitude.reshape(rows, cols), (0, tile_cols * structure.b - cols, 0, tile_rows * structure.a - rows))
         summed = padded.reshape(tile_rows, structure.a, tile_cols, structure.b).sum((1, 3))
-    if structure.p == 2:
-        summed = summed.sqrt()
     return summed.to(out_dtype)
 
 
@@ -80,6 +80,7 @@ def topk_threshold(block_scores_list: list[torch.Tensor], k: int) -> torch.Tenso
         kept_here = torch.minimum(kept_here, ties_here)
         last_kept = (equal.cumsum(0) < kept_here).sum() + 1  # 1 + flat index of the kept_here-th tie
         cut = torch.where(kept_here == ties_here, scores.numel(), torch.where(kept_here == 0, 0, last_kept))
+        cut = torch.where(kept == 0, 0, cut)
         rows.append(torch.stack([value, cut.double()]))
         ties_before = ties_before + ties_here
     return torch.stack(rows)

@@ -15,7 +15,8 @@ tile           ``"tile4x8"``               4×8 tiles of the (rows, cols) matrix
                                            shape (ceil(rows/4), ceil(cols/8))
 =============  ==========================  ===============================================================
 
-A block's score reduces |s| over its elements with the norm p (1: sum, 2: Euclidean norm).
+A block's score reduces |s| over its elements: p = 1 sums |s|, p = 2 sums s² (the squared Euclidean
+norm, which ranks blocks exactly like the norm).
 """
 
 from __future__ import annotations

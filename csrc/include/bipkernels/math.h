@@ -115,7 +115,8 @@ struct BlockLayout {
   BIPK_HD int64_t group_position(int64_t flat) const { return ((flat % cols) / inner) % b; }
 };
 
-// Reduction of |s| over one block: p = 1 sums |s|, p = 2 takes the Euclidean norm. Accumulates in
+// Reduction of |s| over one block: p = 1 sums |s|, p = 2 sums s² (the squared Euclidean norm: the same
+// ranking as the norm, and no square root, whose rounding differs between libraries). Accumulates in
 // double so the result does not depend on the order of summation for any block of practical size.
 template <typename scalar_t>
 BIPK_HD double block_score(const scalar_t* scores, const BlockLayout& layout, int64_t block, int64_t p) {
@@ -125,7 +126,7 @@ BIPK_HD double block_score(const scalar_t* scores, const BlockLayout& layout, in
     const double magnitude = fabs(static_cast<double>(scores[layout.element(block, j)]));
     sum += p == 2 ? magnitude * magnitude : magnitude;
   }
-  return p == 2 ? sqrt(sum) : sum;
+  return sum;
 }
 
 // The keep decision of block `index` under threshold (value, cut). `value` was produced from scores

@@ -1,0 +1,59 @@
+"""Shared fixtures: fresh random inputs per test (the seed is printed, so a failure can be replayed) and
+score generators with ties, NaN and inf."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from bipkernels import ops
+
+HAS_CPU_KERNELS = "CPU" in ops._KERNELS.get("masked_weight", [])
+HAS_CUDA_GPU = torch.cuda.is_available()
+# Weight shapes: sizes 1, primes, 1-D, Linear and Conv2d layouts.
+SHAPES = [(1,), (17,), (1, 1), (7, 5), (13, 12, 3, 3), (5, 8, 1, 1), (11, 4, 3, 1), (3, 12, 2, 5)]
+STRUCTURES = ["unstructured", "filter", "channel", "2:4", "1:3", "tile3x5", "tile1x1", "tile4x4"]
+
+
+@pytest.fixture
+def seed(request):
+    """A fresh seed per test, printed so that a failing case can be replayed with BIPKERNELS_TEST_SEED."""
+    value = int(os.environ.get("BIPKERNELS_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+    torch.manual_seed(value)
+    print(f"seed {value} ({request.node.name})")
+    return value
+
+
+def fits(structure: str, shape) -> bool:
+    """Whether a tensor of ``shape`` can carry ``structure`` (N:M needs in % M == 0, blocks need a dim)."""
+    from bipkernels.structures import parse_structure
+
+    try:
+        parse_structure(structure).check_shape(shape)
+    except ValueError:
+        return False
+    return True
+
+
+def tied_scores(shape, dtype=torch.float64, levels: int = 8, device="cpu") -> torch.Tensor:
+    """Signed multiples of 1/levels (a power of two): many exact ties, and block sums (of |s| or s²) that
+    are exact in any order, so every backend's block scores are bit-identical."""
+    assert levels & (levels - 1) == 0, "levels must be a power of two for exact sums"
+    values = torch.randint(0, levels, shape, dtype=torch.int64) / levels
+    signs = torch.randint(0, 2, shape) * 2 - 1
+    return (values * signs).to(dtype=dtype, device=device)
+
+
+def with_specials(scores: torch.Tensor) -> torch.Tensor:
+    """A copy with a few NaN, +inf, -inf and -0.0 entries at random places."""
+    out = scores.clone().reshape(-1)
+    if out.numel() >= 4:
+        places = torch.randperm(out.numel())[:4]
+        out[places] = torch.tensor([float("nan"), float("inf"), float("-inf"), -0.0], dtype=out.dtype)
+    return out.reshape(scores.shape)
+
+
+def force_backend(monkeypatch, backend: str) -> None:
+    monkeypatch.setenv("BIPKERNELS_BACKEND", backend)

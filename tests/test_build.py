@@ -1,0 +1,85 @@
+"""Build facts, import behaviour, and the command line's `info`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import bipkernels
+from bipkernels import ops
+from bipkernels.info import build_info
+
+
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env})
+
+
+def _nvcc_present() -> bool:
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return CUDA_HOME is not None and Path(CUDA_HOME, "bin", "nvcc").exists() or shutil.which("nvcc") is not None
+
+
+def test_extension_is_present_where_required():
+    if os.environ.get("BIPKERNELS_REQUIRE_EXTENSION") == "1":
+        assert ops._C is not None, "BIPKERNELS_REQUIRE_EXTENSION=1 but bipkernels._C did not import"
+    if ops._C is None:
+        pytest.skip("the compiled extension is not built")
+    info = build_info()
+    assert info["extension_version"] == bipkernels.__version__
+    assert info["built_against_torch"] == torch.__version__
+    for op in ops.OP_NAMES:
+        assert "cpu" in info["ops"][op], f"{op} has no CPU kernel"
+
+
+def test_cuda_kernels_compiled_when_nvcc_was_present():
+    """setup.py's automatic mode builds the CUDA kernels whenever torch has CUDA and nvcc is found."""
+    if ops._C is None:
+        pytest.skip("the compiled extension is not built")
+    expected = os.environ.get("BIPKERNELS_CUDA", "auto") != "0" and torch.version.cuda is not None and _nvcc_present()
+    if os.environ.get("BIPKERNELS_EXPECT_CUDA") == "1":
+        expected = True
+    if not expected:
+        pytest.skip("no nvcc or no CUDA torch: CPU-only build expected")
+    info = build_info()
+    assert info["cuda_kernels_built"] and info["cuda_archs"]
+    for op in ("block_scores", "block_mask", "masked_weight", "hypergrad"):
+        assert "cuda" in info["ops"][op], f"{op} has no CUDA kernel registered"
+
+
+def test_import_never_initialises_cuda():
+    result = _python("import torch, bipkernels; print(torch.cuda.is_initialized())")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
+def test_missing_extension_warns_once_and_runs_the_reference():
+    code = (
+        "import sys, warnings\n"
+        "sys.modules['bipkernels._C'] = None\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import torch, bipkernels\n"
+        "    scores = torch.rand(50)\n"
+        "    masks = bipkernels.topk_masks([scores], 7)\n"
+        "    bipkernels.topk_masks([scores], 7)\n"
+        "print(int(masks[0].sum()), sum('compiled extension is not available' in str(w.message) for w in caught))\n"
+    )
+    result = _python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["7", "1"]
+
+
+def test_cli_info_prints_the_build_facts():
+    result = _python("from bipkernels.cli import main; main(['info'])")
+    assert result.returncode == 0, result.stderr
+    assert f"bipkernels {bipkernels.__version__}" in result.stdout
+    for op in ops.OP_NAMES:
+        assert op in result.stdout

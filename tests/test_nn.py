@@ -1,0 +1,160 @@
+"""Masked layers, the fused backward, convert / project / sparsity / masks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import bipkernels
+from bipkernels import autograd, reference
+from bipkernels.structures import parse_structure
+
+from conftest import tied_scores
+
+CONV_ARGS = [
+    dict(in_channels=3, out_channels=5, kernel_size=3),
+    dict(in_channels=4, out_channels=6, kernel_size=(3, 2), stride=2, padding=1, dilation=1, bias=False),
+    dict(in_channels=4, out_channels=8, kernel_size=3, padding=2, dilation=2, groups=2, padding_mode="reflect"),
+    dict(in_channels=3, out_channels=3, kernel_size=1, padding="same", padding_mode="circular"),
+]
+
+
+@pytest.mark.parametrize("kwargs", CONV_ARGS)
+def test_conv_keep_all_equals_dense_and_loads_plain_state(seed, kwargs):
+    dense = nn.Conv2d(**kwargs, dtype=torch.float64)
+    masked = bipkernels.MaskedConv2d(**kwargs, dtype=torch.float64)
+    masked.load_state_dict(dense.state_dict())
+    x = torch.randn(2, kwargs["in_channels"], 9, 7, dtype=torch.float64)
+    assert torch.equal(masked(x), dense(x))
+    assert torch.equal(masked.scores, dense.weight.abs())
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_keep_all_equals_dense_and_loads_plain_state(seed, bias):
+    dense = nn.Linear(7, 5, bias=bias)
+    masked = bipkernels.MaskedLinear(7, 5, bias=bias)
+    masked.load_state_dict(dense.state_dict())
+    x = torch.randn(3, 4, 7)
+    assert torch.equal(masked(x), dense(x))
+    # And the masked layer's own state round-trips, threshold included.
+    again = bipkernels.MaskedLinear(7, 5, bias=bias)
+    masked.threshold.copy_(torch.tensor([0.3, 2.0], dtype=torch.float64))
+    again.load_state_dict(masked.state_dict())
+    assert torch.equal(again.threshold, masked.threshold) and torch.equal(again.mask(), masked.mask())
+
+
+@pytest.mark.parametrize("structure", ["unstructured", "filter", "channel", "2:4", "tile2x3"])
+@pytest.mark.parametrize("implicit", ["paper", "released"])
+def test_fused_backward_equals_autograd_through_the_reference(seed, structure, implicit):
+    layer = bipkernels.MaskedConv2d(4, 6, 3, padding=1, dtype=torch.float64, structure=structure)
+    with torch.no_grad():
+        layer.scores.copy_(tied_scores(layer.scores.shape).abs())
+    bipkernels.project(layer, 0.6)
+    layer.inv_gamma, layer.implicit = 0.37, implicit
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    target = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    F.mse_loss(layer(x), target).backward()
+
+    # The same loss through the reference mask with a straight-through estimator for the scores.
+    weight = layer.weight.detach().clone().requires_grad_()
+    scores = layer.scores.detach().clone().requires_grad_()
+    parsed = parse_structure(structure)
+    mask = reference.block_mask(scores.detach(), layer.threshold, parsed).to(torch.float64)
+    effective = weight * (mask + scores - scores.detach())
+    effective.retain_grad()
+    F.mse_loss(F.conv2d(x, effective, layer.bias, padding=1), target).backward()
+    g = effective.grad
+    implicit_term = (weight.detach() * g) ** 2 if implicit == "released" else mask * g * g
+    torch.testing.assert_close(layer.weight.grad, mask * g, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(layer.scores.grad, scores.grad - 0.37 * implicit_term, rtol=1e-12, atol=1e-15)
+
+
+def test_gradcheck_weight_path(seed):
+    weight = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    scores = torch.rand(5, 4, dtype=torch.float64)
+    threshold = reference.topk_threshold([scores], 9)[0]
+    structure = parse_structure("unstructured")
+    assert torch.autograd.gradcheck(lambda w: autograd.masked_weight(w, scores, threshold, structure), (weight,))
+    # Second input: the bias-free linear layer end to end.
+    layer = bipkernels.MaskedLinear(4, 3, bias=False, dtype=torch.float64)
+    bipkernels.project(layer, 0.5)
+    x = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(layer, (x,))
+
+
+@pytest.mark.parametrize("structure", ["unstructured", "filter", "channel", "tile3x3"])
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_convert_prunes_exactly(seed, structure, scope):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.Flatten(), nn.Linear(16 * 4 * 4, 10))
+    weights = [m.weight.detach().clone() for m in model if hasattr(m, "weight")]
+    bipkernels.convert(model, sparsity=0.8, structure=structure, scope=scope)
+    layers = [layer for _, layer in bipkernels.masked_layers(model)]
+    assert [type(layer) for layer in layers] == [bipkernels.MaskedConv2d, bipkernels.MaskedConv2d, bipkernels.MaskedLinear]
+    assert all(torch.equal(layer.weight, w) for layer, w in zip(layers, weights))
+    parsed = parse_structure(structure)
+    block_counts = [layer.block_scores().numel() for layer in layers]
+    kept_blocks = [int(reference._kept_blocks(layer.block_scores(), layer.threshold).sum()) for layer in layers]
+    if scope == "global":
+        assert sum(kept_blocks) == bipkernels.keep_count(sum(block_counts), 0.8)
+        kept = torch.cat([layer.block_scores().reshape(-1)[reference._kept_blocks(layer.block_scores(), layer.threshold)]
+                          for layer in layers])
+        pruned = torch.cat([layer.block_scores().reshape(-1)[~reference._kept_blocks(layer.block_scores(), layer.threshold)]
+                            for layer in layers])
+        assert kept.min() >= pruned.max()
+    else:
+        assert kept_blocks == [bipkernels.keep_count(n, 0.8) for n in block_counts]
+    if parsed.kind == "unstructured" and scope == "global":
+        total = sum(w.numel() for w in weights)
+        assert bipkernels.sparsity(model) == pytest.approx(1 - bipkernels.keep_count(total, 0.8) / total)
+    masks = bipkernels.masks(model)
+    assert list(masks) == ["0", "2", "4"] and all(m.dtype == torch.bool for m in masks.values())
+    x = torch.randn(2, 3, 8, 8)
+    out = model(x)
+    out.sum().backward()
+    for layer in layers:  # the lower-level gradient is masked: zero wherever the weight is pruned
+        assert torch.equal(layer.weight.grad[~layer.mask()], torch.zeros_like(layer.weight.grad[~layer.mask()]))
+        assert layer.scores.grad is not None
+
+
+def test_convert_nm_and_exclude_and_skipped_layers(seed):
+    model = nn.Sequential(nn.Linear(8, 8), nn.Conv1d(2, 2, 3), nn.Linear(8, 4))
+    with pytest.warns(UserWarning, match=r"left dense.*1 \(Conv1d\)"):
+        bipkernels.convert(model, structure="2:4", exclude=("2",))
+    assert isinstance(model[0], bipkernels.MaskedLinear) and type(model[2]) is nn.Linear
+    assert int(model[0].mask().sum()) == 32
+
+
+def test_convert_keeps_device_dtype_mode_and_threshold_stays_float64():
+    model = nn.Sequential(nn.Linear(4, 4, dtype=torch.float64)).eval()
+    bipkernels.convert(model, sparsity=0.5)
+    layer = model[0]
+    assert layer.weight.dtype == torch.float64 and not layer.training
+    threshold = layer.threshold.clone()
+    model.float()
+    assert layer.weight.dtype == torch.float32 and layer.scores.dtype == torch.float32
+    assert layer.threshold.dtype == torch.float64 and torch.equal(layer.threshold, threshold)
+    assert int(layer.mask().sum()) == 8
+
+
+def test_torchvision_resnet18_converts_and_trains(seed):
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet18(num_classes=10)
+    bipkernels.convert(model, sparsity=0.9)
+    assert len(bipkernels.masked_layers(model)) == 21  # 20 convolutions and the fc layer
+    assert bipkernels.sparsity(model) == pytest.approx(0.9, abs=1e-6)
+    out = model(torch.randn(2, 3, 32, 32))
+    out.logsumexp(1).sum().backward()
+    assert model.conv1.scores.grad is not None
+    assert not model.fc.weight.grad[~model.fc.mask()].any()
+
+
+def test_project_rejects_bad_arguments():
+    model = nn.Sequential(bipkernels.MaskedLinear(3, 3))
+    with pytest.raises(ValueError, match="scope must be one of"):
+        bipkernels.project(model, 0.5, scope="everywhere")
+    with pytest.raises(ValueError, match="sparsity must be a number in"):
+        bipkernels.project(model, 1.5)
+    with pytest.raises(ValueError, match="not a multiple of M = 4"):
+        bipkernels.MaskedLinear(6, 3, structure="2:4")

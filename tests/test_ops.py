@@ -1,0 +1,226 @@
+"""Every op on every available backend against the reference, on fresh random inputs: discrete outputs
+(masks, thresholds, kept counts) exactly, floating outputs within the tolerance of their dtype."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bipkernels
+from bipkernels import ops, reference
+from bipkernels.structures import parse_structure
+
+from conftest import HAS_CPU_KERNELS, SHAPES, STRUCTURES, fits, force_backend, tied_scores, with_specials
+
+needs_cpu_kernels = pytest.mark.skipif(not HAS_CPU_KERNELS, reason="the compiled extension is not built")
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+
+
+def backend_threshold(scores, structure, k_fraction=0.5):
+    """A threshold that cuts through the blocks of ``scores`` (None for N:M)."""
+    if not structure.uses_threshold:
+        return None
+    block_scores = reference.block_scores(scores, structure)
+    return reference.topk_threshold([block_scores], int(block_scores.numel() * k_fraction))[0]
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("structure_name", STRUCTURES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("p", [1, 2])
+def test_block_scores(monkeypatch, seed, structure_name, shape, p):
+    if not fits(structure_name, shape):
+        pytest.skip("structure does not fit the shape")
+    force_backend(monkeypatch, "cpu")
+    structure = parse_structure(structure_name, p)
+    for scores in (tied_scores(shape), torch.randn(shape, dtype=torch.float64), torch.randn(shape).mT if len(shape) == 2 else torch.randn(shape)):
+        got, want = ops.block_scores(scores, structure), reference.block_scores(scores, structure)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        if scores is not None and scores.dtype == torch.float64 and (scores * 8).frac().eq(0).all():
+            assert torch.equal(got, want)  # sums of multiples of 1/8 are exact in any order
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-12 if got.dtype == torch.float64 else 1e-6, atol=0)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sizes", [[1], [0], [97], [13, 0, 7, 64], [4096, 3]])
+def test_topk_threshold(monkeypatch, seed, dtype, sizes):
+    force_backend(monkeypatch, "cpu")
+    total = sum(sizes)
+    for tensors in ([with_specials(tied_scores((n,), dtype, levels=4).abs()) for n in sizes],
+                    [torch.rand(n, dtype=torch.float64).to(dtype) for n in sizes]):
+        for k in sorted({0, 1, total // 7, total // 2, total, total + 3}):
+            got = ops.topk_threshold(tensors, k)
+            want = reference.topk_threshold(tensors, k)
+            assert torch.equal(got, want), (k, got, want)
+            kept = sum(int(reference._kept_blocks(t.to(reference.score_dtype(dtype)), row).sum())
+                       for t, row in zip(tensors, got))
+            assert kept == min(k, sum(int((~t.isnan()).sum()) for t in tensors))
+
+
+@needs_cpu_kernels
+def test_topk_threshold_wide_ranges_and_signs(monkeypatch, seed):
+    # Keys across the whole float range, negatives and subnormals: every radix digit is exercised.
+    force_backend(monkeypatch, "cpu")
+    bits = torch.randint(-2**31, 2**31 - 1, (5000,), dtype=torch.int64).to(torch.int32)
+    values = bits.view(torch.float32)
+    for dtype_values in (values, values.double() * 1e200):
+        for k in (1, 17, 2500, 4999):
+            assert torch.equal(ops.topk_threshold([dtype_values[:3000], dtype_values[3000:]], k),
+                               reference.topk_threshold([dtype_values[:3000], dtype_values[3000:]], k))
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("structure_name", STRUCTURES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mask_masked_weight_hypergrad(monkeypatch, seed, structure_name, shape, dtype):
+    if not fits(structure_name, shape):
+        pytest.skip("structure does not fit the shape")
+    force_backend(monkeypatch, "cpu")
+    structure = parse_structure(structure_name, p=int(torch.randint(1, 3, ()).item()))
+    scores = with_specials(tied_scores(shape, dtype, levels=8))
+    weight = torch.randn(shape, dtype=torch.float64).to(dtype)
+    grad = torch.randn(shape, dtype=torch.float64).to(dtype)
+    threshold = backend_threshold(scores, structure, k_fraction=float(torch.rand(())))
+    mask = ops.block_mask(scores, threshold, structure)
+    assert torch.equal(mask, reference.block_mask(scores, threshold, structure))
+    assert torch.equal(ops.masked_weight(weight, scores, threshold, structure),
+                       reference.masked_weight(weight, scores, threshold, structure))
+    for implicit in ("paper", "released"):
+        inv_gamma = float(torch.rand(()))
+        got = ops.hypergrad(grad, weight, scores, threshold, structure, inv_gamma=inv_gamma, implicit=implicit)
+        want = reference.hypergrad(grad, weight, scores, threshold, structure, inv_gamma, implicit)
+        for g, w in zip(got, want):
+            assert g.dtype == dtype and g.shape == weight.shape
+            torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
+
+
+@needs_cpu_kernels
+def test_pruned_nan_and_inf_weights_give_zero(monkeypatch, seed):
+    force_backend(monkeypatch, "cpu")
+    weight = torch.full((6, 7), float("nan"))
+    weight[0, 0] = float("inf")
+    scores = torch.rand(6, 7)
+    threshold = ops.topk_threshold([scores], 0)[0]
+    assert torch.equal(ops.masked_weight(weight, scores, threshold), torch.zeros(6, 7))
+    grad_weight, _ = ops.hypergrad(torch.full((6, 7), float("inf")), weight, scores, threshold)
+    assert torch.equal(grad_weight, torch.zeros(6, 7))
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("structure_name", ["unstructured", "filter", "2:4", "tile3x5"])
+def test_non_contiguous_inputs(monkeypatch, seed, structure_name):
+    force_backend(monkeypatch, "cpu")
+    structure = parse_structure(structure_name)
+    weight = torch.randn(12, 16, dtype=torch.float64)[:, ::2]  # a strided view
+    scores = tied_scores((8, 12)).t()  # transposed strides; exact block sums in any order
+    grad = torch.randn(8, 12, dtype=torch.float64).t()
+    assert not weight.is_contiguous() and not scores.is_contiguous() and not grad.is_contiguous()
+    threshold = backend_threshold(scores, structure)
+    assert torch.equal(ops.block_scores(scores, structure), reference.block_scores(scores, structure))
+    assert torch.equal(ops.masked_weight(weight, scores, threshold, structure),
+                       reference.masked_weight(weight, scores, threshold, structure))
+    for got, want in zip(ops.hypergrad(grad, weight, scores, threshold, structure, inv_gamma=0.5),
+                         reference.hypergrad(grad, weight, scores, threshold, structure, 0.5)):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("structure_name", STRUCTURES)
+def test_topk_masks_exact_count_and_order(seed, structure_name):
+    structure = parse_structure(structure_name)
+    scores_list = [tied_scores((8, 12, 3, 3), levels=4), tied_scores((10, 24), levels=4)]
+    if not structure.uses_threshold:
+        masks = bipkernels.topk_masks(scores_list, None, structure)
+        for scores, mask in zip(scores_list, masks):
+            assert mask.shape == scores.shape and mask.dtype == torch.bool
+            assert int(mask.sum()) == scores.numel() * structure.a // structure.b
+        return
+    block_scores = [reference.block_scores(s, structure) for s in scores_list]
+    total = sum(b.numel() for b in block_scores)
+    for k in (0, 1, total // 3, total):
+        masks = bipkernels.topk_masks(scores_list, k, structure)
+        kept_blocks = [reference._kept_blocks(b, t) for b, t in zip(block_scores, ops.topk_threshold(block_scores, k))]
+        assert sum(int(kb.sum()) for kb in kept_blocks) == k
+        kept_values = torch.cat([b.reshape(-1)[kb] for b, kb in zip(block_scores, kept_blocks)])
+        pruned_values = torch.cat([b.reshape(-1)[~kb] for b, kb in zip(block_scores, kept_blocks)])
+        if len(kept_values) and len(pruned_values):
+            assert kept_values.min() >= pruned_values.max()
+        for scores, mask in zip(scores_list, masks):
+            assert mask.shape == scores.shape
+
+
+def test_keep_count_rounding():
+    assert ops.keep_count(10, 0.9) == 1
+    assert ops.keep_count(5, 0.5) == 3  # round half up
+    assert ops.keep_count(7, 0.0) == 7 and ops.keep_count(7, 1.0) == 0
+    for bad in (-0.1, 1.5, "0.5", float("nan"), True):
+        with pytest.raises(ValueError, match="sparsity"):
+            ops.keep_count(10, bad)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: ops.block_scores(torch.ones(3, dtype=torch.int32)), TypeError, "scores must be float32"),
+    (lambda: ops.block_scores(torch.ones(3, 6), "2:4"), ValueError, "not a multiple of M = 4"),
+    (lambda: ops.block_scores(torch.ones(3, 6), "5:4"), ValueError, "N <= M"),
+    (lambda: ops.block_scores(torch.ones(3, 6), "tile0x2"), ValueError, "tile sizes must be positive"),
+    (lambda: ops.block_scores(torch.ones(3, 6), "blocks"), ValueError, "cannot read 'blocks'"),
+    (lambda: ops.block_scores(torch.ones(3, 6), p=3), ValueError, "p must be 1 or 2"),
+    (lambda: ops.topk_threshold([torch.ones(3)], -1), ValueError, "k must be an int >= 0"),
+    (lambda: ops.topk_threshold([torch.ones(3), torch.ones(3, dtype=torch.float64)], 1), ValueError, r"block_scores\[1\]"),
+    (lambda: ops.masked_weight(torch.ones(3), torch.ones(4), torch.zeros(2, dtype=torch.float64)), ValueError,
+     "scores has shape"),
+    (lambda: ops.masked_weight(torch.ones(3), torch.ones(3), torch.zeros(2)), ValueError, "threshold must be a float64"),
+    (lambda: ops.hypergrad(torch.ones(3), torch.ones(3), torch.ones(3), torch.zeros(2, dtype=torch.float64),
+                           implicit="both"), ValueError, "implicit must be one of"),
+    (lambda: ops.hypergrad(torch.ones(3), torch.ones(3), torch.ones(3), torch.zeros(2, dtype=torch.float64),
+                           inv_gamma=float("nan")), ValueError, "inv_gamma must be a finite number"),
+    (lambda: ops.topk_masks([torch.ones(2, 4)], 3, "2:4"), ValueError, "k must be None"),
+])
+def test_bad_arguments_name_the_op_and_value(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+@needs_cpu_kernels
+def test_compiled_ops_reject_bad_input_with_the_op_name():
+    with pytest.raises(RuntimeError, match="bipkernels.masked_weight: scores has shape"):
+        torch.ops.bipkernels.masked_weight(torch.ones(3), torch.ones(4), torch.zeros(2, dtype=torch.float64), 0, 0, 0, 1)
+    with pytest.raises(RuntimeError, match="bipkernels.block_scores: N:M with M = 4"):
+        torch.ops.bipkernels.block_scores(torch.ones(3, 6), 3, 2, 4, 1)
+
+
+def test_forced_backend_that_cannot_serve_raises(monkeypatch):
+    force_backend(monkeypatch, "cuda")
+    with pytest.raises(RuntimeError, match="BIPKERNELS_BACKEND=cuda cannot run on cpu"):
+        ops.block_scores(torch.ones(3))
+    force_backend(monkeypatch, "nonsense")
+    with pytest.raises(ValueError, match="BIPKERNELS_BACKEND must be one of"):
+        ops.block_scores(torch.ones(3))
+
+
+def test_automatic_backend_choice(monkeypatch):
+    monkeypatch.delenv("BIPKERNELS_BACKEND", raising=False)
+    assert ops.backend_for("masked_weight", torch.device("cpu")) == ("cpu" if HAS_CPU_KERNELS else "torch")
+    assert ops.backend_for("masked_weight", torch.device("meta")) == "torch"
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("structure_name", ["unstructured", "filter", "channel", "2:4", "tile3x5"])
+def test_opcheck(seed, structure_name):
+    structure = parse_structure(structure_name)
+    kind, a, b, p = structure.op_args()
+    scores, weight, grad = (torch.randn(6, 8, 3, 3, dtype=torch.float64) for _ in range(3))
+    threshold = backend_threshold(scores, structure)
+    if threshold is None:
+        threshold = torch.zeros(2, dtype=torch.float64)
+    cases = [
+        (torch.ops.bipkernels.block_scores.default, (scores, kind, a, b, p)),
+        (torch.ops.bipkernels.topk_threshold.default, ([scores.abs(), weight.abs()], 100)),
+        (torch.ops.bipkernels.block_mask.default, (scores, threshold, kind, a, b, p)),
+        (torch.ops.bipkernels.masked_weight.default, (weight, scores, threshold, kind, a, b, p)),
+        (torch.ops.bipkernels.hypergrad.default, (grad, weight, scores, threshold, kind, a, b, p, 0.1, 0)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
