@@ -53,7 +53,9 @@ def extensions():
         ("BIPKERNELS_VERSION", f'"{VERSION}"'),
         ("BIPKERNELS_TORCH_VERSION", f'"{torch.__version__}"'),
     ]
-    cxx_flags = ["-O3", "-ffp-contract=off"]
+    # -fopenmp: at::parallel_for is a header template that runs serially unless the extension itself is
+    # compiled with OpenMP (torch's own OpenMP backend does not reach into our objects).
+    cxx_flags = ["-O3", "-ffp-contract=off", "-fopenmp"]
     archs = ""
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
@@ -70,7 +72,8 @@ def extensions():
     kind = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
     # nvcc must not contract a*b+c into an FMA: the CUDA kernels' arithmetic must equal the CPU kernels'.
     flags = {"cxx": cxx_flags, "nvcc": ["-O3", "--fmad=false"]} if with_cuda else {"cxx": cxx_flags}
-    return [kind("bipkernels._C", sources, include_dirs=include_dirs, define_macros=macros, extra_compile_args=flags)], cpp_extension.BuildExtension
+    return [kind("bipkernels._C", sources, include_dirs=include_dirs, define_macros=macros, extra_compile_args=flags,
+                 extra_link_args=["-fopenmp"])], cpp_extension.BuildExtension
 
 
 if __name__ == "__main__":

@@ -169,10 +169,10 @@ def project(model: nn.Module, sparsity: float, scope: str = "global") -> None:
         total = sum(scores.numel() for scores in block_scores)
         thresholds = ops.topk_threshold(block_scores, ops.keep_count(total, sparsity))
     else:
-        thresholds = [ops.topk_threshold([scores], ops.keep_count(scores.numel(), sparsity))[0]
+        thresholds = [ops.topk_threshold(scores, ops.keep_count(scores.numel(), sparsity))
                       for scores in block_scores]
     for layer, threshold in zip(layers, thresholds):
-        layer.threshold.copy_(threshold.reshape(2))
+        layer.threshold.copy_(threshold)
 
 
 @torch.no_grad()

@@ -145,13 +145,15 @@ def block_scores(scores: torch.Tensor, structure: str | Structure = "unstructure
 def topk_threshold(block_scores_list, k: int) -> torch.Tensor:
     """Thresholds (L, 2) float64 that keep the top ``k`` of all block scores of the list together.
 
+    The per-tensor form, a single tensor instead of a list, returns its one threshold of shape (2,).
+
     Exactly min(k, non-NaN count) blocks are kept; ties go to the lowest global flat index (list order,
     then flat index). Row i = (value, cut) of tensor i, on the tensors' device. k = 0 keeps nothing;
     k >= the number of blocks keeps every non-NaN block. No host synchronisation.
     """
     op = "topk_threshold"
     if isinstance(block_scores_list, torch.Tensor):
-        block_scores_list = [block_scores_list]
+        return topk_threshold([block_scores_list], k)[0]
     block_scores_list = list(block_scores_list)
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise ValueError(f"bipkernels.{op}: k must be an int >= 0, got {k!r}")

@@ -15,10 +15,7 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> hypergrad(const at::Tensor& grad, const at::Tensor& weight,
                                              const at::Tensor& scores, const at::Tensor& threshold, int64_t kind,
                                              int64_t a, int64_t b, int64_t p, double inv_gamma, int64_t implicit) {
-  check_like(grad, weight, "hypergrad", "grad", "weight");
-  check_like(scores, weight, "hypergrad", "scores", "weight");
-  TORCH_CHECK(implicit == kImplicitPaper || implicit == kImplicitReleased,
-              "bipkernels.hypergrad: implicit must be 0 (paper) or 1 (released), got ", implicit);
+  check_hypergrad_args(grad, weight, scores, implicit);
   const PreparedMask prepared = prepare_mask(scores, threshold, kind, a, b, p, "hypergrad");
   const at::Tensor grad_contiguous = grad.contiguous(), weight_contiguous = weight.contiguous();
   at::Tensor grad_weight = at::empty_like(weight_contiguous), grad_scores = at::empty_like(weight_contiguous);

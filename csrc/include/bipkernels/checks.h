@@ -25,6 +25,14 @@ inline void check_like(const at::Tensor& tensor, const at::Tensor& like, const c
               " but ", like_name, " is on ", like.device());
 }
 
+inline void check_hypergrad_args(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& scores,
+                                 int64_t implicit) {
+  check_like(grad, weight, "hypergrad", "grad", "weight");
+  check_like(scores, weight, "hypergrad", "scores", "weight");
+  TORCH_CHECK(implicit == kImplicitPaper || implicit == kImplicitReleased,
+              "bipkernels.hypergrad: implicit must be 0 (paper) or 1 (released), got ", implicit);
+}
+
 // The threshold (value, cut) as float64 of shape (2,) beside the scores; ignored (any shape) for N:M.
 inline void check_threshold(const at::Tensor& threshold, const at::Tensor& scores, int64_t kind, const char* op) {
   if (kind == kNM) return;
