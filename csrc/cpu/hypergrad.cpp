@@ -21,19 +21,21 @@ std::tuple<at::Tensor, at::Tensor> hypergrad(const at::Tensor& grad, const at::T
   at::Tensor grad_weight = at::empty_like(weight_contiguous), grad_scores = at::empty_like(weight_contiguous);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "hypergrad", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto rule = prepared.rule<scalar_t>();
+    const auto rule = prepared.rule<scalar_t>().loaded();
     const scalar_t* g = grad_contiguous.const_data_ptr<scalar_t>();
     const scalar_t* theta = weight_contiguous.const_data_ptr<scalar_t>();
     scalar_t* out_theta = grad_weight.mutable_data_ptr<scalar_t>();
     scalar_t* out_score = grad_scores.mutable_data_ptr<scalar_t>();
     const acc_t inv_gamma_acc = static_cast<acc_t>(inv_gamma);
-    at::parallel_for(0, weight.numel(), kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const auto element = hypergrad_element<acc_t>(static_cast<acc_t>(g[i]), static_cast<acc_t>(theta[i]),
-                                                      rule.kept(i), inv_gamma_acc, implicit);
-        out_theta[i] = static_cast<scalar_t>(element.grad_theta);
-        out_score[i] = static_cast<scalar_t>(element.grad_score);
-      }
+    with_kind(prepared.layout.kind, [&](auto kind) {
+      at::parallel_for(0, weight.numel(), kGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const auto element = hypergrad_element<acc_t>(static_cast<acc_t>(g[i]), static_cast<acc_t>(theta[i]),
+                                                        rule.template kept<decltype(kind)::value>(i), inv_gamma_acc, implicit);
+          out_theta[i] = static_cast<scalar_t>(element.grad_theta);
+          out_score[i] = static_cast<scalar_t>(element.grad_score);
+        }
+      });
     });
   });
   return {grad_weight, grad_scores};

@@ -18,9 +18,11 @@ at::Tensor block_mask(const at::Tensor& scores, const at::Tensor& threshold, int
   at::Tensor mask = at::empty(scores.sizes(), scores.options().dtype(at::kBool));
   bool* target = mask.mutable_data_ptr<bool>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "block_mask", [&] {
-    const auto rule = prepared.rule<scalar_t>();
-    at::parallel_for(0, scores.numel(), kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) target[i] = rule.kept(i);
+    const auto rule = prepared.rule<scalar_t>().loaded();
+    with_kind(prepared.layout.kind, [&](auto kind) {
+      at::parallel_for(0, scores.numel(), kGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) target[i] = rule.template kept<decltype(kind)::value>(i);
+      });
     });
   });
   return mask;
@@ -33,11 +35,13 @@ at::Tensor masked_weight(const at::Tensor& weight, const at::Tensor& scores, con
   const at::Tensor weight_contiguous = weight.contiguous();
   at::Tensor out = at::empty_like(weight_contiguous);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "masked_weight", [&] {
-    const auto rule = prepared.rule<scalar_t>();
+    const auto rule = prepared.rule<scalar_t>().loaded();
     const scalar_t* source = weight_contiguous.const_data_ptr<scalar_t>();
     scalar_t* target = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, weight.numel(), kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) target[i] = rule.kept(i) ? source[i] : scalar_t(0);
+    with_kind(prepared.layout.kind, [&](auto kind) {
+      at::parallel_for(0, weight.numel(), kGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) target[i] = rule.template kept<decltype(kind)::value>(i) ? source[i] : scalar_t(0);
+      });
     });
   });
   return out;

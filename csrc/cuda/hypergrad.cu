@@ -10,14 +10,15 @@
 namespace bipkernels::cuda {
 namespace {
 
-template <typename scalar_t, typename score_t>
-__global__ void hypergrad_kernel(MaskRule<scalar_t, score_t> rule, const scalar_t* grad, const scalar_t* theta,
+template <int64_t Kind, typename scalar_t, typename score_t>
+__global__ void hypergrad_kernel(MaskRule<scalar_t, score_t> unloaded, const scalar_t* grad, const scalar_t* theta,
                                  scalar_t* grad_theta, scalar_t* grad_score, at::opmath_type<scalar_t> inv_gamma,
                                  int64_t implicit, int64_t n) {
   using acc_t = at::opmath_type<scalar_t>;
+  const auto rule = unloaded.loaded();
   for (int64_t i = first_index(); i < n; i += grid_stride()) {
     const auto element = hypergrad_element<acc_t>(static_cast<acc_t>(grad[i]), static_cast<acc_t>(theta[i]),
-                                                  rule.kept(i), inv_gamma, implicit);
+                                                  rule.template kept<Kind>(i), inv_gamma, implicit);
     grad_theta[i] = static_cast<scalar_t>(element.grad_theta);
     grad_score[i] = static_cast<scalar_t>(element.grad_score);
   }
@@ -34,11 +35,13 @@ std::tuple<at::Tensor, at::Tensor> hypergrad(const at::Tensor& grad, const at::T
   const int64_t n = weight.numel();
   if (n == 0) return {grad_weight, grad_scores};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "hypergrad", [&] {
-    hypergrad_kernel<<<grid_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        prepared.rule<scalar_t>(), grad_contiguous.const_data_ptr<scalar_t>(),
-        weight_contiguous.const_data_ptr<scalar_t>(), grad_weight.mutable_data_ptr<scalar_t>(),
-        grad_scores.mutable_data_ptr<scalar_t>(), static_cast<at::opmath_type<scalar_t>>(inv_gamma), implicit, n);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_kind(prepared.layout.kind, [&](auto kind) {
+      hypergrad_kernel<decltype(kind)::value><<<grid_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          prepared.rule<scalar_t>(), grad_contiguous.const_data_ptr<scalar_t>(),
+          weight_contiguous.const_data_ptr<scalar_t>(), grad_weight.mutable_data_ptr<scalar_t>(),
+          grad_scores.mutable_data_ptr<scalar_t>(), static_cast<at::opmath_type<scalar_t>>(inv_gamma), implicit, n);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return {grad_weight, grad_scores};
 }

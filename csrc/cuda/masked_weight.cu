@@ -10,15 +10,19 @@
 namespace bipkernels::cuda {
 namespace {
 
-template <typename scalar_t, typename score_t>
-__global__ void block_mask_kernel(MaskRule<scalar_t, score_t> rule, bool* mask, int64_t n) {
-  for (int64_t i = first_index(); i < n; i += grid_stride()) mask[i] = rule.kept(i);
+template <int64_t Kind, typename scalar_t, typename score_t>
+__global__ void block_mask_kernel(MaskRule<scalar_t, score_t> unloaded, bool* mask, int64_t n) {
+  const auto rule = unloaded.loaded();
+  for (int64_t i = first_index(); i < n; i += grid_stride()) mask[i] = rule.template kept<Kind>(i);
 }
 
-template <typename scalar_t, typename score_t>
-__global__ void masked_weight_kernel(MaskRule<scalar_t, score_t> rule, const scalar_t* weight, scalar_t* out,
+template <int64_t Kind, typename scalar_t, typename score_t>
+__global__ void masked_weight_kernel(MaskRule<scalar_t, score_t> unloaded, const scalar_t* weight, scalar_t* out,
                                      int64_t n) {
-  for (int64_t i = first_index(); i < n; i += grid_stride()) out[i] = rule.kept(i) ? weight[i] : scalar_t(0);
+  const auto rule = unloaded.loaded();
+  for (int64_t i = first_index(); i < n; i += grid_stride()) {
+    out[i] = rule.template kept<Kind>(i) ? weight[i] : scalar_t(0);
+  }
 }
 
 at::Tensor block_mask(const at::Tensor& scores, const at::Tensor& threshold, int64_t kind, int64_t a, int64_t b,
@@ -29,9 +33,11 @@ at::Tensor block_mask(const at::Tensor& scores, const at::Tensor& threshold, int
   const int64_t n = scores.numel();
   if (n == 0) return mask;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "block_mask", [&] {
-    block_mask_kernel<<<grid_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        prepared.rule<scalar_t>(), mask.mutable_data_ptr<bool>(), n);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_kind(prepared.layout.kind, [&](auto kind) {
+      block_mask_kernel<decltype(kind)::value><<<grid_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          prepared.rule<scalar_t>(), mask.mutable_data_ptr<bool>(), n);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return mask;
 }
@@ -46,10 +52,12 @@ at::Tensor masked_weight(const at::Tensor& weight, const at::Tensor& scores, con
   const int64_t n = weight.numel();
   if (n == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "masked_weight", [&] {
-    masked_weight_kernel<<<grid_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        prepared.rule<scalar_t>(), weight_contiguous.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-        n);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_kind(prepared.layout.kind, [&](auto kind) {
+      masked_weight_kernel<decltype(kind)::value><<<grid_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          prepared.rule<scalar_t>(), weight_contiguous.const_data_ptr<scalar_t>(),
+          out.mutable_data_ptr<scalar_t>(), n);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return out;
 }

@@ -16,6 +16,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define BIPK_HD __host__ __device__ __forceinline__
@@ -129,13 +130,11 @@ BIPK_HD double block_score(const scalar_t* scores, const BlockLayout& layout, in
   return sum;
 }
 
-// The keep decision of block `index` under threshold (value, cut). `value` was produced from scores
-// of type score_t, so converting it back is exact; `cut` is an integer below 2^53 or +inf.
+// The keep decision of block `index` under threshold (value, cut). `value` came from scores of type
+// score_t, so it converts to score_t exactly; `cut` is an integer below 2^53 or +inf.
 template <typename score_t>
-BIPK_HD bool is_kept(score_t score, double value, double cut, int64_t index) {
-  const score_t threshold_value = static_cast<score_t>(value);
-  if (score > threshold_value) return true;
-  return score == threshold_value && static_cast<double>(index) < cut;
+BIPK_HD bool is_kept(score_t score, score_t value, double cut, int64_t index) {
+  return score > value || (score == value && static_cast<double>(index) < cut);
 }
 
 // N:M decision: the element at `flat` is kept iff it is not NaN and fewer than N members of its group
@@ -154,30 +153,55 @@ BIPK_HD bool nm_kept(const scalar_t* scores, const BlockLayout& layout, int64_t 
 }
 
 // The mask of one element under any structure. `block_scores` holds the block scores of the tensor for
-// filter, channel and tile (computed by block_score beforehand, one per block) and is unused otherwise;
-// `threshold` points at (value, cut) in the memory of the kernel that runs (unused for N:M).
+// filter, channel and tile (block_score of every block, computed beforehand) and is unused otherwise.
+// `threshold` points at (value, cut) in the memory of the device that runs the kernel; loaded() reads
+// it once (on the GPU: once per thread, at the start of the kernel) into `value` and `cut`.
 template <typename scalar_t, typename score_t>
 struct MaskRule {
   const scalar_t* scores;
   const score_t* block_scores;
   const double* threshold;
   BlockLayout layout;
+  score_t value = 0;
+  double cut = 0;
 
+  BIPK_HD MaskRule loaded() const {
+    MaskRule rule = *this;
+    if (layout.kind != kNM) {
+      rule.value = static_cast<score_t>(threshold[0]);
+      rule.cut = threshold[1];
+    }
+    return rule;
+  }
+
+  // Kind is the structure kind as a compile-time constant (see with_kind), so the decision inlines
+  // into a branch-free loop for the unstructured case.
+  template <int64_t Kind>
   BIPK_HD bool kept(int64_t flat) const {
-    switch (layout.kind) {
-      case kUnstructured:
-        return is_kept<score_t>(fabs(static_cast<score_t>(scores[flat])), threshold[0], threshold[1], flat);
-      case kNM:
-        return nm_kept<score_t>(scores, layout, flat);
-      default: {
-        const int64_t block = layout.block_of(flat);
-        return is_kept<score_t>(block_scores[block], threshold[0], threshold[1], block);
-      }
+    if constexpr (Kind == kUnstructured) {
+      return is_kept<score_t>(fabs(static_cast<score_t>(scores[flat])), value, cut, flat);
+    } else if constexpr (Kind == kNM) {
+      return nm_kept<score_t>(scores, layout, flat);
+    } else {
+      const int64_t block = layout.block_of(flat);
+      return is_kept<score_t>(block_scores[block], value, cut, block);
     }
   }
 };
 
 BIPK_HD bool needs_block_scores(int64_t kind) { return kind == kFilter || kind == kChannel || kind == kTile; }
+
+// Calls body(std::integral_constant<int64_t, kind>{}) so kernels are instantiated per structure kind.
+template <typename Body>
+inline void with_kind(int64_t kind, const Body& body) {
+  switch (kind) {
+    case kUnstructured: return body(std::integral_constant<int64_t, kUnstructured>{});
+    case kFilter: return body(std::integral_constant<int64_t, kFilter>{});
+    case kChannel: return body(std::integral_constant<int64_t, kChannel>{});
+    case kNM: return body(std::integral_constant<int64_t, kNM>{});
+    default: return body(std::integral_constant<int64_t, kTile>{});
+  }
+}
 
 // The fused backward of z = m ⊙ θ for one element, in the accumulation type acc_t:
 //   grad_theta = m ⊙ g                            (a select: g may be inf/NaN where pruned)
