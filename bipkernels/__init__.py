@@ -11,9 +11,10 @@ from .structures import Structure, parse_structure
 from .ops import block_mask, block_scores, hypergrad, keep_count, masked_weight, topk_masks, topk_threshold
 from .nn import MaskedConv2d, MaskedLinear, convert, masked_layers, masks, project, sparsity
 from .info import build_info
+from .solvers import BiP, prune
 
 __all__ = [
     "__version__", "Structure", "parse_structure", "block_scores", "topk_threshold", "topk_masks", "block_mask",
     "masked_weight", "hypergrad", "keep_count", "MaskedConv2d", "MaskedLinear", "convert", "project",
-    "masked_layers", "masks", "sparsity", "build_info",
+    "masked_layers", "masks", "sparsity", "build_info", "BiP", "prune",
 ]

@@ -1,88 +1,227 @@
-"""The `bipkernels` command: `info` prints the build facts, `prune` runs the main job."""
+"""The `bipkernels` command.
+
+    bipkernels info       the build facts: versions, CUDA archs, which backends run each op
+    bipkernels prune      the main job: BiP on the built-in digits data (pretrains a small ResNet first)
+    bipkernels compare    BiP, IMP, OMP, HYDRA and random pruning over several sparsities, with plots
+"""
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import signal
 import sys
-import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 from . import data, models, nn as masked_nn
 from .info import build_info, format_info
-from .solvers.training import Progress, evaluate, save_atomically, train_epoch
+from .solvers import BiP, METHODS, prune as prune_with
+from .solvers.bip import steps_per_epoch
+from .solvers.training import evaluate, recalibrate_batchnorm, save_atomically, train_weights
 
 
-def _train(model, loaders, epochs: int, lr: float, label: str, parameters=None) -> None:
-    parameters = list(parameters if parameters is not None else model.parameters())
-    optimizer = torch.optim.SGD(parameters, lr=lr, momentum=0.9, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(epochs, 1))
-    progress = Progress(epochs, label)
-    for epoch in range(1, epochs + 1):
-        loss = train_epoch(model, loaders["train"], optimizer)
-        schedule.step()
-        progress.update(epoch, loss=loss, val_acc=evaluate(model, loaders["val"]),
-                        sparsity=masked_nn.sparsity(model))
+class StopRequest:
+    """Turns SIGINT / SIGTERM into a flag that the training loop checks after every step."""
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+
+    def __enter__(self):
+        for number in (signal.SIGINT, signal.SIGTERM):
+            self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def _handle(self, number, _frame):
+        self.signal = number
+
+    def __exit__(self, *_):
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+
+def _pretrained(args, splits, out: Path):
+    """The dense model: from --checkpoint, else pretrained here (and saved as dense.pt), plus a rewind
+    point (the weights after the first epoch) for IMP."""
+    torch.manual_seed(args.seed)
+    model = models.SmallResNet()
+    if args.checkpoint:
+        state = torch.load(args.checkpoint, map_location="cpu")
+        model.load_state_dict(state["model"])
+        return model, state.get("rewind", state["model"])
+    rewind = {}
+
+    def keep_rewind(epoch):
+        if epoch == 0:
+            rewind.update({key: value.clone() for key, value in model.state_dict().items()})
+
+    train_weights(model, splits["train"], args.pretrain_epochs, lr=0.1, seed=args.seed, label="pretrain",
+                  after_epoch=keep_rewind)
+    save_atomically({"model": model.state_dict(), "rewind": rewind}, out / "dense.pt")
+    return model, rewind
+
+
+def _bip_options(args) -> dict:
+    return dict(mode=args.mode, implicit=args.implicit, inv_gamma=args.inv_gamma, lr=args.lr, score_lr=args.score_lr)
 
 
 def prune(args) -> dict:
-    """Pretrain a small ResNet on digits, prune it to ``args.sparsity`` by global magnitude, fine-tune."""
-    torch.manual_seed(args.seed)
-    started = time.perf_counter()
+    """The main job: BiP to --sparsity, resumable; prints the per-layer table and writes the results."""
+    out = Path(args.out)
+    resume_path = out / "resume.pt"
     splits = data.digits()
-    loaders = {name: DataLoader(split, batch_size=64, shuffle=name == "train",
-                                generator=torch.Generator().manual_seed(args.seed))
-               for name, split in splits.items()}
-    model = models.SmallResNet()
-    _train(model, loaders, args.pretrain_epochs, 0.1, "pretrain")
-    dense_accuracy = evaluate(model, loaders["test"])
-    masked_nn.convert(model, sparsity=args.sparsity, structure=args.structure)
-    pruned_accuracy = evaluate(model, loaders["test"])
-    weights = [p for name, p in model.named_parameters() if not name.endswith("scores")]
-    _train(model, loaders, args.finetune_epochs, 0.02, "finetune", weights)
+    if args.resume:
+        if not resume_path.exists():
+            sys.exit(f"bipkernels prune: --resume but there is no {resume_path}")
+        state = torch.load(resume_path, map_location="cpu", weights_only=False)
+        args = argparse.Namespace(**{**vars(args), **state["args"], "resume": True})
+        model, dense_accuracy = models.SmallResNet(), state["dense_accuracy"]
+    else:
+        model, _ = _pretrained(args, splits, out)
+        dense_accuracy = evaluate(model, splits["test"])
+    per_epoch = steps_per_epoch(len(splits["train"]), args.batch_size, args.mode)
+    solver = BiP(model, args.sparsity, args.structure, args.scope, total_steps=max(args.epochs * per_epoch, 1),
+                 **_bip_options(args))
+    start = (0, 0)
+    if args.resume:
+        solver.load_state_dict(state["solver"])
+        start = state["position"]
+        print(f"resuming at epoch {start[0] + 1}, step {start[1]}", file=sys.stderr)
+    saved_args = {key: value for key, value in vars(args).items() if key not in ("resume", "command")}
+
+    def checkpoint(position):
+        save_atomically({"solver": solver.state_dict(), "position": position, "args": saved_args,
+                         "dense_accuracy": dense_accuracy}, resume_path)
+
+    with StopRequest() as stop:
+        def on_step(epoch, step):
+            if stop.signal is not None:
+                checkpoint((epoch, step))
+                return True
+            if step == per_epoch:
+                checkpoint((epoch + 1, 0))
+            return False
+
+        reached = solver.fit(splits["train"], args.epochs, args.batch_size, args.seed, start=start, on_step=on_step)
+    if reached[0] < args.epochs:
+        print(f"\ninterrupted: state saved to {resume_path}; continue with `bipkernels prune --resume --out {out}`",
+              file=sys.stderr)
+        sys.exit(130)
+    recalibrate_batchnorm(model, splits["train"])
     result = {
-        "method": "global magnitude (one shot) + fine-tune",
-        "structure": args.structure,
+        "method": "bip", **{key: saved_args[key] for key in ("mode", "implicit", "inv_gamma", "structure", "scope")},
         "target_sparsity": args.sparsity,
         "sparsity": masked_nn.sparsity(model),
         "dense_test_accuracy": dense_accuracy,
-        "pruned_test_accuracy_before_finetune": pruned_accuracy,
-        "test_accuracy": evaluate(model, loaders["test"]),
+        "val_accuracy": evaluate(model, splits["val"]),
+        "test_accuracy": evaluate(model, splits["test"]),
+        "epochs": args.epochs,
+        "passes": solver.passes,
         "layers": {name: {"shape": list(layer.weight.shape), "sparsity": 1.0 - float(layer.mask().float().mean())}
                    for name, layer in masked_nn.masked_layers(model)},
-        "wall_time_s": time.perf_counter() - started,
     }
-    out = Path(args.out)
     save_atomically({"model": model.state_dict(), "result": result}, out / "pruned.pt")
     (out / "results.json").write_text(json.dumps(result, indent=2))
-    print(f"\n{'layer':<28} {'shape':<18} {'sparsity':>8}")
+    resume_path.unlink(missing_ok=True)
+    print(f"\n{'layer':<24} {'shape':<18} {'sparsity':>8}")
     for name, layer in result["layers"].items():
-        print(f"{name:<28} {str(tuple(layer['shape'])):<18} {layer['sparsity']:>8.3f}")
-    print(f"\nglobal sparsity {result['sparsity']:.4f} | test accuracy: dense {dense_accuracy:.4f}, "
-          f"pruned {pruned_accuracy:.4f}, fine-tuned {result['test_accuracy']:.4f} | "
-          f"{result['wall_time_s']:.1f}s | wrote {out / 'pruned.pt'} and {out / 'results.json'}")
+        print(f"{name:<24} {str(tuple(layer['shape'])):<18} {layer['sparsity']:>8.3f}")
+    print(f"\nBiP ({args.mode}, implicit={args.implicit}, 1/γ={args.inv_gamma:g}) to {result['sparsity']:.4f} sparsity: "
+          f"test accuracy {result['test_accuracy']:.4f} (dense {dense_accuracy:.4f}), {solver.passes} passes\n"
+          f"wrote {out / 'pruned.pt'} and {out / 'results.json'}")
     return result
 
 
+def compare(args) -> list[dict]:
+    """Every method at every sparsity from the same pretrained model: a table, a JSON file and plots."""
+    out = Path(args.out)
+    splits = data.digits()
+    dense, rewind = _pretrained(args, splits, out)
+    dense_accuracy = evaluate(dense, splits["test"])
+    results = []
+    for sparsity in args.sparsities:
+        for method in args.methods:
+            options = _bip_options(args) if method == "bip" else {}
+            _, result = prune_with(copy.deepcopy(dense), splits["train"], method, sparsity, structure=args.structure,
+                                   scope=args.scope, val_data=splits["val"], test_data=splits["test"],
+                                   epochs=args.epochs, finetune_epochs=args.finetune_epochs, seed=args.seed,
+                                   rewind_state=rewind, **options)
+            results.append(result)
+            (out / "compare.json").write_text(json.dumps({"dense_test_accuracy": dense_accuracy, "results": results},
+                                                         indent=2))
+    header = f"{'method':<8}" + "".join(f"{f'{s:.0%} acc':>10}{'time':>7}" for s in args.sparsities)
+    print(f"\ntest accuracy and wall time (s) on digits; dense {dense_accuracy:.4f}\n{header}")
+    for method in args.methods:
+        row = [r for r in results if r["method"] == method]
+        print(f"{method:<8}" + "".join(f"{r['test_accuracy']:>10.4f}{r['wall_time_s']:>7.1f}" for r in row))
+    _plot(results, args, out)
+    return results
+
+
+def _plot(results, args, out: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib import pyplot
+    except ImportError:
+        print("matplotlib is not installed: no plots", file=sys.stderr)
+        return
+    for key, label, name in (("test_accuracy", "test accuracy", "accuracy.png"), ("wall_time_s", "wall time (s)", "time.png")):
+        figure, axes = pyplot.subplots(figsize=(6, 4))
+        for method in args.methods:
+            row = [r for r in results if r["method"] == method]
+            axes.plot([100 * r["target_sparsity"] for r in row], [r[key] for r in row], marker="o", label=method)
+        axes.set_xlabel("sparsity (%)")
+        axes.set_ylabel(label)
+        axes.set_title(f"digits, small ResNet, {args.structure}")
+        axes.legend()
+        figure.tight_layout()
+        figure.savefig(out / name, dpi=120)
+        pyplot.close(figure)
+    print(f"wrote {out / 'accuracy.png'}, {out / 'time.png'} and {out / 'compare.json'}")
+
+
+def _add_common(parser, out: str) -> None:
+    parser.add_argument("--structure", default="unstructured", help="unstructured, filter, channel, 2:4, tile4x4")
+    parser.add_argument("--scope", default="global", choices=["global", "layer"])
+    parser.add_argument("--mode", default="fused", choices=["fused", "faithful"], help="BiP mode")
+    parser.add_argument("--implicit", default="paper", choices=["paper", "released"], help="BiP implicit term")
+    parser.add_argument("--inv-gamma", type=float, default=1e-4, help="1/γ, the implicit term's scale")
+    parser.add_argument("--lr", type=float, default=0.01, help="BiP lower-level (weight) learning rate")
+    parser.add_argument("--score-lr", type=float, default=0.05, help="BiP upper-level (score) learning rate")
+    parser.add_argument("--epochs", type=int, default=20, help="BiP epochs (HYDRA: score epochs)")
+    parser.add_argument("--pretrain-epochs", type=int, default=15)
+    parser.add_argument("--checkpoint", help="a dense.pt written by an earlier run: skip pretraining")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=out, help="output folder")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="bipkernels", description=__doc__)
+    parser = argparse.ArgumentParser(prog="bipkernels", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("info", help="print the build facts: versions, CUDA archs, kernels per op")
-    run = commands.add_parser("prune", help="prune a small ResNet on the built-in digits data")
+    commands.add_parser("info", help="print the build facts")
+    run = commands.add_parser("prune", help="BiP on the built-in digits data (the main job)")
+    _add_common(run, "runs/prune")
     run.add_argument("--sparsity", type=float, default=0.9, help="pruned fraction (default 0.9)")
-    run.add_argument("--structure", default="unstructured", help="unstructured, filter, channel, 2:4, tile4x4")
-    run.add_argument("--pretrain-epochs", type=int, default=15)
-    run.add_argument("--finetune-epochs", type=int, default=10)
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--out", default="runs/prune", help="folder for pruned.pt and results.json")
+    run.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT/resume.pt")
+    versus = commands.add_parser("compare", help="BiP against IMP, OMP, HYDRA and random pruning")
+    _add_common(versus, "runs/compare")
+    versus.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.8, 0.9, 0.95, 0.98])
+    versus.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    versus.add_argument("--finetune-epochs", type=int, default=10, help="fine-tuning epochs (IMP: per round)")
     args = parser.parse_args(argv)
     if args.command == "info":
         print(format_info(build_info()))
-    else:
+    elif args.command == "prune":
         prune(args)
+    else:
+        compare(args)
     return 0
 
 

@@ -64,8 +64,16 @@ class _Masked:
         if weight is not None and prefix + "scores" not in state_dict:
             state_dict[prefix + "scores"] = weight.detach().abs()
             state_dict.setdefault(prefix + "threshold", keep_all_threshold(self.threshold.device))
+            state_dict.setdefault(prefix + "_extra_state", self.get_extra_state())
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+
+    # The structure travels with the state: a threshold means nothing under another structure.
+    def get_extra_state(self) -> dict:
+        return {"structure": (self.structure.kind, self.structure.a, self.structure.b, self.structure.p)}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.structure = Structure(*state["structure"])
 
     def _apply(self, fn, recurse=True):
         # The threshold must stay float64 (its cut is an exact index) whatever dtype the layer moves to.

@@ -1,8 +1,12 @@
-"""The main job end to end, at a tiny size."""
+"""The command line end to end at tiny sizes: the main job, interruption and resume, compare."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,6 +14,8 @@ import torch
 import bipkernels
 from bipkernels import data, models
 from bipkernels.cli import main
+
+TINY = ["--pretrain-epochs", "2", "--epochs", "4"]
 
 
 def test_digits_split_is_fixed_and_disjoint():
@@ -19,15 +25,60 @@ def test_digits_split_is_fixed_and_disjoint():
     assert first["train"].tensors[0].shape[1:] == (1, 8, 8)
 
 
+def _masked_state(path):
+    model = bipkernels.convert(models.SmallResNet())
+    model.load_state_dict(torch.load(path)["model"])
+    return model
+
+
 @pytest.mark.parametrize("structure", ["unstructured", "filter"])
 def test_prune_writes_checkpoint_and_results(tmp_path, structure):
-    main(["prune", "--pretrain-epochs", "1", "--finetune-epochs", "1", "--structure", structure,
-          "--out", str(tmp_path)])
+    main(["prune", *TINY, "--structure", structure, "--out", str(tmp_path)])
     result = json.loads((tmp_path / "results.json").read_text())
-    assert 0.0 <= result["test_accuracy"] <= 1.0
+    assert 0.0 <= result["test_accuracy"] <= 1.0 and result["passes"] == 4 * 17  # 1078 images in batches of 64
     if structure == "unstructured":
         assert result["sparsity"] == pytest.approx(0.9, abs=1e-3)
-    model = bipkernels.convert(models.SmallResNet(), structure=structure)
-    model.load_state_dict(torch.load(tmp_path / "pruned.pt")["model"])
+    model = _masked_state(tmp_path / "pruned.pt")
     assert bipkernels.sparsity(model) == pytest.approx(result["sparsity"])
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob("*.tmp")) and not (tmp_path / "resume.pt").exists()
+
+
+def _run(*args):
+    return [sys.executable, "-m", "bipkernels", "prune", *TINY, "--mode", "faithful", *args]
+
+
+def test_interrupted_prune_resumes_to_the_same_masks(tmp_path):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    subprocess.run(_run("--out", str(straight)), check=True, capture_output=True, timeout=600)
+
+    process = subprocess.Popen(_run("--out", str(interrupted)), stderr=subprocess.PIPE, text=True)
+    for line in process.stderr:  # SIGTERM once the first BiP epoch has ended
+        if line.startswith("bip ["):
+            process.send_signal(signal.SIGTERM)
+            break
+    process.stderr.read()
+    assert process.wait(timeout=600) == 130
+    assert (interrupted / "resume.pt").exists() and not (interrupted / "pruned.pt").exists()
+    subprocess.run([sys.executable, "-m", "bipkernels", "prune", "--resume", "--out", str(interrupted)], check=True,
+                   capture_output=True, timeout=600)
+
+    expected, resumed = _masked_state(straight / "pruned.pt"), _masked_state(interrupted / "pruned.pt")
+    for key, value in expected.state_dict().items():
+        other = resumed.state_dict()[key]
+        assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, key
+
+
+def test_compare_writes_table_json_and_plots(tmp_path, capsys):
+    main(["compare", "--pretrain-epochs", "1", "--epochs", "1", "--finetune-epochs", "1", "--sparsities", "0.5",
+          "0.8", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "compare.json").read_text())["results"]
+    assert {(r["method"], r["target_sparsity"]) for r in results} == {
+        (m, s) for m in bipkernels.solvers.METHODS for s in (0.5, 0.8)}
+    assert "test accuracy and wall time" in capsys.readouterr().out
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "accuracy.png").stat().st_size > 0 and (tmp_path / "time.png").stat().st_size > 0
+
+
+def test_resume_without_a_checkpoint_says_so(tmp_path):
+    with pytest.raises(SystemExit, match="there is no"):
+        main(["prune", "--resume", "--out", str(tmp_path)])

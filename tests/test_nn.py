@@ -38,10 +38,12 @@ def test_linear_keep_all_equals_dense_and_loads_plain_state(seed, bias):
     masked.load_state_dict(dense.state_dict())
     x = torch.randn(3, 4, 7)
     assert torch.equal(masked(x), dense(x))
-    # And the masked layer's own state round-trips, threshold included.
+    # And the masked layer's own state round-trips, threshold and structure included.
+    masked = bipkernels.MaskedLinear(7, 5, bias=bias, structure="filter")
     again = bipkernels.MaskedLinear(7, 5, bias=bias)
     masked.threshold.copy_(torch.tensor([0.3, 2.0], dtype=torch.float64))
     again.load_state_dict(masked.state_dict())
+    assert again.structure == masked.structure
     assert torch.equal(again.threshold, masked.threshold) and torch.equal(again.mask(), masked.mask())
 
 

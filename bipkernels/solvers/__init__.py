@@ -1,1 +1,6 @@
-"""Solvers over masked models. The BiP solver and the OMP / IMP / HYDRA baselines build on training.py."""
+"""Solvers over masked models: BiP, the OMP / IMP / HYDRA / random baselines, and `prune`."""
+
+from .bip import BiP
+from .prune import METHODS, prune
+
+__all__ = ["BiP", "prune", "METHODS"]

@@ -1,0 +1,21 @@
+"""HYDRA (Sehwag et al., 2020): optimise the scores with the weights frozen and no implicit term, then
+fine-tune the surviving weights. Runs on the BiP solver with zero weight learning rate and inv_gamma = 0."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .bip import BiP, steps_per_epoch
+from .training import train_weights
+
+
+def hydra(model: nn.Module, dataset, sparsity: float, structure="unstructured", scope: str = "global",
+          score_epochs: int = 10, finetune_epochs: int = 10, score_lr: float = 0.05, lr: float = 0.02,
+          batch_size: int = 64, seed: int = 0) -> int:
+    """Returns the forward/backward passes spent."""
+    steps = score_epochs * steps_per_epoch(len(dataset), batch_size)
+    solver = BiP(model, sparsity, structure, scope, mode="fused", lr=0.0, weight_decay=0.0, momentum=0.0,
+                 inv_gamma=0.0, score_lr=score_lr, total_steps=max(steps, 1))
+    solver.fit(dataset, score_epochs, batch_size, seed, label="hydra scores")
+    return solver.passes + train_weights(model, dataset, finetune_epochs, lr, batch_size, seed,
+                                         label="hydra finetune")

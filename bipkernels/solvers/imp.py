@@ -1,0 +1,53 @@
+"""IMP: iterative magnitude pruning with weight rewinding (the lottery-ticket procedure).
+
+Each round prunes ``rate`` (20%) of the remaining blocks by magnitude, globally, rewinds the surviving
+weights to ``rewind_state`` (an early-training checkpoint of the dense model) and retrains; the last round
+lands exactly on the target sparsity. Pruned blocks stay pruned: their scores are set to NaN, which the
+top-k never keeps.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .. import nn as masked_nn
+from .training import train_weights
+
+
+def imp_rounds(sparsity: float, rate: float = 0.2) -> list[float]:
+    """The sparsity after each round: 1 − (1 − rate)^r, capped at the target (e.g. 11 rounds for 90%)."""
+    if sparsity <= 0:
+        return []
+    rounds = max(1, math.ceil(math.log(1.0 - sparsity) / math.log(1.0 - rate) - 1e-9)) if sparsity < 1 else 1
+    return [min(1.0 - (1.0 - rate) ** r, sparsity) for r in range(1, rounds)] + [sparsity]
+
+
+def imp(model: nn.Module, dataset, sparsity: float, structure="unstructured", scope: str = "global",
+        rewind_state: dict | None = None, epochs_per_round: int = 5, lr: float = 0.05, rate: float = 0.2,
+        batch_size: int = 64, seed: int = 0) -> int:
+    """Prune ``model`` (trained) to ``sparsity`` in rounds; returns the forward/backward passes spent.
+
+    ``rewind_state``: a dense state_dict to rewind to (default: the weights ``model`` starts with).
+    """
+    rewind_state = {k: v.clone() for k, v in (rewind_state or model.state_dict()).items()}
+    masked_nn.convert(model, 0.0, structure, scope)
+    passes = 0
+    for round_index, target in enumerate(imp_rounds(sparsity, rate)):
+        with torch.no_grad():
+            for _, layer in masked_nn.masked_layers(model):
+                kept = layer.mask()
+                layer.scores.copy_(torch.where(kept, layer.weight.abs(), torch.full_like(layer.weight, float("nan"))))
+            masked_nn.project(model, target, scope)
+            model.load_state_dict({**model.state_dict(), **_masked_rewind(model, rewind_state)})
+        passes += train_weights(model, dataset, epochs_per_round, lr, batch_size, seed + round_index,
+                                label=f"imp round {round_index + 1} ({target:.3f})")
+    return passes
+
+
+def _masked_rewind(model: nn.Module, rewind_state: dict) -> dict:
+    """The rewind weights keyed for the masked model (scores and thresholds are kept as they are)."""
+    own = model.state_dict()
+    return {key: value for key, value in rewind_state.items() if key in own and not key.endswith(("scores", "threshold"))}

@@ -1,0 +1,30 @@
+"""One-shot baselines: OMP (global magnitude pruning of the trained model) and random pruning, each
+followed by fine-tuning of the surviving weights."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import nn as masked_nn
+from .training import train_weights
+
+
+def omp(model: nn.Module, dataset, sparsity: float, structure="unstructured", scope: str = "global",
+        finetune_epochs: int = 10, lr: float = 0.02, batch_size: int = 64, seed: int = 0) -> int:
+    """Prune ``model`` once by |θ| (global top-k of block magnitudes), then fine-tune; returns passes."""
+    masked_nn.convert(model, sparsity, structure, scope)
+    return train_weights(model, dataset, finetune_epochs, lr, batch_size, seed, label="omp finetune")
+
+
+@torch.no_grad()
+def random_prune(model: nn.Module, dataset, sparsity: float, structure="unstructured", scope: str = "global",
+                 finetune_epochs: int = 10, lr: float = 0.02, batch_size: int = 64, seed: int = 0) -> int:
+    """The floor: a uniformly random mask with exactly k kept blocks, then fine-tuning; returns passes."""
+    masked_nn.convert(model, 0.0, structure, scope)
+    generator = torch.Generator().manual_seed(seed)
+    for _, layer in masked_nn.masked_layers(model):
+        layer.scores.copy_(torch.rand(layer.scores.shape, generator=generator).to(layer.scores))
+    masked_nn.project(model, sparsity, scope)
+    with torch.enable_grad():
+        return train_weights(model, dataset, finetune_epochs, lr, batch_size, seed, label="random finetune")

@@ -1,0 +1,69 @@
+"""`prune`: any method end to end, with one result record."""
+
+from __future__ import annotations
+
+import time
+
+from torch import nn
+
+from .. import nn as masked_nn
+from ..ops import check_sparsity
+from .bip import BiP, steps_per_epoch
+from .hydra import hydra
+from .imp import imp, imp_rounds
+from .omp import omp, random_prune
+from .training import evaluate, recalibrate_batchnorm
+
+METHODS = ("bip", "omp", "imp", "hydra", "random")
+
+
+def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0.9, *, structure="unstructured",
+          scope: str = "global", val_data=None, test_data=None, epochs: int = 10, finetune_epochs: int = 10,
+          batch_size: int = 64, seed: int = 0, rewind_state: dict | None = None, **options):
+    """Prune a trained ``model`` (in place) with ``method`` and return (model, result).
+
+    bip: ``epochs`` of BiP (options go to BiP: mode, lr, score_lr, inv_gamma, implicit, ...).
+    omp, random: one shot, then ``finetune_epochs``. hydra: ``epochs`` of score search, then
+    ``finetune_epochs``. imp: rounds of 20% with ``finetune_epochs`` each, rewinding to ``rewind_state``.
+    Before evaluation the batch-norm statistics are recalibrated on ``train_data`` under the final masks.
+
+    result: method, target and reached global sparsity, per-layer sparsity, validation and test accuracy
+    (when the data are given), wall time, training epochs and forward/backward passes spent.
+    """
+    if method not in METHODS:
+        raise ValueError(f"prune: method must be one of {METHODS}, got {method!r}")
+    check_sparsity(sparsity)
+    started = time.perf_counter()
+    common = dict(structure=structure, scope=scope, batch_size=batch_size, seed=seed)
+    if method == "bip":
+        steps = epochs * steps_per_epoch(len(train_data), batch_size, options.get("mode", "fused"),
+                                         options.get("lower_steps", 1))
+        solver = BiP(model, sparsity, structure, scope, total_steps=max(steps, 1), **options)
+        solver.fit(train_data, epochs, batch_size, seed)
+        passes, spent = solver.passes, epochs
+    elif method in ("omp", "random"):
+        run = omp if method == "omp" else random_prune
+        passes, spent = run(model, train_data, sparsity, finetune_epochs=finetune_epochs, **common, **options), \
+            finetune_epochs
+    elif method == "hydra":
+        passes = hydra(model, train_data, sparsity, score_epochs=epochs, finetune_epochs=finetune_epochs, **common,
+                       **options)
+        spent = epochs + finetune_epochs
+    else:
+        passes = imp(model, train_data, sparsity, rewind_state=rewind_state, epochs_per_round=finetune_epochs,
+                     **common, **options)
+        spent = len(imp_rounds(sparsity)) * finetune_epochs
+    recalibrate_batchnorm(model, train_data)
+    result = {
+        "method": method,
+        "structure": str(structure),
+        "target_sparsity": sparsity,
+        "sparsity": masked_nn.sparsity(model),
+        "layers": {name: 1.0 - float(layer.mask().float().mean()) for name, layer in masked_nn.masked_layers(model)},
+        "val_accuracy": evaluate(model, val_data) if val_data is not None else None,
+        "test_accuracy": evaluate(model, test_data) if test_data is not None else None,
+        "wall_time_s": time.perf_counter() - started,
+        "epochs": spent,
+        "passes": passes,
+    }
+    return model, result

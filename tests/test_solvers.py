@@ -1,0 +1,150 @@
+"""The BiP solver and the baselines: exact sparsity after every step, the gradients of both levels,
+bit-exact resume, and `prune` end to end."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import TensorDataset
+
+import bipkernels
+from bipkernels import reference
+from bipkernels.solvers.imp import imp_rounds
+from bipkernels.solvers.training import schedule_factor
+
+
+def tiny_task(n: int = 96, seed: int = 0):
+    """Linearly separable 3-class data in 12 dimensions."""
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(n, 12, generator=generator)
+    targets = (inputs[:, :3] * torch.tensor([3.0, 2.0, 1.0])).argmax(1)
+    return TensorDataset(inputs, targets)
+
+
+def tiny_model(seed: int = 0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 3))
+
+
+def kept_blocks(model) -> int:
+    return sum(int(reference._kept_blocks(layer.block_scores(), layer.threshold).sum())
+               for _, layer in bipkernels.masked_layers(model))
+
+
+@pytest.mark.parametrize("mode", ["fused", "faithful"])
+@pytest.mark.parametrize("structure", ["unstructured", "filter", "tile2x3"])
+def test_bip_keeps_exactly_k_and_lowers_the_loss(seed, mode, structure):
+    data = tiny_task()
+    model = tiny_model()
+    solver = bipkernels.BiP(model, 0.7, structure, mode=mode, lr=0.05, score_lr=0.05, lower_steps=2, total_steps=200)
+    blocks = sum(layer.block_scores().numel() for _, layer in bipkernels.masked_layers(model))
+    inputs, targets = data.tensors
+
+    def loss():
+        return F.cross_entropy(model(inputs), targets)
+
+    with torch.no_grad():
+        before = float(loss())
+    for _ in range(30):
+        closure = lambda: (lambda value: (value.backward(), value)[1])(loss())  # noqa: E731
+        solver.step(closure) if mode == "fused" else solver.step(closure, closure)
+        assert kept_blocks(model) == bipkernels.keep_count(blocks, 0.7)
+    with torch.no_grad():
+        assert float(loss()) < before
+    assert solver.passes == 30 * (1 if mode == "fused" else 3)
+
+
+@pytest.mark.parametrize("implicit", ["paper", "released"])
+def test_fused_step_follows_the_hypergradient(seed, implicit):
+    model = tiny_model()
+    solver = bipkernels.BiP(model, 0.5, mode="fused", lr=0.1, score_lr=0.3, momentum=0.0, score_momentum=0.0,
+                            weight_decay=0.0, inv_gamma=0.2, implicit=implicit, schedule="constant",
+                            score_schedule="constant")
+    inputs, targets = tiny_task().tensors
+    layer = model[0]
+    weight, scores = layer.weight.detach().clone(), layer.scores.detach().clone()
+    mask = layer.mask().to(weight.dtype)
+
+    # g = ∂l/∂z through a dense copy of the network with the effective weights.
+    effective = (weight * mask).requires_grad_()
+    hidden = F.relu(F.linear(inputs, effective, model[0].bias))
+    F.cross_entropy(F.linear(hidden, model[2].masked_weight().detach(), model[2].bias), targets).backward()
+    g = effective.grad
+    implicit_term = (weight * g) ** 2 if implicit == "released" else mask * g * g
+
+    def closure():
+        value = F.cross_entropy(model(inputs), targets)
+        value.backward()
+        return value
+
+    solver.step(closure)
+    torch.testing.assert_close(layer.weight.detach(), weight - 0.1 * mask * g, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(layer.scores.detach(), scores - 0.3 * (weight * g - 0.2 * implicit_term),
+                               rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["fused", "faithful"])
+def test_resume_is_bit_exact(seed, mode):
+    data = tiny_task()
+
+    def make():
+        model = tiny_model()
+        return model, bipkernels.BiP(model, 0.8, mode=mode, lr=0.05, score_lr=0.1, total_steps=40)
+
+    straight_model, straight = make()
+    straight.fit(data, 4, batch_size=16, seed=3)
+
+    first_model, first = make()
+    stopped = first.fit(data, 4, batch_size=16, seed=3, on_step=lambda epoch, step: (epoch, step) == (1, 2))
+    assert stopped == (1, 2)
+    state = copy.deepcopy(first.state_dict())
+    resumed_model, resumed = make()
+    resumed.load_state_dict(state)
+    resumed.fit(data, 4, batch_size=16, seed=3, start=stopped)
+    for key, value in straight_model.state_dict().items():
+        assert torch.equal(value, resumed_model.state_dict()[key]), key
+    assert torch.equal(straight_model[0].mask(), resumed_model[0].mask())
+    assert resumed.iteration == straight.iteration and resumed.passes == straight.passes
+
+
+@pytest.mark.parametrize("method", bipkernels.solvers.METHODS)
+def test_prune_every_method_reaches_its_sparsity(seed, method):
+    data = tiny_task()
+    model = tiny_model()
+    bipkernels.solvers.training.train_weights(model, data, 3, lr=0.1, label="pretrain")
+    rewind = copy.deepcopy(model.state_dict())
+    pruned, result = bipkernels.prune(model, data, method, 0.8, test_data=data, epochs=2, finetune_epochs=1,
+                                      batch_size=16, rewind_state=rewind)
+    total = sum(layer.weight.numel() for _, layer in bipkernels.masked_layers(pruned))
+    assert result["sparsity"] == pytest.approx(1 - bipkernels.keep_count(total, 0.8) / total)
+    assert set(result) >= {"test_accuracy", "wall_time_s", "epochs", "passes", "layers"}
+    assert result["passes"] > 0 and 0.0 <= result["test_accuracy"] <= 1.0
+
+
+def test_imp_rounds_and_schedules():
+    rounds = imp_rounds(0.9)
+    assert len(rounds) == 11 and rounds[0] == pytest.approx(0.2) and rounds[-1] == 0.9
+    assert imp_rounds(0.2) == [0.2] and imp_rounds(0.0) == []
+    assert schedule_factor("cosine", 0, 10) == 1.0 and schedule_factor("cosine", 10, 10) == pytest.approx(0.0)
+    assert schedule_factor("step", 6, 10) == pytest.approx(0.1) and schedule_factor("constant", 9, 10) == 1.0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(mode="both"), "mode must be one of"),
+    (dict(implicit="neither"), "implicit must be one of"),
+    (dict(lr=-1.0), "lr must be a number >= 0"),
+    (dict(lower_steps=0), "lower_steps must be an int >= 1"),
+    (dict(schedule="linear"), "schedule must be one of"),
+])
+def test_bip_rejects_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        bipkernels.BiP(tiny_model(), 0.5, **kwargs)
+
+
+def test_prune_rejects_unknown_method():
+    with pytest.raises(ValueError, match="method must be one of"):
+        bipkernels.prune(tiny_model(), tiny_task(), "magic")
