@@ -1,7 +1,8 @@
 """The `bipkernels` command.
 
     bipkernels info       the build facts: versions, CUDA archs, which backends run each op
-    bipkernels prune      the main job: BiP on the built-in digits data (pretrains a small ResNet first)
+    bipkernels prune      the main job: BiP on the built-in digits data (pretrains a small ResNet first);
+                          --data cifar10:FOLDER or folder:FOLDER and --model resnet20 / resnet18 / ... for others
     bipkernels compare    BiP, IMP, OMP, HYDRA and random pruning over several sparsities, with plots
 """
 
@@ -47,7 +48,7 @@ def _pretrained(args, splits, out: Path):
     """The dense model: from --checkpoint, else pretrained here (and saved as dense.pt), plus a rewind
     point (the weights after the first epoch) for IMP."""
     torch.manual_seed(args.seed)
-    model = models.SmallResNet()
+    model = _model(args, splits)
     if args.checkpoint:
         state = torch.load(args.checkpoint, map_location="cpu")
         model.load_state_dict(state["model"])
@@ -64,6 +65,10 @@ def _pretrained(args, splits, out: Path):
     return model, rewind
 
 
+def _model(args, splits):
+    return models.build(args.model, *reversed(data.describe(splits)))
+
+
 def _bip_options(args) -> dict:
     return dict(mode=args.mode, implicit=args.implicit, inv_gamma=args.inv_gamma, lr=args.lr, score_lr=args.score_lr)
 
@@ -72,13 +77,14 @@ def prune(args) -> dict:
     """The main job: BiP to --sparsity, resumable; prints the per-layer table and writes the results."""
     out = Path(args.out)
     resume_path = out / "resume.pt"
-    splits = data.digits()
     if args.resume:
         if not resume_path.exists():
             sys.exit(f"bipkernels prune: --resume but there is no {resume_path}")
         state = torch.load(resume_path, map_location="cpu", weights_only=False)
         args = argparse.Namespace(**{**vars(args), **state["args"], "resume": True})
-        model, dense_accuracy = models.SmallResNet(), state["dense_accuracy"]
+    splits = data.load(args.data)
+    if args.resume:
+        model, dense_accuracy = _model(args, splits), state["dense_accuracy"]
     else:
         model, _ = _pretrained(args, splits, out)
         dense_accuracy = evaluate(model, splits["test"])
@@ -138,7 +144,7 @@ def prune(args) -> dict:
 def compare(args) -> list[dict]:
     """Every method at every sparsity from the same pretrained model: a table, a JSON file and plots."""
     out = Path(args.out)
-    splits = data.digits()
+    splits = data.load(args.data)
     dense, rewind = _pretrained(args, splits, out)
     dense_accuracy = evaluate(dense, splits["test"])
     results = []
@@ -153,7 +159,7 @@ def compare(args) -> list[dict]:
             (out / "compare.json").write_text(json.dumps({"dense_test_accuracy": dense_accuracy, "results": results},
                                                          indent=2))
     header = f"{'method':<8}" + "".join(f"{f'{s:.0%} acc':>10}{'time':>7}" for s in args.sparsities)
-    print(f"\ntest accuracy and wall time (s) on digits; dense {dense_accuracy:.4f}\n{header}")
+    print(f"\ntest accuracy and wall time (s) on {args.data}; dense {dense_accuracy:.4f}\n{header}")
     for method in args.methods:
         row = [r for r in results if r["method"] == method]
         print(f"{method:<8}" + "".join(f"{r['test_accuracy']:>10.4f}{r['wall_time_s']:>7.1f}" for r in row))
@@ -177,7 +183,7 @@ def _plot(results, args, out: Path) -> None:
             axes.plot([100 * r["target_sparsity"] for r in row], [r[key] for r in row], marker="o", label=method)
         axes.set_xlabel("sparsity (%)")
         axes.set_ylabel(label)
-        axes.set_title(f"digits, small ResNet, {args.structure}")
+        axes.set_title(f"{args.data}, {args.model}, {args.structure}")
         axes.legend()
         figure.tight_layout()
         figure.savefig(out / name, dpi=120)
@@ -186,6 +192,8 @@ def _plot(results, args, out: Path) -> None:
 
 
 def _add_common(parser, out: str) -> None:
+    parser.add_argument("--data", default="digits", help="digits (built in), cifar10:FOLDER or folder:FOLDER")
+    parser.add_argument("--model", default="small-resnet", help="small-resnet, resnet20 or a torchvision model name")
     parser.add_argument("--structure", default="unstructured", help="unstructured, filter, channel, 2:4, tile4x4")
     parser.add_argument("--scope", default="global", choices=["global", "layer"])
     parser.add_argument("--mode", default="fused", choices=["fused", "faithful"], help="BiP mode")

@@ -25,3 +25,79 @@ def digits() -> dict[str, TensorDataset]:
     n_val = int(SPLIT_FRACTIONS[1] * len(order))
     parts = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
     return {name: TensorDataset(images[index], labels[index]) for name, index in parts.items()}
+
+
+def cifar10(folder: str) -> dict[str, TensorDataset]:
+    """CIFAR-10 from a local folder in its python-pickle layout (``data_batch_1`` … ``data_batch_5``,
+    ``test_batch``; the ``cifar-10-batches-py`` folder itself or its parent). Images (N, 3, 32, 32) float32
+    in [0, 1]. The last 10% of the training batches (a fixed split) is held out as validation."""
+    import pickle
+    from pathlib import Path
+
+    root = Path(folder)
+    if (root / "cifar-10-batches-py").is_dir():
+        root = root / "cifar-10-batches-py"
+    train_files = sorted(root.glob("data_batch_*"))
+    if not train_files or not (root / "test_batch").exists():
+        raise FileNotFoundError(f"cifar10: no data_batch_* and test_batch files in {root}")
+
+    def load(paths):
+        images, labels = [], []
+        for path in paths:
+            with open(path, "rb") as file:
+                batch = pickle.load(file, encoding="bytes")
+            images.append(torch.as_tensor(batch[b"data"], dtype=torch.uint8).reshape(-1, 3, 32, 32))
+            labels.append(torch.as_tensor(batch[b"labels"], dtype=torch.int64))
+        return torch.cat(images).float() / 255.0, torch.cat(labels)
+
+    train_images, train_labels = load(train_files)
+    test_images, test_labels = load([root / "test_batch"])
+    n_val = len(train_labels) // 10
+    return {"train": TensorDataset(train_images[:-n_val], train_labels[:-n_val]),
+            "val": TensorDataset(train_images[-n_val:], train_labels[-n_val:]),
+            "test": TensorDataset(test_images, test_labels)}
+
+
+def image_folder(folder: str, size: int = 32) -> dict:
+    """torchvision's ImageFolder layout: ``train/`` (and ``test/``; ``val/`` if present, else 10% of train
+    held out by a fixed permutation), one sub-folder per class. Images resized to ``size``×``size``."""
+    from pathlib import Path
+
+    from torch.utils.data import Subset
+    from torchvision import datasets, transforms
+
+    root = Path(folder)
+    transform = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor()])
+    splits = {name: datasets.ImageFolder(str(root / name), transform) for name in ("train", "val", "test")
+              if (root / name).is_dir()}
+    if "train" not in splits or "test" not in splits:
+        raise FileNotFoundError(f"image_folder: {root} needs train/ and test/ sub-folders")
+    if "val" not in splits:
+        order = torch.randperm(len(splits["train"]), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
+        n_val = max(1, len(order) // 10)
+        splits["val"], splits["train"] = Subset(splits["train"], order[:n_val]), Subset(splits["train"], order[n_val:])
+    return splits
+
+
+def load(spec: str = "digits") -> dict:
+    """A data set by name: ``digits``, ``cifar10:FOLDER`` or ``folder:FOLDER`` (ImageFolder layout)."""
+    kind, _, path = spec.partition(":")
+    if kind == "digits" and not path:
+        return digits()
+    if kind == "cifar10" and path:
+        return cifar10(path)
+    if kind == "folder" and path:
+        return image_folder(path)
+    raise ValueError(f"data: expected 'digits', 'cifar10:FOLDER' or 'folder:FOLDER', got {spec!r}")
+
+
+def describe(splits: dict) -> tuple[int, int]:
+    """(input channels, classes) of a data set from load()."""
+    train = splits["train"]
+    image, _ = train[0]
+    if hasattr(train, "tensors"):
+        classes = int(train.tensors[1].max()) + 1
+    else:
+        base = getattr(train, "dataset", train)
+        classes = len(base.classes)
+    return int(image.shape[0]), classes

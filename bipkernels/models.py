@@ -38,3 +38,39 @@ class SmallResNet(nn.Module):
     def forward(self, x):
         out = self.layer2(self.layer1(self.stem(x)))
         return self.head(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+class CifarResNet(nn.Module):
+    """The CIFAR ResNet of He et al. (2016): 3 stages of n basic blocks at widths 16, 32, 64; ResNet-20
+    is n = 3 (0.27M weights). Input (N, in_channels, H, W), any H, W >= 4."""
+
+    def __init__(self, blocks_per_stage: int = 3, num_classes: int = 10, in_channels: int = 3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        stages, width = [], 16
+        for stage, out in enumerate((16, 32, 64)):
+            for index in range(blocks_per_stage):
+                stages.append(BasicBlock(width, out, stride=2 if stage > 0 and index == 0 else 1))
+                width = out
+        self.stages = nn.Sequential(*stages)
+        self.head = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        return self.head(F.adaptive_avg_pool2d(self.stages(self.stem(x)), 1).flatten(1))
+
+
+def build(name: str, num_classes: int, in_channels: int) -> nn.Module:
+    """``small-resnet``, ``resnet20`` or any torchvision classification model by name (e.g. resnet18)."""
+    if name == "small-resnet":
+        return SmallResNet(num_classes, in_channels=in_channels)
+    if name == "resnet20":
+        return CifarResNet(3, num_classes, in_channels)
+    import torchvision
+
+    try:
+        model = torchvision.models.get_model(name, num_classes=num_classes)
+    except ValueError as error:
+        raise ValueError(f"model: {name!r} is neither small-resnet, resnet20 nor a torchvision model ({error})") from None
+    if in_channels != 3:
+        raise ValueError(f"model: torchvision's {name} takes 3-channel images, the data have {in_channels}")
+    return model

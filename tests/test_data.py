@@ -1,0 +1,77 @@
+"""Data loaders on small files the tests write, and the model builder."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from bipkernels import data, models
+from bipkernels.cli import main
+
+
+def write_cifar(folder, per_batch: int = 10):
+    root = folder / "cifar-10-batches-py"
+    root.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(0)
+    for name in ("data_batch_1", "data_batch_2", "test_batch"):
+        batch = {b"data": torch.randint(0, 256, (per_batch, 3072), generator=generator, dtype=torch.uint8).numpy(),
+                 b"labels": torch.randint(0, 10, (per_batch,), generator=generator).tolist()}
+        with open(root / name, "wb") as file:
+            pickle.dump(batch, file)
+    return batch
+
+
+def test_cifar10_pickle_layout(tmp_path):
+    last = write_cifar(tmp_path)
+    splits = data.cifar10(str(tmp_path))
+    assert [len(splits[name]) for name in ("train", "val", "test")] == [18, 2, 10]
+    images, labels = splits["test"].tensors
+    assert images.shape == (10, 3, 32, 32) and images.dtype == torch.float32
+    assert torch.equal(images, torch.as_tensor(last[b"data"]).reshape(10, 3, 32, 32).float() / 255)
+    assert labels.tolist() == last[b"labels"]
+    assert data.describe(splits) == (3, int(splits["train"].tensors[1].max()) + 1)
+    with pytest.raises(FileNotFoundError, match="no data_batch"):
+        data.cifar10(str(tmp_path / "missing"))
+
+
+def test_image_folder_layout(tmp_path):
+    from PIL import Image
+
+    for split, count in (("train", 10), ("test", 3)):
+        for label in ("cat", "dog"):
+            folder = tmp_path / split / label
+            folder.mkdir(parents=True)
+            for index in range(count):
+                Image.new("RGB", (12, 9), (index * 20, 0, 255 if label == "dog" else 0)).save(folder / f"{index}.png")
+    splits = data.load(f"folder:{tmp_path}")
+    assert [len(splits[name]) for name in ("train", "val", "test")] == [18, 2, 6]
+    image, label = splits["test"][0]
+    assert image.shape == (3, 32, 32) and label in (0, 1)
+    assert data.describe(splits) == (3, 2)
+
+
+def test_data_spec_errors():
+    with pytest.raises(ValueError, match="expected 'digits'"):
+        data.load("mnist")
+
+
+def test_models_build():
+    resnet20 = models.build("resnet20", 10, 3)
+    weights = sum(m.weight.numel() for m in resnet20.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
+    assert 0.26e6 < weights < 0.28e6
+    assert resnet20(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert models.build("resnet18", 7, 3)(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+    with pytest.raises(ValueError, match="neither small-resnet"):
+        models.build("no-such-net", 10, 3)
+
+
+def test_prune_on_a_local_cifar_folder(tmp_path):
+    write_cifar(tmp_path / "cifar")
+    out = tmp_path / "out"
+    main(["prune", "--data", f"cifar10:{tmp_path / 'cifar'}", "--model", "resnet20", "--pretrain-epochs", "1",
+          "--epochs", "1", "--batch-size", "8", "--out", str(out)])
+    result = json.loads((out / "results.json").read_text())
+    assert result["sparsity"] == pytest.approx(0.9, abs=1e-4)
