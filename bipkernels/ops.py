@@ -121,8 +121,12 @@ def _check_threshold(op: str, threshold, scores: torch.Tensor, structure: Struct
 
 
 def _structure(op: str, structure, p, scores: torch.Tensor) -> Structure:
-    parsed = parse_structure(structure, p)
-    parsed.check_shape(scores.shape, "scores")
+    """The parsed structure, checked against the scores' shape; errors name the op."""
+    try:
+        parsed = parse_structure(structure, p)
+        parsed.check_shape(scores.shape, "scores")
+    except (ValueError, TypeError) as error:
+        raise type(error)(f"bipkernels.{op}: {error}") from None
     return parsed
 
 
