@@ -20,13 +20,17 @@ def table(results: dict) -> str:
     lines = [f"Machine: {machine.get('cpu', {}).get('brand_raw', platform.processor())}, "
              f"{machine.get('cpu', {}).get('count', '?')} cores; {results.get('datetime', '')}", ""]
     for group, benches in groups.items():
-        lines += [f"**{group}**", "", "| method | median (ms) | speed-up of bipkernels |", "|---|---:|---:|"]
         ours = next((b for b in benches if not b["extra_info"].get("baseline")), None)
+        # Iteration groups also compare every row with one dense training step.
+        dense = next((b for b in benches if b["params"].get("method") == "dense step"), None)
+        lines += [f"**{group}**", "", "| method | median (ms) | speed-up of bipkernels |"
+                  + (" × dense step |" if dense else ""), "|---|---:|---:|" + ("---:|" if dense else "")]
         for bench in benches:
             median = bench["stats"]["median"]
             ratio = f"{median / ours['stats']['median']:.1f}×" if ours and bench is not ours else "—"
             name = bench["params"].get("method", bench["name"])
-            lines.append(f"| {name} | {median * 1e3:.2f} | {ratio} |")
+            versus_dense = f" {median / dense['stats']['median']:.2f} |" if dense else ""
+            lines.append(f"| {name} | {median * 1e3:.2f} | {ratio} |{versus_dense}")
         lines.append("")
     return "\n".join(lines)
 

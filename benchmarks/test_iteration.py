@@ -1,0 +1,66 @@
+"""One BiP iteration (fused and faithful) against one dense SGD step of the same model and batch, and
+against the official implementation's iteration (benchmarks/official.py), on the CPU.
+
+Models: CIFAR ResNet-20 and torchvision's ResNet-18 at 32×32, batch 64 and 128, 90% sparsity.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import bipkernels
+from bipkernels import models
+
+from .official import OfficialIteration
+
+MODELS = {"resnet20": lambda: models.build("resnet20", 10, 3), "resnet18": lambda: models.build("resnet18", 10, 3)}
+METHODS = ["dense step", "bip fused", "bip faithful", "official iteration"]
+
+
+def _batches(batch_size, count=3):
+    generator = torch.Generator().manual_seed(0)
+    return [(torch.randn(batch_size, 3, 32, 32, generator=generator),
+             torch.randint(0, 10, (batch_size,), generator=generator)) for _ in range(count)]
+
+
+def _closure(model, batch):
+    def closure():
+        loss = F.cross_entropy(model(batch[0]), batch[1])
+        loss.backward()
+        return loss
+    return closure
+
+
+@pytest.mark.parametrize("batch_size", [64, 128])
+@pytest.mark.parametrize("model_name", list(MODELS))
+@pytest.mark.parametrize("method", METHODS)
+def test_iteration_cpu(benchmark, method, model_name, batch_size):
+    torch.manual_seed(0)
+    model = MODELS[model_name]()
+    batch_a, batch_b, _ = _batches(batch_size)
+    benchmark.group = f"iteration cpu {model_name} batch {batch_size}"
+    benchmark.extra_info["baseline"] = method != "bip fused"
+    if method == "dense step":
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+
+        def step():
+            optimizer.zero_grad()
+            _closure(model, batch_a)()
+            optimizer.step()
+    elif method.startswith("bip"):
+        mode = method.split()[1]
+        solver = bipkernels.BiP(model, 0.9, mode=mode, total_steps=100)
+
+        def step():
+            if mode == "fused":
+                solver.step(_closure(model, batch_a))
+            else:
+                solver.step(_closure(model, batch_a), _closure(model, batch_b))
+    else:
+        iteration = OfficialIteration(model, keep=0.1)
+
+        def step():
+            iteration(batch_a, batch_b)
+    benchmark.pedantic(step, rounds=9 if model_name == "resnet20" else 3, warmup_rounds=1)
