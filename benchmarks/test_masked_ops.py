@@ -1,8 +1,9 @@
-"""CPU masked_weight and fused hypergrad against the unfused PyTorch chains a user would otherwise write.
+"""masked_weight and the fused hypergrad on every backend against the unfused PyTorch chain.
 
-Shapes: ResNet-50 layers (layer4's 3×3 convolution 512×512×3×3 = 2.4M, its 1×1 expansion 2048×512).
-Baseline "unfused torch": bipkernels.reference (mask from the threshold, then a select; the
-hypergradient as separate elementwise ops) — the same results, one pass per operation.
+Shapes: ResNet-50 layers (layer4's 3×3 convolution 512×512×3×3 = 2.4M, its 1×1 expansion 2048×512) and
+GPT-2 small (an MLP projection 3072×768 = 2.4M, the token embedding 50257×768 = 38.6M). The baseline
+"unfused torch" is bipkernels.reference: the mask from the threshold, then a select; the hypergradient as
+separate elementwise ops: the same results, one pass per operation.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import bipkernels
 from bipkernels import reference
 from bipkernels.structures import parse_structure
 
-SHAPES = {"conv 512x512x3x3": (512, 512, 3, 3), "conv 2048x512x1x1": (2048, 512, 1, 1)}
+SHAPES = {"conv 512x512x3x3": (512, 512, 3, 3), "conv 2048x512x1x1": (2048, 512, 1, 1),
+          "GPT-2 mlp 3072x768": (3072, 768), "GPT-2 embedding 50257x768": (50257, 768)}
+STRUCTURE = parse_structure("unstructured")
 
 
 def _inputs(shape):
@@ -26,29 +29,20 @@ def _inputs(shape):
     return weight, grad, scores, threshold
 
 
-@pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("method", ["bipkernels", "unfused torch"])
-def test_masked_weight_cpu(benchmark, shape, method):
-    weight, _, scores, threshold = _inputs(SHAPES[shape])
-    benchmark.group = f"masked_weight cpu {shape}"
-    benchmark.extra_info["baseline"] = method != "bipkernels"
-    structure = parse_structure("unstructured")
-    if method == "bipkernels":
-        out = benchmark(bipkernels.masked_weight, weight, scores, threshold, structure)
-    else:
-        out = benchmark(reference.masked_weight, weight, scores, threshold, structure)
-    assert int((out != 0).sum()) == bipkernels.keep_count(weight.numel(), 0.9)
+CALLS = {
+    ("masked_weight", "bipkernels cpu"): lambda w, g, s, t: bipkernels.masked_weight(w, s, t, STRUCTURE),
+    ("masked_weight", "unfused torch"): lambda w, g, s, t: reference.masked_weight(w, s, t, STRUCTURE),
+    ("hypergrad", "bipkernels cpu"): lambda w, g, s, t: bipkernels.hypergrad(g, w, s, t, STRUCTURE, inv_gamma=1e-4)[0],
+    ("hypergrad", "unfused torch"): lambda w, g, s, t: reference.hypergrad(g, w, s, t, STRUCTURE, 1e-4)[0],
+}
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("method", ["bipkernels", "unfused torch"])
-def test_hypergrad_cpu(benchmark, shape, method):
+@pytest.mark.parametrize("op", ["masked_weight", "hypergrad"])
+@pytest.mark.parametrize("method", ["bipkernels cpu", "unfused torch"])
+def test_masked_op_cpu(benchmark, op, shape, method):
     weight, grad, scores, threshold = _inputs(SHAPES[shape])
-    benchmark.group = f"hypergrad cpu {shape}"
-    benchmark.extra_info["baseline"] = method != "bipkernels"
-    structure = parse_structure("unstructured")
-    if method == "bipkernels":
-        grad_weight, _ = benchmark(bipkernels.hypergrad, grad, weight, scores, threshold, structure, inv_gamma=1e-4)
-    else:
-        grad_weight, _ = benchmark(reference.hypergrad, grad, weight, scores, threshold, structure, 1e-4)
-    assert int((grad_weight != 0).sum()) == bipkernels.keep_count(weight.numel(), 0.9)
+    benchmark.group = f"{op} cpu {shape}"
+    benchmark.extra_info["baseline"] = method != "bipkernels cpu"
+    out = benchmark(CALLS[op, method], weight, grad, scores, threshold)
+    assert int((out != 0).sum()) == bipkernels.keep_count(weight.numel(), 0.9)

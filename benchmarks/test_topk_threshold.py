@@ -1,8 +1,9 @@
-"""CPU topk_threshold (global over a model's layers) against what users would otherwise run.
+"""topk_threshold (global over a model's layers) on every backend against what users would otherwise run.
 
-Baselines: torch.kthvalue of the concatenated scores (the threshold value only, no tie rule), and the
-official BiP implementation's way: torch.sort of all concatenated scores, then a 0/1 mask by indexing.
-Run: pytest benchmarks --benchmark-json=out.json; python -m benchmarks.report out.json
+Baselines: torch.topk and torch.kthvalue of the concatenated scores (the threshold only, no tie rule), and
+the official BiP implementation's way: torch.sort of all concatenated scores, then a 0/1 mask by indexing.
+Sizes: 1M (ResNet-18's shapes scaled down) and the real layer shapes of ResNet-18 (11.2M), ResNet-50
+(25.6M) and GPT-2 small (124M).
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ import torch
 
 import bipkernels
 
-from .conftest import scores_of_size
+from .conftest import model_scores, scores_of_size
 
-SIZES = {"1M": 1_000_000, "11.2M (ResNet-18)": 11_200_000}
+SIZES = {"1M": lambda: scores_of_size(1_000_000), "11.2M (ResNet-18)": lambda: model_scores("ResNet-18"),
+         "25.6M (ResNet-50)": lambda: model_scores("ResNet-50"), "124M (GPT-2)": lambda: model_scores("GPT-2")}
 SPARSITY = 0.9
+METHODS = ["bipkernels cpu", "bipkernels torch", "torch.topk", "torch.kthvalue", "official sort+index"]
+_cache: dict[str, list[torch.Tensor]] = {}
 
 
 def official_sort_and_index(scores_list, k):
@@ -33,17 +37,30 @@ def kthvalue_threshold(scores_list, k):
     return torch.kthvalue(flat, flat.numel() - k + 1).values
 
 
+def topk_threshold_value(scores_list, k):
+    flat = torch.cat([s.reshape(-1) for s in scores_list])
+    return torch.topk(flat, k, sorted=False).values.min()
+
+
 @pytest.mark.parametrize("size", list(SIZES))
-@pytest.mark.parametrize("method", ["bipkernels", "torch.kthvalue", "official sort+index"])
-def test_topk_threshold_cpu(benchmark, size, method):
-    scores = scores_of_size(SIZES[size])
-    k = bipkernels.keep_count(sum(s.numel() for s in scores), SPARSITY)
+@pytest.mark.parametrize("method", METHODS)
+def test_topk_threshold_cpu(benchmark, monkeypatch, size, method):
+    if size not in _cache:
+        _cache.clear()  # one size in memory at a time (GPT-2's scores are 0.5 GB)
+        _cache[size] = SIZES[size]()
+    scores = _cache[size]
+    n = sum(s.numel() for s in scores)
+    k = bipkernels.keep_count(n, SPARSITY)
     benchmark.group = f"topk_threshold cpu {size}"
-    benchmark.extra_info.update(numel=sum(s.numel() for s in scores), tensors=len(scores), baseline=method != "bipkernels")
-    if method == "bipkernels":
-        thresholds = benchmark(bipkernels.topk_threshold, scores, k)
+    benchmark.extra_info.update(numel=n, tensors=len(scores), baseline=method != "bipkernels cpu")
+    rounds = dict(rounds=3 if n > 50_000_000 else 7, warmup_rounds=1)
+    if method.startswith("bipkernels"):
+        monkeypatch.setenv("BIPKERNELS_BACKEND", method.split()[1])
+        thresholds = benchmark.pedantic(bipkernels.topk_threshold, (scores, k), **rounds)
         assert sum(int(bipkernels.block_mask(s, t).sum()) for s, t in zip(scores, thresholds)) == k
+    elif method == "torch.topk":
+        benchmark.pedantic(topk_threshold_value, (scores, k), **rounds)
     elif method == "torch.kthvalue":
-        benchmark(kthvalue_threshold, scores, k)
+        benchmark.pedantic(kthvalue_threshold, (scores, k), **rounds)
     else:
-        assert int(benchmark(official_sort_and_index, scores, k).sum()) == k
+        assert int(benchmark.pedantic(official_sort_and_index, (scores, k), **rounds).sum()) == k
