@@ -55,5 +55,20 @@ def with_specials(scores: torch.Tensor) -> torch.Tensor:
     return out.reshape(scores.shape)
 
 
+def topk_ks(total: int) -> list[int]:
+    """k = 0, 1, 2, a third, a half, all but one, all, and more than all."""
+    return sorted({0, 1, 2, total // 3, total // 2, total - 1, total, total + 5} - {-1})
+
+
+def score_lists(sizes, dtype=torch.float64):
+    """Three lists of 1-D scores with the given sizes: heavy ties with NaN/inf/-0.0, continuous values,
+    and random bit patterns (keys over the whole float range, so every radix digit is exercised)."""
+    tied = [with_specials(tied_scores((n,), dtype, levels=4).abs()) for n in sizes]
+    continuous = [torch.rand(n, dtype=torch.float64).to(dtype) for n in sizes]
+    bits = [torch.randint(-2**31, 2**31 - 1, (n,), dtype=torch.int64).to(torch.int32).view(torch.float32).to(dtype)
+            for n in sizes]
+    return [tied, continuous, bits]
+
+
 def force_backend(monkeypatch, backend: str) -> None:
     monkeypatch.setenv("BIPKERNELS_BACKEND", backend)

@@ -1,17 +1,26 @@
-"""CUDA kernels against the reference. Skipped without a GPU; run on one by benchmarks/gpu_check.sh."""
+"""CUDA kernels against the reference. Skipped without a GPU; run on one by benchmarks/gpu_check.sh.
+
+Tests marked `large` (more than 2^31 elements, about 13 GB of GPU memory) run only with
+BIPKERNELS_LARGE_TESTS=1."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from torch import nn
 
 from bipkernels import ops, reference
 from bipkernels.structures import parse_structure
 
-from conftest import HAS_CUDA_GPU, SHAPES, STRUCTURES, fits, force_backend, tied_scores, with_specials
+from conftest import (HAS_CUDA_GPU, SHAPES, STRUCTURES, fits, force_backend, score_lists, tied_scores, topk_ks,
+                      with_specials)
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA_GPU, reason="needs a CUDA GPU")]
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+# Chunk edges (4096), more tensors than one launch's table (128), empty tensors.
+TOPK_SIZES = [[1], [97], [13, 0, 7, 4097], [5000, 4096, 8193, 1], [3] * 200, [70000, 12]]
 
 
 def _inputs(shape, dtype, structure):
@@ -82,3 +91,96 @@ def test_cuda_opcheck(seed):
     torch.library.opcheck(torch.ops.bipkernels.masked_weight.default, (weight, scores, threshold, kind, a, b, p))
     torch.library.opcheck(torch.ops.bipkernels.hypergrad.default,
                           (grad, weight, scores, threshold, kind, a, b, p, 0.1, 1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sizes", TOPK_SIZES)
+def test_cuda_topk_threshold_matches_reference_and_its_host_model(monkeypatch, seed, dtype, sizes):
+    force_backend(monkeypatch, "cuda")
+    for tensors in score_lists(sizes, dtype):
+        on_gpu = [t.cuda() for t in tensors]
+        for k in topk_ks(sum(sizes)):
+            got = ops.topk_threshold(on_gpu, k)
+            want = reference.topk_threshold(tensors, k)
+            assert got.device == on_gpu[0].device
+            assert torch.equal(got.cpu(), want), (k, got, want)
+            assert torch.equal(torch.ops.bipkernels._topk_threshold_gpu_model(tensors, k, 4096, 128), want)
+
+
+def test_cuda_ops_never_wait_for_the_host_and_repeat_bit_for_bit(monkeypatch, seed):
+    force_backend(monkeypatch, "cuda")
+    structure = parse_structure("tile3x5")
+    scores, weight, grad, _ = (None if t is None else t.cuda() for t in _inputs((24, 16, 3, 3), torch.float32,
+                                                                                 structure))
+
+    def chain():
+        block = ops.block_scores(scores, structure)
+        threshold = ops.topk_threshold([block, block.flip(0)], block.numel() // 3)[0]
+        return (threshold, ops.masked_weight(weight, scores, threshold, structure),
+                *ops.hypergrad(grad, weight, scores, threshold, structure, inv_gamma=0.1))
+
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host synchronisation inside raises
+    try:
+        first, second = chain(), chain()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_cuda_graph_replay_of_bip_steps_equals_eager(seed):
+    from bipkernels.solvers import BiP
+
+    inputs, targets = torch.randn(8, 3, 10, 10, device="cuda"), torch.randint(0, 5, (8,), device="cuda")
+
+    def make():
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 5)).cuda()
+        return model, BiP(model, 0.8, "filter", schedule="constant", score_schedule="constant", total_steps=50)
+
+    def closure_of(model):
+        def closure():
+            loss = nn.functional.cross_entropy(model(inputs), targets)
+            loss.backward()
+            return loss
+        return closure
+
+    (eager_model, eager), (graphed_model, graphed) = make(), make()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the graph (optimiser state, cuDNN plans)
+        for _ in range(3):
+            eager.step(closure_of(eager_model))
+            graphed.step(closure_of(graphed_model))
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed.step(closure_of(graphed_model))
+    for _ in range(4):
+        graph.replay()
+        eager.step(closure_of(eager_model))
+    torch.cuda.synchronize()
+    from bipkernels import masks
+    for (name, got), want in zip(masks(graphed_model).items(), masks(eager_model).values()):
+        assert torch.equal(got, want), name
+    for (name, got), want in zip(graphed_model.state_dict().items(), eager_model.state_dict().values()):
+        if got.is_floating_point():
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.large
+@pytest.mark.skipif(os.environ.get("BIPKERNELS_LARGE_TESTS") != "1", reason="set BIPKERNELS_LARGE_TESTS=1")
+def test_cuda_topk_threshold_and_masked_weight_past_2_to_the_31(monkeypatch):
+    # All scores 0 but 10 twos at the end and ones around index 2^31: keeping 14 keeps the twos and the
+    # first 4 ones, so the tie cut lies past 2^31 and only 64-bit indexing gets it right.
+    force_backend(monkeypatch, "cuda")
+    n, big = 2**31 + 4096, 2**31
+    scores = torch.zeros(n, dtype=torch.float16, device="cuda")
+    scores[-10:] = 2
+    ones = torch.tensor([big - 3, big - 2, big + 1, big + 2, big + 3, big + 7], device="cuda")
+    scores[ones] = 1
+    threshold = ops.topk_threshold(scores, 14)
+    assert threshold.tolist() == [1.0, float(big + 2 + 1)]
+    kept = ops.masked_weight(torch.ones_like(scores), scores, threshold)
+    assert int(kept.sum(dtype=torch.float32)) == 14
+    assert kept[big + 2] == 1 and kept[big + 3] == 0 and kept[-1] == 1

@@ -24,6 +24,7 @@ namespace bipkernels::cpu {
 namespace {
 
 constexpr int64_t kSelectGrain = int64_t(1) << 16;
+constexpr int kDigitBits = 16;  // with 16-bit digits the top-digit bucket 0 holds exactly the NaN keys
 // Private histograms count in 32 bits and are flushed at least this often.
 constexpr int64_t kFlushEvery = int64_t(1) << 30;
 
@@ -53,6 +54,8 @@ template <typename in_t>
 void select_threshold(const std::vector<at::Tensor>& inputs, int64_t k, at::Tensor& out) {
   using score_t = at::opmath_type<in_t>;
   using key_t = typename SelectKey<score_t>::type;
+  using Digits = Radix<key_t, kDigitBits>;
+  constexpr int64_t kDigitBuckets = Digits::kBuckets;
   const size_t count = inputs.size();
   Segments<in_t> segments;
   segments.offsets.push_back(0);
@@ -76,7 +79,7 @@ void select_threshold(const std::vector<at::Tensor>& inputs, int64_t k, at::Tens
     for (int64_t from = begin; from < end; from += kFlushEvery) {
       std::fill(local.begin(), local.end(), 0);
       segments.for_range(from, std::min(end, from + kFlushEvery), [&](size_t, const in_t* data, int64_t lo, int64_t hi) {
-        for (int64_t j = lo; j < hi; ++j) ++local[key_digit(select_key(static_cast<score_t>(data[j])), 0)];
+        for (int64_t j = lo; j < hi; ++j) ++local[Digits::digit(select_key(static_cast<score_t>(data[j])), 0)];
       });
       std::lock_guard<std::mutex> lock(merge);
       for (int64_t d = 0; d < kDigitBuckets; ++d) histogram[d] += local[d];
@@ -89,11 +92,11 @@ void select_threshold(const std::vector<at::Tensor>& inputs, int64_t k, at::Tens
     write_rows(std::numeric_limits<double>::infinity(), [](size_t) { return int64_t(0); });
     return;
   }
-  BucketChoice choice = choose_bucket(histogram.data(), kept);
-  key_t prefix = with_digit(key_t(0), 0, choice.digit);
+  BucketChoice choice = choose_bucket(histogram.data(), kDigitBuckets, kept);
+  key_t prefix = Digits::with_digit(key_t(0), 0, choice.digit);
 
   // Pass 2: gather the keys of the chosen bucket; the remaining digits are chosen among them.
-  if (select_passes<key_t>() > 1) {
+  if (Digits::kPasses > 1) {
     std::vector<key_t> candidates;
     candidates.reserve(choice.bucket_count);
     at::parallel_for(0, segments.total(), kSelectGrain, [&](int64_t begin, int64_t end) {
@@ -101,19 +104,19 @@ void select_threshold(const std::vector<at::Tensor>& inputs, int64_t k, at::Tens
       segments.for_range(begin, end, [&](size_t, const in_t* data, int64_t lo, int64_t hi) {
         for (int64_t j = lo; j < hi; ++j) {
           const key_t key = select_key(static_cast<score_t>(data[j]));
-          if (key_digit(key, 0) == choice.digit) local.push_back(key);
+          if (Digits::digit(key, 0) == choice.digit) local.push_back(key);
         }
       });
       std::lock_guard<std::mutex> lock(merge);
       candidates.insert(candidates.end(), local.begin(), local.end());
     });
-    for (int pass = 1; pass < select_passes<key_t>(); ++pass) {
+    for (int pass = 1; pass < Digits::kPasses; ++pass) {
       std::fill(histogram.begin(), histogram.end(), 0);
-      for (const key_t key : candidates) ++histogram[key_digit(key, pass)];
-      choice = choose_bucket(histogram.data(), choice.remaining);
-      prefix = with_digit(prefix, pass, choice.digit);
+      for (const key_t key : candidates) ++histogram[Digits::digit(key, pass)];
+      choice = choose_bucket(histogram.data(), kDigitBuckets, choice.remaining);
+      prefix = Digits::with_digit(prefix, pass, choice.digit);
       const auto outside = std::remove_if(candidates.begin(), candidates.end(),
-                                          [&](key_t key) { return !key_matches_prefix(key, prefix, pass + 1); });
+                                          [&](key_t key) { return !Digits::matches_prefix(key, prefix, pass + 1); });
       candidates.erase(outside, candidates.end());
     }
   }
@@ -137,16 +140,14 @@ void select_threshold(const std::vector<at::Tensor>& inputs, int64_t k, at::Tens
   });
   int64_t ties_before = 0;
   write_rows(value, [&](size_t i) {
-    const int64_t kept_here = std::clamp<int64_t>(remaining - ties_before, 0, ties_in[i]);
+    const int64_t kept_here = ties_kept_in(remaining, ties_before, ties_in[i]);
     ties_before += ties_in[i];
-    if (kept_here == ties_in[i]) return segments.numel(i);
-    if (kept_here == 0) return int64_t(0);
-    int64_t seen = 0, j = 0;
-    for (const in_t* data = segments.data[i];; ++j) {
-      seen += static_cast<score_t>(data[j]) == tie_value;
-      if (seen == kept_here) break;
+    int64_t last_kept = -1;  // flat index of the kept_here-th tie, needed only for a partial cut
+    if (kept_here > 0 && kept_here < ties_in[i]) {
+      const in_t* data = segments.data[i];
+      for (int64_t seen = 0; seen < kept_here;) seen += static_cast<score_t>(data[++last_kept]) == tie_value;
     }
-    return j + 1;
+    return canonical_cut(kept_here, ties_in[i], segments.numel(i), last_kept);
   });
 }
 
