@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .report import table
+from .report import median_seconds, table
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -45,7 +45,7 @@ def plot(results: dict, path: Path) -> bool:
         for bench in benches:
             if ours is not None and bench is not ours:
                 labels.append(f"{group}\nvs {bench['params'].get('method')}")
-                values.append(bench["stats"]["median"] / ours["stats"]["median"])
+                values.append(median_seconds(bench) / median_seconds(ours))
     figure, axes = pyplot.subplots(figsize=(8, 0.35 * len(values) + 1))
     axes.barh(range(len(values)), values)
     axes.set_yticks(range(len(values)), labels, fontsize=6)
