@@ -21,7 +21,8 @@ from . import data, models, nn as masked_nn
 from .info import build_info, format_info
 from .solvers import BiP, METHODS, prune as prune_with
 from .solvers.bip import steps_per_epoch
-from .solvers.training import evaluate, recalibrate_batchnorm, save_atomically, train_weights
+from .solvers.training import (check_settings, evaluate, recalibrate_batchnorm, remove_temporaries, save_atomically,
+                                train_weights, write_text_atomically)
 
 
 class StopRequest:
@@ -74,34 +75,50 @@ def _bip_options(args) -> dict:
 
 
 def prune(args) -> dict:
-    """The main job: BiP to --sparsity, resumable; prints the per-layer table and writes the results."""
+    """The main job: BiP to --sparsity, resumable; prints the per-layer table and writes the results.
+
+    OUT/resume.pt, written atomically, holds the arguments from the start, then the BiP state: once
+    pretraining is done, every --save-every BiP steps, at the end of every epoch and on SIGINT / SIGTERM.
+    It is deleted once pruned.pt and results.json are written. ``--resume`` continues bit-exactly from the
+    last BiP state saved or, if none was saved yet, from the start with the saved arguments (pretraining is
+    seeded, so it comes out the same). A run killed outright (SIGKILL, power loss) thus loses at most the
+    work since the last save, and the temporary files its last write left are deleted on resume.
+    """
     out = Path(args.out)
     resume_path = out / "resume.pt"
+    state = {}
     if args.resume:
         if not resume_path.exists():
             sys.exit(f"bipkernels prune: --resume but there is no {resume_path}")
         state = torch.load(resume_path, map_location="cpu", weights_only=False)
         args = argparse.Namespace(**{**vars(args), **state["args"], "resume": True})
+    for leftover in remove_temporaries(out):
+        print(f"removed {leftover}, the part of a write that a killed run left", file=sys.stderr)
+    saved_args = {key: value for key, value in vars(args).items() if key not in ("resume", "command")}
+    if not state:
+        save_atomically({"args": saved_args}, resume_path)
     splits = data.load(args.data)
-    if args.resume:
+    if "solver" in state:
         model, dense_accuracy = _model(args, splits), state["dense_accuracy"]
     else:
+        if args.resume:
+            print("resuming from the start: the run was stopped before BiP began", file=sys.stderr)
         model, _ = _pretrained(args, splits, out)
         dense_accuracy = evaluate(model, splits["test"])
     per_epoch = steps_per_epoch(len(splits["train"]), args.batch_size, args.mode)
     solver = BiP(model, args.sparsity, args.structure, args.scope, total_steps=max(args.epochs * per_epoch, 1),
                  **_bip_options(args))
-    start = (0, 0)
-    if args.resume:
-        solver.load_state_dict(state["solver"])
-        start = state["position"]
-        print(f"resuming at epoch {start[0] + 1}, step {start[1]}", file=sys.stderr)
-    saved_args = {key: value for key, value in vars(args).items() if key not in ("resume", "command")}
 
     def checkpoint(position):
         save_atomically({"solver": solver.state_dict(), "position": position, "args": saved_args,
                          "dense_accuracy": dense_accuracy}, resume_path)
 
+    start = tuple(state.get("position", (0, 0)))
+    if "solver" in state:
+        solver.load_state_dict(state["solver"])
+        print(f"resuming at epoch {start[0] + 1}, step {start[1]}", file=sys.stderr)
+    else:
+        checkpoint(start)  # from here on a resumed run skips pretraining
     with StopRequest() as stop:
         def on_step(epoch, step):
             if stop.signal is not None:
@@ -109,6 +126,8 @@ def prune(args) -> dict:
                 return True
             if step == per_epoch:
                 checkpoint((epoch + 1, 0))
+            elif args.save_every and solver.iteration % args.save_every == 0:
+                checkpoint((epoch, step))
             return False
 
         reached = solver.fit(splits["train"], args.epochs, args.batch_size, args.seed, start=start, on_step=on_step)
@@ -130,7 +149,7 @@ def prune(args) -> dict:
                    for name, layer in masked_nn.masked_layers(model)},
     }
     save_atomically({"model": model.state_dict(), "result": result}, out / "pruned.pt")
-    (out / "results.json").write_text(json.dumps(result, indent=2))
+    write_text_atomically(json.dumps(result, indent=2), out / "results.json")
     resume_path.unlink(missing_ok=True)
     print(f"\n{'layer':<24} {'shape':<18} {'sparsity':>8}")
     for name, layer in result["layers"].items():
@@ -156,8 +175,8 @@ def compare(args) -> list[dict]:
                                    epochs=args.epochs, finetune_epochs=args.finetune_epochs, seed=args.seed,
                                    rewind_state=rewind, **options)
             results.append(result)
-            (out / "compare.json").write_text(json.dumps({"dense_test_accuracy": dense_accuracy, "results": results},
-                                                         indent=2))
+            write_text_atomically(json.dumps({"dense_test_accuracy": dense_accuracy, "results": results}, indent=2),
+                                  out / "compare.json")
     header = f"{'method':<8}" + "".join(f"{f'{s:.0%} acc':>10}{'time':>7}" for s in args.sparsities)
     print(f"\ntest accuracy and wall time (s) on {args.data}; dense {dense_accuracy:.4f}\n{header}")
     for method in args.methods:
@@ -191,21 +210,60 @@ def _plot(results, args, out: Path) -> None:
     print(f"wrote {out / 'accuracy.png'}, {out / 'time.png'} and {out / 'compare.json'}")
 
 
+def _setting(name: str, parse=float):
+    """An argparse type: the text read by ``parse`` (int or float), then held to the rule of the solvers'
+    setting ``name`` (solvers.training.SETTINGS), so that a bad value stops the command before any work,
+    with a message that names the option and the value."""
+    def convert(text: str):
+        value = parse(text)  # a ValueError here: argparse says "invalid float value: 'text'"
+        try:
+            check_settings("", **{name: value})
+        except (ValueError, TypeError) as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        return value
+
+    convert.__name__ = parse.__name__
+    return convert
+
+
+def _checked(check):
+    """An argparse type that passes the text through ``check`` (which raises ValueError for a bad one)."""
+    def convert(text: str) -> str:
+        try:
+            check(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        return text
+
+    convert.__name__ = check.__name__
+    return convert
+
+
+def _existing_file(path: str) -> None:
+    if not Path(path).is_file():
+        raise ValueError(f"checkpoint: no file {path!r}")
+
+
 def _add_common(parser, out: str) -> None:
-    parser.add_argument("--data", default="digits", help="digits (built in), cifar10:FOLDER or folder:FOLDER")
-    parser.add_argument("--model", default="small-resnet", help="small-resnet, resnet20 or a torchvision model name")
-    parser.add_argument("--structure", default="unstructured", help="unstructured, filter, channel, 2:4, tile4x4")
+    parser.add_argument("--data", type=_checked(data.parse_spec), default="digits",
+                        help="digits (built in), cifar10:FOLDER or folder:FOLDER")
+    parser.add_argument("--model", type=_checked(models.check_name), default="small-resnet",
+                        help="small-resnet, resnet20 or a torchvision model name")
+    parser.add_argument("--structure", type=_setting("structure", str), default="unstructured",
+                        help="unstructured, filter, channel, 2:4, tile4x4")
     parser.add_argument("--scope", default="global", choices=["global", "layer"])
     parser.add_argument("--mode", default="fused", choices=["fused", "faithful"], help="BiP mode")
     parser.add_argument("--implicit", default="paper", choices=["paper", "released"], help="BiP implicit term")
-    parser.add_argument("--inv-gamma", type=float, default=1e-4, help="1/γ, the implicit term's scale")
-    parser.add_argument("--lr", type=float, default=0.01, help="BiP lower-level (weight) learning rate")
-    parser.add_argument("--score-lr", type=float, default=0.05, help="BiP upper-level (score) learning rate")
-    parser.add_argument("--epochs", type=int, default=20, help="BiP epochs (HYDRA: score epochs)")
-    parser.add_argument("--pretrain-epochs", type=int, default=15)
-    parser.add_argument("--checkpoint", help="a dense.pt written by an earlier run: skip pretraining")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--inv-gamma", type=_setting("inv_gamma"), default=1e-4, help="1/γ, the implicit term's scale")
+    parser.add_argument("--lr", type=_setting("lr"), default=0.01, help="BiP lower-level (weight) learning rate")
+    parser.add_argument("--score-lr", type=_setting("score_lr"), default=0.05,
+                        help="BiP upper-level (score) learning rate")
+    parser.add_argument("--epochs", type=_setting("epochs", int), default=20, help="BiP epochs (HYDRA: score epochs)")
+    parser.add_argument("--pretrain-epochs", type=_setting("pretrain_epochs", int), default=15)
+    parser.add_argument("--checkpoint", type=_checked(_existing_file),
+                        help="a dense.pt written by an earlier run: skip pretraining")
+    parser.add_argument("--batch-size", type=_setting("batch_size", int), default=64)
+    parser.add_argument("--seed", type=_setting("seed", int), default=0)
     parser.add_argument("--out", default=out, help="output folder")
 
 
@@ -216,13 +274,17 @@ def main(argv=None) -> int:
     commands.add_parser("info", help="print the build facts")
     run = commands.add_parser("prune", help="BiP on the built-in digits data (the main job)")
     _add_common(run, "runs/prune")
-    run.add_argument("--sparsity", type=float, default=0.9, help="pruned fraction (default 0.9)")
+    run.add_argument("--sparsity", type=_setting("sparsity"), default=0.9, help="pruned fraction (default 0.9)")
+    run.add_argument("--save-every", type=_setting("save_every", int), default=0, metavar="STEPS",
+                     help="also save OUT/resume.pt every STEPS BiP steps (default 0: at the end of each epoch only); "
+                          "a run killed outright loses at most the work since the last save")
     run.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT/resume.pt")
     versus = commands.add_parser("compare", help="BiP against IMP, OMP, HYDRA and random pruning")
     _add_common(versus, "runs/compare")
-    versus.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.8, 0.9, 0.95, 0.98])
+    versus.add_argument("--sparsities", type=_setting("sparsity"), nargs="+", default=[0.5, 0.8, 0.9, 0.95, 0.98])
     versus.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    versus.add_argument("--finetune-epochs", type=int, default=10, help="fine-tuning epochs (IMP: per round)")
+    versus.add_argument("--finetune-epochs", type=_setting("finetune_epochs", int), default=10,
+                        help="fine-tuning epochs (IMP: per round)")
     args = parser.parse_args(argv)
     if args.command == "info":
         print(format_info(build_info()))

@@ -79,16 +79,23 @@ def image_folder(folder: str, size: int = 32) -> dict:
     return splits
 
 
+def parse_spec(spec: str) -> tuple[str, str]:
+    """(kind, folder) of a data spec: ``digits`` (folder ""), ``cifar10:FOLDER`` or ``folder:FOLDER``;
+    TypeError / ValueError naming the spec otherwise. Reads nothing."""
+    if not isinstance(spec, str):
+        raise TypeError(f"data: spec must be a str, got {type(spec).__name__} {spec!r}")
+    kind, _, path = spec.partition(":")
+    if (kind == "digits" and not path) or (kind in ("cifar10", "folder") and path):
+        return kind, path
+    raise ValueError(f"data: bad spec {spec!r}: expected 'digits', 'cifar10:FOLDER' or 'folder:FOLDER'")
+
+
 def load(spec: str = "digits") -> dict:
     """A data set by name: ``digits``, ``cifar10:FOLDER`` or ``folder:FOLDER`` (ImageFolder layout)."""
-    kind, _, path = spec.partition(":")
-    if kind == "digits" and not path:
+    kind, path = parse_spec(spec)
+    if kind == "digits":
         return digits()
-    if kind == "cifar10" and path:
-        return cifar10(path)
-    if kind == "folder" and path:
-        return image_folder(path)
-    raise ValueError(f"data: expected 'digits', 'cifar10:FOLDER' or 'folder:FOLDER', got {spec!r}")
+    return cifar10(path) if kind == "cifar10" else image_folder(path)
 
 
 def describe(splits: dict) -> tuple[int, int]:

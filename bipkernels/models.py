@@ -5,6 +5,8 @@ from __future__ import annotations
 from torch import nn
 from torch.nn import functional as F
 
+from .ops import check_int
+
 
 class BasicBlock(nn.Module):
     """Two 3×3 convolutions with batch norm and an identity (or 1×1 projection) shortcut."""
@@ -59,18 +61,34 @@ class CifarResNet(nn.Module):
         return self.head(F.adaptive_avg_pool2d(self.stages(self.stem(x)), 1).flatten(1))
 
 
+BUILT_IN = ("small-resnet", "resnet20")
+
+
+def check_name(name: str) -> str:
+    """``name`` if build() knows it (BUILT_IN or a torchvision classification model), else TypeError /
+    ValueError naming it. Imports torchvision only for a name that is not built in."""
+    if not isinstance(name, str):
+        raise TypeError(f"model: name must be a str, got {type(name).__name__} {name!r}")
+    if name not in BUILT_IN:
+        import torchvision
+
+        if name not in torchvision.models.list_models(module=torchvision.models):
+            raise ValueError(f"model: name {name!r} is neither small-resnet, resnet20 nor a torchvision "
+                             "classification model")
+    return name
+
+
 def build(name: str, num_classes: int, in_channels: int) -> nn.Module:
     """``small-resnet``, ``resnet20`` or any torchvision classification model by name (e.g. resnet18)."""
+    check_name(name)
+    check_int("model", "num_classes", num_classes, 1)
+    check_int("model", "in_channels", in_channels, 1)
     if name == "small-resnet":
         return SmallResNet(num_classes, in_channels=in_channels)
     if name == "resnet20":
         return CifarResNet(3, num_classes, in_channels)
+    if in_channels != 3:
+        raise ValueError(f"model: torchvision's {name} takes 3-channel images, got in_channels={in_channels}")
     import torchvision
 
-    try:
-        model = torchvision.models.get_model(name, num_classes=num_classes)
-    except ValueError as error:
-        raise ValueError(f"model: {name!r} is neither small-resnet, resnet20 nor a torchvision model ({error})") from None
-    if in_channels != 3:
-        raise ValueError(f"model: torchvision's {name} takes 3-channel images, the data have {in_channels}")
-    return model
+    return torchvision.models.get_model(name, num_classes=num_classes)

@@ -42,8 +42,11 @@ class Structure:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"structure: unknown kind {self.kind!r}; expected one of {KINDS}")
-        if self.p not in (1, 2):
+        if isinstance(self.p, bool) or not isinstance(self.p, int) or self.p not in (1, 2):
             raise ValueError(f"structure: p must be 1 or 2, got {self.p!r}")
+        for name, value in (("a", self.a), ("b", self.b)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"structure: {name} must be an int, got {value!r}")
         if self.kind == "nm" and not (self.b >= 1 and 0 <= self.a <= self.b):
             raise ValueError(f"structure: N:M needs 0 <= N <= M and M >= 1, got {self.a}:{self.b}")
         if self.kind == "tile" and not (self.a >= 1 and self.b >= 1):
@@ -121,7 +124,7 @@ def parse_structure(structure: str | Structure = "unstructured", p: int | None =
                 f"structure: cannot read {structure!r}; expected 'unstructured', 'filter', 'channel', "
                 "'N:M' (e.g. '2:4') or 'tileHxW' (e.g. 'tile4x4')")
     else:
-        raise TypeError(f"structure: expected a str or Structure, got {type(structure).__name__}")
-    if p is not None and p != parsed.p:
+        raise TypeError(f"structure: expected a str or Structure, got {type(structure).__name__} {structure!r}")
+    if p is not None:  # rebuilt even when equal, so that p itself is checked (True == 1)
         parsed = Structure(parsed.kind, parsed.a, parsed.b, p)
     return parsed

@@ -72,3 +72,13 @@ def score_lists(sizes, dtype=torch.float64):
 
 def force_backend(monkeypatch, backend: str) -> None:
     monkeypatch.setenv("BIPKERNELS_BACKEND", backend)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``large`` (past 2^31 elements, many GB of memory) run only with BIPKERNELS_LARGE_TESTS=1."""
+    if os.environ.get("BIPKERNELS_LARGE_TESTS") == "1":
+        return
+    skip = pytest.mark.skip(reason="large: set BIPKERNELS_LARGE_TESTS=1 to run it")
+    for item in items:
+        if item.get_closest_marker("large") is not None:
+            item.add_marker(skip)

@@ -22,16 +22,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import distributed
 from .. import nn as masked_nn
-from ..reference import IMPLICIT_FORMS
-from .training import SCHEDULES, Progress, epoch_batches, fetch, model_device, scheduler
-
-MODES = ("fused", "faithful")
+from .training import MODES, Progress, check_settings, epoch_batches, fetch, model_device, scheduler
 
 
 def steps_per_epoch(dataset_size: int, batch_size: int, mode: str = "fused", lower_steps: int = 1) -> int:
     """Iterations in one epoch of BiP.fit: the epoch's batches (the last may be short) in groups of one
     (fused) or lower_steps + 1 (faithful), a trailing remainder skipped. Use it for ``total_steps``."""
+    check_settings("steps_per_epoch", batch_size=batch_size, mode=mode, lower_steps=lower_steps)
     batches = -(-dataset_size // batch_size)
     return batches // (1 if mode == "fused" else lower_steps + 1)
 
@@ -43,33 +42,32 @@ class BiP:
     a closure zeroes nothing, runs forward and backward, and returns the loss. ``fit`` runs whole epochs.
     ``state_dict`` holds everything a resumed run needs (model, both optimisers and schedules, iteration,
     RNG state).
+
+    ``group`` (a torch.distributed process group, e.g. torch.distributed.group.WORLD): ``model`` is this
+    rank's shard of the masked layers and the projection keeps the top blocks of all ranks together
+    (bipkernels.distributed.project; every rank steps together). Under DistributedDataParallel leave it
+    None: every rank holds every layer and the same scores, so the local projection is already global.
     """
 
     def __init__(self, model: nn.Module, sparsity: float, structure="unstructured", scope: str = "global", *,
                  mode: str = "fused", lr: float = 0.01, score_lr: float = 0.05, momentum: float = 0.9,
                  score_momentum: float = 0.9, weight_decay: float = 1e-4, inv_gamma: float = 1e-4,
                  implicit: str = "paper", lower_steps: int = 1, schedule: str = "cosine",
-                 score_schedule: str = "cosine", total_steps: int = 1000):
-        if mode not in MODES:
-            raise ValueError(f"BiP: mode must be one of {MODES}, got {mode!r}")
-        if implicit not in IMPLICIT_FORMS:
-            raise ValueError(f"BiP: implicit must be one of {IMPLICIT_FORMS}, got {implicit!r}")
-        for name, value in (("lr", lr), ("score_lr", score_lr), ("inv_gamma", inv_gamma),
-                            ("weight_decay", weight_decay), ("momentum", momentum), ("score_momentum", score_momentum)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
-                raise ValueError(f"BiP: {name} must be a number >= 0, got {value!r}")
-        for name, value in (("lower_steps", lower_steps), ("total_steps", total_steps)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"BiP: {name} must be an int >= 1, got {value!r}")
-        for name, value in (("schedule", schedule), ("score_schedule", score_schedule)):
-            if value not in SCHEDULES:
-                raise ValueError(f"BiP: {name} must be one of {SCHEDULES}, got {value!r}")
+                 score_schedule: str = "cosine", total_steps: int = 1000, group=None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"BiP: model must be a torch.nn.Module, got {type(model).__name__} {model!r}")
+        check_settings("BiP", sparsity=sparsity, structure=structure, scope=scope, mode=mode, lr=lr,
+                       score_lr=score_lr, momentum=momentum, score_momentum=score_momentum,
+                       weight_decay=weight_decay, inv_gamma=inv_gamma, implicit=implicit, lower_steps=lower_steps,
+                       schedule=schedule, score_schedule=score_schedule, total_steps=total_steps)
         self.model, self.sparsity, self.scope = model, sparsity, scope
         self.mode, self.lower_steps = mode, lower_steps
-        if masked_nn.masked_layers(model):
-            masked_nn.project(model, sparsity, scope)
-        else:
+        self.group = group
+        converted = not masked_nn.masked_layers(model)
+        if converted:
             masked_nn.convert(model, sparsity, structure, scope)
+        if not converted or self.group is not None:  # convert projected this rank's layers alone
+            self._project()
         layers = [layer for _, layer in masked_nn.masked_layers(model)]
         for layer in layers:
             layer.inv_gamma, layer.implicit = float(inv_gamma), implicit
@@ -82,6 +80,12 @@ class BiP:
         self.score_schedule = scheduler(self.score_optimizer, score_schedule, total_steps)
         self.iteration = 0
         self.passes = 0  # forward+backward passes spent
+
+    def _project(self) -> None:
+        if self.group is None:
+            masked_nn.project(self.model, self.sparsity, self.scope)
+        else:
+            distributed.project(self.model, self.sparsity, self.scope, self.group)
 
     def zero_grad(self) -> None:
         self.weight_optimizer.zero_grad(set_to_none=True)
@@ -96,6 +100,9 @@ class BiP:
 
     def step(self, closure, upper_closure=None) -> torch.Tensor:
         """One BiP iteration; returns the (upper-level) loss."""
+        for name, value in (("closure", closure), ("upper_closure", upper_closure)):
+            if value is not None and not callable(value):
+                raise TypeError(f"BiP.step: {name} must be callable, got {type(value).__name__} {value!r}")
         if self.mode == "fused":
             if upper_closure is not None:
                 raise ValueError("BiP.step: fused mode takes one closure (both levels from one backward)")
@@ -110,7 +117,7 @@ class BiP:
                 self.weight_optimizer.step()
             loss = self._backward(upper_closure)
             self.score_optimizer.step()
-        masked_nn.project(self.model, self.sparsity, self.scope)
+        self._project()
         self.weight_schedule.step()
         self.score_schedule.step()
         self.iteration += 1
@@ -130,6 +137,10 @@ class BiP:
         remainder is skipped). ``on_step(epoch, step)`` is called after every step (checkpoints, a stop
         request: return True to stop there). Returns the (epoch, step) reached.
         """
+        check_settings("BiP.fit", epochs=epochs, batch_size=batch_size, seed=seed)
+        if not (isinstance(start, (tuple, list)) and len(start) == 2
+                and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in start)):
+            raise ValueError(f"BiP.fit: start must be (epoch, step), two ints >= 0, got {start!r}")
         device = model_device(self.model)
         progress = Progress(epochs, label)
         per_step = self.batches_per_step()

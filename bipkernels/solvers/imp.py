@@ -14,11 +14,13 @@ import torch
 from torch import nn
 
 from .. import nn as masked_nn
-from .training import train_weights
+from .training import check_settings, train_weights
 
 
 def imp_rounds(sparsity: float, rate: float = 0.2) -> list[float]:
-    """The sparsity after each round: 1 − (1 − rate)^r, capped at the target (e.g. 11 rounds for 90%)."""
+    """The sparsity after each round: 1 − (1 − rate)^r, capped at the target (e.g. 11 rounds for 90%).
+    No rounds for sparsity 0; one for sparsity 1."""
+    check_settings("imp_rounds", sparsity=sparsity, rate=rate)
     if sparsity <= 0:
         return []
     rounds = max(1, math.ceil(math.log(1.0 - sparsity) / math.log(1.0 - rate) - 1e-9)) if sparsity < 1 else 1
@@ -32,6 +34,8 @@ def imp(model: nn.Module, dataset, sparsity: float, structure="unstructured", sc
 
     ``rewind_state``: a dense state_dict to rewind to (default: the weights ``model`` starts with).
     """
+    check_settings("imp", sparsity=sparsity, structure=structure, scope=scope, epochs_per_round=epochs_per_round,
+                   lr=lr, rate=rate, batch_size=batch_size, seed=seed)
     rewind_state = {k: v.clone() for k, v in (rewind_state or model.state_dict()).items()}
     masked_nn.convert(model, 0.0, structure, scope)
     passes = 0

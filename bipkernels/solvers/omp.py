@@ -7,12 +7,14 @@ import torch
 from torch import nn
 
 from .. import nn as masked_nn
-from .training import train_weights
+from .training import check_settings, train_weights
 
 
 def omp(model: nn.Module, dataset, sparsity: float, structure="unstructured", scope: str = "global",
         finetune_epochs: int = 10, lr: float = 0.02, batch_size: int = 64, seed: int = 0) -> int:
     """Prune ``model`` once by |θ| (global top-k of block magnitudes), then fine-tune; returns passes."""
+    check_settings("omp", sparsity=sparsity, structure=structure, scope=scope, finetune_epochs=finetune_epochs, lr=lr,
+                   batch_size=batch_size, seed=seed)
     masked_nn.convert(model, sparsity, structure, scope)
     return train_weights(model, dataset, finetune_epochs, lr, batch_size, seed, label="omp finetune")
 
@@ -21,6 +23,8 @@ def omp(model: nn.Module, dataset, sparsity: float, structure="unstructured", sc
 def random_prune(model: nn.Module, dataset, sparsity: float, structure="unstructured", scope: str = "global",
                  finetune_epochs: int = 10, lr: float = 0.02, batch_size: int = 64, seed: int = 0) -> int:
     """The floor: a uniformly random mask with exactly k kept blocks, then fine-tuning; returns passes."""
+    check_settings("random_prune", sparsity=sparsity, structure=structure, scope=scope,
+                   finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size, seed=seed)
     masked_nn.convert(model, 0.0, structure, scope)
     generator = torch.Generator().manual_seed(seed)
     for _, layer in masked_nn.masked_layers(model):

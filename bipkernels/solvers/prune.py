@@ -7,12 +7,11 @@ import time
 from torch import nn
 
 from .. import nn as masked_nn
-from ..ops import check_sparsity
 from .bip import BiP, steps_per_epoch
 from .hydra import hydra
 from .imp import imp, imp_rounds
 from .omp import omp, random_prune
-from .training import evaluate, recalibrate_batchnorm
+from .training import check_settings, evaluate, recalibrate_batchnorm
 
 METHODS = ("bip", "omp", "imp", "hydra", "random")
 
@@ -30,9 +29,12 @@ def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0
     result: method, target and reached global sparsity, per-layer sparsity, validation and test accuracy
     (when the data are given), wall time, training epochs and forward/backward passes spent.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"prune: model must be a torch.nn.Module, got {type(model).__name__} {model!r}")
     if method not in METHODS:
         raise ValueError(f"prune: method must be one of {METHODS}, got {method!r}")
-    check_sparsity(sparsity)
+    check_settings("prune", sparsity=sparsity, structure=structure, scope=scope, epochs=epochs,
+                   finetune_epochs=finetune_epochs, batch_size=batch_size, seed=seed)
     started = time.perf_counter()
     common = dict(structure=structure, scope=scope, batch_size=batch_size, seed=seed)
     if method == "bip":

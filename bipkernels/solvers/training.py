@@ -1,5 +1,5 @@
-"""Training pieces shared by the solvers: schedules, deterministic batches, evaluation, batch-norm
-recalibration, atomic checkpoints and a progress line."""
+"""Training pieces shared by the solvers: the checks of their settings, schedules, deterministic batches,
+evaluation, batch-norm recalibration, atomic checkpoints and a progress line."""
 
 from __future__ import annotations
 
@@ -14,14 +14,67 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..nn import SCOPES
+from ..ops import check_int, check_number, check_sparsity
+from ..reference import IMPLICIT_FORMS
+from ..structures import parse_structure
+
 SCHEDULES = ("constant", "step", "cosine")
+MODES = ("fused", "faithful")
+
+
+def _choice(choices):
+    def check(owner, name, value):
+        if value not in choices:
+            raise ValueError(f"{owner + ': ' if owner else ''}{name} must be one of {choices}, got {value!r}")
+    return check
+
+
+def _structure(owner, name, value):
+    try:
+        parse_structure(value)
+    except (ValueError, TypeError) as error:  # its message begins "structure: "
+        raise type(error)(f"{owner + ': ' if owner else ''}{error}") from None
+
+
+def _int(minimum, maximum=None):
+    return lambda owner, name, value: check_int(owner, name, value, minimum, maximum)
+
+
+def _number(minimum=0.0, maximum=math.inf, open_low=False, open_high=False):
+    return lambda owner, name, value: check_number(owner, name, value, minimum, maximum, open_low, open_high)
+
+
+# Every setting a solver, prune or the command line takes, by name: one rule each, so that an argument
+# means the same everywhere. Epoch counts may be 0 (nothing to do); a seed fits torch.Generator.
+SETTINGS = {
+    **dict.fromkeys(("epochs", "finetune_epochs", "score_epochs", "epochs_per_round", "pretrain_epochs",
+                     "save_every"), _int(0)),
+    **dict.fromkeys(("batch_size", "lower_steps", "total_steps"), _int(1)),
+    "seed": _int(0, 2**32 - 1),
+    **dict.fromkeys(("lr", "score_lr", "weight_decay", "inv_gamma"), _number()),
+    **dict.fromkeys(("momentum", "score_momentum"), _number(0.0, 1.0, open_high=True)),
+    "rate": _number(0.0, 1.0, open_low=True, open_high=True),
+    "sparsity": lambda owner, name, value: check_sparsity(value, owner),
+    "structure": _structure,
+    "scope": _choice(SCOPES),
+    "mode": _choice(MODES),
+    "implicit": _choice(IMPLICIT_FORMS),
+    **dict.fromkeys(("schedule", "score_schedule"), _choice(SCHEDULES)),
+}
+
+
+def check_settings(owner: str, **settings) -> None:
+    """ValueError (TypeError for a structure of the wrong type) naming ``owner``, the setting and its value
+    for the first of ``settings`` that breaks its rule in SETTINGS."""
+    for name, value in settings.items():
+        SETTINGS[name](owner, name, value)
 
 
 def schedule_factor(schedule: str, step: int, total: int) -> float:
     """Learning-rate factor at ``step`` of ``total``: constant 1; step ×0.1 at 50% and ×0.01 at 75%; cosine
     from 1 to 0."""
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    check_settings("schedule_factor", schedule=schedule)
     progress = min(step / max(total, 1), 1.0)
     if schedule == "step":
         return 1.0 if progress < 0.5 else 0.1 if progress < 0.75 else 0.01
@@ -113,20 +166,50 @@ class Progress:
         self.stream.flush()
 
 
-def save_atomically(obj, path: str | Path) -> None:
-    """torch.save to a temporary file beside ``path``, then rename: never a half-written file."""
+_PARTIAL = ".partial-"  # temporary files are NAME.partial-RANDOM.tmp beside NAME
+
+
+def _write_atomically(path: str | Path, write) -> None:
+    """``write(file)`` to a temporary file beside ``path``, flushed to disk, then renamed over ``path``:
+    ``path`` is always either the old file or the whole new one, even if the process is killed. A kill
+    (SIGKILL) mid-write can leave the temporary file behind; remove_temporaries clears it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + _PARTIAL, suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as file:
-            torch.save(obj, file)
+            write(file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+    if hasattr(os, "O_DIRECTORY"):  # the rename itself survives a crash of the machine, not only of the process
+        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+def save_atomically(obj, path: str | Path) -> None:
+    """torch.save ``obj`` to ``path`` atomically: never a half-written file (see _write_atomically)."""
+    _write_atomically(path, lambda file: torch.save(obj, file))
+
+
+def write_text_atomically(text: str, path: str | Path) -> None:
+    """``text`` (UTF-8) to ``path`` atomically."""
+    _write_atomically(path, lambda file: file.write(text.encode()))
+
+
+def remove_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that atomic writes into ``folder`` left when their process was killed;
+    returns them. Call it only while no other process writes there."""
+    leftovers = sorted(Path(folder).glob(f"*{_PARTIAL}*.tmp"))
+    for leftover in leftovers:
+        leftover.unlink(missing_ok=True)
+    return leftovers
 
 
 def train_weights(model: nn.Module, dataset: Dataset, epochs: int, lr: float = 0.05, batch_size: int = 64,
@@ -136,6 +219,8 @@ def train_weights(model: nn.Module, dataset: Dataset, epochs: int, lr: float = 0
 
     ``after_epoch(epoch)`` runs after each epoch (e.g. to save a rewind point).
     """
+    check_settings("train_weights", epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                   weight_decay=weight_decay, schedule=schedule)
     weights = [p for name, p in model.named_parameters() if not name.endswith("scores")]
     optimizer = torch.optim.SGD(weights, lr=lr, momentum=0.9, weight_decay=weight_decay)
     steps_per_epoch = -(-len(dataset) // batch_size)

@@ -1,0 +1,284 @@
+"""Bad-input contracts: every public function rejects each bad argument with ValueError or TypeError whose
+message names the argument and the bad value, before it changes anything; the edge values that are
+valid stay accepted."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import bipkernels
+from bipkernels import data, models, ops
+from bipkernels.cli import main
+from bipkernels.solvers.bip import steps_per_epoch
+from bipkernels.solvers.hydra import hydra
+from bipkernels.solvers.imp import imp, imp_rounds
+from bipkernels.solvers.omp import omp, random_prune
+from bipkernels.structures import Structure, parse_structure
+
+F64 = torch.float64
+
+
+def _model():
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 3))
+
+
+def _data(n=12):
+    return TensorDataset(torch.randn(n, 2, 5, 5), torch.randint(0, 3, (n,)))
+
+
+def _threshold(*shape):
+    return torch.zeros(shape or (2,), dtype=F64)
+
+
+def _fit(**kwargs):
+    solver = bipkernels.BiP(_model(), 0.5)
+    solver.fit(_data(), **{"epochs": 1, "batch_size": 4, **kwargs})
+
+
+def _hypergrad(**kwargs):
+    w = torch.rand(2, 3)
+    args = {"grad": torch.rand(2, 3), "weight": w, "scores": torch.rand(2, 3), "threshold": _threshold(), **kwargs}
+    return ops.hypergrad(**args)
+
+
+# (call, exception type, argument name, bad value as the message shows it); one case per bad input.
+CASES = {
+    # ops
+    "block_scores int scores": (lambda: ops.block_scores(torch.randint(0, 5, (3,), dtype=torch.int32)),
+                                TypeError, "scores", "torch.int32"),
+    "block_scores bool scores": (lambda: ops.block_scores(torch.rand(3) > 0.5), TypeError, "scores", "torch.bool"),
+    "block_scores complex scores": (lambda: ops.block_scores(torch.rand(3, dtype=torch.complex64)), TypeError,
+                                    "scores", "torch.complex64"),
+    "block_scores not a tensor": (lambda: ops.block_scores([0.5, 1.0]), TypeError, "scores", "list"),
+    "block_scores N:M needs in % M == 0": (lambda: ops.block_scores(torch.rand(3, 6), "2:4"), ValueError, "scores",
+                                          "(3, 6)"),
+    "block_scores N > M": (lambda: ops.block_scores(torch.rand(3, 8), "5:4"), ValueError, "structure", "5:4"),
+    "block_scores M = 0": (lambda: ops.block_scores(torch.rand(3, 8), "0:0"), ValueError, "structure", "0:0"),
+    "block_scores empty tile": (lambda: ops.block_scores(torch.rand(3, 6), "tile0x2"), ValueError, "structure",
+                                "0x2"),
+    "block_scores unknown structure": (lambda: ops.block_scores(torch.rand(3), "blocks"), ValueError, "structure",
+                                       "'blocks'"),
+    "block_scores structure of a wrong type": (lambda: ops.block_scores(torch.rand(3), 7), TypeError, "structure",
+                                               "7"),
+    "block_scores p = 3": (lambda: ops.block_scores(torch.rand(3, 6), "filter", p=3), ValueError, "p", "3"),
+    "block_scores p = True": (lambda: ops.block_scores(torch.rand(3, 6), "filter", p=True), ValueError, "p", "True"),
+    "block_scores filter of a 0-dim tensor": (lambda: ops.block_scores(torch.rand(()), "filter"), ValueError,
+                                              "scores", "0-dim"),
+    "topk_threshold k < 0": (lambda: ops.topk_threshold([torch.rand(3)], -1), ValueError, "k", "-1"),
+    "topk_threshold k float": (lambda: ops.topk_threshold([torch.rand(3)], 2.5), ValueError, "k", "2.5"),
+    "topk_threshold k bool": (lambda: ops.topk_threshold([torch.rand(3)], True), ValueError, "k", "True"),
+    "topk_threshold k None": (lambda: ops.topk_threshold([torch.rand(3)], None), ValueError, "k", "None"),
+    "topk_threshold not a list": (lambda: ops.topk_threshold(5, 1), TypeError, "block_scores_list", "5"),
+    "topk_threshold int tensor": (lambda: ops.topk_threshold([torch.arange(3)], 1), TypeError, "block_scores[0]",
+                                  "torch.int64"),
+    "topk_threshold mixed dtypes": (lambda: ops.topk_threshold([torch.rand(3), torch.rand(3, dtype=F64)], 1),
+                                    ValueError, "block_scores[1]", "torch.float64"),
+    "topk_threshold mixed devices": (lambda: ops.topk_threshold([torch.rand(3), torch.rand(3, device="meta")], 1),
+                                     ValueError, "block_scores[1]", "meta"),
+    "block_mask float32 threshold": (lambda: ops.block_mask(torch.rand(3), torch.zeros(2)), ValueError, "threshold",
+                                     "torch.float32"),
+    "block_mask threshold shape": (lambda: ops.block_mask(torch.rand(3), _threshold(3)), ValueError, "threshold",
+                                   "(3,)"),
+    "block_mask threshold None": (lambda: ops.block_mask(torch.rand(3, 4), None, "filter"), ValueError, "threshold",
+                                  "NoneType"),
+    "block_mask threshold device": (lambda: ops.block_mask(torch.rand(3), _threshold().to("meta")), ValueError,
+                                    "threshold", "meta"),
+    "masked_weight int weight": (lambda: ops.masked_weight(torch.ones(3, dtype=torch.int32), torch.rand(3),
+                                                           _threshold()), TypeError, "weight", "torch.int32"),
+    "masked_weight scores shape": (lambda: ops.masked_weight(torch.rand(3), torch.rand(4), _threshold()), ValueError,
+                                   "scores", "(4,)"),
+    "masked_weight scores dtype": (lambda: ops.masked_weight(torch.rand(3), torch.rand(3, dtype=F64), _threshold()),
+                                   ValueError, "scores", "torch.float64"),
+    "masked_weight scores device": (lambda: ops.masked_weight(torch.rand(3), torch.rand(3, device="meta"),
+                                                              _threshold()), ValueError, "scores", "meta"),
+    "hypergrad grad shape": (lambda: _hypergrad(grad=torch.rand(3, 2)), ValueError, "grad", "(3, 2)"),
+    "hypergrad grad device": (lambda: _hypergrad(grad=torch.rand(2, 3, device="meta")), ValueError, "grad", "meta"),
+    "hypergrad bool grad": (lambda: _hypergrad(grad=torch.rand(2, 3) > 0.5), TypeError, "grad", "torch.bool"),
+    "hypergrad implicit": (lambda: _hypergrad(implicit="both"), ValueError, "implicit", "'both'"),
+    "hypergrad inv_gamma < 0": (lambda: _hypergrad(inv_gamma=-0.5), ValueError, "inv_gamma", "-0.5"),
+    "hypergrad inv_gamma NaN": (lambda: _hypergrad(inv_gamma=math.nan), ValueError, "inv_gamma", "nan"),
+    "hypergrad inv_gamma bool": (lambda: _hypergrad(inv_gamma=True), ValueError, "inv_gamma", "True"),
+    "topk_masks k with N:M": (lambda: ops.topk_masks([torch.rand(2, 4)], 3, "2:4"), ValueError, "k", "3"),
+    "keep_count n < 0": (lambda: ops.keep_count(-5, 0.5), ValueError, "n", "-5"),
+    "keep_count sparsity > 1": (lambda: ops.keep_count(10, 1.5), ValueError, "sparsity", "1.5"),
+    "keep_count sparsity < 0": (lambda: ops.keep_count(10, -0.1), ValueError, "sparsity", "-0.1"),
+    "keep_count sparsity NaN": (lambda: ops.keep_count(10, math.nan), ValueError, "sparsity", "nan"),
+    "keep_count sparsity str": (lambda: ops.keep_count(10, "0.5"), ValueError, "sparsity", "'0.5'"),
+    "Structure unknown kind": (lambda: Structure("diagonal"), ValueError, "kind", "'diagonal'"),
+    "Structure non-int N": (lambda: Structure("nm", 2.5, 4), ValueError, "a", "2.5"),
+    "parse_structure p = 0": (lambda: parse_structure("filter", p=0), ValueError, "p", "0"),
+    # nn
+    "MaskedLinear int dtype": (lambda: bipkernels.MaskedLinear(3, 4, dtype=torch.int32), TypeError, "dtype",
+                               "torch.int32"),
+    "MaskedConv2d bool dtype": (lambda: bipkernels.MaskedConv2d(3, 4, 3, dtype=torch.bool), TypeError, "dtype",
+                                "torch.bool"),
+    "MaskedLinear N:M does not divide": (lambda: bipkernels.MaskedLinear(6, 3, structure="2:4"), ValueError,
+                                         "structure", "2:4"),
+    "MaskedConv2d N > M": (lambda: bipkernels.MaskedConv2d(8, 4, 3, structure="3:2"), ValueError, "structure", "3:2"),
+    "MaskedConv2d empty tile": (lambda: bipkernels.MaskedConv2d(8, 4, 3, structure="tile0x1"), ValueError,
+                                "structure", "0x1"),
+    "MaskedConv2d structure None": (lambda: bipkernels.MaskedConv2d(8, 4, 3, structure=None), TypeError, "structure",
+                                    "None"),
+    "convert not a model": (lambda: bipkernels.convert("model"), TypeError, "model", "'model'"),
+    "convert sparsity > 1": (lambda: bipkernels.convert(_model(), 1.5), ValueError, "sparsity", "1.5"),
+    "convert sparsity bool": (lambda: bipkernels.convert(_model(), True), ValueError, "sparsity", "True"),
+    "convert structure does not fit a layer": (lambda: bipkernels.convert(_model(), 0.5, "2:4"), ValueError,
+                                               "structure", "2:4"),
+    "convert unknown structure": (lambda: bipkernels.convert(_model(), 0.5, "rows"), ValueError, "structure",
+                                  "'rows'"),
+    "convert scope": (lambda: bipkernels.convert(_model(), 0.5, scope="all"), ValueError, "scope", "'all'"),
+    "convert exclude unknown name": (lambda: bipkernels.convert(_model(), 0.5, exclude=["7"]), ValueError, "exclude",
+                                     "'7'"),
+    "convert exclude not names": (lambda: bipkernels.convert(_model(), 0.5, exclude=5), TypeError, "exclude", "5"),
+    "project not a model": (lambda: bipkernels.project(None, 0.5), TypeError, "model", "None"),
+    "project sparsity": (lambda: bipkernels.project(bipkernels.convert(_model()), 2.0), ValueError, "sparsity",
+                         "2.0"),
+    "project scope": (lambda: bipkernels.project(bipkernels.convert(_model()), 0.5, "x"), ValueError, "scope", "'x'"),
+    "masks not a model": (lambda: bipkernels.masks([]), TypeError, "model", "[]"),
+    "sparsity not a model": (lambda: bipkernels.sparsity("net"), TypeError, "model", "'net'"),
+    "masked_layers not a model": (lambda: bipkernels.masked_layers(3), TypeError, "model", "3"),
+    # solvers
+    "BiP not a model": (lambda: bipkernels.BiP("net", 0.5), TypeError, "model", "'net'"),
+    "BiP sparsity": (lambda: bipkernels.BiP(_model(), 1.5), ValueError, "sparsity", "1.5"),
+    "BiP structure N > M": (lambda: bipkernels.BiP(_model(), 0.5, "3:2"), ValueError, "structure", "3:2"),
+    "BiP scope": (lambda: bipkernels.BiP(_model(), 0.5, scope="nowhere"), ValueError, "scope", "'nowhere'"),
+    "BiP mode": (lambda: bipkernels.BiP(_model(), 0.5, mode="both"), ValueError, "mode", "'both'"),
+    "BiP implicit": (lambda: bipkernels.BiP(_model(), 0.5, implicit="neither"), ValueError, "implicit", "'neither'"),
+    "BiP lr < 0": (lambda: bipkernels.BiP(_model(), 0.5, lr=-1.0), ValueError, "lr", "-1.0"),
+    "BiP lr inf": (lambda: bipkernels.BiP(_model(), 0.5, lr=math.inf), ValueError, "lr", "inf"),
+    "BiP score_lr NaN": (lambda: bipkernels.BiP(_model(), 0.5, score_lr=math.nan), ValueError, "score_lr", "nan"),
+    "BiP inv_gamma < 0": (lambda: bipkernels.BiP(_model(), 0.5, inv_gamma=-1e-4), ValueError, "inv_gamma",
+                          "-0.0001"),
+    "BiP weight_decay str": (lambda: bipkernels.BiP(_model(), 0.5, weight_decay="0.1"), ValueError, "weight_decay",
+                             "'0.1'"),
+    "BiP momentum 1": (lambda: bipkernels.BiP(_model(), 0.5, momentum=1.0), ValueError, "momentum", "1.0"),
+    "BiP score_momentum < 0": (lambda: bipkernels.BiP(_model(), 0.5, score_momentum=-0.5), ValueError,
+                               "score_momentum", "-0.5"),
+    "BiP lower_steps 0": (lambda: bipkernels.BiP(_model(), 0.5, lower_steps=0), ValueError, "lower_steps", "0"),
+    "BiP lower_steps float": (lambda: bipkernels.BiP(_model(), 0.5, lower_steps=1.5), ValueError, "lower_steps",
+                              "1.5"),
+    "BiP total_steps 0": (lambda: bipkernels.BiP(_model(), 0.5, total_steps=0), ValueError, "total_steps", "0"),
+    "BiP schedule": (lambda: bipkernels.BiP(_model(), 0.5, schedule="linear"), ValueError, "schedule", "'linear'"),
+    "BiP score_schedule": (lambda: bipkernels.BiP(_model(), 0.5, score_schedule=None), ValueError, "score_schedule",
+                           "None"),
+    "BiP.fit epochs < 0": (lambda: _fit(epochs=-1), ValueError, "epochs", "-1"),
+    "BiP.fit batch_size 0": (lambda: _fit(batch_size=0), ValueError, "batch_size", "0"),
+    "BiP.fit seed < 0": (lambda: _fit(seed=-1), ValueError, "seed", "-1"),
+    "BiP.fit start": (lambda: _fit(start=(0, -1)), ValueError, "start", "(0, -1)"),
+    "BiP.step closure": (lambda: bipkernels.BiP(_model(), 0.5).step(5), TypeError, "closure", "5"),
+    "steps_per_epoch batch_size 0": (lambda: steps_per_epoch(100, 0), ValueError, "batch_size", "0"),
+    "omp finetune_epochs": (lambda: omp(_model(), _data(), 0.5, finetune_epochs=-1), ValueError, "finetune_epochs",
+                            "-1"),
+    "omp lr": (lambda: omp(_model(), _data(), 0.5, lr=-0.1), ValueError, "lr", "-0.1"),
+    "omp sparsity": (lambda: omp(_model(), _data(), 1.01), ValueError, "sparsity", "1.01"),
+    "random_prune seed": (lambda: random_prune(_model(), _data(), 0.5, seed=2**40), ValueError, "seed",
+                          str(2**40)),
+    "imp rate 0": (lambda: imp(_model(), _data(), 0.5, rate=0.0), ValueError, "rate", "0.0"),
+    "imp rate 1": (lambda: imp(_model(), _data(), 0.5, rate=1.0), ValueError, "rate", "1.0"),
+    "imp epochs_per_round": (lambda: imp(_model(), _data(), 0.5, epochs_per_round=-2), ValueError,
+                             "epochs_per_round", "-2"),
+    "imp_rounds sparsity": (lambda: imp_rounds(1.5), ValueError, "sparsity", "1.5"),
+    "hydra score_epochs": (lambda: hydra(_model(), _data(), 0.5, score_epochs=-1), ValueError, "score_epochs", "-1"),
+    "hydra score_lr": (lambda: hydra(_model(), _data(), 0.5, score_lr=math.inf), ValueError, "score_lr", "inf"),
+    "prune not a model": (lambda: bipkernels.prune(None, _data()), TypeError, "model", "None"),
+    "prune method": (lambda: bipkernels.prune(_model(), _data(), "magic"), ValueError, "method", "'magic'"),
+    "prune sparsity": (lambda: bipkernels.prune(_model(), _data(), "omp", 2), ValueError, "sparsity", "2"),
+    "prune epochs": (lambda: bipkernels.prune(_model(), _data(), epochs=-1), ValueError, "epochs", "-1"),
+    "prune batch_size": (lambda: bipkernels.prune(_model(), _data(), batch_size=0), ValueError, "batch_size", "0"),
+    "prune structure": (lambda: bipkernels.prune(_model(), _data(), structure="tile2x0"), ValueError, "structure",
+                        "2x0"),
+    # data and models
+    "data.load unknown": (lambda: data.load("mnist"), ValueError, "spec", "'mnist'"),
+    "data.load folder missing": (lambda: data.load("cifar10:"), ValueError, "spec", "'cifar10:'"),
+    "data.load not a str": (lambda: data.load(5), TypeError, "spec", "5"),
+    "models.build not a str": (lambda: models.build(5, 10, 3), TypeError, "name", "5"),
+    "models.build unknown": (lambda: models.build("no-such-net", 10, 3), ValueError, "name", "'no-such-net'"),
+    "models.build num_classes": (lambda: models.build("resnet20", 0, 3), ValueError, "num_classes", "0"),
+    "models.build in_channels": (lambda: models.build("small-resnet", 10, -1), ValueError, "in_channels", "-1"),
+    "models.build torchvision in_channels": (lambda: models.build("resnet18", 10, 1), ValueError, "in_channels", "1"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_argument_names_itself_and_its_value(seed, case):
+    call, error, name, value = CASES[case]
+    with pytest.raises(error) as raised:
+        call()
+    message = str(raised.value)
+    assert type(raised.value) is error, message
+    assert name in message and value in message, f"{message!r} should name {name} and {value}"
+
+
+# (command line, option, bad value): argparse stops with status 2 before any work.
+CLI_CASES = [
+    (["prune", "--sparsity", "1.5"], "--sparsity", "1.5"),
+    (["prune", "--sparsity", "nan"], "--sparsity", "nan"),
+    (["prune", "--lr", "-1"], "--lr", "-1"),
+    (["prune", "--lr", "abc"], "--lr", "'abc'"),
+    (["prune", "--score-lr", "inf"], "--score-lr", "inf"),
+    (["prune", "--inv-gamma", "-0.1"], "--inv-gamma", "-0.1"),
+    (["prune", "--batch-size", "0"], "--batch-size", "0"),
+    (["prune", "--epochs", "-1"], "--epochs", "-1"),
+    (["prune", "--epochs", "2.5"], "--epochs", "'2.5'"),
+    (["prune", "--pretrain-epochs", "-2"], "--pretrain-epochs", "-2"),
+    (["prune", "--seed", "-3"], "--seed", "-3"),
+    (["prune", "--save-every", "-1"], "--save-every", "-1"),
+    (["prune", "--structure", "5:4"], "--structure", "5:4"),
+    (["prune", "--structure", "blocks"], "--structure", "'blocks'"),
+    (["prune", "--data", "mnist"], "--data", "'mnist'"),
+    (["prune", "--model", "no-such-net"], "--model", "'no-such-net'"),
+    (["prune", "--checkpoint", "no-such-dense.pt"], "--checkpoint", "'no-such-dense.pt'"),
+    (["prune", "--scope", "all"], "--scope", "'all'"),
+    (["prune", "--mode", "both"], "--mode", "'both'"),
+    (["compare", "--sparsities", "0.5", "1.5"], "--sparsities", "1.5"),
+    (["compare", "--finetune-epochs", "-1"], "--finetune-epochs", "-1"),
+    (["compare", "--methods", "magic"], "--methods", "'magic'"),
+]
+
+
+@pytest.mark.parametrize("argv, option, value", CLI_CASES, ids=[" ".join(case[0]) for case in CLI_CASES])
+def test_cli_rejects_bad_options_before_any_work(tmp_path, capsys, argv, option, value):
+    with pytest.raises(SystemExit) as raised:
+        main([*argv, "--out", str(tmp_path / "out")])
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert raised.value.code == 2, message
+    assert f"argument {option}" in message and value in message, message
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_and_bip_leave_the_model_untouched_on_a_bad_argument(seed):
+    model = _model()
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    for call in (lambda: bipkernels.convert(model, 0.5, "2:4"), lambda: bipkernels.convert(model, 1.5),
+                 lambda: bipkernels.convert(model, 0.5, exclude=["0", "nope"]),
+                 lambda: bipkernels.BiP(model, 0.5, lr=-1.0), lambda: bipkernels.BiP(model, 2.0)):
+        with pytest.raises(ValueError):
+            call()
+        assert not bipkernels.masked_layers(model)
+        assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+
+
+def test_exclude_covers_the_named_module_and_everything_inside(seed):
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), nn.Linear(4, 2))
+    bipkernels.convert(model, 0.5, exclude="0")
+    assert [name for name, _ in bipkernels.masked_layers(model)] == ["1"]
+
+
+def test_valid_edge_values_are_accepted(seed):
+    scores = torch.rand(4, 6, dtype=F64)
+    assert ops.keep_count(0, 0.5) == 0 and ops.keep_count(9, 0) == 9 and ops.keep_count(9, 1) == 0
+    assert ops.topk_threshold([scores], 0).shape == (1, 2) and ops.topk_threshold((scores,), 24).shape == (1, 2)
+    assert ops.topk_threshold([], 3).shape == (0, 2)
+    grad_weight, _ = ops.hypergrad(scores, scores, scores, ops.topk_threshold(scores, 5), inv_gamma=0)
+    assert int((grad_weight != 0).sum()) == 5
+    assert parse_structure("0:4").a == 0 and parse_structure("tile9x9").a == 9
+    model = bipkernels.convert(_model(), 1.0, "tile2x2")
+    assert bipkernels.sparsity(model) == 1.0
+    bipkernels.BiP(_model(), 0.0, momentum=0.0, lr=0, inv_gamma=0, lower_steps=1, total_steps=1).fit(
+        _data(), epochs=0, batch_size=1, seed=2**32 - 1)
+    assert imp_rounds(1.0) == [1.0] and imp_rounds(0.0) == []
