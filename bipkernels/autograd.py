@@ -2,9 +2,13 @@
 
 One backward yields both levels' gradients in one pass (bipkernels.ops.hypergrad):
 weight.grad = m ⊙ g and scores.grad = θ ⊙ g − inv_gamma · I (straight-through for the scores).
+``masked_linear`` is the same for a linear layer with the mask inside the matmuls (ops.masked_linear):
+the gradients are those of F.linear(input, masked_weight(...), bias).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -31,3 +35,28 @@ def masked_weight(weight: torch.Tensor, scores: torch.Tensor, threshold: torch.T
                   structure: Structure, inv_gamma: float = 0.0, implicit: str = "paper") -> torch.Tensor:
     """Differentiable θ ⊙ m (same shape as ``weight``), gradients to both ``weight`` and ``scores``."""
     return _MaskedWeight.apply(weight, scores, threshold, structure, inv_gamma, implicit)
+
+
+class _MaskedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, weight, bias, scores, threshold, structure, inv_gamma, implicit):
+        ctx.save_for_backward(input, weight, scores, threshold)
+        ctx.structure, ctx.inv_gamma, ctx.implicit = structure, inv_gamma, implicit
+        return ops.masked_linear(input, weight, scores, threshold, structure, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        input, weight, scores, threshold = ctx.saved_tensors
+        grad_input, grad_weight, grad_scores = ops.masked_linear_backward(
+            grad, input, weight, scores, threshold, ctx.structure, inv_gamma=ctx.inv_gamma, implicit=ctx.implicit,
+            input_grad=ctx.needs_input_grad[0])
+        grad_bias = grad.reshape(math.prod(grad.shape[:-1]), grad.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
+        return grad_input, grad_weight, grad_bias, grad_scores, None, None, None, None
+
+
+def masked_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scores: torch.Tensor,
+                  threshold: torch.Tensor | None, structure: Structure, inv_gamma: float = 0.0,
+                  implicit: str = "paper") -> torch.Tensor:
+    """Differentiable input (m ⊙ θ)ᵀ + bias by the fused masked matmul (ops.masked_linear), gradients to
+    input, weight, bias and scores: (..., in) -> (..., out)."""
+    return _MaskedLinear.apply(input, weight, bias, scores, threshold, structure, inv_gamma, implicit)

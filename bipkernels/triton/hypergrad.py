@@ -1,0 +1,80 @@
+"""The fused backward of z = m ⊙ θ in Triton (bipkernels.reference.hypergrad), in one elementwise pass:
+
+    grad_θ = m ⊙ g      grad_s = θ ⊙ g − inv_gamma · I,  I = m ⊙ g ⊙ g (paper) or (θ ⊙ g)² (released)
+
+computed in the score type (float32 for half types). ``values`` is the arithmetic alone; the masked
+matmul's weight-gradient epilogue applies it too.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ..reference import IMPLICIT_FORMS
+from . import mask_rule
+from .layout import check_float, check_like, launch_size, structure_of
+
+_BLOCK = launch_size(1024, 64)
+
+
+@triton.jit
+def values(grad, theta, keep, inv_gamma, RELEASED: tl.constexpr):
+    """(grad_θ, grad_s) of one element from g and θ in the accumulation type (math.h hypergrad_element).
+    grad_θ is a select: g may be inf or NaN where pruned."""
+    direct = theta * grad
+    if RELEASED:
+        implicit = direct * direct
+    else:
+        implicit = tl.where(keep, grad * grad, tl.zeros_like(grad))
+    return tl.where(keep, grad, tl.zeros_like(grad)), direct - inv_gamma * implicit
+
+
+def inv_gamma_tensor(inv_gamma: float, device: torch.device) -> torch.Tensor:
+    """inv_gamma as a float64 device scalar: a float kernel argument would be float32, too coarse for
+    float64 weights (the kernels convert it to their accumulation type, as the C++ kernels do)."""
+    return torch.full((1,), inv_gamma, dtype=torch.float64, device=device)
+
+
+def implicit_is_released(op: str, implicit: int) -> bool:
+    if implicit not in range(len(IMPLICIT_FORMS)):
+        raise ValueError(f"bipkernels.{op}: implicit must be 0 (paper) or 1 (released), got {implicit}")
+    return IMPLICIT_FORMS[implicit] == "released"
+
+
+@triton.jit
+def _hypergrad_kernel(scores_ptr, block_scores_ptr, threshold_ptr, cols, inner, tile_cols, grad_ptr, weight_ptr,
+                      inv_gamma_ptr, grad_weight_ptr, grad_scores_ptr, n, KIND: tl.constexpr, A: tl.constexpr,
+                      B: tl.constexpr, F64: tl.constexpr, RELEASED: tl.constexpr, BLOCK: tl.constexpr):
+    flat = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = flat < n
+    keep = mask_rule.kept_flat(scores_ptr, block_scores_ptr, threshold_ptr, flat, valid, cols, inner, tile_cols,
+                               KIND, A, B, F64)
+    grad = mask_rule.to_score(tl.load(grad_ptr + flat, mask=valid), F64)
+    theta = mask_rule.to_score(tl.load(weight_ptr + flat, mask=valid), F64)
+    inv_gamma = mask_rule.to_score(tl.load(inv_gamma_ptr), F64)
+    grad_weight, grad_scores = values(grad, theta, keep, inv_gamma, RELEASED)
+    tl.store(grad_weight_ptr + flat, grad_weight.to(grad_weight_ptr.dtype.element_ty), mask=valid)
+    tl.store(grad_scores_ptr + flat, grad_scores.to(grad_scores_ptr.dtype.element_ty), mask=valid)
+
+
+@triton_op("bipkernels_triton::hypergrad", mutates_args=())
+def hypergrad(grad: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, threshold: torch.Tensor, kind: int,
+              a: int, b: int, p: int, inv_gamma: float, implicit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_θ, grad_s), contiguous, shape and dtype of ``weight`` (bipkernels.ops.hypergrad)."""
+    op = "hypergrad"
+    check_float(op, "weight", weight)
+    check_like(op, "grad", grad, "weight", weight)
+    check_like(op, "scores", scores, "weight", weight)
+    structure = structure_of(op, scores, kind, a, b, p)
+    released = implicit_is_released(op, implicit)
+    grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    grad_scores = torch.empty_like(grad_weight)
+    if weight.numel():
+        mask = mask_rule.prepare(op, scores.contiguous(), threshold, structure)
+        wrap_triton(_hypergrad_kernel)[(triton.cdiv(weight.numel(), _BLOCK),)](
+            *mask.args, grad.contiguous(), weight.contiguous(), inv_gamma_tensor(inv_gamma, weight.device),
+            grad_weight, grad_scores, weight.numel(), **mask.meta, RELEASED=released, BLOCK=_BLOCK)
+    return grad_weight, grad_scores

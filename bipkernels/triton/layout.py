@@ -1,0 +1,86 @@
+"""The host side every Triton kernel file shares: structure numbers, the matrix view of a weight, the
+argument checks of the ops (errors name the op) and the launch sizes (GPU or interpreter).
+
+A weight of shape (out, in, *kernel) is the matrix (rows, cols) = (out, in·inner), inner = prod(kernel),
+as in bipkernels.structures; the kernels index it by int64 flat offsets.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton.language as tl
+
+from ..structures import KINDS, Structure
+from . import interpreting
+
+# Read once, when the kernels are first imported: that is also when triton.jit picks the interpreter.
+INTERPRETING = interpreting()
+
+UNSTRUCTURED = tl.constexpr(KINDS.index("unstructured"))
+FILTER = tl.constexpr(KINDS.index("filter"))
+CHANNEL = tl.constexpr(KINDS.index("channel"))
+NM = tl.constexpr(KINDS.index("nm"))
+TILE = tl.constexpr(KINDS.index("tile"))
+
+_FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+class Matrix(NamedTuple):
+    """The matrix view of a tensor of some shape (structures.Structure.matrix_shape) plus its tile columns."""
+
+    rows: int
+    cols: int
+    inner: int
+    tile_cols: int  # ceil(cols / tile width) for tile structures, else 0 (unused)
+
+
+def matrix_of(shape, structure: Structure) -> Matrix:
+    rows, cols, _, inner = structure.matrix_shape(shape)
+    tile_cols = -(-cols // structure.b) if structure.kind == "tile" else 0
+    return Matrix(rows, cols, inner, tile_cols)
+
+
+def structure_of(op: str, tensor: torch.Tensor, kind: int, a: int, b: int, p: int) -> Structure:
+    """The Structure of the op arguments (kind, a, b, p), checked against ``tensor``'s shape."""
+    try:
+        if not 0 <= kind < len(KINDS):
+            raise ValueError(f"structure kind must be in [0, {len(KINDS)}), got {kind}")
+        structure = Structure(KINDS[kind], a, b, p)
+        structure.check_shape(tensor.shape, "scores")
+    except ValueError as error:
+        raise ValueError(f"bipkernels.{op}: {error}") from None
+    return structure
+
+
+def check_float(op: str, name: str, tensor: torch.Tensor, dtypes=_FLOATING) -> None:
+    if tensor.dtype not in dtypes:
+        raise TypeError(f"bipkernels.{op}: {name} must be one of {', '.join(map(str, dtypes))}, got {tensor.dtype}")
+
+
+def check_like(op: str, name: str, tensor: torch.Tensor, like_name: str, like: torch.Tensor, shape=True) -> None:
+    """``tensor`` has the dtype and device (and, with ``shape``, the shape) of ``like``."""
+    checks = [("dtype", tensor.dtype, like.dtype), ("device", tensor.device, like.device)]
+    if shape:
+        checks.append(("shape", tuple(tensor.shape), tuple(like.shape)))
+    for what, mine, theirs in checks:
+        if mine != theirs:
+            raise ValueError(f"bipkernels.{op}: {name} has {what} {mine} but {like_name} has {what} {theirs}")
+
+
+def check_threshold(op: str, threshold: torch.Tensor, scores: torch.Tensor, structure: Structure) -> None:
+    """A threshold is float64 (value, cut) on the scores' device; N:M does not read it."""
+    if not structure.uses_threshold:
+        return
+    if threshold.dtype != torch.float64 or threshold.numel() != 2:
+        raise ValueError(f"bipkernels.{op}: threshold must be float64 of 2 elements (value, cut), got "
+                         f"{threshold.dtype} of shape {tuple(threshold.shape)}")
+    if threshold.device != scores.device:
+        raise ValueError(f"bipkernels.{op}: threshold is on {threshold.device} but scores are on {scores.device}")
+
+
+def launch_size(gpu: int, interpreted: int) -> int:
+    """A block size: ``gpu`` on a GPU, ``interpreted`` (small, so that the tests' small inputs cross many
+    blocks and every loop runs more than once) under the interpreter."""
+    return interpreted if INTERPRETING else gpu

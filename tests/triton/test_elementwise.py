@@ -1,0 +1,116 @@
+"""block_scores, block_mask, masked_weight and hypergrad of the triton backend against the float64
+reference, through the interpreter: every structure and dtype, odd sizes, ties, NaN/inf scores and
+weights, k = 0 and k = all, empty and non-contiguous tensors, errors that name the op."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bipkernels import ops, reference
+from bipkernels import triton as bipkernels_triton
+from bipkernels.reference import IMPLICIT_FORMS
+from bipkernels.structures import parse_structure
+
+from conftest import DTYPES, assert_close, fits, needs_interpreter, tied_scores, with_specials
+
+pytestmark = needs_interpreter
+STRUCTURES = ["unstructured", "filter", "channel", "2:4", "1:3", "tile3x5", "tile1x1"]
+SHAPES = [(7, 12), (5, 6, 3, 1), (17,)]
+EXACT = dict(rtol=0, atol=0, equal_nan=True)
+KEEP_NONE = torch.tensor([float("inf"), 0.0], dtype=torch.float64)
+KEEP_ALL = torch.tensor([float("-inf"), float("inf")], dtype=torch.float64)
+
+
+def _inputs(shape, dtype, structure):
+    """Scores with ties, NaN, ±inf and -0.0 whose block sums are exact in any order (so the reference
+    keeps the same blocks), weights with NaN/inf, a gradient, and the thresholds to try: keep none,
+    the top half (ties cut inside a tensor), keep all; None for N:M."""
+    scores = with_specials(tied_scores(shape, dtype))
+    weight = with_specials(torch.randn(shape, dtype=torch.float64).to(dtype))
+    grad = torch.randn(shape, dtype=torch.float64).to(dtype)
+    if not structure.uses_threshold:
+        return scores, weight, grad, [None]
+    blocks = reference.block_scores(scores, structure)
+    return scores, weight, grad, [KEEP_NONE, reference.topk_threshold([blocks], blocks.numel() // 2)[0], KEEP_ALL]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("name", STRUCTURES)
+def test_ops_match_the_reference(triton_backend, seed, name, shape, dtype):
+    if not fits(name, shape):
+        pytest.skip("structure does not fit the shape")
+    structure = parse_structure(name, p=int(torch.randint(1, 3, ())))
+    scores, weight, grad, thresholds = _inputs(shape, dtype, structure)
+    torch.testing.assert_close(ops.block_scores(scores, structure), reference.block_scores(scores, structure), **EXACT)
+    for threshold in thresholds:
+        assert torch.equal(ops.block_mask(scores, threshold, structure),
+                           reference.block_mask(scores, threshold, structure))
+    threshold = thresholds[len(thresholds) // 2]
+    torch.testing.assert_close(ops.masked_weight(weight, scores, threshold, structure),
+                               reference.masked_weight(weight, scores, threshold, structure), **EXACT)
+    inv_gamma = 0.37
+    for implicit in IMPLICIT_FORMS:
+        got = ops.hypergrad(grad, weight, scores, threshold, structure, inv_gamma=inv_gamma, implicit=implicit)
+        want = reference.hypergrad(grad.double(), weight.double(), scores, threshold, structure, inv_gamma, implicit)
+        direct = (weight.double() * grad.double()).abs()
+        implicit_term = direct * direct if implicit == "released" else grad.double() ** 2
+        assert got[0].dtype == got[1].dtype == dtype
+        assert_close(got[0], want[0])
+        assert_close(got[1], want[1], scale=direct + inv_gamma * implicit_term)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_scores_of_continuous_scores(triton_backend, seed, dtype):
+    """Sums of arbitrary values: the float64 sum may differ in its last bits between summation orders,
+    the block score (rounded once to float32) only by that rounding."""
+    scores = torch.randn(13, 10, 3, 3, dtype=torch.float64).to(dtype)
+    for name in ("filter", "channel", "tile4x7"):
+        for p in (1, 2):
+            structure = parse_structure(name, p=p)
+            got, want = ops.block_scores(scores, structure), reference.block_scores(scores.double(), structure)
+            assert got.dtype == torch.float32
+            assert_close(got, want, terms=0)
+
+
+def test_non_contiguous_inputs(triton_backend, seed):
+    structure = parse_structure("tile3x2")
+    scores, weight, grad = (torch.randn(12, 7, dtype=torch.float32).t() for _ in range(3))
+    blocks = reference.block_scores(scores, structure)
+    threshold = reference.topk_threshold([blocks], blocks.numel() // 3)[0]
+    assert torch.equal(ops.block_scores(scores, structure), reference.block_scores(scores.contiguous(), structure))
+    assert torch.equal(ops.masked_weight(weight, scores, threshold, structure),
+                       reference.masked_weight(weight.contiguous(), scores.contiguous(), threshold, structure))
+    got = ops.hypergrad(grad, weight, scores, threshold, structure, inv_gamma=0.5)
+    want = reference.hypergrad(grad.contiguous(), weight.contiguous(), scores.contiguous(), threshold, structure, 0.5)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))  # float32 in float32, no fused multiply-add
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (4, 0), (0,), (3, 0, 2, 2)])
+@pytest.mark.parametrize("name", ["unstructured", "filter", "channel", "tile2x2"])
+def test_empty_tensors(triton_backend, shape, name):
+    structure = parse_structure(name)
+    scores = torch.empty(shape)
+    threshold = KEEP_ALL
+    blocks = ops.block_scores(scores, structure)
+    torch.testing.assert_close(blocks, reference.block_scores(scores, structure), **EXACT)  # filter of (4, 0): zeros
+    assert ops.block_mask(scores, threshold, structure).shape == shape
+    assert ops.masked_weight(scores, scores, threshold, structure).shape == shape
+    grad_weight, grad_scores = ops.hypergrad(scores, scores, scores, threshold, structure, inv_gamma=0.1)
+    assert grad_weight.shape == grad_scores.shape == shape
+
+
+def test_compiled_ops_name_the_op_in_errors():
+    bipkernels_triton.load()
+    kernels = torch.ops.bipkernels_triton
+    with pytest.raises(ValueError, match="bipkernels.block_scores: .*not a multiple of M = 4"):
+        kernels.block_scores(torch.ones(3, 6), *parse_structure("2:4").op_args())
+    with pytest.raises(ValueError, match="bipkernels.masked_weight: threshold must be float64"):
+        kernels.masked_weight(torch.ones(3), torch.ones(3), torch.zeros(2), *parse_structure("unstructured").op_args())
+    with pytest.raises(ValueError, match="bipkernels.hypergrad: scores has shape"):
+        kernels.hypergrad(torch.ones(3), torch.ones(3), torch.ones(4), KEEP_ALL, 0, 0, 0, 1, 0.0, 0)
+    with pytest.raises(ValueError, match="bipkernels.hypergrad: implicit must be 0"):
+        kernels.hypergrad(torch.ones(3), torch.ones(3), torch.ones(3), KEEP_ALL, 0, 0, 0, 1, 0.0, 2)
+    with pytest.raises(TypeError, match="bipkernels.block_mask: scores must be one of"):
+        kernels.block_mask(torch.ones(3, dtype=torch.int32), KEEP_ALL, 0, 0, 0, 1)

@@ -1,0 +1,137 @@
+"""The fused masked matmul and MaskedLinear on the triton backend, through the interpreter, against the
+float64 reference: reference.masked_weight + F.linear forward, and for the backward grad_input = g Wm,
+(grad_θ, grad_s) = reference.hypergrad of G = gᵀ x. Every structure, float32/float16/bfloat16, odd sizes
+(none a multiple of the 16-wide tiles), leading dimensions, empty sizes, NaN/inf pruned weights."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bipkernels
+from bipkernels import ops, reference
+from bipkernels.reference import IMPLICIT_FORMS
+from bipkernels.structures import parse_structure
+
+from conftest import EPS, assert_close, needs_interpreter, tied_scores
+
+pytestmark = needs_interpreter
+STRUCTURES = ["unstructured", "filter", "channel", "2:4", "tile3x5"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+INV_GAMMA = 0.37
+
+
+def _threshold(scores, structure, keep=0.5):
+    if not structure.uses_threshold:
+        return None
+    blocks = reference.block_scores(scores, structure)
+    return reference.topk_threshold([blocks], int(blocks.numel() * keep))[0]
+
+
+def _check(x, weight, scores, threshold, structure, bias, grad):
+    """Forward and backward of the fused matmul against the float64 reference, within the accumulation
+    error of float32 sums over K (forward, grad_input: over N) and M (G) terms."""
+    M, (N, K) = math.prod(x.shape[:-1]), weight.shape
+    x64, grad64 = x.double().reshape(M, K), grad.double().reshape(M, N)
+    masked = reference.masked_weight(weight, scores, threshold, structure).double()
+    bias64 = torch.zeros(N, dtype=torch.float64) if bias is None else bias.double()
+    got = ops.masked_linear(x, weight, scores, threshold, structure, bias)
+    assert got.shape == (*x.shape[:-1], N) and got.dtype == weight.dtype
+    assert_close(got.reshape(M, N), F.linear(x64, masked, bias64),
+                 scale=x64.abs() @ masked.abs().T + bias64.abs(), terms=K + 1)
+    G, G_scale = grad64.T @ x64, grad64.abs().T @ x64.abs()
+    for implicit in IMPLICIT_FORMS:
+        grad_input, grad_weight, grad_scores = ops.masked_linear_backward(
+            grad, x, weight, scores, threshold, structure, inv_gamma=INV_GAMMA, implicit=implicit)
+        assert grad_input.shape == x.shape and grad_weight.shape == grad_scores.shape == weight.shape
+        assert_close(grad_input.reshape(M, K), grad64 @ masked, scale=grad64.abs() @ masked.abs(), terms=N)
+        want_weight, want_scores = reference.hypergrad(G, weight.double(), scores, threshold, structure, INV_GAMMA,
+                                                       implicit)
+        assert_close(grad_weight, want_weight, scale=G_scale, terms=M)
+        # grad_s = θG − γ·I(G): G's error times the derivative, plus the rounding of the two terms.
+        theta = weight.double().abs()
+        slope = theta + 2 * INV_GAMMA * (theta * theta * G.abs() if implicit == "released" else G.abs())
+        terms = (theta * G).abs() + (want_scores - weight.double() * G).abs()  # |θG| + γ|I|
+        assert_close(grad_scores, want_scores, scale=slope * G_scale * M + terms)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", STRUCTURES)
+def test_forward_and_backward_match_the_reference(seed, name, dtype):
+    structure = parse_structure(name, p=int(torch.randint(1, 3, ())))
+    N, K = 23, 28  # 2:4 needs K % 4 == 0
+    weight = torch.randn(N, K, dtype=torch.float64).to(dtype)
+    scores = tied_scores((N, K), dtype)
+    x, grad = torch.randn(19, K, dtype=torch.float64).to(dtype), torch.randn(19, N, dtype=torch.float64).to(dtype)
+    bias = torch.randn(N, dtype=torch.float64).to(dtype)
+    _check(x, weight, scores, _threshold(scores, structure), structure, bias, grad)
+
+
+@pytest.mark.parametrize("leading, N, K", [((2, 5), 9, 13), ((), 7, 11), ((0,), 5, 3), ((4,), 5, 0), ((4,), 0, 6)])
+def test_leading_and_empty_sizes(seed, leading, N, K):
+    structure = parse_structure("unstructured")
+    weight, scores = torch.randn(N, K), torch.rand(N, K)
+    x, grad = torch.randn(*leading, K), torch.randn(*leading, N)
+    _check(x, weight, scores, _threshold(scores, structure), structure, torch.randn(N), grad)
+    _check(x, weight, scores, _threshold(scores, structure), structure, None, grad)
+
+
+def test_pruned_nan_and_inf_weights_contribute_zero(seed):
+    """A select, not a multiply: the output and the input's gradient stay finite, grad_θ is 0 there."""
+    structure = parse_structure("unstructured")
+    weight, scores = torch.randn(9, 17), torch.rand(9, 17) + 1
+    places = torch.randperm(weight.numel())[:3]
+    weight.view(-1)[places] = torch.tensor([float("nan"), float("inf"), float("-inf")])
+    scores.view(-1)[places] = 0.0  # the lowest scores: pruned
+    threshold = _threshold(scores, structure, keep=0.7)
+    x, grad = torch.randn(5, 17), torch.randn(5, 9)
+    assert ops.masked_linear(x, weight, scores, threshold, structure).isfinite().all()
+    grad_input, grad_weight, _ = ops.masked_linear_backward(grad, x, weight, scores, threshold, structure)
+    assert grad_input.isfinite().all() and bool((grad_weight.view(-1)[places] == 0).all())
+    _check(x, weight, scores, threshold, structure, None, grad)
+
+
+@pytest.mark.parametrize("name", ["unstructured", "2:4", "tile3x5"])
+def test_masked_linear_layer_on_the_triton_backend(monkeypatch, seed, name):
+    """MaskedLinear runs the fused matmul under BIPKERNELS_BACKEND=triton and gives what the unfused
+    PyTorch path gives: output and every gradient (input, weight, bias, scores)."""
+    layer = bipkernels.MaskedLinear(28, 13, structure=name)
+    bipkernels.project(layer, 0.5)
+    layer.inv_gamma = INV_GAMMA
+    x, grad = torch.randn(3, 5, 28), torch.randn(3, 5, 13)
+    results = {}
+    for backend in ("triton", "torch"):
+        monkeypatch.setenv("BIPKERNELS_BACKEND", backend)
+        assert ops.masked_linear_fused(x, layer.weight) == (backend == "triton")
+        layer.zero_grad()
+        inputs = x.clone().requires_grad_()
+        layer(inputs).backward(grad)
+        results[backend] = [layer(x).detach(), inputs.grad, layer.weight.grad, layer.bias.grad, layer.scores.grad]
+    for fused, unfused in zip(results["triton"], results["torch"]):
+        torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)
+
+
+def test_float64_and_mixed_dtypes_stay_unfused(triton_backend, seed):
+    """The matmul has no float64 path: the layer runs masked_weight (a triton kernel) then F.linear."""
+    layer = bipkernels.MaskedLinear(6, 5, dtype=torch.float64)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    assert not ops.masked_linear_fused(x, layer.weight)
+    assert not ops.masked_linear_fused(x.float(), layer.weight.float().half())
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=0, atol=0)
+
+
+def test_errors_name_the_op(triton_backend):
+    structure = parse_structure("unstructured")
+    weight, keep_all = torch.randn(4, 6), torch.tensor([float("-inf"), float("inf")], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"bipkernels.masked_linear: input must end in a dimension of 6"):
+        ops.masked_linear(torch.randn(3, 5), weight, weight, keep_all, structure)
+    with pytest.raises(ValueError, match=r"bipkernels.masked_linear: bias has dtype torch.float16"):
+        ops.masked_linear(torch.randn(3, 6), weight, weight, keep_all, structure, torch.randn(4).half())
+    with pytest.raises(TypeError, match=r"bipkernels.masked_linear: weight must be one of .*got torch.float64"):
+        ops.masked_linear(torch.randn(3, 6).double(), weight.double(), weight.double(), keep_all, structure)
+    with pytest.raises(ValueError, match=r"bipkernels.masked_linear_grad_weight: grad_output has 2 rows but input"):
+        ops.masked_linear_backward(torch.randn(2, 4), torch.randn(3, 6), weight, weight, keep_all, structure)
+    assert EPS[torch.float32] == torch.finfo(torch.float32).eps  # the written tolerance table is torch's
