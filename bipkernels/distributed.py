@@ -1,0 +1,140 @@
+"""BiP across processes (torch.distributed).
+
+Replicated models (DistributedDataParallel) need nothing from here. DDP averages every parameter's
+gradient, the scores' included, so every rank takes the same optimiser steps on the same values and
+bipkernels.project computes the same threshold from the same scores: identical masks and the exact global
+kept count on every rank, with no communication of its own. Order: ``convert(model)``, then
+``DDP(model)``, then ``BiP(ddp_model, ...)`` (DDP registers the parameters it synchronises when built).
+
+Sharded scores, where each rank holds only some of the masked layers (pipeline stages, layers split for
+memory), still need one top-k over every rank's blocks. ``topk_threshold(local_blocks, k, group)`` gives
+each rank exactly the rows that bipkernels.topk_threshold would give for its tensors if it were called on
+every rank's list concatenated in rank order (ties to the lowest global index: rank, then list order,
+then flat index). It is a radix select over 64-bit keys that order the scores like their float64 values:
+four all-reduces of a 65,536-bin histogram (one per 16-bit digit, most significant first) and one of the
+ranks' tie counts. Scores never leave their rank. ``project`` is nn.project for a model shard, and
+``BiP(..., group=group)`` uses it.
+
+Both are collectives: every rank of the group calls them, with the same ``k`` or ``sparsity``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import ops
+from .nn import SCOPES, masked_layers
+from .nn import project as project_locally
+
+_DIGIT_BITS = 16
+_BINS = 1 << _DIGIT_BITS
+_SHIFTS = (48, 32, 16, 0)  # the four digits of a 64-bit key, most significant first
+_LOW_63 = 0x7FFF_FFFF_FFFF_FFFF
+
+
+def _keys(values: torch.Tensor) -> torch.Tensor:
+    """int64 keys in the order of the float64 ``values`` (flattened): the bits of a non-negative float,
+    the low 63 bits flipped for a negative one (more negative, smaller key). -0.0 is read as +0.0, which
+    it equals (the reference ties them); NaN keys are meaningless and left to the caller to skip."""
+    bits = (values.reshape(-1).double() + 0.0).view(torch.int64)
+    return torch.where(bits < 0, bits ^ _LOW_63, bits)
+
+
+def _from_key(key: torch.Tensor) -> torch.Tensor:
+    """The float64 whose key (see _keys) is ``key``: the same bit flip undoes itself."""
+    return torch.where(key < 0, key ^ _LOW_63, key).view(torch.float64)
+
+
+def _digit(keys: torch.Tensor, shift: int) -> torch.Tensor:
+    """The 16-bit digit of the keys at ``shift``, as an unsigned bin (the top digit carries the sign)."""
+    return (keys >> shift) + _BINS // 2 if shift == _SHIFTS[0] else (keys >> shift) & (_BINS - 1)
+
+
+def _device(block_scores: list, group) -> torch.device:
+    if block_scores:
+        return block_scores[0].device
+    if dist.get_backend(group) == "nccl":  # NCCL communicates CUDA tensors only
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def topk_threshold(block_scores_list, k: int, group=None) -> torch.Tensor:
+    """(L, 2) float64 thresholds for this rank's L tensors keeping the top ``k`` blocks of all ranks.
+
+    Equal, bit for bit, to rows [offset, offset + L) of bipkernels.topk_threshold(all ranks' lists
+    concatenated in rank order, k), offset = the number of tensors of lower ranks: exactly min(k, non-NaN
+    blocks) kept over all ranks, ties to the lowest global index. A rank may hold no tensors (it gets a
+    (0, 2) result and still takes part). Tensors of any floating dtype, even mixed: they are ranked as
+    float64. No host synchronisation besides the collectives themselves.
+    """
+    k = ops.check_int("bipkernels.distributed.topk_threshold", "k", k)
+    flat = [scores.reshape(-1).double() for scores in block_scores_list]
+    device = _device(flat, group)
+    keys = [_keys(scores) for scores in flat]
+    valid = [~scores.isnan() for scores in flat]
+    count = sum((ok.sum() for ok in valid), torch.zeros((), dtype=torch.int64, device=device))
+    dist.all_reduce(count, group=group)
+    kept = count.clamp(max=k)
+
+    # Radix select of the kept-th largest key: per digit, the bin holding it among the keys that share
+    # the digits chosen so far; ``remaining`` counts how far into that bin (from the top) it lies.
+    remaining, prefix = kept.clone(), torch.zeros((), dtype=torch.int64, device=device)
+    for index, shift in enumerate(_SHIFTS):
+        histogram = torch.zeros(_BINS + 1, dtype=torch.int64, device=device)  # the last bin: not counted
+        for key, ok in zip(keys, valid):
+            match = ok if index == 0 else ok & ((key >> (shift + _DIGIT_BITS)) == prefix)
+            bins = torch.where(match, _digit(key, shift), _BINS)
+            histogram.scatter_add_(0, bins, torch.ones_like(bins))
+        histogram = histogram[:_BINS]
+        dist.all_reduce(histogram, group=group)
+        from_top = histogram.flip(0).cumsum(0)  # from_top[j]: keys in the j + 1 highest bins
+        j = torch.searchsorted(from_top, remaining.reshape(1)).reshape(()).clamp(max=_BINS - 1)
+        digit = _BINS - 1 - j
+        remaining = remaining - (from_top[j] - histogram[digit])
+        prefix = digit - _BINS // 2 if index == 0 else prefix * _BINS + digit
+    infinity = torch.tensor(float("inf"), dtype=torch.float64, device=device)
+    value = torch.where(kept > 0, _from_key(prefix), infinity)
+    ties_kept = remaining  # kept minus the blocks strictly above the value, over all ranks
+
+    # Ties go to lower ranks first: this rank's offset is the ties held by the ranks before it.
+    ties = [scores == value for scores in flat]
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    per_rank = torch.zeros(world, dtype=torch.int64, device=device)
+    per_rank[rank] = sum((equal.sum() for equal in ties), torch.zeros((), dtype=torch.int64, device=device))
+    dist.all_reduce(per_rank, group=group)
+    ties_before = per_rank[:rank].sum()
+
+    rows = []  # the canonical cut of bipkernels.reference.topk_threshold, per tensor
+    for scores, equal in zip(flat, ties):
+        ties_here = equal.sum()
+        kept_here = torch.minimum((ties_kept - ties_before).clamp(min=0), ties_here)
+        last_kept = (equal.cumsum(0) < kept_here).sum() + 1  # 1 + flat index of the kept_here-th tie
+        cut = torch.where(kept_here == ties_here, scores.numel(), torch.where(kept_here == 0, 0, last_kept))
+        rows.append(torch.stack([value, torch.where(kept == 0, 0, cut).double()]))
+        ties_before = ties_before + ties_here
+    return torch.stack(rows) if rows else torch.empty(0, 2, dtype=torch.float64, device=device)
+
+
+@torch.no_grad()
+def project(model: nn.Module, sparsity: float, scope: str = "global", group=None) -> None:
+    """bipkernels.project for a model shard: ``model`` holds this rank's masked layers, and exactly
+    keep_count(blocks of all ranks, sparsity) blocks stay over the group (global scope; ties: rank order,
+    then module order, then flat index). ``scope="layer"`` is per layer, so it needs no communication.
+    Every rank must hold the same structure kinds (block scores are compared across ranks as numbers).
+    """
+    if scope not in SCOPES:
+        raise ValueError(f"bipkernels.distributed.project: scope must be one of {SCOPES}, got {scope!r}")
+    ops.check_sparsity(sparsity, "bipkernels.distributed.project")
+    if scope == "layer":
+        project_locally(model, sparsity, scope)
+        return
+    layers = [layer for _, layer in masked_layers(model) if layer.structure.uses_threshold]
+    block_scores = [layer.block_scores() for layer in layers]
+    total = torch.tensor(sum(scores.numel() for scores in block_scores), dtype=torch.int64,
+                         device=_device(block_scores, group))
+    dist.all_reduce(total, group=group)
+    thresholds = topk_threshold(block_scores, ops.keep_count(int(total), sparsity), group)
+    for layer, threshold in zip(layers, thresholds):
+        layer.threshold.copy_(threshold)

@@ -1,0 +1,159 @@
+"""torch.compile (fullgraph, inductor on the CPU), a fused BiP step through a compiled model, autocast
+bfloat16 on the CPU, and channels_last inputs and weights, each against eager PyTorch."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import bipkernels
+
+
+def _model(dtype=torch.float64) -> nn.Module:
+    """Masked convolutions (one grouped) with batch norm, a masked Linear; 80% global sparsity, random
+    scores (so masks are not |θ|)."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, groups=2, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 5))
+    bipkernels.convert(model.to(dtype), 0.0)
+    with torch.no_grad():
+        for _, layer in bipkernels.masked_layers(model):
+            layer.scores.uniform_()
+            layer.inv_gamma = 0.25  # the implicit term on, so the fused backward does all its work
+    bipkernels.project(model, 0.8)
+    return model
+
+
+# Inductor compiles the CPU graphs with the system's C++ compiler.
+needs_compiler = pytest.mark.skipif(not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")),
+                                    reason="torch.compile's CPU backend (inductor) needs a C++ compiler")
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles on its own (a graph compiled by another test could hide a break)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.grad for name, p in model.named_parameters()}
+
+
+def _loss(model, x, y):
+    return F.cross_entropy(model(x), y)
+
+
+def _closure(model, x, y):
+    """A BiP closure: forward, backward, the loss."""
+    def closure():
+        loss = _loss(model, x, y)
+        loss.backward()
+        return loss
+    return closure
+
+
+@needs_compiler
+def test_compiled_model_fullgraph_forward_backward_equals_eager(seed):
+    eager = _model()
+    compiled_source = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_source, fullgraph=True)  # a graph break raises
+    x, y = torch.randn(2, 3, 6, 6, dtype=torch.float64), torch.randint(0, 5, (2,))
+    for _ in range(2):  # the second call reuses the compiled graph
+        _loss(eager, x, y).backward()
+        _loss(compiled, x, y).backward()
+    torch.testing.assert_close(compiled(x), eager(x), rtol=1e-10, atol=1e-12)
+    expected = _grads(eager)
+    for name, grad in _grads(compiled_source).items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-10, atol=1e-12, msg=name)
+    pruned = ~compiled_source[0].mask()
+    assert not compiled_source[0].weight.grad[pruned].any()  # the fused backward's masked lower level
+
+
+def test_compiled_model_survives_a_new_inv_gamma(seed):
+    # After inv_gamma changes, dynamo passes it as a symbolic float: the op's checks must not break the graph.
+    model = _model()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x, y = torch.randn(2, 3, 6, 6, dtype=torch.float64), torch.randint(0, 5, (2,))
+    _loss(compiled, x, y).backward()
+    for _, layer in bipkernels.masked_layers(model):  # what BiP.__init__ does to a model compiled before
+        layer.inv_gamma = 1e-4
+    _loss(compiled, x, y).backward()
+
+
+@needs_compiler
+def test_fused_bip_step_through_a_compiled_model_and_compiled_projection_equal_eager(seed):
+    eager = _model()
+    other = copy.deepcopy(eager)
+    compiled = torch.compile(other, fullgraph=True)
+    solvers = [bipkernels.BiP(model, 0.8, total_steps=10) for model in (eager, other)]
+    project = torch.compile(bipkernels.project, fullgraph=True)
+    for _ in range(2):
+        x, y = torch.randn(4, 3, 6, 6, dtype=torch.float64), torch.randint(0, 5, (4,))
+        for solver, model in zip(solvers, (eager, compiled)):
+            solver.step(_closure(model, x, y))
+    masks = bipkernels.masks(eager)
+    for name, mask in bipkernels.masks(other).items():
+        assert torch.equal(mask, masks[name]), name
+    for (name, p), q in zip(eager.named_parameters(), other.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-10, atol=1e-12, msg=name)
+    # The projection itself compiles whole (the op's fake kernel) and sets the same thresholds.
+    with torch.no_grad():
+        for _, layer in bipkernels.masked_layers(other):
+            layer.scores.uniform_()
+    reference = copy.deepcopy(other)
+    project(other, 0.6)
+    bipkernels.project(reference, 0.6)
+    for (name, layer), (_, expected) in zip(bipkernels.masked_layers(other), bipkernels.masked_layers(reference)):
+        assert torch.equal(layer.threshold, expected.threshold), name
+
+
+def test_autocast_bfloat16_on_cpu(seed):
+    """Under autocast the masked layers give exactly what their dense export gives (the same bfloat16
+    casts of the same effective weight), and the fused backward turns that gradient g into m ⊙ g and
+    θ ⊙ g − inv_gamma · m ⊙ g² in float32."""
+    model = _model(torch.float32)
+    dense = bipkernels.export_dense(model)
+    x, y = torch.randn(2, 3, 6, 6), torch.randint(0, 5, (2,))
+    outputs = []
+    for m in (model, dense):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs.append(m(x))
+            loss = F.cross_entropy(outputs[-1], y)
+        loss.backward()
+    assert outputs[0].dtype == torch.bfloat16
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+    for name, layer in bipkernels.masked_layers(model):
+        g, mask, theta = dense.get_submodule(name).weight.grad, layer.mask(), layer.weight.detach()
+        assert layer.weight.grad.dtype == layer.scores.grad.dtype == torch.float32
+        assert torch.equal(layer.weight.grad, torch.where(mask, g, 0.0)), name
+        torch.testing.assert_close(layer.scores.grad, theta * g - 0.25 * torch.where(mask, g * g, 0.0), msg=name)
+
+
+def test_channels_last_inputs_and_weights(seed):
+    model = _model()
+    reference = copy.deepcopy(model)
+    model = model.to(memory_format=torch.channels_last)
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert model[0].scores.is_contiguous(memory_format=torch.channels_last)
+    x, y = torch.randn(2, 3, 6, 6, dtype=torch.float64), torch.randint(0, 5, (2,))
+    out = model(x.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(out, reference(x), rtol=1e-12, atol=1e-12)
+    F.cross_entropy(out, y).backward()
+    _loss(reference, x, y).backward()
+    expected = _grads(reference)
+    for name, grad in _grads(model).items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-12, atol=1e-12, msg=name)
+    # One BiP step keeps the layout and the masks of the contiguous model.
+    solvers = [bipkernels.BiP(m, 0.8, total_steps=10) for m in (model, reference)]
+    solvers[0].step(_closure(model, x.to(memory_format=torch.channels_last), y))
+    solvers[1].step(_closure(reference, x, y))
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    expected_masks = bipkernels.masks(reference)
+    for name, mask in bipkernels.masks(model).items():
+        assert torch.equal(mask, expected_masks[name]), name

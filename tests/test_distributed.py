@@ -1,0 +1,146 @@
+"""BiP across two processes on the gloo backend (torch.multiprocessing spawn): DistributedDataParallel
+keeps every rank's masks identical, and sharded scores get the exact single-process threshold.
+
+One spawn runs every check (starting processes is the slow part); a failing rank's traceback comes back
+through torch.multiprocessing.spawn."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn import functional as F
+
+import bipkernels
+from bipkernels import distributed
+
+from conftest import tied_scores, with_specials
+
+WORLD = 2
+
+
+def _shards(generator: torch.Generator, case: int) -> list[list[torch.Tensor]]:
+    """Every rank's block scores for one case, the same on every rank (drawn from a shared generator):
+    odd sizes, an empty shard, ties across ranks, NaN / ±inf / -0.0, and float32, float64 and float16."""
+    dtype = (torch.float32, torch.float64, torch.float16)[case % 3]
+    shards = []
+    for rank in range(WORLD):
+        count = 0 if case % 5 == 4 and rank == 0 else int(torch.randint(1, 4, (), generator=generator))
+        shard = []
+        for _ in range(count):
+            size = int(torch.randint(0, 40, (), generator=generator))
+            levels = 4 if case % 2 else 2 ** 20  # few levels: ties everywhere
+            values = torch.randint(0, levels, (size,), generator=generator) / levels
+            scores = values.to(dtype)
+            if case % 3 == 1:
+                scores = with_specials(scores) if size >= 4 else scores
+            shard.append(scores)
+        shards.append(shard)
+    return shards
+
+
+def _check_sharded_thresholds(rank: int, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # with_specials draws from the global generator: the same on both ranks
+    for case in range(30):
+        shards = _shards(generator, case)
+        everything = [scores for shard in shards for scores in shard]
+        total = sum(scores.numel() for scores in everything)
+        for k in (0, 1, int(torch.randint(0, total + 1, (), generator=generator)), total, total + 3):
+            got = distributed.topk_threshold(shards[rank], k)
+            start = sum(len(shard) for shard in shards[:rank])
+            rows = slice(start, start + len(shards[rank]))
+            expected = bipkernels.topk_threshold([s.double() for s in everything], k)[rows] if everything else \
+                torch.empty(0, 2, dtype=torch.float64)
+            assert torch.equal(got, expected), (case, k, got, expected)
+
+
+def _layers() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(6, 7), nn.Linear(7, 5), nn.Linear(5, 9), nn.Linear(9, 3))
+
+
+def _check_sharded_project_and_bip(rank: int, seed: int) -> None:
+    """Rank r holds layers 2r and 2r + 1 of one model; the projection equals the single-process one."""
+    torch.manual_seed(seed)
+    whole = bipkernels.convert(_layers(), 0.0)
+    with torch.no_grad():
+        for _, layer in bipkernels.masked_layers(whole):
+            layer.scores.copy_(tied_scores(layer.scores.shape, torch.float32))
+    shard = copy.deepcopy(whole[2 * rank:2 * rank + 2])
+    distributed.project(shard, 0.7)
+    bipkernels.project(whole, 0.7)
+    for i in range(2):
+        assert torch.equal(shard[i].threshold, whole[2 * rank + i].threshold)
+        assert torch.equal(shard[i].mask(), whole[2 * rank + i].mask())
+    # The solver on the shard: after a step on this rank's own loss the kept count is global and exact.
+    solver = bipkernels.BiP(shard, 0.6, group=dist.group.WORLD, total_steps=5)
+    x = torch.randn(4, shard[0].in_features)
+
+    def closure():
+        loss = shard(x).square().mean()
+        loss.backward()
+        return loss
+
+    solver.step(closure)
+    kept = torch.tensor(sum(int(layer.mask().sum()) for layer in shard))
+    total = torch.tensor(sum(layer.weight.numel() for layer in shard))
+    dist.all_reduce(kept)
+    dist.all_reduce(total)
+    assert int(kept) == bipkernels.keep_count(int(total), 0.6)
+
+
+def _gathered(tensor: torch.Tensor) -> list[torch.Tensor]:
+    out = [torch.empty_like(tensor) for _ in range(WORLD)]
+    dist.all_gather(out, tensor.contiguous())
+    return out
+
+
+def _check_ddp(rank: int, seed: int) -> None:
+    torch.manual_seed(seed)  # the same initial model on every rank; DDP also broadcasts rank 0's
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3),
+                          nn.Flatten(), nn.Linear(8 * 4 * 4, 5))
+    bipkernels.convert(model, 0.8)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    solver = bipkernels.BiP(ddp, 0.8, score_lr=0.5, total_steps=10)
+    total = sum(layer.weight.numel() for _, layer in bipkernels.masked_layers(model))
+    torch.manual_seed(seed + 1 + rank)  # every rank its own batches
+    changed = False
+    for _ in range(3):
+        x, y = torch.randn(4, 3, 6, 6), torch.randint(0, 5, (4,))
+        before = bipkernels.masks(model)
+
+        def closure():
+            loss = F.cross_entropy(ddp(x), y)
+            loss.backward()
+            return loss
+
+        solver.step(closure)
+        masks = bipkernels.masks(model)
+        changed |= any(not torch.equal(masks[name], before[name]) for name in masks)
+        assert sum(int(mask.sum()) for mask in masks.values()) == bipkernels.keep_count(total, 0.8)
+        for name, layer in bipkernels.masked_layers(model):
+            for tensor in (masks[name], layer.scores.detach(), layer.threshold, layer.weight.detach()):
+                first, second = _gathered(tensor)
+                assert torch.equal(first, second), name
+    assert changed  # the steps moved the masks, identically on both ranks
+
+
+def _worker(rank: int, init_file: str, seed: int) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        _check_sharded_thresholds(rank, seed)
+        _check_sharded_project_and_bip(rank, seed)
+        _check_ddp(rank, seed)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
+def test_two_processes_on_gloo(seed, tmp_path):
+    mp.spawn(_worker, args=(os.fspath(tmp_path / "init"), seed), nprocs=WORLD, join=True)
