@@ -64,3 +64,24 @@ def test_topk_threshold_cpu(benchmark, monkeypatch, size, method):
         benchmark.pedantic(kthvalue_threshold, (scores, k), **rounds)
     else:
         assert int(benchmark.pedantic(official_sort_and_index, (scores, k), **rounds).sum()) == k
+
+
+def unstructured_block_scores_then_threshold(scores_list, k):
+    structure = bipkernels.parse_structure("unstructured")
+    return bipkernels.topk_threshold([bipkernels.block_scores(s, structure) for s in scores_list], k)
+
+
+@pytest.mark.parametrize("method", ["absolute=True", "block_scores, then topk_threshold"])
+def test_unstructured_threshold_from_signed_scores_cpu(benchmark, method):
+    """The projection of unstructured scores: |s| taken inside the select against |s| written out first."""
+    generator = torch.Generator().manual_seed(0)
+    scores = [torch.randn(s.shape, generator=generator) for s in model_scores("ResNet-18")]
+    k = bipkernels.keep_count(sum(s.numel() for s in scores), SPARSITY)
+    benchmark.group = "unstructured threshold from signed scores cpu 11.2M (ResNet-18)"
+    benchmark.extra_info["baseline"] = method != "absolute=True"
+    if method == "absolute=True":
+        got = benchmark.pedantic(lambda: bipkernels.topk_threshold(scores, k, absolute=True), rounds=7,
+                                 warmup_rounds=1)
+    else:
+        got = benchmark.pedantic(unstructured_block_scores_then_threshold, (scores, k), rounds=7, warmup_rounds=1)
+    assert torch.equal(got, unstructured_block_scores_then_threshold(scores, k))

@@ -9,6 +9,16 @@ its backward gives both levels' gradients in one fused pass:
 with g the gradient of the effective weight and I the implicit term (``implicit="paper"``: m ⊙ g ⊙ g,
 ``"released"``: (θ ⊙ g)²). ``inv_gamma`` (default 0: the straight-through score gradient) and
 ``implicit`` are plain attributes that the solver sets.
+
+NaN and ±inf, on every backend:
+
+- A block whose score is NaN is never kept (the top-k keeps min(k, non-NaN blocks); IMP pins pruned
+  blocks this way). A block score of +inf (a block reduces |s|, so any ±inf score in it, and no NaN)
+  ranks above every finite one: infinite blocks are kept first, among themselves lowest index first.
+- A pruned weight contributes exactly 0 to the forward output, to the input's gradient and to
+  ``weight.grad``, even where it is NaN or ±inf: the mask is applied by a select, not a multiply.
+- ``scores.grad`` is not masked (its direct term θ ⊙ g is what lets a pruned block come back), so a
+  non-finite pruned weight makes the score gradient non-finite there.
 """
 
 from __future__ import annotations
@@ -35,9 +45,12 @@ class _Masked:
 
     weight: nn.Parameter
 
-    def _init_mask(self, structure) -> None:
-        self.structure: Structure = parse_structure(structure)
-        self.structure.check_shape(self.weight.shape, "weight")
+    def _init_mask(self, structure: Structure) -> None:
+        try:
+            structure.check_shape(self.weight.shape, "weight")
+        except ValueError as error:
+            raise ValueError(f"{type(self).__name__}: {error}") from None
+        self.structure = structure
         self.scores = nn.Parameter(self.weight.detach().abs().clone())
         self.register_buffer("threshold", keep_all_threshold(self.weight.device))
         self.inv_gamma = 0.0
@@ -89,14 +102,31 @@ class _Masked:
         return f"{super().extra_repr()}, structure={self.structure}"
 
 
+def _constructor_checks(layer: str, structure, dtype) -> Structure:
+    """The parsed ``structure``, once ``dtype`` is known to be a floating type (the torch layer's own
+    initialisation would fail on an integer type with an error that does not say so)."""
+    if dtype is not None and dtype not in ops._FLOATING:
+        raise TypeError(f"{layer}: dtype must be float32, float64, float16 or bfloat16, got {dtype!r}")
+    try:
+        return parse_structure(structure)
+    except (ValueError, TypeError) as error:
+        raise type(error)(f"{layer}: {error}") from None
+
+
+def _check_model(op: str, model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"bipkernels.{op}: model must be a torch.nn.Module, got {type(model).__name__} {model!r}")
+
+
 class MaskedConv2d(_Masked, nn.Conv2d):
     """nn.Conv2d with a learned mask; the same constructor arguments plus ``structure``."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True,
                  padding_mode="zeros", device=None, dtype=None, *, structure="unstructured"):
+        parsed = _constructor_checks("MaskedConv2d", structure, dtype)
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
                          device, dtype)
-        self._init_mask(structure)
+        self._init_mask(parsed)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(input, self.masked_weight(), self.bias)
@@ -106,10 +136,14 @@ class MaskedLinear(_Masked, nn.Linear):
     """nn.Linear with a learned mask; the same constructor arguments plus ``structure``."""
 
     def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, *, structure="unstructured"):
+        parsed = _constructor_checks("MaskedLinear", structure, dtype)
         super().__init__(in_features, out_features, bias, device, dtype)
-        self._init_mask(structure)
+        self._init_mask(parsed)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if ops.masked_linear_fused(input, self.weight):  # the mask applied inside the matmuls (triton)
+            return autograd.masked_linear(input, self.weight, self.bias, self.scores, self.threshold, self.structure,
+                                          self.inv_gamma, self.implicit)
         return F.linear(input, self.masked_weight(), self.bias)
 
 
@@ -118,7 +152,19 @@ MASKED_LAYERS = (MaskedConv2d, MaskedLinear)
 
 def masked_layers(model: nn.Module) -> list[tuple[str, _Masked]]:
     """(name, layer) of every masked layer of ``model``, in module order (the global tie order)."""
+    _check_model("masked_layers", model)
     return [(name, module) for name, module in model.named_modules() if isinstance(module, MASKED_LAYERS)]
+
+
+def unmasked_layers(model: nn.Module) -> dict[str, str]:
+    """{name: type name} of every module that owns a weight of 2+ dimensions (a matrix or a kernel) and is
+    not masked: what pruning leaves dense. For example nn.MultiheadAttention (its raw in_proj_weight), its
+    out_proj (a Linear subclass that attention reads directly, never through its forward, so a mask
+    there would be silently ignored), nn.Embedding, nn.Conv1d, and layers excluded from ``convert``.
+    Norms and biases (1-D) are not listed. Empty when every such weight is masked."""
+    _check_model("unmasked_layers", model)
+    return {name: type(module).__name__ for name, module in model.named_modules()
+            if not isinstance(module, MASKED_LAYERS) and any(p.dim() >= 2 for p in module.parameters(recurse=False))}
 
 
 def _masked_copy(layer: nn.Module, structure: Structure) -> nn.Module:
@@ -139,24 +185,73 @@ def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure 
 
     Weights, biases, device, dtype and training mode are kept; scores start as |θ|; the thresholds are then
     set so that exactly keep_count(blocks, sparsity) blocks are kept (see ``project``). ``exclude`` names
-    modules (qualified names) to leave dense. Subclasses of Conv2d / Linear (e.g. attention's output
-    projection) and other layer types stay dense, and a warning lists them. Returns ``model``.
+    modules (qualified names, a str for one) to leave dense, each with everything inside it. Subclasses of
+    Conv2d / Linear (e.g. attention's output projection), attention's raw projection weights and other
+    layer types stay dense, and a warning lists them (``unmasked_layers``, less the excluded ones).
+    Grouped and depthwise convolutions are converted (their weight is (out, in / groups, kh, kw): a
+    channel block is an input channel of every group). The Linear layers of an nn.TransformerEncoderLayer
+    get a no-op forward pre-hook, which keeps the layer off its inference fast path (that path reads their
+    weights directly, unmasked). Returns ``model``.
+
+    Every argument is checked before the model is touched: a bad one (or a structure that does not fit
+    one of the layers, named in the error) leaves ``model`` as it was.
     """
-    parsed = parse_structure(structure)
-    skipped = []
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
+    op = "bipkernels.convert"
+    _check_model("convert", model)
+    ops.check_sparsity(sparsity, op)
+    if scope not in SCOPES:
+        raise ValueError(f"{op}: scope must be one of {SCOPES}, got {scope!r}")
+    try:
+        parsed = parse_structure(structure)
+    except (ValueError, TypeError) as error:
+        raise type(error)(f"{op}: {error}") from None
+    excluded = _excluded(model, exclude)
+    swaps = []
+    for name, module in model.named_modules():
+        for child_name, child in module.named_children():
             qualified = f"{name}.{child_name}" if name else child_name
-            if qualified in exclude or isinstance(child, MASKED_LAYERS):
+            if qualified in excluded or isinstance(child, MASKED_LAYERS):
                 continue
             if type(child) in (nn.Conv2d, nn.Linear):
-                setattr(module, child_name, _masked_copy(child, parsed))
-            elif isinstance(child, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d, nn.Conv2d, nn.Linear)):
-                skipped.append(f"{qualified} ({type(child).__name__})")
+                try:
+                    parsed.check_shape(child.weight.shape, "weight")
+                except ValueError as error:
+                    raise ValueError(f"{op}: layer {qualified!r} ({type(child).__name__}): {error}") from None
+                swaps.append((module, child_name, child))
+    for module, child_name, child in swaps:
+        masked = _masked_copy(child, parsed)
+        if isinstance(module, nn.TransformerEncoderLayer):
+            # Its inference fast path (eval, no grad) hands linear1/linear2.weight (θ, unmasked) straight
+            # to one fused kernel, skipping their forward; torch takes the plain path while a submodule
+            # has a forward hook.
+            masked.register_forward_pre_hook(_keep_forward)
+        setattr(module, child_name, masked)
+    skipped = [f"{name} ({kind})" for name, kind in unmasked_layers(model).items() if name not in excluded]
     if skipped:
         warnings.warn("bipkernels.convert: left dense (not handled): " + ", ".join(skipped), stacklevel=2)
     project(model, sparsity, scope)
     return model
+
+
+def _keep_forward(module: nn.Module, args) -> None:
+    """A forward pre-hook that changes nothing: it keeps a parent's fused fast path from bypassing the
+    masked layer's forward (see convert)."""
+
+
+def _excluded(model: nn.Module, exclude) -> set[str]:
+    """The qualified names of the modules in ``exclude`` and of every module inside them; ValueError for a
+    name that is no module of ``model``."""
+    names = (exclude,) if isinstance(exclude, str) else exclude
+    try:
+        names = tuple(names)
+    except TypeError:
+        raise TypeError(f"bipkernels.convert: exclude must be a module name or a list of them, got {exclude!r}") \
+            from None
+    modules = [name for name, _ in model.named_modules() if name]
+    unknown = [name for name in names if name not in modules]
+    if unknown:
+        raise ValueError(f"bipkernels.convert: exclude names no module of the model: {unknown!r}")
+    return {module for module in modules for name in names if module == name or module.startswith(name + ".")}
 
 
 @torch.no_grad()
@@ -166,19 +261,24 @@ def project(model: nn.Module, sparsity: float, scope: str = "global") -> None:
     ``scope="global"`` ranks the blocks of all layers together (ties: module order, then flat index);
     ``"layer"`` keeps that fraction in each layer. N:M layers keep N of M by themselves and are skipped.
     """
+    _check_model("project", model)
     if scope not in SCOPES:
         raise ValueError(f"bipkernels.project: scope must be one of {SCOPES}, got {scope!r}")
-    ops.check_sparsity(sparsity)
+    ops.check_sparsity(sparsity, "bipkernels.project")
     layers = [layer for _, layer in masked_layers(model) if layer.structure.uses_threshold]
     if not layers:
         return
-    block_scores = [layer.block_scores() for layer in layers]
+    # Unstructured block scores are |s|: the select then reads the scores themselves (absolute=True),
+    # which saves writing |s| out and reading it back.
+    absolute = all(layer.structure.kind == "unstructured" for layer in layers) and \
+        len({layer.scores.dtype for layer in layers}) == 1
+    ranked = [layer.scores.detach() if absolute else layer.block_scores() for layer in layers]
     if scope == "global":
-        total = sum(scores.numel() for scores in block_scores)
-        thresholds = ops.topk_threshold(block_scores, ops.keep_count(total, sparsity))
+        total = sum(scores.numel() for scores in ranked)
+        thresholds = ops.topk_threshold(ranked, ops.keep_count(total, sparsity), absolute=absolute)
     else:
-        thresholds = [ops.topk_threshold(scores, ops.keep_count(scores.numel(), sparsity))
-                      for scores in block_scores]
+        thresholds = [ops.topk_threshold(scores, ops.keep_count(scores.numel(), sparsity), absolute=absolute)
+                      for scores in ranked]
     for layer, threshold in zip(layers, thresholds):
         layer.threshold.copy_(threshold)
 
@@ -186,12 +286,14 @@ def project(model: nn.Module, sparsity: float, scope: str = "global") -> None:
 @torch.no_grad()
 def masks(model: nn.Module) -> dict[str, torch.Tensor]:
     """{layer name: bool mask shaped like its weight} for every masked layer."""
+    _check_model("masks", model)
     return {name: layer.mask() for name, layer in masked_layers(model)}
 
 
 @torch.no_grad()
 def sparsity(model: nn.Module) -> float:
     """Pruned fraction of the masked layers' weights, all layers together (0.0 without masked layers)."""
+    _check_model("sparsity", model)
     kept = total = 0
     for _, layer in masked_layers(model):
         kept += int(layer.mask().sum())

@@ -2,7 +2,9 @@
 
 Backends: ``torch`` (bipkernels.reference), ``cpu`` (C++), ``cuda`` (C++/CUDA), ``triton``. By default a
 CPU tensor runs the C++ kernel when the extension is built, else the reference; a CUDA tensor runs the
-CUDA kernel when there is one for the op, else the reference (with one warning per op).
+backend that bipkernels.triton.AUTO_ON_CUDA picks for the op (with the measurement behind it), else the
+reference (with one warning per op). The triton backend runs CUDA tensors, and CPU tensors under the
+Triton interpreter (TRITON_INTERPRET=1); importing bipkernels never imports triton.
 ``BIPKERNELS_BACKEND=torch|cpu|cuda|triton`` forces one backend: if it cannot serve a call, the call
 raises instead of falling back.
 
@@ -12,12 +14,14 @@ Keep counts: ``keep_count(n, sparsity)`` = round-half-up((1 − sparsity) · n),
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import warnings
 
 import torch
 
 from . import reference
+from . import triton as _triton
 from .reference import IMPLICIT_FORMS
 from .structures import KINDS, Structure, parse_structure
 
@@ -46,7 +50,7 @@ def _available(backend: str, op: str, device: torch.device) -> str | None:
     if backend == "torch":
         return None
     if backend == "triton":
-        return "the triton backend has no kernels yet"
+        return _triton.unavailable(op, device)
     if _C is None:
         return "the compiled extension is not available"
     if device.type != backend:
@@ -56,9 +60,22 @@ def _available(backend: str, op: str, device: torch.device) -> str | None:
     return None
 
 
+def _forced_backend() -> str:
+    return os.environ.get("BIPKERNELS_BACKEND", "").strip().lower()
+
+
+def _kernels(backend: str):
+    """The compiled ops of ``backend``: the C++ ones (the dispatcher picks the cpu or cuda kernel by
+    device) or the triton ones (imported and registered on first use)."""
+    if backend == "triton":
+        _triton.load()
+        return torch.ops.bipkernels_triton
+    return torch.ops.bipkernels
+
+
 def backend_for(op: str, device: torch.device) -> str:
     """The backend that runs ``op`` on ``device`` (see the module docstring)."""
-    forced = os.environ.get("BIPKERNELS_BACKEND", "").strip().lower()
+    forced = _forced_backend()
     if forced:
         if forced not in BACKENDS:
             raise ValueError(f"BIPKERNELS_BACKEND must be one of {BACKENDS}, got {forced!r}")
@@ -67,25 +84,57 @@ def backend_for(op: str, device: torch.device) -> str:
             raise RuntimeError(f"bipkernels.{op}: BIPKERNELS_BACKEND={forced} cannot run on {device}: {reason}")
         return forced
     if device.type in ("cpu", "cuda"):
-        reason = _available(device.type, op, device)
+        choice = _triton.AUTO_ON_CUDA.get(op, ("cuda",))[0] if device.type == "cuda" else "cpu"
+        reason = _available(choice, op, device)
         if reason is None:
-            return device.type
+            return choice
         if device.type == "cuda" and (op, reason) not in _warned:
             _warned.add((op, reason))
             warnings.warn(f"bipkernels.{op}: {reason}; running the PyTorch reference on {device}", stacklevel=3)
     return "torch"
 
 
-def check_sparsity(sparsity) -> float:
-    """``sparsity`` as a float, or ValueError unless it is a number in [0, 1]."""
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity <= 1.0:
-        raise ValueError(f"sparsity must be a number in [0, 1], got {sparsity!r}")
-    return float(sparsity)
+def check_int(owner: str, name: str, value, minimum: int = 0, maximum: int | None = None) -> int:
+    """``value`` as an int if it is one (not a bool) in [minimum, maximum]; else ValueError naming
+    ``owner`` (left out when empty), ``name`` and the value."""
+    bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+    integral = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not (integral and minimum <= value and (maximum is None or value <= maximum)):
+        raise ValueError(f"{owner + ': ' if owner else ''}{name} must be an int {bounds}, got {value!r}")
+    return int(value)
+
+
+def check_number(owner: str, name: str, value, minimum: float = 0.0, maximum: float = math.inf,
+                 open_low: bool = False, open_high: bool = False) -> float:
+    """``value`` as a float if it is a finite real (not a bool) between ``minimum`` and ``maximum``, each
+    included unless ``open_low`` / ``open_high``; else ValueError naming ``owner`` (left out when empty),
+    ``name`` and the value. NaN and ±inf always fail. Under torch.compile the value passes unchecked: a
+    setting that changed after the first compilation is traced as a symbolic float, on which the checks
+    would break the graph (it was checked where it was set, and eager calls check it)."""
+    if torch.compiler.is_compiling():
+        return value
+    low = f"{'(' if open_low else '['}{minimum:g}"
+    bounds = f"{'>' if open_low else '>='} {minimum:g}" if maximum == math.inf else \
+        f"in {low}, {maximum:g}{')' if open_high else ']'}"
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    finite = real and math.isfinite(value)
+    if not (finite and (minimum < value if open_low else minimum <= value)
+            and (value < maximum if open_high else value <= maximum)):
+        kind = "number" if finite or not real else "finite number"
+        raise ValueError(f"{owner + ': ' if owner else ''}{name} must be a {kind} {bounds}, got {value!r}")
+    return float(value)
+
+
+def check_sparsity(sparsity, owner: str = "bipkernels") -> float:
+    """``sparsity`` (the pruned fraction) as a float, or ValueError unless it is a number in [0, 1]."""
+    return check_number(owner, "sparsity", sparsity, 0.0, 1.0)
 
 
 def keep_count(n: int, sparsity: float) -> int:
-    """Blocks kept out of ``n`` at ``sparsity`` (the pruned fraction): round-half-up((1 − sparsity)·n)."""
-    sparsity = check_sparsity(sparsity)
+    """Blocks kept out of ``n`` >= 0 at ``sparsity`` (the pruned fraction): round-half-up((1 − sparsity)·n),
+    so in [0, n]; keep_count(0, s) = 0."""
+    n = check_int("bipkernels.keep_count", "n", n)
+    sparsity = check_sparsity(sparsity, "bipkernels.keep_count")
     return min(max(math.floor((1.0 - sparsity) * n + 0.5), 0), n)
 
 
@@ -141,15 +190,18 @@ def block_scores(scores: torch.Tensor, structure: str | Structure = "unstructure
     """
     _check_float("block_scores", "scores", scores)
     parsed = _structure("block_scores", structure, p, scores)
-    if backend_for("block_scores", scores.device) == "torch":
+    backend = backend_for("block_scores", scores.device)
+    if backend == "torch":
         return reference.block_scores(scores, parsed)
-    return torch.ops.bipkernels.block_scores(scores, *parsed.op_args())
+    return _kernels(backend).block_scores(scores, *parsed.op_args())
 
 
-def topk_threshold(block_scores_list, k: int) -> torch.Tensor:
+def topk_threshold(block_scores_list, k: int, *, absolute: bool = False) -> torch.Tensor:
     """Thresholds (L, 2) float64 that keep the top ``k`` of all block scores of the list together.
 
     The per-tensor form, a single tensor instead of a list, returns its one threshold of shape (2,).
+    ``absolute=True`` ranks |x|: pass the scores themselves to get the threshold of their unstructured
+    block scores without writing |s| out and reading it back (the same result as block_scores first).
 
     Exactly min(k, non-NaN count) blocks are kept; ties go to the lowest global flat index (list order,
     then flat index). Row i = (value, cut) of tensor i, on the tensors' device. k = 0 keeps nothing;
@@ -157,20 +209,26 @@ def topk_threshold(block_scores_list, k: int) -> torch.Tensor:
     """
     op = "topk_threshold"
     if isinstance(block_scores_list, torch.Tensor):
-        return topk_threshold([block_scores_list], k)[0]
+        return topk_threshold([block_scores_list], k, absolute=absolute)[0]
+    if not isinstance(absolute, bool):
+        raise TypeError(f"bipkernels.{op}: absolute must be a bool, got {type(absolute).__name__} {absolute!r}")
+    if not isinstance(block_scores_list, (list, tuple)):
+        raise TypeError(f"bipkernels.{op}: block_scores_list must be a tensor or a list of tensors, "
+                        f"got {type(block_scores_list).__name__} {block_scores_list!r}")
     block_scores_list = list(block_scores_list)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-        raise ValueError(f"bipkernels.{op}: k must be an int >= 0, got {k!r}")
+    k = check_int(f"bipkernels.{op}", "k", k)
     for i, tensor in enumerate(block_scores_list):
         _check_float(op, f"block_scores[{i}]", tensor)
         first = block_scores_list[0]
         if tensor.dtype != first.dtype or tensor.device != first.device:
             raise ValueError(f"bipkernels.{op}: block_scores[{i}] is {tensor.dtype} on {tensor.device} but "
                              f"block_scores[0] is {first.dtype} on {first.device}")
-    device = block_scores_list[0].device if block_scores_list else torch.device("cpu")
-    if backend_for(op, device) == "torch":
+    if not block_scores_list:  # nothing to keep, and no tensor that a compiled op could dispatch on
         return reference.topk_threshold(block_scores_list, k)
-    return torch.ops.bipkernels.topk_threshold(block_scores_list, k)
+    backend = backend_for(op, block_scores_list[0].device)
+    if backend == "torch":
+        return reference.topk_threshold(block_scores_list, k, absolute)
+    return _kernels(backend).topk_threshold(block_scores_list, k, absolute)
 
 
 def block_mask(scores: torch.Tensor, threshold: torch.Tensor | None, structure: str | Structure = "unstructured",
@@ -179,9 +237,10 @@ def block_mask(scores: torch.Tensor, threshold: torch.Tensor | None, structure: 
     _check_float("block_mask", "scores", scores)
     parsed = _structure("block_mask", structure, p, scores)
     threshold = _check_threshold("block_mask", threshold, scores, parsed)
-    if backend_for("block_mask", scores.device) == "torch":
+    backend = backend_for("block_mask", scores.device)
+    if backend == "torch":
         return reference.block_mask(scores, threshold, parsed)
-    return torch.ops.bipkernels.block_mask(scores, threshold, *parsed.op_args())
+    return _kernels(backend).block_mask(scores, threshold, *parsed.op_args())
 
 
 def topk_masks(scores_list, k: int | None, structure: str | Structure = "unstructured", p: int | None = None):
@@ -206,9 +265,10 @@ def masked_weight(weight: torch.Tensor, scores: torch.Tensor, threshold: torch.T
     _check_like("masked_weight", "scores", scores, "weight", weight)
     parsed = _structure("masked_weight", structure, p, scores)
     threshold = _check_threshold("masked_weight", threshold, scores, parsed)
-    if backend_for("masked_weight", weight.device) == "torch":
+    backend = backend_for("masked_weight", weight.device)
+    if backend == "torch":
         return reference.masked_weight(weight, scores, threshold, parsed)
-    return torch.ops.bipkernels.masked_weight(weight, scores, threshold, *parsed.op_args())
+    return _kernels(backend).masked_weight(weight, scores, threshold, *parsed.op_args())
 
 
 def hypergrad(grad: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, threshold: torch.Tensor | None,
@@ -226,14 +286,88 @@ def hypergrad(grad: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, th
     _check_like(op, "scores", scores, "weight", weight)
     if implicit not in IMPLICIT_FORMS:
         raise ValueError(f"bipkernels.{op}: implicit must be one of {IMPLICIT_FORMS}, got {implicit!r}")
-    if isinstance(inv_gamma, bool) or not isinstance(inv_gamma, (int, float)) or not math.isfinite(inv_gamma):
-        raise ValueError(f"bipkernels.{op}: inv_gamma must be a finite number, got {inv_gamma!r}")
+    inv_gamma = check_number(f"bipkernels.{op}", "inv_gamma", inv_gamma)
     parsed = _structure(op, structure, p, scores)
     threshold = _check_threshold(op, threshold, scores, parsed)
-    if backend_for(op, weight.device) == "torch":
-        return reference.hypergrad(grad, weight, scores, threshold, parsed, float(inv_gamma), implicit)
-    return torch.ops.bipkernels.hypergrad(grad, weight, scores, threshold, *parsed.op_args(), float(inv_gamma),
-                                          IMPLICIT_FORMS.index(implicit))
+    backend = backend_for(op, weight.device)
+    if backend == "torch":
+        return reference.hypergrad(grad, weight, scores, threshold, parsed, inv_gamma, implicit)
+    return _kernels(backend).hypergrad(grad, weight, scores, threshold, *parsed.op_args(), float(inv_gamma),
+                                       IMPLICIT_FORMS.index(implicit))
+
+
+# ------------------------------------------------------------------------------------- masked matmul
+
+_FUSED_LINEAR_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def masked_linear_fused(input: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a MaskedLinear call runs the fused masked matmul (masked_linear) instead of masked_weight
+    then F.linear: when the triton backend is forced (BIPKERNELS_BACKEND=triton; raises where it cannot
+    run) or bipkernels.triton.AUTO_ON_CUDA picks it for CUDA tensors, input and weight share a float32,
+    float16 or bfloat16 dtype and a device, and autocast is off. float64 always runs unfused."""
+    if weight.dtype not in _FUSED_LINEAR_DTYPES or input.dtype != weight.dtype or input.device != weight.device:
+        return False
+    forced = _forced_backend()
+    if forced:
+        fused = forced == "triton" and backend_for("masked_linear", weight.device) == "triton"
+    else:
+        fused = (weight.device.type == "cuda" and _triton.AUTO_ON_CUDA["masked_linear"][0] == "triton"
+                 and _triton.unavailable("masked_linear", weight.device) is None)
+    return fused and not torch.is_autocast_enabled(weight.device.type)
+
+
+def _masked_linear_kernels(op: str, device: torch.device):
+    reason = _triton.unavailable("masked_linear", device)
+    if reason:
+        raise RuntimeError(f"bipkernels.{op}: the fused masked matmul runs on the triton backend only, which "
+                           f"cannot run on {device}: {reason}")
+    return _kernels("triton")
+
+
+def masked_linear(input: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, threshold: torch.Tensor | None,
+                  structure: str | Structure = "unstructured", bias: torch.Tensor | None = None,
+                  p: int | None = None) -> torch.Tensor:
+    """input (m ⊙ θ)ᵀ + bias by the fused masked matmul (triton backend): the mask is applied to the
+    weight tiles as they load, no θ ⊙ m is written.
+
+    input (..., in), weight and scores (out, in), bias (out,) or None -> (..., out) in weight's dtype
+    (float32, float16 or bfloat16; bipkernels.triton.masked_linear lists the precisions). Every
+    structure. Not differentiable by itself: bipkernels.autograd.masked_linear is.
+    """
+    op = "masked_linear"
+    _check_float(op, "weight", weight)
+    _check_like(op, "scores", scores, "weight", weight)
+    parsed = _structure(op, structure, p, scores)
+    threshold = _check_threshold(op, threshold, scores, parsed)
+    return _masked_linear_kernels(op, weight.device).masked_linear(input, weight, scores, threshold, bias,
+                                                                   *parsed.op_args())
+
+
+def masked_linear_backward(grad_output: torch.Tensor, input: torch.Tensor, weight: torch.Tensor,
+                           scores: torch.Tensor, threshold: torch.Tensor | None,
+                           structure: str | Structure = "unstructured", p: int | None = None,
+                           inv_gamma: float = 0.0, implicit: str = "paper", input_grad: bool = True):
+    """(grad_input or None, grad_θ, grad_s) of masked_linear from grad_output = ∂l/∂y (..., out).
+
+    grad_input = grad_output (m ⊙ θ) (None unless ``input_grad``); grad_θ and grad_s are hypergrad's for
+    G = grad_outputᵀ input (over all leading dimensions), written by the epilogue of the matmul that
+    computes G, from its float32 accumulator. grad_θ, grad_s: (out, in) in weight's dtype.
+    """
+    op = "masked_linear_backward"
+    _check_float(op, "weight", weight)
+    _check_like(op, "scores", scores, "weight", weight)
+    if implicit not in IMPLICIT_FORMS:
+        raise ValueError(f"bipkernels.{op}: implicit must be one of {IMPLICIT_FORMS}, got {implicit!r}")
+    inv_gamma = check_number(f"bipkernels.{op}", "inv_gamma", inv_gamma)
+    parsed = _structure(op, structure, p, scores)
+    threshold = _check_threshold(op, threshold, scores, parsed)
+    kernels = _masked_linear_kernels(op, weight.device)
+    grad_input = kernels.masked_linear_grad_input(grad_output, weight, scores, threshold, *parsed.op_args()) \
+        if input_grad else None
+    grad_weight, grad_scores = kernels.masked_linear_grad_weight(
+        grad_output, input, weight, scores, threshold, *parsed.op_args(), inv_gamma, IMPLICIT_FORMS.index(implicit))
+    return grad_input, grad_weight, grad_scores
 
 
 # ---------------------------------------------------------------------------------------- fake kernels
@@ -252,7 +386,7 @@ if _C is not None:
         return scores.new_empty(shape, dtype=reference.score_dtype(scores.dtype))
 
     @torch.library.register_fake("bipkernels::topk_threshold")
-    def _topk_threshold_fake(block_scores_list, k):
+    def _topk_threshold_fake(block_scores_list, k, absolute=False):
         device = block_scores_list[0].device if block_scores_list else torch.device("cpu")
         return torch.empty(len(block_scores_list), 2, dtype=torch.float64, device=device)
 

@@ -59,12 +59,14 @@ def block_scores(scores: torch.Tensor, structure: Structure) -> torch.Tensor:
     return summed.to(out_dtype)
 
 
-def topk_threshold(block_scores_list: list[torch.Tensor], k: int) -> torch.Tensor:
-    """(L, 2) float64 thresholds (value, cut), one row per tensor, keeping the top k blocks of all."""
+def topk_threshold(block_scores_list: list[torch.Tensor], k: int, absolute: bool = False) -> torch.Tensor:
+    """(L, 2) float64 thresholds (value, cut), one row per tensor, keeping the top k blocks of all.
+
+    ``absolute`` ranks |x| instead of x (unstructured block scores taken straight from the scores)."""
     if not block_scores_list:
         return torch.empty(0, 2, dtype=torch.float64)
     device = block_scores_list[0].device
-    flat = [b.reshape(-1).double() for b in block_scores_list]
+    flat = [(b.abs() if absolute else b).reshape(-1).double() for b in block_scores_list]
     values = torch.cat(flat)
     nan = values.isnan()
     kept = torch.clamp((~nan).sum(), max=k)

@@ -8,7 +8,8 @@
 
 TORCH_LIBRARY(bipkernels, m) {
   m.def("block_scores(Tensor scores, int kind, int a, int b, int p) -> Tensor");
-  m.def("topk_threshold(Tensor[] block_scores, int k) -> Tensor");
+  // absolute: rank |x| (the unstructured block scores, taken straight from the scores).
+  m.def("topk_threshold(Tensor[] block_scores, int k, bool absolute=False) -> Tensor");
   m.def("block_mask(Tensor scores, Tensor threshold, int kind, int a, int b, int p) -> Tensor");
   m.def("masked_weight(Tensor weight, Tensor scores, Tensor threshold, int kind, int a, int b, int p) -> Tensor");
   m.def(
@@ -16,5 +17,5 @@ TORCH_LIBRARY(bipkernels, m) {
       "float inv_gamma, int implicit) -> (Tensor, Tensor)");
   // Test-only: the host model of the CUDA topk_threshold (csrc/include/bipkernels/gpu_select.h), with
   // its chunk size and tensors per launch as arguments.
-  m.def("_topk_threshold_gpu_model(Tensor[] block_scores, int k, int chunk, int capacity) -> Tensor");
+  m.def("_topk_threshold_gpu_model(Tensor[] block_scores, int k, int chunk, int capacity, bool absolute=False) -> Tensor");
 }

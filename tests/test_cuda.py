@@ -105,6 +105,8 @@ def test_cuda_topk_threshold_matches_reference_and_its_host_model(monkeypatch, s
             assert got.device == on_gpu[0].device
             assert torch.equal(got.cpu(), want), (k, got, want)
             assert torch.equal(torch.ops.bipkernels._topk_threshold_gpu_model(tensors, k, 4096, 128), want)
+            assert torch.equal(ops.topk_threshold([-t for t in on_gpu], k, absolute=True).cpu(),
+                               reference.topk_threshold([t.abs() for t in tensors], k)), k
 
 
 def test_cuda_ops_never_wait_for_the_host_and_repeat_bit_for_bit(monkeypatch, seed):
@@ -184,3 +186,46 @@ def test_cuda_topk_threshold_and_masked_weight_past_2_to_the_31(monkeypatch):
     kept = ops.masked_weight(torch.ones_like(scores), scores, threshold)
     assert int(kept.sum(dtype=torch.float32)) == 14
     assert kept[big + 2] == 1 and kept[big + 3] == 0 and kept[-1] == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layer", ["conv", "linear"])
+def test_cuda_masked_layers_match_the_float64_cpu_layer(seed, dtype, layer):
+    import copy
+
+    import bipkernels
+
+    dense = nn.Sequential(nn.Conv2d(6, 10, 3, padding=1)) if layer == "conv" else nn.Sequential(nn.Linear(24, 10))
+    reference_model = bipkernels.convert(dense.double(), 0.6, "2:4" if layer == "linear" else "filter")
+    cuda_model = copy.deepcopy(reference_model).to(device="cuda", dtype=dtype)
+    inputs = torch.randn(4, 6, 5, 5, dtype=torch.float64) if layer == "conv" else torch.randn(4, 24, dtype=torch.float64)
+    want = reference_model(inputs)
+    got = cuda_model(inputs.to(device="cuda", dtype=dtype))
+    tolerance = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 8e-2}[dtype]
+    torch.testing.assert_close(got.double().cpu(), want, rtol=tolerance, atol=tolerance)
+    want.square().sum().backward()
+    got.double().square().sum().backward()
+    for (name, expected), actual in zip(reference_model.named_parameters(), cuda_model.parameters()):
+        torch.testing.assert_close(actual.grad.double().cpu(), expected.grad, rtol=tolerance, atol=tolerance * 10,
+                                   msg=name)
+    for got_mask, want_mask in zip(bipkernels.masks(cuda_model).values(), bipkernels.masks(reference_model).values()):
+        assert torch.equal(got_mask.cpu(), want_mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("offset", [0, 1, 3])
+def test_cuda_vector_and_scalar_paths_on_aligned_and_offset_storage(monkeypatch, seed, dtype, offset):
+    # Offsets of 1 and 3 elements leave the pointers off 16-byte alignment: the one-element path.
+    force_backend(monkeypatch, "cuda")
+    structure = parse_structure("unstructured")
+    shape, n = (37, 11), 37 * 11
+    grad, weight, scores = (torch.randn(shape, dtype=torch.float64).to(dtype) for _ in range(3))
+    threshold = reference.topk_threshold([reference.block_scores(scores, structure)], n // 3)[0]
+    on_gpu = [torch.cat([torch.zeros(offset, dtype=dtype), t.reshape(-1)]).cuda()[offset:].view(shape)
+              for t in (grad, weight, scores)]
+    assert on_gpu[0].storage_offset() == offset
+    got_weight = ops.masked_weight(on_gpu[1], on_gpu[2], threshold.cuda(), structure)
+    assert torch.equal(got_weight.cpu(), reference.masked_weight(weight, scores, threshold, structure))
+    got = ops.hypergrad(*on_gpu, threshold.cuda(), structure, inv_gamma=0.2)
+    want = reference.hypergrad(grad, weight, scores, threshold, structure, 0.2)
+    assert all(torch.equal(g.cpu(), w) for g, w in zip(got, want))

@@ -10,7 +10,8 @@ import bipkernels
 from bipkernels import ops, reference
 from bipkernels.structures import parse_structure
 
-from conftest import HAS_CPU_KERNELS, SHAPES, STRUCTURES, fits, force_backend, tied_scores, with_specials
+from conftest import (HAS_CPU_KERNELS, SHAPES, STRUCTURES, fits, force_backend, score_lists, tied_scores, topk_ks,
+                      with_specials)
 
 needs_cpu_kernels = pytest.mark.skipif(not HAS_CPU_KERNELS, reason="the compiled extension is not built")
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
@@ -57,6 +58,21 @@ def test_topk_threshold(monkeypatch, seed, dtype, sizes):
             kept = sum(int(reference._kept_blocks(t.to(reference.score_dtype(dtype)), row).sum())
                        for t, row in zip(tensors, got))
             assert kept == min(k, sum(int((~t.isnan()).sum()) for t in tensors))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_cpu_kernels)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_topk_threshold_absolute_equals_the_unstructured_block_scores_first(monkeypatch, seed, backend, dtype):
+    # Signed scores with ties, NaN, ±inf and -0.0: ranking |s| in place must equal ranking block_scores(s).
+    force_backend(monkeypatch, backend)
+    for tensors in score_lists([300, 0, 45, 129], dtype):
+        signed = [t * (torch.randint(0, 2, t.shape) * 2 - 1).to(dtype) for t in tensors]
+        block_scores = [reference.block_scores(t, parse_structure("unstructured")) for t in signed]
+        for k in topk_ks(474):
+            want = reference.topk_threshold(block_scores, k)
+            assert torch.equal(ops.topk_threshold(signed, k, absolute=True), want), k
+            assert torch.equal(ops.topk_threshold(signed[0], k, absolute=True), reference.topk_threshold(
+                block_scores[:1], k)[0]), k
 
 
 @needs_cpu_kernels

@@ -16,8 +16,8 @@ DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 TABLE_CAPACITY = 128  # gpu_select.h kTableCapacity
 
 
-def model(tensors, k, chunk=4096, capacity=TABLE_CAPACITY):
-    return torch.ops.bipkernels._topk_threshold_gpu_model(tensors, k, chunk, capacity)
+def model(tensors, k, chunk=4096, capacity=TABLE_CAPACITY, absolute=False):
+    return torch.ops.bipkernels._topk_threshold_gpu_model(tensors, k, chunk, capacity, absolute)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -29,6 +29,9 @@ def test_model_equals_reference(seed, dtype, sizes, chunk, capacity):
             got = model(tensors, k, chunk, capacity)
             want = reference.topk_threshold(tensors, k)
             assert torch.equal(got, want), (k, got, want)
+            magnitudes = reference.topk_threshold([t.abs() for t in tensors], k)
+            negated = [-t for t in tensors]  # the select of |x| on the scores themselves
+            assert torch.equal(model(negated, k, chunk, capacity, absolute=True), magnitudes), k
 
 
 def test_model_with_all_scores_tied_across_many_chunks_and_groups(seed):

@@ -50,11 +50,12 @@ struct Segments {
   }
 };
 
-template <typename in_t>
+template <typename in_t, bool Absolute>
 void select_threshold(const std::vector<at::Tensor>& inputs, int64_t k, at::Tensor& out) {
   using score_t = at::opmath_type<in_t>;
   using key_t = typename SelectKey<score_t>::type;
   using Digits = Radix<key_t, kDigitBits>;
+  const auto score_of = [](in_t value) { return ranked_score<Absolute>(static_cast<score_t>(value)); };
   constexpr int64_t kDigitBuckets = Digits::kBuckets;
   const size_t count = inputs.size();
   Segments<in_t> segments;
@@ -79,7 +80,7 @@ void select_threshold(const std::vector<at::Tensor>& inputs, int64_t k, at::Tens
     for (int64_t from = begin; from < end; from += kFlushEvery) {
       std::fill(local.begin(), local.end(), 0);
       segments.for_range(from, std::min(end, from + kFlushEvery), [&](size_t, const in_t* data, int64_t lo, int64_t hi) {
-        for (int64_t j = lo; j < hi; ++j) ++local[Digits::digit(select_key(static_cast<score_t>(data[j])), 0)];
+        for (int64_t j = lo; j < hi; ++j) ++local[Digits::digit(select_key(score_of(data[j])), 0)];
       });
       std::lock_guard<std::mutex> lock(merge);
       for (int64_t d = 0; d < kDigitBuckets; ++d) histogram[d] += local[d];
@@ -103,7 +104,7 @@ void select_threshold(const std::vector<at::Tensor>& inputs, int64_t k, at::Tens
       std::vector<key_t> local;
       segments.for_range(begin, end, [&](size_t, const in_t* data, int64_t lo, int64_t hi) {
         for (int64_t j = lo; j < hi; ++j) {
-          const key_t key = select_key(static_cast<score_t>(data[j]));
+          const key_t key = select_key(score_of(data[j]));
           if (Digits::digit(key, 0) == choice.digit) local.push_back(key);
         }
       });
@@ -133,7 +134,7 @@ void select_threshold(const std::vector<at::Tensor>& inputs, int64_t k, at::Tens
   at::parallel_for(0, segments.total(), kSelectGrain, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> local(count, 0);
     segments.for_range(begin, end, [&](size_t tensor, const in_t* data, int64_t lo, int64_t hi) {
-      for (int64_t j = lo; j < hi; ++j) local[tensor] += static_cast<score_t>(data[j]) == tie_value;
+      for (int64_t j = lo; j < hi; ++j) local[tensor] += score_of(data[j]) == tie_value;
     });
     std::lock_guard<std::mutex> lock(merge);
     for (size_t i = 0; i < count; ++i) ties_in[i] += local[i];
@@ -145,13 +146,13 @@ void select_threshold(const std::vector<at::Tensor>& inputs, int64_t k, at::Tens
     int64_t last_kept = -1;  // flat index of the kept_here-th tie, needed only for a partial cut
     if (kept_here > 0 && kept_here < ties_in[i]) {
       const in_t* data = segments.data[i];
-      for (int64_t seen = 0; seen < kept_here;) seen += static_cast<score_t>(data[++last_kept]) == tie_value;
+      for (int64_t seen = 0; seen < kept_here;) seen += score_of(data[++last_kept]) == tie_value;
     }
     return canonical_cut(kept_here, ties_in[i], segments.numel(i), last_kept);
   });
 }
 
-at::Tensor topk_threshold(const std::vector<at::Tensor>& block_scores, int64_t k) {
+at::Tensor topk_threshold(const std::vector<at::Tensor>& block_scores, int64_t k, bool absolute) {
   TORCH_CHECK(k >= 0, "bipkernels.topk_threshold: k must be >= 0, got ", k);
   std::vector<at::Tensor> inputs;
   for (size_t i = 0; i < block_scores.size(); ++i) {
@@ -166,7 +167,9 @@ at::Tensor topk_threshold(const std::vector<at::Tensor>& block_scores, int64_t k
   at::Tensor out = at::empty({static_cast<int64_t>(inputs.size()), 2}, at::TensorOptions().dtype(at::kDouble));
   if (inputs.empty()) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, inputs[0].scalar_type(), "topk_threshold",
-                                  [&] { select_threshold<scalar_t>(inputs, k, out); });
+                                  [&] {
+    absolute ? select_threshold<scalar_t, true>(inputs, k, out) : select_threshold<scalar_t, false>(inputs, k, out);
+  });
   return out;
 }
 

@@ -18,10 +18,11 @@
 namespace bipkernels::cpu {
 namespace {
 
-template <typename in_t>
+template <typename in_t, bool Absolute>
 void model_select(const std::vector<at::Tensor>& inputs, int64_t k, int64_t chunk, int capacity, double* rows) {
   using score_t = at::opmath_type<in_t>;
   using key_t = typename SelectKey<score_t>::type;
+  const auto key_of = [](in_t value) { return select_key(ranked_score<Absolute>(static_cast<score_t>(value))); };
   const auto tables = plan_tables<in_t>(inputs, capacity, chunk);
   const int64_t total_chunks = tables.back().first_chunk + tables.back().chunks();
   int64_t total = 0;
@@ -32,7 +33,7 @@ void model_select(const std::vector<at::Tensor>& inputs, int64_t k, int64_t chun
       for (int64_t c = 0; c < table.chunks(); ++c) {
         const ChunkSpan span = chunk_span(table, c, chunk);
         for (int64_t j = span.begin; j < span.end; ++j) {
-          visit(select_key(static_cast<score_t>(table.data[span.tensor][j])), table, c, j);
+          visit(key_of(table.data[span.tensor][j]), table, c, j);
         }
       }
     }
@@ -87,7 +88,7 @@ void model_select(const std::vector<at::Tensor>& inputs, int64_t k, int64_t chun
         while (before + chunk_ties[c] < kept) before += chunk_ties[c++];
         const ChunkSpan span = chunk_span(table, c - table.first_chunk, chunk);
         for (int64_t j = span.begin; before < kept; ++j) {
-          before += is_tie(select_key(static_cast<score_t>(table.data[t][j])), state);
+          before += is_tie(key_of(table.data[t][j]), state);
           last_kept = j;
         }
       }
@@ -99,7 +100,7 @@ void model_select(const std::vector<at::Tensor>& inputs, int64_t k, int64_t chun
 }
 
 at::Tensor topk_threshold_gpu_model(const std::vector<at::Tensor>& block_scores, int64_t k, int64_t chunk,
-                                    int64_t capacity) {
+                                    int64_t capacity, bool absolute) {
   const char* op = "_topk_threshold_gpu_model";
   TORCH_CHECK(k >= 0, "bipkernels.", op, ": k must be >= 0, got ", k);
   TORCH_CHECK(chunk >= 1, "bipkernels.", op, ": chunk must be >= 1, got ", chunk);
@@ -115,7 +116,9 @@ at::Tensor topk_threshold_gpu_model(const std::vector<at::Tensor>& block_scores,
   at::Tensor out = at::empty({static_cast<int64_t>(inputs.size()), 2}, at::TensorOptions().dtype(at::kDouble));
   if (inputs.empty()) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, inputs[0].scalar_type(), "_topk_threshold_gpu_model", [&] {
-    model_select<scalar_t>(inputs, k, chunk, static_cast<int>(capacity), out.mutable_data_ptr<double>());
+    double* rows = out.mutable_data_ptr<double>();
+    absolute ? model_select<scalar_t, true>(inputs, k, chunk, static_cast<int>(capacity), rows)
+             : model_select<scalar_t, false>(inputs, k, chunk, static_cast<int>(capacity), rows);
   });
   return out;
 }

@@ -1,5 +1,6 @@
 // CUDA kernel of bipkernels::hypergrad: one pass reads g, θ and s and writes grad_θ and grad_s through
-// math.h's MaskRule and hypergrad_element (the functions the CPU kernel runs).
+// math.h's MaskRule and hypergrad_element (the functions the CPU kernel runs); 16-byte loads and stores
+// where the pointers allow (launch.cuh: for_each_run).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty_like.h>
@@ -10,18 +11,27 @@
 namespace bipkernels::cuda {
 namespace {
 
-template <int64_t Kind, typename scalar_t, typename score_t>
+template <int64_t Kind, int Width, typename scalar_t, typename score_t>
 __global__ void hypergrad_kernel(MaskRule<scalar_t, score_t> unloaded, const scalar_t* grad, const scalar_t* theta,
                                  scalar_t* grad_theta, scalar_t* grad_score, at::opmath_type<scalar_t> inv_gamma,
                                  int64_t implicit, int64_t n) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto rule = unloaded.loaded();
-  for (int64_t i = first_index(); i < n; i += grid_stride()) {
-    const auto element = hypergrad_element<acc_t>(static_cast<acc_t>(grad[i]), static_cast<acc_t>(theta[i]),
-                                                  rule.template kept<Kind>(i), inv_gamma, implicit);
-    grad_theta[i] = static_cast<scalar_t>(element.grad_theta);
-    grad_score[i] = static_cast<scalar_t>(element.grad_score);
-  }
+  for_each_run<Width>(n, [&](int64_t first, auto width) {
+    constexpr int W = decltype(width)::value;
+    const auto g = *reinterpret_cast<const Vector<scalar_t, W>*>(grad + first);
+    const auto t = *reinterpret_cast<const Vector<scalar_t, W>*>(theta + first);
+    Vector<scalar_t, W> out_theta, out_score;
+#pragma unroll
+    for (int j = 0; j < W; ++j) {
+      const auto element = hypergrad_element<acc_t>(static_cast<acc_t>(g.lane[j]), static_cast<acc_t>(t.lane[j]),
+                                                    rule.template kept<Kind>(first + j), inv_gamma, implicit);
+      out_theta.lane[j] = static_cast<scalar_t>(element.grad_theta);
+      out_score.lane[j] = static_cast<scalar_t>(element.grad_score);
+    }
+    *reinterpret_cast<Vector<scalar_t, W>*>(grad_theta + first) = out_theta;
+    *reinterpret_cast<Vector<scalar_t, W>*>(grad_score + first) = out_score;
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> hypergrad(const at::Tensor& grad, const at::Tensor& weight,
@@ -35,12 +45,19 @@ std::tuple<at::Tensor, at::Tensor> hypergrad(const at::Tensor& grad, const at::T
   const int64_t n = weight.numel();
   if (n == 0) return {grad_weight, grad_scores};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "hypergrad", [&] {
+    const scalar_t* g = grad_contiguous.const_data_ptr<scalar_t>();
+    const scalar_t* theta = weight_contiguous.const_data_ptr<scalar_t>();
+    scalar_t* out_theta = grad_weight.mutable_data_ptr<scalar_t>();
+    scalar_t* out_score = grad_scores.mutable_data_ptr<scalar_t>();
     with_kind(prepared.layout.kind, [&](auto kind) {
-      hypergrad_kernel<decltype(kind)::value><<<grid_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          prepared.rule<scalar_t>(), grad_contiguous.const_data_ptr<scalar_t>(),
-          weight_contiguous.const_data_ptr<scalar_t>(), grad_weight.mutable_data_ptr<scalar_t>(),
-          grad_scores.mutable_data_ptr<scalar_t>(), static_cast<at::opmath_type<scalar_t>>(inv_gamma), implicit, n);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      with_vector_width<scalar_t>(vector_width<scalar_t>({g, theta, out_theta, out_score}), [&](auto width) {
+        constexpr int W = decltype(width)::value;
+        hypergrad_kernel<decltype(kind)::value, W><<<grid_for(ceil_div(n, W)), kThreads, 0,
+                                                    c10::cuda::getCurrentCUDAStream()>>>(
+            prepared.rule<scalar_t>(), g, theta, out_theta, out_score,
+            static_cast<at::opmath_type<scalar_t>>(inv_gamma), implicit, n);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   });
   return {grad_weight, grad_scores};

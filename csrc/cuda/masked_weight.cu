@@ -16,13 +16,18 @@ __global__ void block_mask_kernel(MaskRule<scalar_t, score_t> unloaded, bool* ma
   for (int64_t i = first_index(); i < n; i += grid_stride()) mask[i] = rule.template kept<Kind>(i);
 }
 
-template <int64_t Kind, typename scalar_t, typename score_t>
+template <int64_t Kind, int Width, typename scalar_t, typename score_t>
 __global__ void masked_weight_kernel(MaskRule<scalar_t, score_t> unloaded, const scalar_t* weight, scalar_t* out,
                                      int64_t n) {
   const auto rule = unloaded.loaded();
-  for (int64_t i = first_index(); i < n; i += grid_stride()) {
-    out[i] = rule.template kept<Kind>(i) ? weight[i] : scalar_t(0);
-  }
+  for_each_run<Width>(n, [&](int64_t first, auto width) {
+    constexpr int W = decltype(width)::value;
+    const auto theta = *reinterpret_cast<const Vector<scalar_t, W>*>(weight + first);
+    Vector<scalar_t, W> result;
+#pragma unroll
+    for (int j = 0; j < W; ++j) result.lane[j] = rule.template kept<Kind>(first + j) ? theta.lane[j] : scalar_t(0);
+    *reinterpret_cast<Vector<scalar_t, W>*>(out + first) = result;
+  });
 }
 
 at::Tensor block_mask(const at::Tensor& scores, const at::Tensor& threshold, int64_t kind, int64_t a, int64_t b,
@@ -52,11 +57,16 @@ at::Tensor masked_weight(const at::Tensor& weight, const at::Tensor& scores, con
   const int64_t n = weight.numel();
   if (n == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "masked_weight", [&] {
+    const scalar_t* theta = weight_contiguous.const_data_ptr<scalar_t>();
+    scalar_t* result = out.mutable_data_ptr<scalar_t>();
     with_kind(prepared.layout.kind, [&](auto kind) {
-      masked_weight_kernel<decltype(kind)::value><<<grid_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          prepared.rule<scalar_t>(), weight_contiguous.const_data_ptr<scalar_t>(),
-          out.mutable_data_ptr<scalar_t>(), n);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      with_vector_width<scalar_t>(vector_width<scalar_t>({theta, result}), [&](auto width) {
+        constexpr int W = decltype(width)::value;
+        masked_weight_kernel<decltype(kind)::value, W><<<grid_for(ceil_div(n, W)), kThreads, 0,
+                                                        c10::cuda::getCurrentCUDAStream()>>>(
+            prepared.rule<scalar_t>(), theta, result, n);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   });
   return out;

@@ -28,9 +28,9 @@ static_assert(2 * kChooseThreads == kGpuBuckets, "the choice step gives each thr
 template <typename in_t>
 using KeyOf = typename SelectKey<at::opmath_type<in_t>>::type;
 
-template <typename in_t>
+template <bool Absolute, typename in_t>
 __device__ __forceinline__ KeyOf<in_t> key_at(const in_t* data, int64_t index) {
-  return select_key(static_cast<at::opmath_type<in_t>>(data[index]));
+  return select_key(ranked_score<Absolute>(static_cast<at::opmath_type<in_t>>(data[index])));
 }
 
 // Blocks for a pass over `chunks` chunks: enough to fill the device, and few enough chunks per block that
@@ -43,7 +43,7 @@ unsigned int blocks_for_chunks(int64_t chunks, int device) {
 }
 
 // Pass `pass`: adds this group's counts of histogram_slot to `histogram` (kGpuBuckets + 1 slots).
-template <typename in_t>
+template <typename in_t, bool Absolute>
 __global__ void histogram_kernel(SegmentTable<in_t> table, int pass, const SelectState* state_ptr,
                                  unsigned long long* histogram) {
   using key_t = KeyOf<in_t>;
@@ -58,7 +58,7 @@ __global__ void histogram_kernel(SegmentTable<in_t> table, int pass, const Selec
       const ChunkSpan span = chunk_span(table, chunk, kSelectChunk);
       const in_t* data = table.data[span.tensor];
       for (int64_t j = span.begin + threadIdx.x; j < span.end; j += blockDim.x) {
-        const int64_t slot = histogram_slot(key_at(data, j), prefix, pass);
+        const int64_t slot = histogram_slot(key_at<Absolute>(data, j), prefix, pass);
         if (slot >= 0) atomicAdd(&local[slot], 1u);
       }
     }
@@ -102,7 +102,7 @@ __global__ void choose_kernel(unsigned long long* histogram, SelectState* state_
 }
 
 // Ties to the k-th value per chunk, and per tensor (one atomic per chunk); only for a partial tie cut.
-template <typename in_t>
+template <typename in_t, bool Absolute>
 __global__ void tie_count_kernel(SegmentTable<in_t> table, const SelectState* state_ptr, int64_t* chunk_ties,
                                  unsigned long long* tensor_ties) {
   const SelectState state = *state_ptr;
@@ -114,7 +114,7 @@ __global__ void tie_count_kernel(SegmentTable<in_t> table, const SelectState* st
     const ChunkSpan span = chunk_span(table, chunk, kSelectChunk);
     unsigned int mine = 0;
     for (int64_t j = span.begin + threadIdx.x; j < span.end; j += blockDim.x) {
-      mine += is_tie(key_at(table.data[span.tensor], j), state);
+      mine += is_tie(key_at<Absolute>(table.data[span.tensor], j), state);
     }
     atomicAdd(&count, mine);
     __syncthreads();
@@ -159,7 +159,7 @@ __device__ Found block_find_rank(int64_t n, int64_t rank, const Count& count) {
 }
 
 // The rows (value, cut) of this group's tensors. One block.
-template <typename in_t>
+template <typename in_t, bool Absolute>
 __global__ void rows_kernel(SegmentTable<in_t> table, const SelectState* state_ptr, const int64_t* chunk_ties,
                             const unsigned long long* tensor_ties, double* rows) {
   using key_t = KeyOf<in_t>;
@@ -194,7 +194,7 @@ __global__ void rows_kernel(SegmentTable<in_t> table, const SelectState* state_p
       const ChunkSpan span = chunk_span(table, table.chunk_begin[t] + chunk.index, kSelectChunk);
       const in_t* data = table.data[t];
       const Found element = block_find_rank(span.end - span.begin, kept - chunk.before, [&](int64_t j) {
-        return static_cast<int64_t>(is_tie(key_at(data, span.begin + j), state));
+        return static_cast<int64_t>(is_tie(key_at<Absolute>(data, span.begin + j), state));
       });
       last_kept = span.begin + element.index;
     }
@@ -206,7 +206,7 @@ __global__ void rows_kernel(SegmentTable<in_t> table, const SelectState* state_p
   }
 }
 
-template <typename in_t>
+template <typename in_t, bool Absolute>
 void select_threshold(const std::vector<at::Tensor>& inputs, int64_t k, at::Tensor& out) {
   using key_t = KeyOf<in_t>;
   const auto tables = plan_tables<in_t>(inputs, kTableCapacity, kSelectChunk);
@@ -226,7 +226,7 @@ void select_threshold(const std::vector<at::Tensor>& inputs, int64_t k, at::Tens
   for (int pass = 0; pass < GpuDigits<key_t>::kPasses; ++pass) {
     for (const auto& table : tables) {
       if (table.chunks() == 0) continue;
-      histogram_kernel<<<blocks_for_chunks(table.chunks(), device), kThreads, 0, stream>>>(table, pass, state_ptr,
+      histogram_kernel<in_t, Absolute><<<blocks_for_chunks(table.chunks(), device), kThreads, 0, stream>>>(table, pass, state_ptr,
                                                                                             histogram_ptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
@@ -235,18 +235,18 @@ void select_threshold(const std::vector<at::Tensor>& inputs, int64_t k, at::Tens
   }
   for (const auto& table : tables) {
     if (table.chunks() == 0) continue;
-    tie_count_kernel<<<blocks_for_chunks(table.chunks(), device), kThreads, 0, stream>>>(
+    tie_count_kernel<in_t, Absolute><<<blocks_for_chunks(table.chunks(), device), kThreads, 0, stream>>>(
         table, state_ptr, chunk_ties.mutable_data_ptr<int64_t>(), tensor_ties_ptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   for (const auto& table : tables) {
-    rows_kernel<<<1, kRowThreads, 0, stream>>>(table, state_ptr, chunk_ties.const_data_ptr<int64_t>(),
+    rows_kernel<in_t, Absolute><<<1, kRowThreads, 0, stream>>>(table, state_ptr, chunk_ties.const_data_ptr<int64_t>(),
                                                tensor_ties_ptr, out.mutable_data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
-at::Tensor topk_threshold(const std::vector<at::Tensor>& block_scores, int64_t k) {
+at::Tensor topk_threshold(const std::vector<at::Tensor>& block_scores, int64_t k, bool absolute) {
   TORCH_CHECK(k >= 0, "bipkernels.topk_threshold: k must be >= 0, got ", k);
   std::vector<at::Tensor> inputs;
   for (size_t i = 0; i < block_scores.size(); ++i) {
@@ -262,7 +262,9 @@ at::Tensor topk_threshold(const std::vector<at::Tensor>& block_scores, int64_t k
   const c10::cuda::CUDAGuard guard(inputs[0].device());
   at::Tensor out = at::empty({static_cast<int64_t>(inputs.size()), 2}, inputs[0].options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, inputs[0].scalar_type(), "topk_threshold",
-                                  [&] { select_threshold<scalar_t>(inputs, k, out); });
+                                  [&] {
+    absolute ? select_threshold<scalar_t, true>(inputs, k, out) : select_threshold<scalar_t, false>(inputs, k, out);
+  });
   return out;
 }
 

@@ -8,6 +8,7 @@
 // says how many of the scores equal to it are kept; the per-tensor tie cut follows (canonical_cut).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -58,6 +59,19 @@ BIPK_HD key_t key_of_bits(key_t bits) {
 template <typename value_t>
 BIPK_HD auto select_key(value_t value) -> decltype(bits_of(value)) {
   return key_of_bits(bits_of(value));
+}
+
+// The score a select ranks: the value itself, or its magnitude when the select takes the unstructured
+// block scores |s| straight from the scores (which saves writing |s| out and reading it back). NaN stays
+// NaN, and -0.0 needs no care: its key is that of +0.0.
+template <bool Absolute, typename score_t>
+BIPK_HD score_t ranked_score(score_t value) {
+  if constexpr (!Absolute) return value;
+#if defined(__CUDA_ARCH__)
+  return fabs(value);  // a sign-bit clear, not a branch: half of the signed scores are negative
+#else
+  return std::fabs(value);
+#endif
 }
 
 template <typename key_t>
