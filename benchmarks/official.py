@@ -87,7 +87,7 @@ class OfficialIteration:
         self.lr2 = lr2
 
     def _grads(self):
-        return torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel())
+        return torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=p.device)
                           for p in self.model.parameters()])
 
     def __call__(self, batch_a, batch_b):
