@@ -46,3 +46,42 @@ def test_masked_op_cpu(benchmark, op, shape, method):
     benchmark.extra_info["baseline"] = method != "bipkernels cpu"
     out = benchmark(CALLS[op, method], weight, grad, scores, threshold)
     assert int((out != 0).sum()) == bipkernels.keep_count(weight.numel(), 0.9)
+
+
+BLOCK_STRUCTURES = ["filter", "channel", "tile4x4", "2:4"]
+
+
+@pytest.mark.parametrize("structure_name", BLOCK_STRUCTURES)
+@pytest.mark.parametrize("op", ["block_scores", "block_mask"])
+@pytest.mark.parametrize("method", ["bipkernels cpu", "unfused torch"])
+def test_block_ops_cpu(benchmark, monkeypatch, op, structure_name, method):
+    """block_scores and block_mask of ResNet-50's 512×512×3×3 convolution against the reference."""
+    structure = parse_structure(structure_name)
+    scores = torch.randn(SHAPES["conv 512x512x3x3"], generator=torch.Generator().manual_seed(0))
+    threshold = None
+    if structure.uses_threshold:
+        block = reference.block_scores(scores, structure)
+        threshold = reference.topk_threshold([block], bipkernels.keep_count(block.numel(), 0.9))[0]
+    monkeypatch.setenv("BIPKERNELS_BACKEND", "cpu" if method == "bipkernels cpu" else "torch")
+    benchmark.group = f"{op} cpu {structure_name} conv 512x512x3x3"
+    benchmark.extra_info["baseline"] = method != "bipkernels cpu"
+    if op == "block_scores":
+        out = benchmark(bipkernels.block_scores, scores, structure)
+        assert torch.equal(out, reference.block_scores(scores, structure))
+    else:
+        out = benchmark(bipkernels.block_mask, scores, threshold, structure)
+        assert torch.equal(out, reference.block_mask(scores, threshold, structure))
+
+
+@pytest.mark.parametrize("method", ["MaskedConv2d", "nn.Conv2d"])
+def test_masked_conv2d_cpu(benchmark, method):
+    """Forward + backward of a ResNet-50 layer3 3×3 convolution (256 channels, 14×14, batch 16)."""
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Conv2d(256, 256, 3, padding=1, bias=False))
+    if method == "MaskedConv2d":
+        bipkernels.convert(layer, 0.9)
+    inputs = torch.randn(16, 256, 14, 14, requires_grad=True)
+    grad = torch.randn(16, 256, 14, 14)
+    benchmark.group = "conv fwd+bwd cpu layer3 3x3 256, 14x14, batch 16"
+    benchmark.extra_info["baseline"] = method != "MaskedConv2d"
+    benchmark.pedantic(lambda: layer(inputs).backward(grad), rounds=9, warmup_rounds=1)

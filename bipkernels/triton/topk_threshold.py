@@ -52,7 +52,10 @@ def _keys(x, F64: tl.constexpr, ABSOLUTE: tl.constexpr):
         magnitude = bits & 0x7FFFFFFFFFFFFFFF
         nan = magnitude > 0x7FF0000000000000
     else:
-        bits = x.to(tl.float32).to(tl.int32, bitcast=True)
+        if x.dtype == tl.bfloat16:  # widened by its bits: exact, where the interpreter's conversion is not
+            bits = x.to(tl.int16, bitcast=True).to(tl.int32) << 16
+        else:
+            bits = x.to(tl.float32).to(tl.int32, bitcast=True)
         sign = -2147483648
         magnitude = bits & 0x7FFFFFFF
         nan = magnitude > 0x7F800000

@@ -48,22 +48,27 @@ DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 # (triton 3.8), and a GPU may fuse a multiply and add: both stay within one unit.
 EPS = {torch.float64: 2.0**-52, torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 ULPS = 2
+# Below the smallest normal number the spacing stops shrinking with |x|: it is this, absolute.
+SUBNORMAL_SPACING = {dtype: torch.finfo(dtype).tiny * eps for dtype, eps in EPS.items()}
 
 
 def assert_close(got: torch.Tensor, want: torch.Tensor, scale: torch.Tensor | float = 0.0, terms: int = 4) -> None:
     """``got`` (any dtype) equals the float64 ``want`` within ULPS · eps(got) · |want| + terms · eps_acc ·
-    scale, eps_acc that of got's arithmetic (float64 for float64, else float32); NaN where want is NaN,
-    the same infinities."""
+    scale, eps_acc that of got's arithmetic (float64 for float64, else float32), and ULPS subnormal
+    spacings; NaN where want is NaN, the same infinities."""
     assert got.shape == want.shape, (got.shape, want.shape)
     got64, want64 = got.double(), want.double()
     acc = EPS[torch.float64] if got.dtype == torch.float64 else EPS[torch.float32]
-    tolerance = ULPS * EPS[got.dtype] * want64.abs() + terms * acc * torch.as_tensor(scale, dtype=torch.float64)
+    tolerance = ULPS * (EPS[got.dtype] * want64.abs() + SUBNORMAL_SPACING[got.dtype]) \
+        + terms * acc * torch.as_tensor(scale, dtype=torch.float64)
     finite = want64.isfinite()
     assert torch.equal(got64.isnan(), want64.isnan()), "NaN in different places"
     assert torch.equal(got64[~finite & ~want64.isnan()], want64[~finite & ~want64.isnan()]), "different infinities"
     error = (got64 - want64).abs()[finite]
     excess = error - tolerance.expand_as(want64)[finite]
-    assert bool((excess <= 0).all()), f"max error {error.max().item():.3g} over tolerance by {excess.max().item():.3g}"
+    worst = int(excess.argmax()) if excess.numel() else 0
+    assert bool((excess <= 0).all()), (f"error {error[worst].item():.3g} at reference value "
+                                       f"{want64[finite][worst].item():.6g} is over its tolerance by {excess[worst].item():.3g}")
 
 
 @pytest.fixture
