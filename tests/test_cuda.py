@@ -91,6 +91,9 @@ def test_cuda_opcheck(seed):
     torch.library.opcheck(torch.ops.bipkernels.masked_weight.default, (weight, scores, threshold, kind, a, b, p))
     torch.library.opcheck(torch.ops.bipkernels.hypergrad.default,
                           (grad, weight, scores, threshold, kind, a, b, p, 0.1, 1))
+    block = ops.block_scores(scores, structure)
+    for absolute in (False, True):
+        torch.library.opcheck(torch.ops.bipkernels.topk_threshold.default, ([block, -block], 7, absolute))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

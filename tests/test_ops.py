@@ -235,6 +235,7 @@ def test_opcheck(seed, structure_name):
     cases = [
         (torch.ops.bipkernels.block_scores.default, (scores, kind, a, b, p)),
         (torch.ops.bipkernels.topk_threshold.default, ([scores.abs(), weight.abs()], 100)),
+        (torch.ops.bipkernels.topk_threshold.default, ([scores, weight], 100, True)),
         (torch.ops.bipkernels.block_mask.default, (scores, threshold, kind, a, b, p)),
         (torch.ops.bipkernels.masked_weight.default, (weight, scores, threshold, kind, a, b, p)),
         (torch.ops.bipkernels.hypergrad.default, (grad, weight, scores, threshold, kind, a, b, p, 0.1, 0)),
