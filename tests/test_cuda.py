@@ -232,3 +232,17 @@ def test_cuda_vector_and_scalar_paths_on_aligned_and_offset_storage(monkeypatch,
     got = ops.hypergrad(*on_gpu, threshold.cuda(), structure, inv_gamma=0.2)
     want = reference.hypergrad(grad, weight, scores, threshold, structure, 0.2)
     assert all(torch.equal(g.cpu(), w) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("structure_name", ["filter", "channel", "tile8x16"])
+def test_cuda_large_block_reduction_of_continuous_scores(monkeypatch, seed, dtype, structure_name):
+    # Blocks of hundreds of elements take the one-CUDA-block-per-score-block tree sum: its order differs
+    # from the CPU's, so arbitrary scores agree to the rounding of the block score, not bit for bit.
+    force_backend(monkeypatch, "cuda")
+    scores = torch.randn(96, 64, 3, 3, dtype=torch.float64).to(dtype)
+    for p in (1, 2):
+        structure = parse_structure(structure_name, p=p)
+        got = ops.block_scores(scores.cuda(), structure).cpu()
+        want = reference.block_scores(scores, structure)
+        torch.testing.assert_close(got, want, rtol=1e-12 if dtype == torch.float64 else 1.2e-7, atol=0)

@@ -120,13 +120,16 @@ struct BlockLayout {
 // ranking as the norm, and no square root, whose rounding differs between libraries). Accumulates in
 // double so the result does not depend on the order of summation for any block of practical size.
 template <typename scalar_t>
+BIPK_HD double block_term(scalar_t score, int64_t p) {
+  const double magnitude = fabs(static_cast<double>(score));
+  return p == 2 ? magnitude * magnitude : magnitude;
+}
+
+template <typename scalar_t>
 BIPK_HD double block_score(const scalar_t* scores, const BlockLayout& layout, int64_t block, int64_t p) {
   const int64_t size = layout.block_size(block);
   double sum = 0.0;
-  for (int64_t j = 0; j < size; ++j) {
-    const double magnitude = fabs(static_cast<double>(scores[layout.element(block, j)]));
-    sum += p == 2 ? magnitude * magnitude : magnitude;
-  }
+  for (int64_t j = 0; j < size; ++j) sum += block_term(scores[layout.element(block, j)], p);
   return sum;
 }
 
