@@ -83,3 +83,8 @@ def test_cli_info_prints_the_build_facts():
     assert f"bipkernels {bipkernels.__version__}" in result.stdout
     for op in ops.OP_NAMES:
         assert op in result.stdout
+    from importlib import metadata, util
+
+    installed = util.find_spec("triton") is not None
+    assert (f"triton: {metadata.version('triton')}" if installed else "triton: not installed") in result.stdout.splitlines()
+    assert all(("triton" in backends) == installed for backends in build_info()["ops"].values())
