@@ -102,17 +102,10 @@ void model_select(const std::vector<at::Tensor>& inputs, int64_t k, int64_t chun
 at::Tensor topk_threshold_gpu_model(const std::vector<at::Tensor>& block_scores, int64_t k, int64_t chunk,
                                     int64_t capacity, bool absolute) {
   const char* op = "_topk_threshold_gpu_model";
-  TORCH_CHECK(k >= 0, "bipkernels.", op, ": k must be >= 0, got ", k);
   TORCH_CHECK(chunk >= 1, "bipkernels.", op, ": chunk must be >= 1, got ", chunk);
   TORCH_CHECK(capacity >= 1 && capacity <= kTableCapacity, "bipkernels.", op, ": capacity must be in [1, ",
               kTableCapacity, "], got ", capacity);
-  std::vector<at::Tensor> inputs;
-  for (const at::Tensor& tensor : block_scores) {
-    check_floating(tensor, op, "block_scores");
-    TORCH_CHECK(tensor.scalar_type() == block_scores[0].scalar_type() && tensor.device().is_cpu(), "bipkernels.",
-                op, ": block_scores must share one dtype and lie on the CPU");
-    inputs.push_back(tensor.contiguous());
-  }
+  const std::vector<at::Tensor> inputs = contiguous_score_list(block_scores, k, c10::DeviceType::CPU, op);
   at::Tensor out = at::empty({static_cast<int64_t>(inputs.size()), 2}, at::TensorOptions().dtype(at::kDouble));
   if (inputs.empty()) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, inputs[0].scalar_type(), "_topk_threshold_gpu_model", [&] {

@@ -247,17 +247,8 @@ void select_threshold(const std::vector<at::Tensor>& inputs, int64_t k, at::Tens
 }
 
 at::Tensor topk_threshold(const std::vector<at::Tensor>& block_scores, int64_t k, bool absolute) {
-  TORCH_CHECK(k >= 0, "bipkernels.topk_threshold: k must be >= 0, got ", k);
-  std::vector<at::Tensor> inputs;
-  for (size_t i = 0; i < block_scores.size(); ++i) {
-    const at::Tensor& tensor = block_scores[i];
-    check_floating(tensor, "topk_threshold", "block_scores");
-    TORCH_CHECK(tensor.device() == block_scores[0].device() && tensor.is_cuda(), "bipkernels.topk_threshold: "
-                "block_scores[", i, "] is on ", tensor.device(), ", expected ", block_scores[0].device());
-    TORCH_CHECK(tensor.scalar_type() == block_scores[0].scalar_type(), "bipkernels.topk_threshold: block_scores[",
-                i, "] has dtype ", tensor.scalar_type(), " but block_scores[0] has ", block_scores[0].scalar_type());
-    inputs.push_back(tensor.contiguous());
-  }
+  const std::vector<at::Tensor> inputs =
+      contiguous_score_list(block_scores, k, c10::DeviceType::CUDA, "topk_threshold");
   if (inputs.empty()) return at::empty({0, 2}, at::TensorOptions().dtype(at::kDouble));
   const c10::cuda::CUDAGuard guard(inputs[0].device());
   at::Tensor out = at::empty({static_cast<int64_t>(inputs.size()), 2}, inputs[0].options().dtype(at::kDouble));

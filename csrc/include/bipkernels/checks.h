@@ -2,6 +2,8 @@
 // offending value, so an error deep inside a training run says what was wrong.
 #pragma once
 
+#include <vector>
+
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -13,6 +15,25 @@ inline void check_floating(const at::Tensor& tensor, const char* op, const char*
   const auto dtype = tensor.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
               "bipkernels.", op, ": ", name, " must be float32, float64, float16 or bfloat16, got ", dtype);
+}
+
+// The block-score list of a select (topk_threshold and its GPU model), checked and made contiguous:
+// k >= 0, floating tensors of one dtype, all on the device of the first, which is of `device_type`.
+inline std::vector<at::Tensor> contiguous_score_list(const std::vector<at::Tensor>& block_scores, int64_t k,
+                                                     c10::DeviceType device_type, const char* op) {
+  TORCH_CHECK(k >= 0, "bipkernels.", op, ": k must be >= 0, got ", k);
+  std::vector<at::Tensor> inputs;
+  for (size_t i = 0; i < block_scores.size(); ++i) {
+    const at::Tensor& tensor = block_scores[i];
+    check_floating(tensor, op, "block_scores");
+    TORCH_CHECK(tensor.device().type() == device_type && tensor.device() == block_scores[0].device(), "bipkernels.",
+                op, ": block_scores[", i, "] is on ", tensor.device(), ", expected ", c10::DeviceTypeName(device_type),
+                " tensors on the device of block_scores[0] (", block_scores[0].device(), ")");
+    TORCH_CHECK(tensor.scalar_type() == block_scores[0].scalar_type(), "bipkernels.", op, ": block_scores[", i,
+                "] has dtype ", tensor.scalar_type(), " but block_scores[0] has ", block_scores[0].scalar_type());
+    inputs.push_back(tensor.contiguous());
+  }
+  return inputs;
 }
 
 inline void check_like(const at::Tensor& tensor, const at::Tensor& like, const char* op, const char* name,
