@@ -24,6 +24,7 @@ NaN and ±inf, on every backend:
 from __future__ import annotations
 
 import warnings
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -38,6 +39,13 @@ SCOPES = ("global", "layer")
 def keep_all_threshold(device=None) -> torch.Tensor:
     """The threshold (-inf, +inf): every non-NaN score is kept."""
     return torch.tensor([float("-inf"), float("inf")], dtype=torch.float64, device=device)
+
+
+class _Recompute(NamedTuple):
+    """Where a saved view of θ ⊙ m lies in a recomputed θ ⊙ m."""
+    size: torch.Size
+    stride: tuple[int, ...]
+    storage_offset: int
 
 
 class _Masked:
@@ -60,6 +68,40 @@ class _Masked:
         """θ ⊙ m, differentiable with respect to both ``weight`` and ``scores``."""
         return autograd.masked_weight(self.weight, self.scores, self.threshold, self.structure, self.inv_gamma,
                                       self.implicit)
+
+    def _with_masked_weight(self, function, input: torch.Tensor) -> torch.Tensor:
+        """function(input, θ ⊙ m, bias), keeping no θ ⊙ m for the backward.
+
+        The convolution or matmul would save θ ⊙ m (or a view of it) for its backward: one more
+        weight-sized tensor per layer, alive from the forward to the backward, on top of the scores and
+        their momentum. Saved-tensor hooks save a note instead and recompute θ ⊙ m from θ, the scores and
+        the threshold when the backward asks (one more masked_weight per layer). θ, the scores and the
+        threshold must not change in place between the two, as autograd requires of saved tensors.
+        Compiled graphs choose what to save themselves.
+        """
+        masked = self.masked_weight()
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return function(input, masked, self.bias)
+        sources = (self.weight, self.scores, self.threshold)
+        versions = [source._version for source in sources]
+        # pack lives as long as what it saved: it must not hold θ ⊙ m itself.
+        device, storage = masked.device, masked.untyped_storage().data_ptr()
+
+        def pack(tensor):
+            if tensor.device == device and tensor.untyped_storage().data_ptr() == storage:
+                return _Recompute(tensor.size(), tensor.stride(), tensor.storage_offset())
+            return tensor
+
+        def unpack(saved):
+            if not isinstance(saved, _Recompute):
+                return saved
+            if [source._version for source in sources] != versions:
+                raise RuntimeError(f"{type(self).__name__}: weight, scores or threshold changed in place between "
+                                   "the forward and the backward, so θ ⊙ m cannot be recomputed")
+            return self.masked_weight().as_strided(saved.size, saved.stride, saved.storage_offset)
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            return function(input, masked, self.bias)
 
     @torch.no_grad()
     def mask(self) -> torch.Tensor:
@@ -129,7 +171,7 @@ class MaskedConv2d(_Masked, nn.Conv2d):
         self._init_mask(parsed)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(input, self.masked_weight(), self.bias)
+        return self._with_masked_weight(self._conv_forward, input)
 
 
 class MaskedLinear(_Masked, nn.Linear):
@@ -144,7 +186,7 @@ class MaskedLinear(_Masked, nn.Linear):
         if ops.masked_linear_fused(input, self.weight):  # the mask applied inside the matmuls (triton)
             return autograd.masked_linear(input, self.weight, self.bias, self.scores, self.threshold, self.structure,
                                           self.inv_gamma, self.implicit)
-        return F.linear(input, self.masked_weight(), self.bias)
+        return self._with_masked_weight(F.linear, input)
 
 
 MASKED_LAYERS = (MaskedConv2d, MaskedLinear)

@@ -73,6 +73,46 @@ def test_fused_backward_equals_autograd_through_the_reference(seed, structure, i
     torch.testing.assert_close(layer.scores.grad, scores.grad - 0.37 * implicit_term, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("make, input_shape", [
+    (lambda: bipkernels.MaskedConv2d(4, 6, 3, padding=1, dtype=torch.float64), (2, 4, 5, 5)),
+    (lambda: bipkernels.MaskedLinear(7, 5, dtype=torch.float64), (3, 2, 7)),  # saves a view of θ ⊙ m
+])
+def test_forward_keeps_no_masked_weight_and_the_backward_recomputes_it(seed, make, input_shape):
+    """θ ⊙ m is not kept from the forward to the backward (one weight-sized tensor per layer less); the
+    gradients from the recomputed one equal autograd through the reference; an in-place change of a
+    source in between is refused, as autograd refuses it for a saved tensor."""
+    import weakref
+
+    layer = make()
+    bipkernels.project(layer, 0.5)
+    layer.inv_gamma = 0.3
+    produced = []
+    masked_weight = layer.masked_weight
+    layer.masked_weight = lambda: produced.append(weakref.ref(result := masked_weight())) or result
+    x = torch.randn(*input_shape, dtype=torch.float64, requires_grad=True)
+    loss = layer(x).square().sum()
+    assert produced[0]() is None  # freed after the forward, although the graph is alive
+    loss.backward()
+
+    weight = layer.weight.detach().clone().requires_grad_()
+    mask = layer.mask().to(torch.float64)
+    x_again = x.detach().clone().requires_grad_()
+    function = layer._conv_forward if isinstance(layer, nn.Conv2d) else F.linear
+    effective = weight * mask
+    effective.retain_grad()
+    function(x_again, effective, layer.bias).square().sum().backward()
+    g = effective.grad
+    torch.testing.assert_close(x.grad, x_again.grad, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(layer.weight.grad, mask * g, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(layer.scores.grad, weight.detach() * g - 0.3 * mask * g * g, rtol=1e-12, atol=1e-15)
+
+    loss = layer(x).square().sum()
+    with torch.no_grad():
+        layer.scores.mul_(2.0)
+    with pytest.raises(RuntimeError, match="Masked.*changed in place between the forward and the backward"):
+        loss.backward()
+
+
 def test_gradcheck_weight_path(seed):
     weight = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     scores = torch.rand(5, 4, dtype=torch.float64)

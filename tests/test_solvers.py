@@ -129,6 +129,54 @@ def test_resume_is_bit_exact(seed, mode):
     assert resumed.iteration == straight.iteration and resumed.passes == straight.passes
 
 
+@pytest.mark.parametrize("mode", ["fused", "faithful"])
+@pytest.mark.parametrize("structure", ["unstructured", "filter"])
+def test_score_step_in_backward_equals_the_step_after_it(seed, mode, structure):
+    """The default steps each layer's scores inside the backward and keeps no score gradient; the state
+    after several iterations (momentum included) is bit-identical to stepping after the backward."""
+    data = tiny_task(seed=seed)
+    runs = []
+    for in_backward in (True, False):
+        model = tiny_model(seed)
+        solver = bipkernels.BiP(model, 0.7, structure, mode=mode, score_lr=0.2, total_steps=20,
+                                step_scores_in_backward=in_backward)
+        batches = [tensor.split(32) for tensor in data.tensors]
+        for inputs, targets in zip(*batches):
+            closure = closure_on(model, inputs, targets)
+            solver.step(closure) if mode == "fused" else solver.step(closure, closure)
+        scores = [layer.scores for _, layer in bipkernels.masked_layers(model)]
+        assert all((score.grad is None) == in_backward for score in scores)
+        runs.append(solver.state_dict())
+    in_backward, after = runs
+    for key, value in after["model"].items():
+        other = in_backward["model"][key]
+        assert torch.equal(other, value) if isinstance(value, torch.Tensor) else other == value, key
+    momentum, other_momentum = in_backward["score_optimizer"]["state"], after["score_optimizer"]["state"]
+    assert momentum.keys() == other_momentum.keys()
+    for index, state in other_momentum.items():
+        assert torch.equal(momentum[index]["momentum_buffer"], state["momentum_buffer"])
+
+
+def test_score_step_in_backward_refuses_accumulated_gradients(seed):
+    data = tiny_task(seed=seed)
+    inputs, targets = data.tensors
+
+    def accumulating_closure(model):
+        def closure():
+            for part_inputs, part_targets in zip(inputs.split(48), targets.split(48)):
+                F.cross_entropy(model(part_inputs), part_targets).backward()
+        return closure
+
+    model = tiny_model(seed)
+    with pytest.raises(RuntimeError, match="BiP.step: the closure ran backward twice.*step_scores_in_backward=False"):
+        bipkernels.BiP(model, 0.5).step(accumulating_closure(model))
+    model = tiny_model(seed)
+    bipkernels.BiP(model, 0.5, step_scores_in_backward=False).step(accumulating_closure(model))
+    # A lower-level pass drops the score gradients, so accumulating there is fine.
+    model = tiny_model(seed)
+    bipkernels.BiP(model, 0.5, mode="faithful").step(accumulating_closure(model), closure_on(model, inputs, targets))
+
+
 @pytest.mark.parametrize("method", bipkernels.solvers.METHODS)
 def test_prune_every_method_reaches_its_sparsity(seed, method):
     data = tiny_task()
@@ -161,6 +209,11 @@ def test_imp_rounds_and_schedules():
 def test_bip_rejects_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         bipkernels.BiP(tiny_model(), 0.5, **kwargs)
+
+
+def test_bip_rejects_a_flag_that_is_not_a_bool():
+    with pytest.raises(TypeError, match="BiP: step_scores_in_backward must be True or False, got 1"):
+        bipkernels.BiP(tiny_model(), 0.5, step_scores_in_backward=1)
 
 
 def test_prune_rejects_unknown_method():

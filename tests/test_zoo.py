@@ -13,12 +13,13 @@ import bipkernels
 
 def _one_bip_step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, sparsity: float) -> None:
     """One fused BiP step; checks the exact kept count before and after, the lower-level gradient masked
-    by the mask of the forward, and a score gradient that can move the mask."""
+    by the mask of the forward, and a score step (taken inside the backward) that can move the mask."""
     solver = bipkernels.BiP(model, sparsity, total_steps=10)
     layers = bipkernels.masked_layers(model)
     total = sum(layer.weight.numel() for _, layer in layers)
     kept = bipkernels.keep_count(total, sparsity)
     before = bipkernels.masks(model)
+    scores_before = {name: layer.scores.detach().clone() for name, layer in layers}
     assert sum(int(mask.sum()) for mask in before.values()) == kept
 
     def closure():
@@ -30,7 +31,8 @@ def _one_bip_step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
     assert torch.isfinite(loss)
     for name, layer in layers:
         assert not layer.weight.grad[~before[name]].any(), name
-    assert any(layer.scores.grad.any() for _, layer in layers)
+    assert all(layer.scores.grad is None for _, layer in layers)
+    assert any(not torch.equal(layer.scores, scores_before[name]) for name, layer in layers)
     assert sum(int(mask.sum()) for mask in bipkernels.masks(model).values()) == kept
 
 

@@ -12,6 +12,12 @@ Modes: ``"faithful"`` alternates as the paper does: ``lower_steps`` SGD steps on
 own batch, then one score step on the next batch. ``"fused"`` takes both steps from one forward and one
 backward, so an iteration costs about one dense training step.
 
+Memory: with ``step_scores_in_backward`` (the default) each layer's scores take their optimiser step as
+soon as their gradient is complete, inside the backward, and the gradient is dropped at once, so a step
+holds the scores and their momentum over a dense step but no score gradient (2·W instead of 3·W for W the
+bytes of the masked weights; benchmarks/test_memory.py). The result is the same as stepping after the
+backward. It is off under torch.distributed, whose gradient all-reduce finishes after the backward.
+
 The lower level's (γ/2)‖θ‖² is ordinary weight decay (``weight_decay``, 1e-4 in the released configs);
 ``inv_gamma`` (1e-4 there) only scales the implicit term: they are separate settings, as the released
 code has them.
@@ -53,15 +59,18 @@ class BiP:
                  mode: str = "fused", lr: float = 0.01, score_lr: float = 0.05, momentum: float = 0.9,
                  score_momentum: float = 0.9, weight_decay: float = 1e-4, inv_gamma: float = 1e-4,
                  implicit: str = "paper", lower_steps: int = 1, schedule: str = "cosine",
-                 score_schedule: str = "cosine", total_steps: int = 1000, group=None):
+                 score_schedule: str = "cosine", total_steps: int = 1000, step_scores_in_backward: bool = True,
+                 group=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"BiP: model must be a torch.nn.Module, got {type(model).__name__} {model!r}")
         check_settings("BiP", sparsity=sparsity, structure=structure, scope=scope, mode=mode, lr=lr,
                        score_lr=score_lr, momentum=momentum, score_momentum=score_momentum,
                        weight_decay=weight_decay, inv_gamma=inv_gamma, implicit=implicit, lower_steps=lower_steps,
-                       schedule=schedule, score_schedule=score_schedule, total_steps=total_steps)
+                       schedule=schedule, score_schedule=score_schedule, total_steps=total_steps,
+                       step_scores_in_backward=step_scores_in_backward)
         self.model, self.sparsity, self.scope = model, sparsity, scope
         self.mode, self.lower_steps = mode, lower_steps
+        self.step_scores_in_backward = step_scores_in_backward
         self.group = group
         converted = not masked_nn.masked_layers(model)
         if converted:
@@ -91,12 +100,47 @@ class BiP:
         self.weight_optimizer.zero_grad(set_to_none=True)
         self.score_optimizer.zero_grad(set_to_none=True)
 
-    def _backward(self, closure) -> torch.Tensor:
+    def _in_backward(self) -> bool:
+        # DDP (or any all-reduce of the gradients) writes the averaged gradient after the backward.
+        distributed_run = torch.distributed.is_available() and torch.distributed.is_initialized()
+        return self.step_scores_in_backward and not distributed_run
+
+    def _backward(self, closure, score_step: bool) -> torch.Tensor:
+        """Zero the gradients and run ``closure`` (forward and backward); returns its loss.
+
+        With _in_backward(), the score gradients never stay in ``.grad``: each score takes its optimiser
+        step as its gradient completes (``score_step``) or the gradient is dropped (a lower-level pass, which
+        does not use it). Without, they stay in ``.grad`` as torch.optim has them.
+        """
         self.zero_grad()
-        with torch.enable_grad():
-            loss = closure()
+        hooks, seen = [], set()
+
+        def on_score_gradient(score):
+            if score_step and id(score) in seen:
+                raise RuntimeError("BiP.step: the closure ran backward twice through the same scores; with "
+                                   "step_scores_in_backward=True every score steps as soon as its gradient is "
+                                   "complete, so gradients cannot accumulate over several backward calls: "
+                                   "pass step_scores_in_backward=False to BiP")
+            seen.add(id(score))
+            if score_step:  # every other score's .grad is None here: the step moves this one alone
+                self.score_optimizer.step()
+            score.grad = None
+
+        if self._in_backward():
+            hooks = [score.register_post_accumulate_grad_hook(on_score_gradient)
+                     for group in self.score_optimizer.param_groups for score in group["params"]]
+        try:
+            with torch.enable_grad():
+                loss = closure()
+        finally:
+            for hook in hooks:
+                hook.remove()
         self.passes += 1
         return loss
+
+    def _score_step(self) -> None:
+        if not self._in_backward():
+            self.score_optimizer.step()
 
     def step(self, closure, upper_closure=None) -> torch.Tensor:
         """One BiP iteration; returns the (upper-level) loss."""
@@ -106,17 +150,17 @@ class BiP:
         if self.mode == "fused":
             if upper_closure is not None:
                 raise ValueError("BiP.step: fused mode takes one closure (both levels from one backward)")
-            loss = self._backward(closure)
+            loss = self._backward(closure, score_step=True)
             self.weight_optimizer.step()
-            self.score_optimizer.step()
+            self._score_step()
         else:
             if upper_closure is None:
                 raise ValueError("BiP.step: faithful mode takes a lower-level and an upper-level closure")
             for _ in range(self.lower_steps):
-                self._backward(closure)
+                self._backward(closure, score_step=False)
                 self.weight_optimizer.step()
-            loss = self._backward(upper_closure)
-            self.score_optimizer.step()
+            loss = self._backward(upper_closure, score_step=True)
+            self._score_step()
         self._project()
         self.weight_schedule.step()
         self.score_schedule.step()

@@ -37,6 +37,11 @@ def _structure(owner, name, value):
         raise type(error)(f"{owner + ': ' if owner else ''}{error}") from None
 
 
+def _flag(owner, name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{owner + ': ' if owner else ''}{name} must be True or False, got {value!r}")
+
+
 def _int(minimum, maximum=None):
     return lambda owner, name, value: check_int(owner, name, value, minimum, maximum)
 
@@ -61,6 +66,7 @@ SETTINGS = {
     "mode": _choice(MODES),
     "implicit": _choice(IMPLICIT_FORMS),
     **dict.fromkeys(("schedule", "score_schedule"), _choice(SCHEDULES)),
+    "step_scores_in_backward": _flag,
 }
 
 
