@@ -395,16 +395,22 @@ if _C is not None:
         _check_threshold("block_mask", threshold, scores, _structure_of(kind, a, b, p))
         return torch.empty_like(scores, dtype=torch.bool, memory_format=torch.contiguous_format)
 
+    def _empty_result(kind: int, a: int, b: int, p: int, weight: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
+        """The C++ kernels' result layout (reference.keeps_weight_layout; checks.h: runs_in_memory_order)."""
+        keep_layout = reference.keeps_weight_layout(_structure_of(kind, a, b, p), weight, *others)
+        return torch.empty_like(weight, memory_format=torch.preserve_format if keep_layout
+                                else torch.contiguous_format)
+
     @torch.library.register_fake("bipkernels::masked_weight")
     def _masked_weight_fake(weight, scores, threshold, kind, a, b, p):
         _check_like("masked_weight", "scores", scores, "weight", weight)
         _check_threshold("masked_weight", threshold, scores, _structure_of(kind, a, b, p))
-        return torch.empty_like(weight, memory_format=torch.contiguous_format)
+        return _empty_result(kind, a, b, p, weight, scores)
 
     @torch.library.register_fake("bipkernels::hypergrad")
     def _hypergrad_fake(grad, weight, scores, threshold, kind, a, b, p, inv_gamma, implicit):
         _check_like("hypergrad", "grad", grad, "weight", weight)
         _check_like("hypergrad", "scores", scores, "weight", weight)
         _check_threshold("hypergrad", threshold, scores, _structure_of(kind, a, b, p))
-        empty = torch.empty_like(weight, memory_format=torch.contiguous_format)
+        empty = _empty_result(kind, a, b, p, weight, scores, grad)
         return empty, torch.empty_like(empty)

@@ -15,6 +15,10 @@ The contracts (shared with csrc/include/bipkernels/math.h):
   is, else 1 + the flat index of its last kept one.
 - hypergrad: grad_θ = m ⊙ g (a select) and grad_s = θ ⊙ g − inv_gamma · I, with I = m ⊙ g ⊙ g (paper)
   or (θ ⊙ g)² (released), computed in float32 for half types.
+- Result layout of masked_weight and hypergrad: the weight's own (channels_last stays channels_last) for
+  an unstructured mask over dense tensors of one layout (keeps_weight_layout), contiguous otherwise;
+  the kernels then run over memory order, with no copies (math.h: MemoryOrder). The flat index of the
+  tie rule is always the logical (row-major) one.
 
 No function here synchronises with the host.
 """
@@ -124,11 +128,37 @@ def block_mask(scores: torch.Tensor, threshold: torch.Tensor | None, structure: 
     return expanded.reshape(scores.shape)
 
 
+def _dense(tensor: torch.Tensor) -> bool:
+    """c10's is_non_overlapping_and_dense: the dims of size >= 2, by stride, tile memory exactly."""
+    expected = 1
+    for size, stride in sorted(((size, stride) for size, stride in zip(tensor.shape, tensor.stride()) if size >= 2),
+                               key=lambda dim: dim[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def keeps_weight_layout(structure: Structure, weight: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether masked_weight / hypergrad give results in ``weight``'s layout: an unstructured mask
+    (each element decides alone) and ``weight`` dense (at most 8 dims) with the strides of ``others``
+    (scores, grad). Structured blocks are defined in logical order, so their results are contiguous."""
+    return (structure.kind == "unstructured" and weight.dim() <= 8 and _dense(weight)
+            and all(other.stride() == weight.stride() for other in others))
+
+
+def _in_result_layout(result: torch.Tensor, keep_layout: bool, weight: torch.Tensor) -> torch.Tensor:
+    if not keep_layout:
+        return result.contiguous()
+    return torch.empty_like(weight, dtype=result.dtype).copy_(result)
+
+
 def masked_weight(weight: torch.Tensor, scores: torch.Tensor, threshold: torch.Tensor | None,
                   structure: Structure) -> torch.Tensor:
     """θ where kept and exactly 0 where pruned (a select: a pruned NaN or inf weight gives 0)."""
     mask = block_mask(scores, threshold, structure)
-    return torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device)).contiguous()
+    masked = torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
+    return _in_result_layout(masked, keeps_weight_layout(structure, weight, scores), weight)
 
 
 def hypergrad(grad: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, threshold: torch.Tensor | None,
@@ -142,4 +172,5 @@ def hypergrad(grad: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, th
     implicit_term = direct * direct if implicit == "released" else torch.where(mask, g * g, zero)
     grad_weight = torch.where(mask, g, zero)
     grad_scores = direct - inv_gamma * implicit_term
-    return grad_weight.to(weight.dtype).contiguous(), grad_scores.to(weight.dtype).contiguous()
+    keep_layout = keeps_weight_layout(structure, weight, scores, grad)
+    return tuple(_in_result_layout(result.to(weight.dtype), keep_layout, weight) for result in (grad_weight, grad_scores))

@@ -234,6 +234,27 @@ def test_cuda_vector_and_scalar_paths_on_aligned_and_offset_storage(monkeypatch,
     assert all(torch.equal(g.cpu(), w) for g, w in zip(got, want))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("structure_name", ["unstructured", "filter", "channel"])
+def test_cuda_channels_last_weights(monkeypatch, seed, dtype, structure_name):
+    """An unstructured mask over channels_last weight, scores and grad runs in memory order: results in
+    channels_last, no copies; structured masks give contiguous results. Values equal the reference."""
+    force_backend(monkeypatch, "cuda")
+    structure = parse_structure(structure_name)
+    scores, weight, grad, threshold = _inputs((64, 32, 3, 3), dtype, structure)
+    last = [t.cuda().contiguous(memory_format=torch.channels_last) for t in (grad, weight, scores)]
+    on_gpu_threshold = None if threshold is None else threshold.cuda()
+    expected_strides = last[1].stride() if structure_name == "unstructured" else weight.stride()
+    got_weight = ops.masked_weight(last[1], last[2], on_gpu_threshold, structure)
+    assert got_weight.stride() == expected_strides
+    assert torch.equal(got_weight.cpu(), reference.masked_weight(weight, scores, threshold, structure))
+    got = ops.hypergrad(*last, on_gpu_threshold, structure, inv_gamma=0.2)
+    want = reference.hypergrad(grad, weight, scores, threshold, structure, 0.2)
+    for g, w in zip(got, want):
+        assert g.stride() == expected_strides
+        torch.testing.assert_close(g.cpu(), w, rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("structure_name", ["filter", "channel", "tile8x16"])
 def test_cuda_large_block_reduction_of_continuous_scores(monkeypatch, seed, dtype, structure_name):

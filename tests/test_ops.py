@@ -144,6 +144,41 @@ def test_non_contiguous_inputs(monkeypatch, seed, structure_name):
         assert torch.equal(got, want)
 
 
+LAYOUTS = {
+    "channels_last": lambda t: t.contiguous(memory_format=torch.channels_last),
+    "permuted": lambda t: t.permute(2, 0, 3, 1).contiguous().permute(1, 3, 0, 2),  # dense, no named format
+    "transposed": lambda t: t.transpose(0, 1).contiguous().transpose(0, 1),
+}
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("structure_name", ["unstructured", "filter", "channel", "2:4", "tile3x5"])
+@pytest.mark.parametrize("mixed", [False, True])
+def test_dense_layouts(monkeypatch, seed, layout, structure_name, mixed):
+    """masked_weight and hypergrad over channels_last (or any dense) weights: an unstructured mask runs
+    over memory order and its results keep the weight's layout (no copies in or out); structured masks,
+    or tensors of different layouts (``mixed``: the scores contiguous), run on contiguous copies. The
+    values equal the reference either way."""
+    force_backend(monkeypatch, "cpu")
+    structure = parse_structure(structure_name)
+    to_layout = LAYOUTS[layout]
+    weight, grad = (to_layout(torch.randn(6, 12, 3, 5, dtype=torch.float64)) for _ in range(2))
+    scores = tied_scores((6, 12, 3, 5))
+    scores = scores if mixed else to_layout(scores)
+    assert not weight.is_contiguous() and scores.is_contiguous() == mixed
+    threshold = backend_threshold(scores, structure)
+    in_memory_order = structure_name == "unstructured" and not mixed
+    expected_strides = weight.stride() if in_memory_order else torch.empty(weight.shape).stride()
+    masked = ops.masked_weight(weight, scores, threshold, structure)
+    assert masked.stride() == expected_strides
+    assert torch.equal(masked, reference.masked_weight(weight, scores, threshold, structure))
+    got = ops.hypergrad(grad, weight, scores, threshold, structure, inv_gamma=0.5, implicit="released")
+    for result, want in zip(got, reference.hypergrad(grad, weight, scores, threshold, structure, 0.5, "released")):
+        assert result.stride() == expected_strides
+        assert torch.equal(result, want)
+
+
 @pytest.mark.parametrize("structure_name", STRUCTURES)
 def test_topk_masks_exact_count_and_order(seed, structure_name):
     structure = parse_structure(structure_name)
@@ -239,6 +274,14 @@ def test_opcheck(seed, structure_name):
         (torch.ops.bipkernels.block_mask.default, (scores, threshold, kind, a, b, p)),
         (torch.ops.bipkernels.masked_weight.default, (weight, scores, threshold, kind, a, b, p)),
         (torch.ops.bipkernels.hypergrad.default, (grad, weight, scores, threshold, kind, a, b, p, 0.1, 0)),
+    ]
+    # The same ops on channels_last tensors: the fake kernels must give the real results' strides.
+    last = [t.contiguous(memory_format=torch.channels_last) for t in (scores, weight, grad)]
+    cases += [
+        (torch.ops.bipkernels.masked_weight.default, (last[1], last[0], threshold, kind, a, b, p)),
+        (torch.ops.bipkernels.masked_weight.default, (last[1], scores, threshold, kind, a, b, p)),
+        (torch.ops.bipkernels.hypergrad.default, (last[2], last[1], last[0], threshold, kind, a, b, p, 0.1, 1)),
+        (torch.ops.bipkernels.hypergrad.default, (grad, last[1], last[0], threshold, kind, a, b, p, 0.1, 1)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)

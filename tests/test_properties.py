@@ -207,15 +207,20 @@ def test_masked_weight_and_hypergrad_match_their_formulas(monkeypatch, backend, 
     pruned = (~mask).nonzero(as_tuple=True)
     poisoned[pruned] = torch.tensor([math.nan, math.inf, -math.inf], dtype=dtype)[
         torch.randint(0, 3, (len(pruned[0]),), generator=generator)]
+    # The weight's layout for an unstructured mask over tensors of one dense layout, else contiguous.
+    keeps_layout = (structure.kind == "unstructured" and scores.stride() == weight.stride() == grad.stride()
+                    and torch.empty_like(weight).stride() == weight.stride())
+    strides = weight.stride() if keeps_layout else torch.empty(weight.shape).stride()
     for w in (weight, poisoned):
         out = ops.masked_weight(w, scores, threshold, structure)
-        assert out.dtype == dtype and out.shape == w.shape and out.is_contiguous()
+        assert out.dtype == dtype and out.shape == w.shape and out.stride() == (w.stride() if keeps_layout else strides)
         assert torch.equal(out, torch.where(mask, w, torch.zeros((), dtype=dtype)))
 
     grad_weight, grad_scores = ops.hypergrad(grad, weight, scores, threshold, structure, inv_gamma=inv_gamma,
                                              implicit=implicit)
     want_weight, want_scores, magnitude = oracle_hypergrad(grad, weight, mask, inv_gamma, implicit)
     assert grad_weight.dtype == grad_scores.dtype == dtype
+    assert grad_weight.stride() == grad_scores.stride() == strides
     assert torch.equal(grad_weight.double(), want_weight), "grad_θ is a select of g"
     # Half types compute in float32 and round once; allow a few roundings of the terms' size.
     error = (grad_scores.double() - want_scores).abs()

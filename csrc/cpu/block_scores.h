@@ -1,6 +1,8 @@
 // CPU block reduction, shared by every CPU kernel that needs a structured mask.
 #pragma once
 
+#include <algorithm>
+
 #include <ATen/core/Tensor.h>
 
 #include "bipkernels/math.h"
@@ -11,13 +13,29 @@ namespace bipkernels::cpu {
 // Work size of a parallel chunk: big enough to amortise the thread hand-off.
 constexpr int64_t kGrain = 32768;
 
+// Calls body(first, stop, kept) for the runs of [begin, end) that share one keep decision: a structured
+// mask decides once per run of its block (BlockLayout::run_from) instead of once per element, which
+// spares the index arithmetic per element; unstructured and N:M elements decide alone.
+template <int64_t Kind, typename Rule, typename Body>
+inline void for_each_decision(const Rule& rule, int64_t begin, int64_t end, const Body& body) {
+  if constexpr (Kind == kUnstructured || Kind == kNM) {
+    for (int64_t i = begin; i < end; ++i) body(i, i + 1, rule.template kept<Kind>(i));
+  } else {
+    for (int64_t first = begin; first < end;) {
+      const int64_t stop = std::min(end, first + rule.layout.run_from(first));
+      body(first, stop, rule.template kept<Kind>(first));
+      first = stop;
+    }
+  }
+}
+
 // Flat block scores (num_blocks,) of contiguous `scores` in the score type (float, or double for double
 // scores). For unstructured and N:M, |s| itself.
 at::Tensor reduce_blocks(const at::Tensor& scores, const BlockLayout& layout, int64_t p);
 
 inline PreparedMask prepare_mask(const at::Tensor& scores, const at::Tensor& threshold, int64_t kind, int64_t a,
-                                 int64_t b, int64_t p, const char* op) {
-  return bipkernels::prepare_mask(scores, threshold, kind, a, b, p, op, reduce_blocks);
+                                 int64_t b, int64_t p, const char* op, bool memory_order = false) {
+  return bipkernels::prepare_mask(scores, threshold, kind, a, b, p, op, memory_order, reduce_blocks);
 }
 
 }  // namespace bipkernels::cpu

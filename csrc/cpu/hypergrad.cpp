@@ -16,25 +16,29 @@ std::tuple<at::Tensor, at::Tensor> hypergrad(const at::Tensor& grad, const at::T
                                              const at::Tensor& scores, const at::Tensor& threshold, int64_t kind,
                                              int64_t a, int64_t b, int64_t p, double inv_gamma, int64_t implicit) {
   check_hypergrad_args(grad, weight, scores, implicit);
-  const PreparedMask prepared = prepare_mask(scores, threshold, kind, a, b, p, "hypergrad");
-  const at::Tensor grad_contiguous = grad.contiguous(), weight_contiguous = weight.contiguous();
-  at::Tensor grad_weight = at::empty_like(weight_contiguous), grad_scores = at::empty_like(weight_contiguous);
+  const bool memory_order = runs_in_memory_order(kind, {weight, scores, grad});
+  const PreparedMask prepared = prepare_mask(scores, threshold, kind, a, b, p, "hypergrad", memory_order);
+  const at::Tensor grad_ordered = in_kernel_order(grad, memory_order);
+  const at::Tensor weight_ordered = in_kernel_order(weight, memory_order);
+  at::Tensor grad_weight = at::empty_like(weight_ordered), grad_scores = at::empty_like(weight_ordered);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "hypergrad", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto rule = prepared.rule<scalar_t>().loaded();
-    const scalar_t* g = grad_contiguous.const_data_ptr<scalar_t>();
-    const scalar_t* theta = weight_contiguous.const_data_ptr<scalar_t>();
+    const scalar_t* g = grad_ordered.const_data_ptr<scalar_t>();
+    const scalar_t* theta = weight_ordered.const_data_ptr<scalar_t>();
     scalar_t* out_theta = grad_weight.mutable_data_ptr<scalar_t>();
     scalar_t* out_score = grad_scores.mutable_data_ptr<scalar_t>();
     const acc_t inv_gamma_acc = static_cast<acc_t>(inv_gamma);
     with_kind(prepared.layout.kind, [&](auto kind) {
       at::parallel_for(0, weight.numel(), kGrain, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          const auto element = hypergrad_element<acc_t>(static_cast<acc_t>(g[i]), static_cast<acc_t>(theta[i]),
-                                                        rule.template kept<decltype(kind)::value>(i), inv_gamma_acc, implicit);
-          out_theta[i] = static_cast<scalar_t>(element.grad_theta);
-          out_score[i] = static_cast<scalar_t>(element.grad_score);
-        }
+        for_each_decision<decltype(kind)::value>(rule, begin, end, [&](int64_t first, int64_t stop, bool kept) {
+          for (int64_t i = first; i < stop; ++i) {
+            const auto element = hypergrad_element<acc_t>(static_cast<acc_t>(g[i]), static_cast<acc_t>(theta[i]),
+                                                          kept, inv_gamma_acc, implicit);
+            out_theta[i] = static_cast<scalar_t>(element.grad_theta);
+            out_score[i] = static_cast<scalar_t>(element.grad_score);
+          }
+        });
       });
     });
   });

@@ -1,5 +1,7 @@
 // CPU kernels of bipkernels::block_mask and bipkernels::masked_weight: the mask (math.h: MaskRule)
 // recomputed from the scores and applied as a select, so a pruned NaN or inf weight gives exactly 0.
+#include <algorithm>
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -21,7 +23,9 @@ at::Tensor block_mask(const at::Tensor& scores, const at::Tensor& threshold, int
     const auto rule = prepared.rule<scalar_t>().loaded();
     with_kind(prepared.layout.kind, [&](auto kind) {
       at::parallel_for(0, scores.numel(), kGrain, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) target[i] = rule.template kept<decltype(kind)::value>(i);
+        for_each_decision<decltype(kind)::value>(rule, begin, end, [&](int64_t first, int64_t stop, bool kept) {
+          std::fill(target + first, target + stop, kept);
+        });
       });
     });
   });
@@ -31,16 +35,19 @@ at::Tensor block_mask(const at::Tensor& scores, const at::Tensor& threshold, int
 at::Tensor masked_weight(const at::Tensor& weight, const at::Tensor& scores, const at::Tensor& threshold,
                          int64_t kind, int64_t a, int64_t b, int64_t p) {
   check_like(scores, weight, "masked_weight", "scores", "weight");
-  const PreparedMask prepared = prepare_mask(scores, threshold, kind, a, b, p, "masked_weight");
-  const at::Tensor weight_contiguous = weight.contiguous();
-  at::Tensor out = at::empty_like(weight_contiguous);
+  const bool memory_order = runs_in_memory_order(kind, {weight, scores});
+  const PreparedMask prepared = prepare_mask(scores, threshold, kind, a, b, p, "masked_weight", memory_order);
+  const at::Tensor weight_ordered = in_kernel_order(weight, memory_order);
+  at::Tensor out = at::empty_like(weight_ordered);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "masked_weight", [&] {
     const auto rule = prepared.rule<scalar_t>().loaded();
-    const scalar_t* source = weight_contiguous.const_data_ptr<scalar_t>();
+    const scalar_t* source = weight_ordered.const_data_ptr<scalar_t>();
     scalar_t* target = out.mutable_data_ptr<scalar_t>();
     with_kind(prepared.layout.kind, [&](auto kind) {
       at::parallel_for(0, weight.numel(), kGrain, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) target[i] = rule.template kept<decltype(kind)::value>(i) ? source[i] : scalar_t(0);
+        for_each_decision<decltype(kind)::value>(rule, begin, end, [&](int64_t first, int64_t stop, bool kept) {
+          for (int64_t i = first; i < stop; ++i) target[i] = kept ? source[i] : scalar_t(0);
+        });
       });
     });
   });

@@ -39,14 +39,16 @@ std::tuple<at::Tensor, at::Tensor> hypergrad(const at::Tensor& grad, const at::T
                                              int64_t a, int64_t b, int64_t p, double inv_gamma, int64_t implicit) {
   check_hypergrad_args(grad, weight, scores, implicit);
   const c10::cuda::CUDAGuard guard(weight.device());
-  const PreparedMask prepared = prepare_mask(scores, threshold, kind, a, b, p, "hypergrad");
-  const at::Tensor grad_contiguous = grad.contiguous(), weight_contiguous = weight.contiguous();
-  at::Tensor grad_weight = at::empty_like(weight_contiguous), grad_scores = at::empty_like(weight_contiguous);
+  const bool memory_order = runs_in_memory_order(kind, {weight, scores, grad});
+  const PreparedMask prepared = prepare_mask(scores, threshold, kind, a, b, p, "hypergrad", memory_order);
+  const at::Tensor grad_ordered = in_kernel_order(grad, memory_order);
+  const at::Tensor weight_ordered = in_kernel_order(weight, memory_order);
+  at::Tensor grad_weight = at::empty_like(weight_ordered), grad_scores = at::empty_like(weight_ordered);
   const int64_t n = weight.numel();
   if (n == 0) return {grad_weight, grad_scores};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "hypergrad", [&] {
-    const scalar_t* g = grad_contiguous.const_data_ptr<scalar_t>();
-    const scalar_t* theta = weight_contiguous.const_data_ptr<scalar_t>();
+    const scalar_t* g = grad_ordered.const_data_ptr<scalar_t>();
+    const scalar_t* theta = weight_ordered.const_data_ptr<scalar_t>();
     scalar_t* out_theta = grad_weight.mutable_data_ptr<scalar_t>();
     scalar_t* out_score = grad_scores.mutable_data_ptr<scalar_t>();
     with_kind(prepared.layout.kind, [&](auto kind) {

@@ -67,8 +67,8 @@ inline void with_vector_width(int width, const Body& body) {
 at::Tensor reduce_blocks(const at::Tensor& scores, const BlockLayout& layout, int64_t p);
 
 inline PreparedMask prepare_mask(const at::Tensor& scores, const at::Tensor& threshold, int64_t kind, int64_t a,
-                                 int64_t b, int64_t p, const char* op) {
-  return bipkernels::prepare_mask(scores, threshold, kind, a, b, p, op, reduce_blocks);
+                                 int64_t b, int64_t p, const char* op, bool memory_order = false) {
+  return bipkernels::prepare_mask(scores, threshold, kind, a, b, p, op, memory_order, reduce_blocks);
 }
 
 }  // namespace bipkernels::cuda

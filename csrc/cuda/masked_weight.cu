@@ -51,13 +51,14 @@ at::Tensor masked_weight(const at::Tensor& weight, const at::Tensor& scores, con
                          int64_t kind, int64_t a, int64_t b, int64_t p) {
   check_like(scores, weight, "masked_weight", "scores", "weight");
   const c10::cuda::CUDAGuard guard(weight.device());
-  const PreparedMask prepared = prepare_mask(scores, threshold, kind, a, b, p, "masked_weight");
-  const at::Tensor weight_contiguous = weight.contiguous();
-  at::Tensor out = at::empty_like(weight_contiguous);
+  const bool memory_order = runs_in_memory_order(kind, {weight, scores});
+  const PreparedMask prepared = prepare_mask(scores, threshold, kind, a, b, p, "masked_weight", memory_order);
+  const at::Tensor weight_ordered = in_kernel_order(weight, memory_order);
+  at::Tensor out = at::empty_like(weight_ordered);
   const int64_t n = weight.numel();
   if (n == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "masked_weight", [&] {
-    const scalar_t* theta = weight_contiguous.const_data_ptr<scalar_t>();
+    const scalar_t* theta = weight_ordered.const_data_ptr<scalar_t>();
     scalar_t* result = out.mutable_data_ptr<scalar_t>();
     with_kind(prepared.layout.kind, [&](auto kind) {
       with_vector_width<scalar_t>(vector_width<scalar_t>({theta, result}), [&](auto width) {

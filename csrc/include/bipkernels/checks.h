@@ -2,6 +2,7 @@
 // offending value, so an error deep inside a training run says what was wrong.
 #pragma once
 
+#include <initializer_list>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
@@ -44,6 +45,28 @@ inline void check_like(const at::Tensor& tensor, const at::Tensor& like, const c
               tensor.scalar_type(), " but ", like_name, " has dtype ", like.scalar_type());
   TORCH_CHECK(tensor.device() == like.device(), "bipkernels.", op, ": ", name, " is on ", tensor.device(),
               " but ", like_name, " is on ", like.device());
+}
+
+// Whether a mask-consuming op runs over memory order instead of over contiguous copies. An unstructured
+// mask decides each element from its own score alone, so when the tensors are dense with identical
+// strides (contiguous, channels_last or any permutation) the kernels read and write them where they lie,
+// and the results take the weight's layout. Structured blocks are defined in logical order, so those
+// (and mixed layouts) run on contiguous copies and give contiguous results. ops.py's fake kernels make
+// the same decision.
+inline bool runs_in_memory_order(int64_t kind, std::initializer_list<at::Tensor> tensors) {
+  const at::Tensor& first = *tensors.begin();
+  if (kind != kUnstructured || first.dim() > MemoryOrder::kMaxDims || !first.is_non_overlapping_and_dense()) {
+    return false;
+  }
+  for (const at::Tensor& tensor : tensors) {
+    if (tensor.strides() != first.strides()) return false;
+  }
+  return true;
+}
+
+// `tensor` as the kernels read it: itself in memory order, else a contiguous copy (or itself).
+inline at::Tensor in_kernel_order(const at::Tensor& tensor, bool memory_order) {
+  return memory_order ? tensor : tensor.contiguous();
 }
 
 inline void check_hypergrad_args(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& scores,

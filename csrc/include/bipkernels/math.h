@@ -112,6 +112,21 @@ struct BlockLayout {
     }
   }
 
+  // How many elements from `flat` on lie in flat's block without a break: filter rows, runs of one
+  // channel's kernel window, tile rows. The CPU kernels decide such a run once. 1 for unstructured and
+  // N:M, whose elements decide alone.
+  BIPK_HD int64_t run_from(int64_t flat) const {
+    switch (kind) {
+      case kFilter: return cols - flat % cols;
+      case kChannel: return inner - flat % inner;
+      case kTile: {
+        const int64_t col = flat % cols, tile_end = (col / b + 1) * b;
+        return (tile_end < cols ? tile_end : cols) - col;
+      }
+      default: return 1;
+    }
+  }
+
   // Position of an element inside its N:M group (0..M-1).
   BIPK_HD int64_t group_position(int64_t flat) const { return ((flat % cols) / inner) % b; }
 };
@@ -155,6 +170,23 @@ BIPK_HD bool nm_kept(const scalar_t* scores, const BlockLayout& layout, int64_t 
   return beaten_by < layout.a;
 }
 
+// The flat index in logical (row-major) order of the element at an offset in memory order, for a dense
+// tensor whose strides are a permutation of the contiguous ones (channels_last and the like): the tie
+// rule ranks tied scores by logical index. Holds the dims of size > 1 (a size-1 dim adds nothing); with
+// none (`dims == 0`, the contiguous case) the offset is the index.
+struct MemoryOrder {
+  static constexpr int kMaxDims = 8;
+  int dims = 0;
+  int64_t size[kMaxDims] = {}, stride[kMaxDims] = {};
+
+  BIPK_HD int64_t logical(int64_t offset) const {
+    if (dims == 0) return offset;
+    int64_t flat = 0;
+    for (int d = 0; d < dims; ++d) flat = flat * size[d] + (offset / stride[d]) % size[d];
+    return flat;
+  }
+};
+
 // The mask of one element under any structure. `block_scores` holds the block scores of the tensor for
 // filter, channel and tile (block_score of every block, computed beforehand) and is unused otherwise.
 // `threshold` points at (value, cut) in the memory of the device that runs the kernel; loaded() reads
@@ -165,6 +197,7 @@ struct MaskRule {
   const score_t* block_scores;
   const double* threshold;
   BlockLayout layout;
+  MemoryOrder order;  // unstructured only: where the elements lie (checks.h: runs_in_memory_order)
   score_t value = 0;
   double cut = 0;
 
@@ -182,7 +215,9 @@ struct MaskRule {
   template <int64_t Kind>
   BIPK_HD bool kept(int64_t flat) const {
     if constexpr (Kind == kUnstructured) {
-      return is_kept<score_t>(fabs(static_cast<score_t>(scores[flat])), value, cut, flat);
+      const score_t score = fabs(static_cast<score_t>(scores[flat]));
+      // The logical index only matters for a tie at the threshold, so only a tie pays for it.
+      return score > value || (score == value && static_cast<double>(order.logical(flat)) < cut);
     } else if constexpr (Kind == kNM) {
       return nm_kept<score_t>(scores, layout, flat);
     } else {
