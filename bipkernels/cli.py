@@ -45,23 +45,69 @@ class StopRequest:
             signal.signal(number, handler)
 
 
-def _pretrained(args, splits, out: Path):
-    """The dense model: from --checkpoint, else pretrained here (and saved as dense.pt), plus a rewind
-    point (the weights after the first epoch) for IMP."""
+def _resumable(args) -> tuple[argparse.Namespace, dict]:
+    """The arguments and the state to start from. With --resume: the arguments saved in OUT/resume.pt
+    (--out as given) and its state; exits naming the file if there is none or it is another command's.
+    Otherwise the arguments as given, saved there at once as the state {"args": ...}. Either way it first
+    deletes the temporary files that a killed write left in OUT."""
+    out = Path(args.out)
+    resume_path = out / "resume.pt"
+    state = {}
+    if args.resume:
+        if not resume_path.exists():
+            sys.exit(f"bipkernels {args.command}: --resume but there is no {resume_path}")
+        state = torch.load(resume_path, map_location="cpu", weights_only=False)
+        saved_command = state["args"].get("command", "prune")
+        if saved_command != args.command:
+            sys.exit(f"bipkernels {args.command}: {resume_path} is the state of a `bipkernels {saved_command}` run")
+        args = argparse.Namespace(**{**vars(args), **state["args"], "resume": True, "out": args.out})
+    for leftover in remove_temporaries(out):
+        print(f"removed {leftover}, the part of a write that a killed run left", file=sys.stderr)
+    if not state:
+        state = {"args": {key: value for key, value in vars(args).items() if key != "resume"}}
+        save_atomically(state, resume_path)
+    return args, state
+
+
+def _interrupted(args) -> None:
+    """Exit 130 after a stop request, once the state is saved, saying how to continue."""
+    print(f"\ninterrupted: state saved to {Path(args.out) / 'resume.pt'}; continue with "
+          f"`bipkernels {args.command} --resume --out {args.out}`", file=sys.stderr)
+    sys.exit(130)
+
+
+def _pretrained(args, splits, state: dict, stop: StopRequest):
+    """The dense model and a rewind point for IMP (its weights after the first epoch): from --checkpoint,
+    else pretrained here and saved as OUT/dense.pt.
+
+    Pretraining is resumable per epoch: it continues from state["pretraining"] if there is one, and after
+    every epoch stores its state there and saves ``state`` atomically to OUT/resume.pt. After a stop
+    request it exits 130 at the end of the epoch, once that is saved. A resumed pretraining ends with
+    exactly the model of one never stopped (batches and RNG state are restored per epoch)."""
     torch.manual_seed(args.seed)
     model = _model(args, splits)
     if args.checkpoint:
-        state = torch.load(args.checkpoint, map_location="cpu")
-        model.load_state_dict(state["model"])
-        return model, state.get("rewind", state["model"])
-    rewind = {}
+        checkpoint = torch.load(args.checkpoint, map_location="cpu")
+        model.load_state_dict(checkpoint["model"])
+        return model, checkpoint.get("rewind", checkpoint["model"])
+    out = Path(args.out)
+    pretraining = state.get("pretraining", {"training": None, "rewind": {}})
+    rewind = pretraining["rewind"]
+    if args.resume:
+        done = pretraining["training"]["epoch"] if pretraining["training"] else 0
+        print(f"resuming pretraining after epoch {done} of {args.pretrain_epochs}", file=sys.stderr)
 
-    def keep_rewind(epoch):
-        if epoch == 0:
-            rewind.update({key: value.clone() for key, value in model.state_dict().items()})
+    def save(training) -> bool:
+        if training["epoch"] == 1:
+            rewind.update({key: value.clone() for key, value in training["model"].items()})
+        state["pretraining"] = {"training": training, "rewind": rewind}
+        save_atomically(state, out / "resume.pt")
+        return stop.signal is not None
 
     train_weights(model, splits["train"], args.pretrain_epochs, lr=0.1, seed=args.seed, label="pretrain",
-                  after_epoch=keep_rewind)
+                  start=pretraining["training"], on_epoch=save)
+    if stop.signal is not None:
+        _interrupted(args)
     save_atomically({"model": model.state_dict(), "rewind": rewind}, out / "dense.pt")
     return model, rewind
 
@@ -77,49 +123,39 @@ def _bip_options(args) -> dict:
 def prune(args) -> dict:
     """The main job: BiP to --sparsity, resumable; prints the per-layer table and writes the results.
 
-    OUT/resume.pt, written atomically, holds the arguments from the start, then the BiP state: once
-    pretraining is done, every --save-every BiP steps, at the end of every epoch and on SIGINT / SIGTERM.
-    It is deleted once pruned.pt and results.json are written. ``--resume`` continues bit-exactly from the
-    last BiP state saved or, if none was saved yet, from the start with the saved arguments (pretraining is
-    seeded, so it comes out the same). A run killed outright (SIGKILL, power loss) thus loses at most the
-    work since the last save, and the temporary files its last write left are deleted on resume.
+    OUT/resume.pt, written atomically, holds the arguments from the start, then the pretraining state after
+    every pretraining epoch, then the BiP state: once pretraining is done, every --save-every BiP steps, at
+    the end of every epoch and on SIGINT / SIGTERM (during pretraining: at the end of the epoch). It is
+    deleted once pruned.pt and results.json are written. ``--resume`` continues bit-exactly from the last
+    state saved (from the start if none was), with the saved arguments. A run killed outright (SIGKILL,
+    power loss) thus loses at most the work since the last save, and the temporary files its last write
+    left are deleted on resume.
     """
+    args, state = _resumable(args)
     out = Path(args.out)
     resume_path = out / "resume.pt"
-    state = {}
-    if args.resume:
-        if not resume_path.exists():
-            sys.exit(f"bipkernels prune: --resume but there is no {resume_path}")
-        state = torch.load(resume_path, map_location="cpu", weights_only=False)
-        args = argparse.Namespace(**{**vars(args), **state["args"], "resume": True})
-    for leftover in remove_temporaries(out):
-        print(f"removed {leftover}, the part of a write that a killed run left", file=sys.stderr)
-    saved_args = {key: value for key, value in vars(args).items() if key not in ("resume", "command")}
-    if not state:
-        save_atomically({"args": saved_args}, resume_path)
     splits = data.load(args.data)
-    if "solver" in state:
-        model, dense_accuracy = _model(args, splits), state["dense_accuracy"]
-    else:
-        if args.resume:
-            print("resuming from the start: the run was stopped before BiP began", file=sys.stderr)
-        model, _ = _pretrained(args, splits, out)
-        dense_accuracy = evaluate(model, splits["test"])
-    per_epoch = steps_per_epoch(len(splits["train"]), args.batch_size, args.mode)
-    solver = BiP(model, args.sparsity, args.structure, args.scope, total_steps=max(args.epochs * per_epoch, 1),
-                 **_bip_options(args))
-
-    def checkpoint(position):
-        save_atomically({"solver": solver.state_dict(), "position": position, "args": saved_args,
-                         "dense_accuracy": dense_accuracy}, resume_path)
-
-    start = tuple(state.get("position", (0, 0)))
-    if "solver" in state:
-        solver.load_state_dict(state["solver"])
-        print(f"resuming at epoch {start[0] + 1}, step {start[1]}", file=sys.stderr)
-    else:
-        checkpoint(start)  # from here on a resumed run skips pretraining
     with StopRequest() as stop:
+        if "solver" in state:
+            model, dense_accuracy = _model(args, splits), state["dense_accuracy"]
+        else:
+            model, _ = _pretrained(args, splits, state, stop)
+            dense_accuracy = evaluate(model, splits["test"])
+        per_epoch = steps_per_epoch(len(splits["train"]), args.batch_size, args.mode)
+        solver = BiP(model, args.sparsity, args.structure, args.scope, total_steps=max(args.epochs * per_epoch, 1),
+                     **_bip_options(args))
+
+        def checkpoint(position):
+            save_atomically({"solver": solver.state_dict(), "position": position, "args": state["args"],
+                             "dense_accuracy": dense_accuracy}, resume_path)
+
+        start = tuple(state.get("position", (0, 0)))
+        if "solver" in state:
+            solver.load_state_dict(state["solver"])
+            print(f"resuming at epoch {start[0] + 1}, step {start[1]}", file=sys.stderr)
+        else:
+            checkpoint(start)  # from here on a resumed run skips pretraining
+
         def on_step(epoch, step):
             if stop.signal is not None:
                 checkpoint((epoch, step))
@@ -132,12 +168,10 @@ def prune(args) -> dict:
 
         reached = solver.fit(splits["train"], args.epochs, args.batch_size, args.seed, start=start, on_step=on_step)
     if reached[0] < args.epochs:
-        print(f"\ninterrupted: state saved to {resume_path}; continue with `bipkernels prune --resume --out {out}`",
-              file=sys.stderr)
-        sys.exit(130)
+        _interrupted(args)
     recalibrate_batchnorm(model, splits["train"])
     result = {
-        "method": "bip", **{key: saved_args[key] for key in ("mode", "implicit", "inv_gamma", "structure", "scope")},
+        "method": "bip", **{key: vars(args)[key] for key in ("mode", "implicit", "inv_gamma", "structure", "scope")},
         "target_sparsity": args.sparsity,
         "sparsity": masked_nn.sparsity(model),
         "dense_test_accuracy": dense_accuracy,
@@ -161,20 +195,36 @@ def prune(args) -> dict:
 
 
 def compare(args) -> list[dict]:
-    """Every method at every sparsity from the same pretrained model: a table, a JSON file and plots."""
+    """Every method at every sparsity from the same pretrained model: a table, a JSON file and plots.
+
+    Resumable per (sparsity, method) run: OUT/resume.pt, written atomically, holds the arguments, then the
+    pretraining state after every pretraining epoch, then every finished result (and the RNG state after
+    it). ``--resume`` continues pretraining from its last saved epoch and skips the finished runs; a run cut
+    short starts again, so the final compare.json has the results of a run never stopped (wall times
+    aside). SIGINT / SIGTERM stop at the end of the current pretraining epoch or run, with the state saved.
+    """
+    args, state = _resumable(args)
     out = Path(args.out)
     splits = data.load(args.data)
-    dense, rewind = _pretrained(args, splits, out)
-    dense_accuracy = evaluate(dense, splits["test"])
-    results = []
-    for sparsity in args.sparsities:
-        for method in args.methods:
+    with StopRequest() as stop:
+        dense, rewind = _pretrained(args, splits, state, stop)
+        dense_accuracy = evaluate(dense, splits["test"])
+        runs = [(sparsity, method) for sparsity in args.sparsities for method in args.methods]
+        results = state.setdefault("results", [])
+        if results:
+            torch.set_rng_state(state["rng"])
+            print(f"resuming after {len(results)} of {len(runs)} (sparsity, method) runs", file=sys.stderr)
+        for sparsity, method in runs[len(results):]:
+            if stop.signal is not None:
+                _interrupted(args)
             options = _bip_options(args) if method == "bip" else {}
             _, result = prune_with(copy.deepcopy(dense), splits["train"], method, sparsity, structure=args.structure,
                                    scope=args.scope, val_data=splits["val"], test_data=splits["test"],
                                    epochs=args.epochs, finetune_epochs=args.finetune_epochs, seed=args.seed,
                                    rewind_state=rewind, **options)
             results.append(result)
+            state["rng"] = torch.get_rng_state()
+            save_atomically(state, out / "resume.pt")
             write_text_atomically(json.dumps({"dense_test_accuracy": dense_accuracy, "results": results}, indent=2),
                                   out / "compare.json")
     header = f"{'method':<8}" + "".join(f"{f'{s:.0%} acc':>10}{'time':>7}" for s in args.sparsities)
@@ -183,6 +233,7 @@ def compare(args) -> list[dict]:
         row = [r for r in results if r["method"] == method]
         print(f"{method:<8}" + "".join(f"{r['test_accuracy']:>10.4f}{r['wall_time_s']:>7.1f}" for r in row))
     _plot(results, args, out)
+    (out / "resume.pt").unlink()
     return results
 
 
@@ -278,13 +329,18 @@ def main(argv=None) -> int:
     run.add_argument("--save-every", type=_setting("save_every", int), default=0, metavar="STEPS",
                      help="also save OUT/resume.pt every STEPS BiP steps (default 0: at the end of each epoch only); "
                           "a run killed outright loses at most the work since the last save")
-    run.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT/resume.pt")
+    run.add_argument("--resume", action="store_true",
+                     help="continue an interrupted run from OUT/resume.pt, with the arguments saved there")
     versus = commands.add_parser("compare", help="BiP against IMP, OMP, HYDRA and random pruning")
     _add_common(versus, "runs/compare")
     versus.add_argument("--sparsities", type=_setting("sparsity"), nargs="+", default=[0.5, 0.8, 0.9, 0.95, 0.98])
     versus.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     versus.add_argument("--finetune-epochs", type=_setting("finetune_epochs", int), default=10,
                         help="fine-tuning epochs (IMP: per round)")
+    versus.add_argument("--resume", action="store_true",
+                        help="continue an interrupted compare from OUT/resume.pt, with the arguments saved there: "
+                             "pretraining from its last epoch, then the (sparsity, method) runs not yet finished "
+                             "(a run cut short starts again)")
     args = parser.parse_args(argv)
     if args.command == "info":
         print(format_info(build_info()))

@@ -77,10 +77,11 @@ class _Masked:
         their momentum. Saved-tensor hooks save a note instead and recompute θ ⊙ m from θ, the scores and
         the threshold when the backward asks (one more masked_weight per layer). θ, the scores and the
         threshold must not change in place between the two, as autograd requires of saved tensors.
-        Compiled graphs choose what to save themselves.
+        Compiled graphs choose what to save themselves, and tensor subclasses (fake tensors of a trace,
+        quantised types) keep autograd's default.
         """
         masked = self.masked_weight()
-        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling() or type(masked) is not torch.Tensor:
             return function(input, masked, self.bias)
         sources = (self.weight, self.scores, self.threshold)
         versions = [source._version for source in sources]
@@ -88,7 +89,7 @@ class _Masked:
         device, storage = masked.device, masked.untyped_storage().data_ptr()
 
         def pack(tensor):
-            if tensor.device == device and tensor.untyped_storage().data_ptr() == storage:
+            if type(tensor) is torch.Tensor and tensor.device == device and tensor.untyped_storage().data_ptr() == storage:
                 return _Recompute(tensor.size(), tensor.stride(), tensor.storage_offset())
             return tensor
 

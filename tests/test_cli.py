@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import torch
 import bipkernels
 from bipkernels import data, models
 from bipkernels.cli import main
+from bipkernels.solvers.training import save_atomically
 
 TINY = ["--pretrain-epochs", "2", "--epochs", "4"]
 
@@ -79,6 +81,13 @@ def test_compare_writes_table_json_and_plots(tmp_path, capsys):
     assert (tmp_path / "accuracy.png").stat().st_size > 0 and (tmp_path / "time.png").stat().st_size > 0
 
 
-def test_resume_without_a_checkpoint_says_so(tmp_path):
-    with pytest.raises(SystemExit, match="there is no"):
-        main(["prune", "--resume", "--out", str(tmp_path)])
+@pytest.mark.parametrize("command", ["prune", "compare"])
+def test_resume_without_a_checkpoint_says_so(tmp_path, command):
+    with pytest.raises(SystemExit, match=re.escape(f"bipkernels {command}: --resume but there is no {tmp_path}")):
+        main([command, "--resume", "--out", str(tmp_path)])
+
+
+def test_resume_of_another_commands_state_says_so(tmp_path):
+    save_atomically({"args": {"command": "prune"}}, tmp_path / "resume.pt")
+    with pytest.raises(SystemExit, match="bipkernels compare: .*resume.pt is the state of a `bipkernels prune` run"):
+        main(["compare", "--resume", "--out", str(tmp_path)])

@@ -218,23 +218,43 @@ def remove_temporaries(folder: str | Path) -> list[Path]:
     return leftovers
 
 
+_TRAINING_STATE = {"model", "optimizer", "schedule", "epoch", "passes", "rng"}  # what on_epoch gets
+
+
 def train_weights(model: nn.Module, dataset: Dataset, epochs: int, lr: float = 0.05, batch_size: int = 64,
                   seed: int = 0, weight_decay: float = 1e-4, schedule: str = "cosine", label: str = "train",
-                  loss_fn=nn.functional.cross_entropy, after_epoch=None) -> int:
-    """SGD (momentum 0.9) on every parameter but the mask scores, masks fixed; returns the passes spent.
+                  loss_fn=nn.functional.cross_entropy, *, start: dict | None = None, on_epoch=None) -> int:
+    """SGD (momentum 0.9) on every parameter but the mask scores, masks fixed; returns the passes spent
+    (those of the call that saved ``start`` included).
 
-    ``after_epoch(epoch)`` runs after each epoch (e.g. to save a rewind point).
+    ``on_epoch(state)`` runs after each epoch with the training state: the model, optimizer and schedule
+    state_dicts, ``epoch`` (epochs done), ``passes`` and the torch RNG state, in live tensors that later
+    epochs change (save or copy them); it returns True to stop there. ``start``: such a state, saved by a call with the same arguments; training
+    continues after its epoch and ends with exactly the model of a call never stopped.
     """
     check_settings("train_weights", epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                    weight_decay=weight_decay, schedule=schedule)
+    if on_epoch is not None and not callable(on_epoch):
+        raise TypeError(f"train_weights: on_epoch must be callable or None, got {on_epoch!r}")
+    if start is not None and not (isinstance(start, dict) and _TRAINING_STATE <= start.keys()
+                                  and isinstance(start["epoch"], int) and 0 <= start["epoch"] <= epochs):
+        got = f"keys {sorted(start)}, epoch {start.get('epoch')!r}" if isinstance(start, dict) else repr(start)
+        raise ValueError(f"train_weights: start must be a state given to on_epoch (keys {sorted(_TRAINING_STATE)}, "
+                         f"epoch in [0, {epochs}]), got {got}")
     weights = [p for name, p in model.named_parameters() if not name.endswith("scores")]
     optimizer = torch.optim.SGD(weights, lr=lr, momentum=0.9, weight_decay=weight_decay)
     steps_per_epoch = -(-len(dataset) // batch_size)
     schedule_ = scheduler(optimizer, schedule, max(epochs * steps_per_epoch, 1))
+    first, passes = 0, 0
+    if start is not None:
+        model.load_state_dict(start["model"])
+        optimizer.load_state_dict(start["optimizer"])
+        schedule_.load_state_dict(start["schedule"])
+        torch.set_rng_state(start["rng"])
+        first, passes = start["epoch"], start["passes"]
     device = model_device(model)
     progress = Progress(epochs, label)
-    passes = 0
-    for epoch in range(epochs):
+    for epoch in range(first, epochs):
         model.train()
         total = 0.0
         for indices in epoch_batches(dataset, batch_size, seed, epoch):
@@ -247,6 +267,8 @@ def train_weights(model: nn.Module, dataset: Dataset, epochs: int, lr: float = 0
             total += float(loss.detach()) * len(indices)
             passes += 1
         progress.update(epoch + 1, loss=total / max(len(dataset), 1))
-        if after_epoch is not None:
-            after_epoch(epoch)
+        if on_epoch is not None and on_epoch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                              "schedule": schedule_.state_dict(), "epoch": epoch + 1,
+                                              "passes": passes, "rng": torch.get_rng_state()}):
+            break
     return passes
