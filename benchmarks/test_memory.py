@@ -63,7 +63,7 @@ def _step(model_name: str, method: str, device: str):
             closure(batches[0])()
             optimizer.step()
     else:
-        solver = bipkernels.BiP(model, 0.9, mode=method.split()[1], total_steps=10)
+        solver = bipkernels.BiP(model, 0.9, mode=method.split()[1], total_steps=10, step_scores_in_backward=True)
 
         def step():
             solver.step(closure(batches[0]), *([closure(batches[1])] if solver.mode == "faithful" else []))

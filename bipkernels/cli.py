@@ -48,8 +48,9 @@ class StopRequest:
 def _resumable(args) -> tuple[argparse.Namespace, dict]:
     """The arguments and the state to start from. With --resume: the arguments saved in OUT/resume.pt
     (--out as given) and its state; exits naming the file if there is none or it is another command's.
-    Otherwise the arguments as given, saved there at once as the state {"args": ...}. Either way it first
-    deletes the temporary files that a killed write left in OUT."""
+    Otherwise the arguments as given, saved there at once as the state {"args": ...}; exits if OUT holds
+    an interrupted run, which that would overwrite. Either way it first deletes the temporary files that
+    a killed write left in OUT."""
     out = Path(args.out)
     resume_path = out / "resume.pt"
     state = {}
@@ -61,6 +62,9 @@ def _resumable(args) -> tuple[argparse.Namespace, dict]:
         if saved_command != args.command:
             sys.exit(f"bipkernels {args.command}: {resume_path} is the state of a `bipkernels {saved_command}` run")
         args = argparse.Namespace(**{**vars(args), **state["args"], "resume": True, "out": args.out})
+    elif resume_path.exists():
+        sys.exit(f"bipkernels {args.command}: {resume_path} holds an interrupted run: continue it with --resume, "
+                 "or delete it (or choose another --out) to start afresh")
     for leftover in remove_temporaries(out):
         print(f"removed {leftover}, the part of a write that a killed run left", file=sys.stderr)
     if not state:

@@ -77,11 +77,13 @@ class _Masked:
         their momentum. Saved-tensor hooks save a note instead and recompute θ ⊙ m from θ, the scores and
         the threshold when the backward asks (one more masked_weight per layer). θ, the scores and the
         threshold must not change in place between the two, as autograd requires of saved tensors.
-        Compiled graphs choose what to save themselves, and tensor subclasses (fake tensors of a trace,
-        quantised types) keep autograd's default.
+        Compiled graphs choose what to save themselves, tensor subclasses (fake tensors of a trace,
+        quantised types) keep autograd's default, and so does a forward under the caller's own saved-tensor
+        hooks (activation checkpointing, offloading): inner hooks would replace them.
         """
         masked = self.masked_weight()
-        if not torch.is_grad_enabled() or torch.compiler.is_compiling() or type(masked) is not torch.Tensor:
+        if (not torch.is_grad_enabled() or torch.compiler.is_compiling() or type(masked) is not torch.Tensor
+                or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None):
             return function(input, masked, self.bias)
         sources = (self.weight, self.scores, self.threshold)
         versions = [source._version for source in sources]
@@ -89,7 +91,8 @@ class _Masked:
         device, storage = masked.device, masked.untyped_storage().data_ptr()
 
         def pack(tensor):
-            if type(tensor) is torch.Tensor and tensor.device == device and tensor.untyped_storage().data_ptr() == storage:
+            if (type(tensor) is torch.Tensor and tensor.layout == torch.strided and tensor.device == device
+                    and tensor.untyped_storage().data_ptr() == storage):
                 return _Recompute(tensor.size(), tensor.stride(), tensor.storage_offset())
             return tensor
 
@@ -98,7 +101,8 @@ class _Masked:
                 return saved
             if [source._version for source in sources] != versions:
                 raise RuntimeError(f"{type(self).__name__}: weight, scores or threshold changed in place between "
-                                   "the forward and the backward, so θ ⊙ m cannot be recomputed")
+                                   "the forward and the backward, so θ ⊙ m cannot be recomputed (a second backward "
+                                   "through a BiP step with step_scores_in_backward=True does this)")
             return self.masked_weight().as_strided(saved.size, saved.stride, saved.storage_offset)
 
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):

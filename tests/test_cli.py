@@ -91,3 +91,12 @@ def test_resume_of_another_commands_state_says_so(tmp_path):
     save_atomically({"args": {"command": "prune"}}, tmp_path / "resume.pt")
     with pytest.raises(SystemExit, match="bipkernels compare: .*resume.pt is the state of a `bipkernels prune` run"):
         main(["compare", "--resume", "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("command", ["prune", "compare"])
+def test_a_fresh_start_does_not_overwrite_an_interrupted_run(tmp_path, command):
+    save_atomically({"args": {"command": command}}, tmp_path / "resume.pt")
+    with pytest.raises(SystemExit, match=f"bipkernels {command}: .*resume.pt holds an interrupted run: continue it "
+                                         "with --resume"):
+        main([command, "--out", str(tmp_path)])
+    assert torch.load(tmp_path / "resume.pt", weights_only=False) == {"args": {"command": command}}

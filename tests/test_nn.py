@@ -113,6 +113,27 @@ def test_forward_keeps_no_masked_weight_and_the_backward_recomputes_it(seed, mak
         loss.backward()
 
 
+def test_callers_saved_tensor_hooks_and_sparse_inputs_keep_autograds_default(seed):
+    """Under the caller's own saved-tensor hooks (here offloading) the layer leaves saving to them, so
+    they see every saved tensor, the layer's input included; a sparse input has no storage to compare."""
+    layer = bipkernels.MaskedLinear(6, 4, dtype=torch.float64)
+    bipkernels.project(layer, 0.5)
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    packed = []
+
+    def pack(tensor):
+        packed.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        layer(x).sum().backward()
+    assert any(tensor is x for tensor in packed)
+    want = layer.weight.grad.clone()
+    layer.weight.grad = None
+    layer(x.detach().to_sparse()).sum().backward()
+    torch.testing.assert_close(layer.weight.grad, want, rtol=1e-12, atol=0)
+
+
 def test_gradcheck_weight_path(seed):
     weight = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     scores = torch.rand(5, 4, dtype=torch.float64)

@@ -169,12 +169,13 @@ def test_score_step_in_backward_refuses_accumulated_gradients(seed):
 
     model = tiny_model(seed)
     with pytest.raises(RuntimeError, match="BiP.step: the closure ran backward twice.*step_scores_in_backward=False"):
-        bipkernels.BiP(model, 0.5).step(accumulating_closure(model))
+        bipkernels.BiP(model, 0.5, step_scores_in_backward=True).step(accumulating_closure(model))
     model = tiny_model(seed)
     bipkernels.BiP(model, 0.5, step_scores_in_backward=False).step(accumulating_closure(model))
     # A lower-level pass drops the score gradients, so accumulating there is fine.
     model = tiny_model(seed)
-    bipkernels.BiP(model, 0.5, mode="faithful").step(accumulating_closure(model), closure_on(model, inputs, targets))
+    bipkernels.BiP(model, 0.5, mode="faithful", step_scores_in_backward=True).step(accumulating_closure(model),
+                                                                                 closure_on(model, inputs, targets))
 
 
 @pytest.mark.parametrize("method", bipkernels.solvers.METHODS)
@@ -211,8 +212,50 @@ def test_bip_rejects_bad_settings(kwargs, message):
         bipkernels.BiP(tiny_model(), 0.5, **kwargs)
 
 
+def test_score_step_in_backward_by_default_in_fit_only(seed):
+    """None (default): fit steps the scores inside the backward (its closures are the solver's own);
+    step with a user's closure keeps score gradients in .grad, so clipping them still works."""
+    data = tiny_task(seed=seed)
+    model = tiny_model(seed)
+    solver = bipkernels.BiP(model, 0.5, total_steps=20)
+    solver.step(closure_on(model, *data.tensors))
+    scores = [layer.scores for _, layer in bipkernels.masked_layers(model)]
+    assert all(score.grad is not None for score in scores)
+    solver.fit(data, 1, batch_size=32, seed=seed)
+    assert all(score.grad is None for score in scores)
+
+
+def test_frozen_scores_stay_put_with_the_step_in_backward(seed):
+    model = tiny_model(seed)
+    solver = bipkernels.BiP(model, 0.5, step_scores_in_backward=True, total_steps=20)
+    frozen = model[0].scores.requires_grad_(False)
+    before = frozen.detach().clone()
+    solver.step(closure_on(model, *tiny_task(seed=seed).tensors))
+    assert torch.equal(frozen, before) and not torch.equal(model[2].scores, before)
+
+
+def test_a_step_that_fails_after_scores_stepped_is_refused_until_reloaded(seed):
+    data = tiny_task(seed=seed)
+    model = tiny_model(seed)
+    solver = bipkernels.BiP(model, 0.5, step_scores_in_backward=True, total_steps=20)
+    checkpoint = copy.deepcopy(solver.state_dict())
+
+    def failing_closure():
+        closure_on(model, *data.tensors)()
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        solver.step(failing_closure)
+    for call in (lambda: solver.state_dict(), lambda: solver.step(closure_on(model, *data.tensors))):
+        with pytest.raises(RuntimeError, match="a step failed after the scores of 2 layers had taken their step "
+                                               "inside the backward.*load a checkpoint"):
+            call()
+    solver.load_state_dict(checkpoint)
+    solver.step(closure_on(model, *data.tensors))
+
+
 def test_bip_rejects_a_flag_that_is_not_a_bool():
-    with pytest.raises(TypeError, match="BiP: step_scores_in_backward must be True or False, got 1"):
+    with pytest.raises(TypeError, match="BiP: step_scores_in_backward must be True, False or None, got 1"):
         bipkernels.BiP(tiny_model(), 0.5, step_scores_in_backward=1)
 
 

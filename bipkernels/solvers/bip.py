@@ -12,11 +12,14 @@ Modes: ``"faithful"`` alternates as the paper does: ``lower_steps`` SGD steps on
 own batch, then one score step on the next batch. ``"fused"`` takes both steps from one forward and one
 backward, so an iteration costs about one dense training step.
 
-Memory: with ``step_scores_in_backward`` (the default) each layer's scores take their optimiser step as
-soon as their gradient is complete, inside the backward, and the gradient is dropped at once, so a step
-holds the scores and their momentum over a dense step but no score gradient (2·W instead of 3·W for W the
-bytes of the masked weights; benchmarks/test_memory.py). The result is the same as stepping after the
-backward. It is off under torch.distributed, whose gradient all-reduce finishes after the backward.
+Memory: stepping the scores inside the backward, each layer's as soon as its gradient is complete, and
+dropping the gradient at once keeps no score gradient: a step holds the scores and their momentum over a
+dense step (2·W instead of 3·W for W the bytes of the masked weights; benchmarks/test_memory.py), with the
+same result as stepping after the backward. ``step_scores_in_backward``: None (default) does so in
+``fit``, whose closures are the solver's own, and not in ``step``, whose closure may clip or unscale
+gradients after its backward (the scores would have stepped already); True or False in both. It is off
+under torch.distributed (the gradient all-reduce ends after the backward) and when the scores lie on
+several devices (their hooks would run on several autograd threads at once).
 
 The lower level's (γ/2)‖θ‖² is ordinary weight decay (``weight_decay``, 1e-4 in the released configs);
 ``inv_gamma`` (1e-4 there) only scales the implicit term: they are separate settings, as the released
@@ -59,7 +62,7 @@ class BiP:
                  mode: str = "fused", lr: float = 0.01, score_lr: float = 0.05, momentum: float = 0.9,
                  score_momentum: float = 0.9, weight_decay: float = 1e-4, inv_gamma: float = 1e-4,
                  implicit: str = "paper", lower_steps: int = 1, schedule: str = "cosine",
-                 score_schedule: str = "cosine", total_steps: int = 1000, step_scores_in_backward: bool = True,
+                 score_schedule: str = "cosine", total_steps: int = 1000, step_scores_in_backward: bool | None = None,
                  group=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"BiP: model must be a torch.nn.Module, got {type(model).__name__} {model!r}")
@@ -71,6 +74,7 @@ class BiP:
         self.model, self.sparsity, self.scope = model, sparsity, scope
         self.mode, self.lower_steps = mode, lower_steps
         self.step_scores_in_backward = step_scores_in_backward
+        self._failure = None  # why the state matches no run, after a step failed halfway
         self.group = group
         converted = not masked_nn.masked_layers(model)
         if converted:
@@ -100,67 +104,81 @@ class BiP:
         self.weight_optimizer.zero_grad(set_to_none=True)
         self.score_optimizer.zero_grad(set_to_none=True)
 
-    def _in_backward(self) -> bool:
-        # DDP (or any all-reduce of the gradients) writes the averaged gradient after the backward.
-        distributed_run = torch.distributed.is_available() and torch.distributed.is_initialized()
-        return self.step_scores_in_backward and not distributed_run
+    def _scores(self) -> list[torch.Tensor]:
+        return [score for group in self.score_optimizer.param_groups for score in group["params"]]
 
-    def _backward(self, closure, score_step: bool) -> torch.Tensor:
+    def _in_backward(self, own_closures: bool) -> bool:
+        """Whether this iteration's scores step inside the backward (see the module docstring)."""
+        wanted = own_closures if self.step_scores_in_backward is None else self.step_scores_in_backward
+        distributed_run = torch.distributed.is_available() and torch.distributed.is_initialized()
+        return wanted and not distributed_run and len({score.device for score in self._scores()}) <= 1
+
+    def _backward(self, closure, score_step: bool, in_backward: bool) -> torch.Tensor:
         """Zero the gradients and run ``closure`` (forward and backward); returns its loss.
 
-        With _in_backward(), the score gradients never stay in ``.grad``: each score takes its optimiser
-        step as its gradient completes (``score_step``) or the gradient is dropped (a lower-level pass, which
-        does not use it). Without, they stay in ``.grad`` as torch.optim has them.
+        ``in_backward``: the score gradients never stay in ``.grad``: each score takes its optimiser step as
+        its gradient completes (``score_step``) or the gradient is dropped (a lower-level pass, which does
+        not use it). Otherwise they stay in ``.grad`` as torch.optim has them.
         """
         self.zero_grad()
-        hooks, seen = [], set()
+        stepped = set()
 
         def on_score_gradient(score):
-            if score_step and id(score) in seen:
+            if score_step and id(score) in stepped:
                 raise RuntimeError("BiP.step: the closure ran backward twice through the same scores; with "
                                    "step_scores_in_backward=True every score steps as soon as its gradient is "
                                    "complete, so gradients cannot accumulate over several backward calls: "
                                    "pass step_scores_in_backward=False to BiP")
-            seen.add(id(score))
             if score_step:  # every other score's .grad is None here: the step moves this one alone
                 self.score_optimizer.step()
+                stepped.add(id(score))
             score.grad = None
 
-        if self._in_backward():
-            hooks = [score.register_post_accumulate_grad_hook(on_score_gradient)
-                     for group in self.score_optimizer.param_groups for score in group["params"]]
+        hooks = [score.register_post_accumulate_grad_hook(on_score_gradient)
+                 for score in self._scores() if in_backward and score.requires_grad]
         try:
             with torch.enable_grad():
                 loss = closure()
+        except BaseException:
+            if stepped:
+                self._failure = (f"a step failed after the scores of {len(stepped)} layers had taken their step "
+                                 "inside the backward")
+            raise
         finally:
             for hook in hooks:
                 hook.remove()
         self.passes += 1
         return loss
 
-    def _score_step(self) -> None:
-        if not self._in_backward():
-            self.score_optimizer.step()
+    def _check_consistent(self, owner: str) -> None:
+        if self._failure is not None:
+            raise RuntimeError(f"{owner}: {self._failure}, so the solver's state matches no run: load a "
+                               "checkpoint with load_state_dict before going on")
 
     def step(self, closure, upper_closure=None) -> torch.Tensor:
         """One BiP iteration; returns the (upper-level) loss."""
         for name, value in (("closure", closure), ("upper_closure", upper_closure)):
             if value is not None and not callable(value):
                 raise TypeError(f"BiP.step: {name} must be callable, got {type(value).__name__} {value!r}")
+        return self._iterate(closure, upper_closure, own_closures=False)
+
+    def _iterate(self, closure, upper_closure, own_closures: bool) -> torch.Tensor:
+        self._check_consistent("BiP.step")
+        in_backward = self._in_backward(own_closures)
         if self.mode == "fused":
             if upper_closure is not None:
                 raise ValueError("BiP.step: fused mode takes one closure (both levels from one backward)")
-            loss = self._backward(closure, score_step=True)
+            loss = self._backward(closure, score_step=True, in_backward=in_backward)
             self.weight_optimizer.step()
-            self._score_step()
         else:
             if upper_closure is None:
                 raise ValueError("BiP.step: faithful mode takes a lower-level and an upper-level closure")
             for _ in range(self.lower_steps):
-                self._backward(closure, score_step=False)
+                self._backward(closure, score_step=False, in_backward=in_backward)
                 self.weight_optimizer.step()
-            loss = self._backward(upper_closure, score_step=True)
-            self._score_step()
+            loss = self._backward(upper_closure, score_step=True, in_backward=in_backward)
+        if not in_backward:
+            self.score_optimizer.step()
         self._project()
         self.weight_schedule.step()
         self.score_schedule.step()
@@ -198,10 +216,10 @@ class BiP:
             for index in range(first if epoch == start[0] else 0, len(groups)):
                 closures = [self._closure(dataset, indices, device, loss_fn) for indices in groups[index]]
                 if self.mode == "fused":
-                    loss = self.step(closures[0])
+                    loss = self._iterate(closures[0], None, own_closures=True)
                 else:  # every lower step on its own batch, then the upper step on the next one
                     lower = iter(closures[:-1])
-                    loss = self.step(lambda: next(lower)(), closures[-1])
+                    loss = self._iterate(lambda: next(lower)(), closures[-1], own_closures=True)
                 total += float(loss.detach())
                 if on_step is not None and on_step(epoch, index + 1):
                     return epoch, index + 1
@@ -217,6 +235,7 @@ class BiP:
         return closure
 
     def state_dict(self) -> dict:
+        self._check_consistent("BiP.state_dict")
         return {
             "model": self.model.state_dict(),
             "weight_optimizer": self.weight_optimizer.state_dict(),
@@ -235,4 +254,5 @@ class BiP:
         self.weight_schedule.load_state_dict(state["weight_schedule"])
         self.score_schedule.load_state_dict(state["score_schedule"])
         self.iteration, self.passes = state["iteration"], state["passes"]
+        self._failure = None
         torch.set_rng_state(state["rng"])

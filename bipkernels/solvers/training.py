@@ -37,9 +37,9 @@ def _structure(owner, name, value):
         raise type(error)(f"{owner + ': ' if owner else ''}{error}") from None
 
 
-def _flag(owner, name, value):
-    if not isinstance(value, bool):
-        raise TypeError(f"{owner + ': ' if owner else ''}{name} must be True or False, got {value!r}")
+def _optional_flag(owner, name, value):
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"{owner + ': ' if owner else ''}{name} must be True, False or None, got {value!r}")
 
 
 def _int(minimum, maximum=None):
@@ -66,7 +66,7 @@ SETTINGS = {
     "mode": _choice(MODES),
     "implicit": _choice(IMPLICIT_FORMS),
     **dict.fromkeys(("schedule", "score_schedule"), _choice(SCHEDULES)),
-    "step_scores_in_backward": _flag,
+    "step_scores_in_backward": _optional_flag,
 }
 
 
