@@ -112,6 +112,37 @@ struct BlockLayout {
     }
   }
 
+  // Calls visit(flat) for every element of `block` in the order of element(block, 0), element(block, 1),
+  // ...: the same canonical order (so the same sums), with rows of a block walked without a division per
+  // element.
+  template <typename Visit>
+  BIPK_HD void for_each_element(int64_t block, const Visit& visit) const {
+    // The block as `height` rows of `width` elements in the (rows, cols) view.
+    int64_t first_row = 0, height = rows, first_col = 0, width = cols;
+    switch (kind) {
+      case kFilter:
+        first_row = block;
+        height = 1;
+        break;
+      case kChannel:
+        first_col = block * inner;
+        width = inner;
+        break;
+      case kTile:
+        first_row = block / tile_cols() * a;
+        first_col = block % tile_cols() * b;
+        height = rows - first_row < a ? rows - first_row : a;
+        width = cols - first_col < b ? cols - first_col : b;
+        break;
+      default:
+        for (int64_t j = 0; j < block_size(block); ++j) visit(element(block, j));
+        return;
+    }
+    for (int64_t row = first_row; row < first_row + height; ++row) {
+      for (int64_t flat = row * cols + first_col, end = flat + width; flat < end; ++flat) visit(flat);
+    }
+  }
+
   // How many elements from `flat` on lie in flat's block without a break: filter rows, runs of one
   // channel's kernel window, tile rows. The CPU kernels decide such a run once. 1 for unstructured and
   // N:M, whose elements decide alone.
@@ -142,9 +173,8 @@ BIPK_HD double block_term(scalar_t score, int64_t p) {
 
 template <typename scalar_t>
 BIPK_HD double block_score(const scalar_t* scores, const BlockLayout& layout, int64_t block, int64_t p) {
-  const int64_t size = layout.block_size(block);
   double sum = 0.0;
-  for (int64_t j = 0; j < size; ++j) sum += block_term(scores[layout.element(block, j)], p);
+  layout.for_each_element(block, [&](int64_t flat) { sum += block_term(scores[flat], p); });
   return sum;
 }
 
@@ -161,10 +191,11 @@ template <typename score_t, typename scalar_t>
 BIPK_HD bool nm_kept(const scalar_t* scores, const BlockLayout& layout, int64_t flat) {
   const score_t mine = fabs(static_cast<score_t>(scores[flat]));
   if (mine != mine) return false;
-  const int64_t group = layout.block_of(flat), position = layout.group_position(flat);
+  // The group's members lie `inner` apart (element(group, j)), the first `position` strides back.
+  const int64_t position = layout.group_position(flat), first = flat - position * layout.inner;
   int64_t beaten_by = 0;
   for (int64_t j = 0; j < layout.b; ++j) {
-    const score_t other = fabs(static_cast<score_t>(scores[layout.element(group, j)]));
+    const score_t other = fabs(static_cast<score_t>(scores[first + j * layout.inner]));
     beaten_by += (other > mine || (other == mine && j < position)) ? 1 : 0;
   }
   return beaten_by < layout.a;
