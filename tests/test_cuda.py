@@ -23,6 +23,15 @@ DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 TOPK_SIZES = [[1], [97], [13, 0, 7, 4097], [5000, 4096, 8193, 1], [3] * 200, [70000, 12]]
 
 
+def _closure(model, inputs, targets):
+    """A BiP closure: cross-entropy of ``model`` on one batch, forward and backward."""
+    def closure():
+        loss = nn.functional.cross_entropy(model(inputs), targets)
+        loss.backward()
+        return loss
+    return closure
+
+
 def _inputs(shape, dtype, structure):
     scores = with_specials(tied_scores(shape, dtype, levels=8))
     weight = torch.randn(shape, dtype=torch.float64).to(dtype)
@@ -143,27 +152,20 @@ def test_cuda_graph_replay_of_bip_steps_equals_eager(seed):
         model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 5)).cuda()
         return model, BiP(model, 0.8, "filter", schedule="constant", score_schedule="constant", total_steps=50)
 
-    def closure_of(model):
-        def closure():
-            loss = nn.functional.cross_entropy(model(inputs), targets)
-            loss.backward()
-            return loss
-        return closure
-
     (eager_model, eager), (graphed_model, graphed) = make(), make()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up outside the graph (optimiser state, cuDNN plans)
         for _ in range(3):
-            eager.step(closure_of(eager_model))
-            graphed.step(closure_of(graphed_model))
+            eager.step(_closure(eager_model, inputs, targets))
+            graphed.step(_closure(graphed_model, inputs, targets))
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        graphed.step(closure_of(graphed_model))
+        graphed.step(_closure(graphed_model, inputs, targets))
     for _ in range(4):
         graph.replay()
-        eager.step(closure_of(eager_model))
+        eager.step(_closure(eager_model, inputs, targets))
     torch.cuda.synchronize()
     from bipkernels import masks
     for (name, got), want in zip(masks(graphed_model).items(), masks(eager_model).values()):
@@ -182,20 +184,13 @@ def test_cuda_score_step_in_backward_equals_the_step_after_it(seed, mode):
 
     inputs, targets = torch.randn(64, 12, device="cuda"), torch.randint(0, 3, (64,), device="cuda")
 
-    def closure_of(model):
-        def closure():
-            loss = nn.functional.cross_entropy(model(inputs), targets)
-            loss.backward()
-            return loss
-        return closure
-
     states = []
     for in_backward in (True, False):
         torch.manual_seed(seed)
         model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 3)).cuda()
         solver = BiP(model, 0.7, mode=mode, score_lr=0.2, total_steps=10, step_scores_in_backward=in_backward)
         for _ in range(5):
-            closure = closure_of(model)
+            closure = _closure(model, inputs, targets)
             solver.step(closure) if mode == "fused" else solver.step(closure, closure)
         assert all((layer.scores.grad is None) == in_backward for _, layer in masked_layers(model))
         states.append(model.state_dict())
