@@ -113,8 +113,9 @@ def test_fused_bip_step_through_a_compiled_model_and_compiled_projection_equal_e
         assert torch.equal(layer.threshold, expected.threshold), name
 
 
-def test_autocast_bfloat16_on_cpu(seed):
-    """Under autocast the masked layers give exactly what their dense export gives (the same bfloat16
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_on_cpu(seed, dtype):
+    """Under autocast the masked layers give exactly what their dense export gives (the same half
     casts of the same effective weight), and the fused backward turns that gradient g into m ⊙ g and
     θ ⊙ g − inv_gamma · m ⊙ g² in float32."""
     model = _model(torch.float32)
@@ -122,11 +123,11 @@ def test_autocast_bfloat16_on_cpu(seed):
     x, y = torch.randn(2, 3, 6, 6), torch.randint(0, 5, (2,))
     outputs = []
     for m in (model, dense):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=dtype):
             outputs.append(m(x))
             loss = F.cross_entropy(outputs[-1], y)
         loss.backward()
-    assert outputs[0].dtype == torch.bfloat16
+    assert outputs[0].dtype == dtype
     torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
     for name, layer in bipkernels.masked_layers(model):
         g, mask, theta = dense.get_submodule(name).weight.grad, layer.mask(), layer.weight.detach()

@@ -217,6 +217,31 @@ def test_cuda_topk_threshold_and_masked_weight_past_2_to_the_31(monkeypatch):
     assert kept[big + 2] == 1 and kept[big + 3] == 0 and kept[-1] == 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_autocast_equals_the_dense_export(seed, dtype):
+    """Under autocast the masked model computes what its dense export computes (the same half casts of
+    the same effective weight), and the fused backward gives m ⊙ g in float32."""
+    import bipkernels
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 5)).cuda()
+    bipkernels.convert(model, 0.7)
+    dense = bipkernels.export_dense(model)
+    inputs, targets = torch.randn(4, 3, 10, 10, device="cuda"), torch.randint(0, 5, (4,), device="cuda")
+    outputs = []
+    for network in (model, dense):
+        with torch.autocast("cuda", dtype=dtype):
+            outputs.append(network(inputs))
+            loss = nn.functional.cross_entropy(outputs[-1], targets)
+        loss.backward()
+    assert outputs[0].dtype == dtype
+    torch.testing.assert_close(outputs[0], outputs[1])
+    for name, layer in bipkernels.masked_layers(model):
+        g = dense.get_submodule(name).weight.grad
+        assert layer.weight.grad.dtype == layer.scores.grad.dtype == torch.float32
+        torch.testing.assert_close(layer.weight.grad, torch.where(layer.mask(), g, 0.0), msg=name)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("layer", ["conv", "linear"])
 def test_cuda_masked_layers_match_the_float64_cpu_layer(seed, dtype, layer):
