@@ -59,7 +59,7 @@ class BiP:
     """
 
     def __init__(self, model: nn.Module, sparsity: float, structure="unstructured", scope: str = "global", *,
-                 mode: str = "fused", lr: float = 0.01, score_lr: float = 0.05, momentum: float = 0.9,
+                 mode: str = "fused", lr: float = 0.01, score_lr: float = 0.01, momentum: float = 0.9,
                  score_momentum: float = 0.9, weight_decay: float = 1e-4, inv_gamma: float = 1e-4,
                  implicit: str = "paper", lower_steps: int = 1, schedule: str = "cosine",
                  score_schedule: str = "cosine", total_steps: int = 1000, step_scores_in_backward: bool | None = None,
