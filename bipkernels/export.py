@@ -87,10 +87,12 @@ def apply_prune_masks(model: nn.Module, layer_masks: dict[str, torch.Tensor]) ->
 
 # ----------------------------------------------------------------------------------------------- shrink
 #
-# The traced graph is cut into channel spaces: tensors whose dim-1 index means the same channel (an
-# activation, its batch norm and ReLU, the residual add that joins branches). Convolutions (groups=1) and
-# Linear layers ("readers") read one space and write a new one; depthwise convolutions, batch norms,
-# activations, pools, flatten and same-shape add/sub/mul stay inside a space. Removing channel c from a
+# The traced graph is cut into channel spaces: tensors whose channel index means the same channel (an
+# activation, its batch norm and ReLU, the residual add that joins branches). Channels lie in dim 1, or in
+# the last dim of a space that a Linear layer reads or writes on more than 2 dims (tokens: (B, T, C)); a
+# space is one or the other, and an op that would mix them keeps its tensors whole. Convolutions
+# (groups=1) and Linear layers ("readers") read one space and write a new one; depthwise convolutions,
+# batch norms, activations, pools, flatten and same-shape add/sub/mul stay inside a space. Removing channel c from a
 # space removes the rows writing it, every per-channel parameter inside it and the columns reading it.
 # That is exact when each reader has zero weights for c, or reads a value of c that is the same at every
 # position for every input ("constant": every layer writing c has a zero filter, so c is a bias pushed
@@ -98,12 +100,16 @@ def apply_prune_masks(model: nn.Module, layer_masks: dict[str, torch.Tensor]) ->
 # with zeros (the constant stops at the border): then one constant channel stays and carries the others,
 # their weights merged into its column (linear in the input: Σ v_c W_c = v_0 · Σ (v_c / v_0) W_c).
 
-_UNARY_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.SiLU,
-                  nn.GELU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Identity,
-                  nn.Dropout, nn.Dropout2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d)
-_UNARY_FUNCTIONS = {F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.silu, F.gelu, F.hardswish, F.hardsigmoid,
-                    F.hardtanh, F.mish, F.dropout, F.max_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
-                    torch.relu, torch.sigmoid, torch.tanh, "relu", "relu_", "sigmoid", "tanh", "contiguous"}
+# One input, channel-wise: elementwise (same shape, channels in any dim), or over dims 2 and up (channels
+# in dim 1 only).
+_ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh,
+                        nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Identity, nn.Dropout)
+_ELEMENTWISE_FUNCTIONS = {F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.silu, F.gelu, F.hardswish, F.hardsigmoid,
+                          F.hardtanh, F.mish, F.dropout, torch.relu, torch.sigmoid, torch.tanh, "relu", "relu_",
+                          "sigmoid", "tanh", "contiguous"}
+_CHANNELS_FIRST_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.Dropout2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d,
+                           nn.AdaptiveMaxPool2d, nn.AvgPool2d)
+_CHANNELS_FIRST_FUNCTIONS = {F.max_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
 _BINARY = {operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul, torch.add,
            torch.sub, torch.mul, "add", "add_", "sub", "sub_", "mul", "mul_"}
 
@@ -156,18 +162,19 @@ def _channel_view(weight: torch.Tensor, channels: int) -> torch.Tensor:
 
 
 class _Recorder(fx.Interpreter):
-    """Runs the graph once; keeps each tensor's shape and, per dim-1 index, its value at the first
-    position of the first sample (the value of a constant channel)."""
+    """Runs the graph once; keeps each tensor's shape and its values at the first position of the first
+    sample (the values of constant channels): ``first`` per dim-1 index, ``last`` per last-dim index."""
 
     def __init__(self, module):
         super().__init__(module)
-        self.shapes, self.first = {}, {}
+        self.shapes, self.first, self.last = {}, {}, {}
 
     def run_node(self, node):
         out = super().run_node(node)
         if isinstance(out, torch.Tensor) and out.dim() >= 2 and out.numel():
             self.shapes[node] = tuple(out.shape)
             self.first[node] = out[0].reshape(out.shape[1], -1)[:, 0].detach().double().cpu()
+            self.last[node] = out.reshape(-1, out.shape[-1])[0].detach().double().cpu()
         return out
 
 
@@ -175,12 +182,13 @@ class _Graph:
     """Channel spaces of a traced model (union-find over its nodes) and what shrinking needs per node."""
 
     def __init__(self, graph_module: fx.GraphModule, recorder: _Recorder):
-        self.gm, self.shapes, self.first = graph_module, recorder.shapes, recorder.first
+        self.gm, self.shapes, self.first, self.last = graph_module, recorder.shapes, recorder.first, recorder.last
         self.parent, self.expansion, self.frozen = {}, {}, {}
+        self.placed: dict[fx.Node, int] = {}  # space root -> its channel dim, 1 or -1, once an op decides it
         self.readers: dict[fx.Node, nn.Module] = {}  # Conv2d (groups=1) / Linear nodes
         self.members: dict[fx.Node, nn.Module] = {}  # depthwise convolutions and batch norms
         self.whole: dict[fx.Node, str] = {}  # other Conv2d / Linear layers, which keep every channel: why
-        self.constant: dict[fx.Node, torch.Tensor] = {}  # bool per channel, see _analyse
+        self.constant: dict[fx.Node, torch.Tensor | None] = {}  # bool per channel (None: none), see _analyse
         # A layer with parameters called twice, or sharing one with another layer, cannot be cut for one use.
         calls = [node.target for node in graph_module.graph.nodes if node.op == "call_module"]
         owners = {}
@@ -200,12 +208,28 @@ class _Graph:
             node = self.parent[node]
         return node
 
+    def axis(self, node) -> int:
+        """The dim of ``node``'s channels: -1 in a space placed there, else 1 (one and the same in 2-D)."""
+        return self.placed.get(self.root(node), 1)
+
     def channels(self, node) -> int:
-        return self.shapes[node][1] // self.expansion[node]
+        return self.shapes[node][self.axis(node)] // self.expansion[node]
 
     def value(self, node) -> torch.Tensor:
         """Per channel, the recorded value at its first position (its value where it is constant)."""
-        return self.first[node][::self.expansion[node]]
+        return self.last[node] if self.axis(node) == -1 else self.first[node][::self.expansion[node]]
+
+    def constants(self, node) -> torch.Tensor:
+        constant = self.constant[node]
+        return torch.zeros(self.channels(node), dtype=torch.bool) if constant is None else constant
+
+    def _fits(self, node, axis: int) -> bool:
+        """Whether ``node``'s channels may lie in dim ``axis``: 2-D, or its space not placed elsewhere."""
+        return len(self.shapes[node]) == 2 or self.placed.get(self.root(node), axis) == axis
+
+    def _place(self, node, axis: int):
+        if len(self.shapes[node]) > 2:
+            self.placed[self.root(node)] = axis
 
     @staticmethod
     def zero_filters(module) -> torch.Tensor:
@@ -218,6 +242,13 @@ class _Graph:
     def _join(self, node, source, expansion: int = 1):
         self.parent[node] = self.root(source)
         self.expansion[node] = self.expansion[source] * expansion
+
+    def _union(self, node, other):
+        root, other_root = self.root(node), self.root(other)
+        if other_root is not root:
+            self.parent[other_root] = root
+            if other_root in self.placed:
+                self.placed[root] = self.placed.pop(other_root)
 
     def _analyse(self, node):
         """Places ``node`` in a space; ``constant[node]`` marks the channels that provably hold one
@@ -233,12 +264,15 @@ class _Graph:
         self.parent[node], self.expansion[node] = node, 1
         module = self.gm.get_submodule(node.target) if node.op == "call_module" else None
         kind, what = self._kind(node, module)
+        self.constant[node] = None
         if kind == "input":
             self._freeze(node, "it is the model input")
-            self.constant[node] = torch.zeros(self.shapes[node][1], dtype=torch.bool)
         elif kind == "reader":
             self.readers[node] = module
             self.constant[node] = self.zero_filters(module)
+            axis = 1 if isinstance(module, nn.Conv2d) else -1
+            self._place(inputs[0], axis)
+            self._place(node, axis)
         elif kind == "unknown":
             why = f"{_name(node)} ({what})"
             if isinstance(module, (nn.Conv2d, nn.Linear)):
@@ -247,25 +281,28 @@ class _Graph:
             for source in inputs:
                 if source in self.shapes:
                     self._freeze(source, f"{why} reads it")
-            self.constant[node] = torch.zeros(self.shapes[node][1], dtype=torch.bool)
         else:
             source = inputs[0]
+            if kind in ("flatten", "channels-first", "depthwise"):
+                self._place(source, 1)
             self._join(node, source, math.prod(self.shapes[source][2:]) if kind == "flatten" else 1)
             for other in inputs[1:]:
-                self.parent[self.root(other)] = self.root(node)
-            carried = torch.stack([self.constant[s] for s in inputs]).all(0)
-            if _pads_with_zeros(module):  # a constant survives zero padding only if it is zero
+                self._union(node, other)
+            given = [self.constant[s] for s in inputs]  # a constant channel: constant in every input
+            carried = None if any(c is None for c in given) else torch.stack(given).all(0)
+            if carried is not None and _pads_with_zeros(module):  # a constant survives zero padding if zero
                 carried &= self.value(source) == 0
             if kind == "depthwise":
                 self.members[node] = module
-                carried |= self.zero_filters(module)
+                carried = self.zero_filters(module) if carried is None else carried | self.zero_filters(module)
             elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
                 self.members[node] = module
             self.constant[node] = carried
 
     def _kind(self, node, module) -> tuple[str, str]:
-        """How ``node`` treats channels: input, reader, depthwise, flatten, unary (channel-wise, one
-        input), binary (channel-wise, same shapes) or unknown, with why for unknown."""
+        """How ``node`` treats channels: input, reader, depthwise, flatten, elementwise, channels-first
+        (channel-wise over dims 2 and up), binary (channel-wise, same shapes) or unknown, with why for
+        unknown."""
         inputs = node.all_input_nodes
         if node.op == "placeholder":
             return "input", ""
@@ -273,26 +310,38 @@ class _Graph:
             return "unknown", "it reads a value that is not an activation"
         if node.target in self.entangled:
             return "unknown", self.entangled[node.target]
-        rank = len(self.shapes[inputs[0]]) if inputs else 0
+        source = inputs[0] if inputs else None
+        rank = len(self.shapes[source]) if inputs else 0
+        across = "its input's channels lie in the last dim" if inputs and not self._fits(source, 1) else ""
         if isinstance(module, nn.Conv2d):
             if type(module) is not nn.Conv2d or rank != 4:
                 return "unknown", "a Conv2d subclass or an unbatched input"
+            if across:
+                return "unknown", across
             if module.groups == 1:
                 return "reader", ""
             return ("depthwise", "") if _is_depthwise(module) else ("unknown", "a grouped convolution")
         if isinstance(module, nn.Linear):
-            if type(module) is not nn.Linear or rank != 2:
-                return "unknown", "a Linear subclass or an input of more than 2 dimensions"
+            if type(module) is not nn.Linear:
+                return "unknown", "a Linear subclass"
+            if not self._fits(source, -1):
+                return "unknown", "it reads the last dim of a tensor whose channels lie in dim 1"
             return "reader", ""
-        if len(inputs) == 1 and _is_flatten(node, module) and rank > 2:
+        if len(inputs) == 1 and _is_flatten(node, module) and rank > 2 and not across:
             return "flatten", ""
         # F.dropout(x, p) defaults to training=True even in eval mode: it would not keep constants.
         dropping = node.target is F.dropout and (node.args[2] if len(node.args) > 2 else
                                                   node.kwargs.get("training", True))
-        if len(inputs) == 1 and (isinstance(module, _UNARY_MODULES) or node.target in _UNARY_FUNCTIONS) and \
-                self.shapes[inputs[0]][:2] == self.shapes[node][:2] and not dropping:
-            return "unary", ""
-        if inputs and node.target in _BINARY and all(self.shapes[s] == self.shapes[node] for s in inputs):
+        if len(inputs) == 1 and (isinstance(module, _ELEMENTWISE_MODULES) or node.target in _ELEMENTWISE_FUNCTIONS) \
+                and self.shapes[source] == self.shapes[node] and not dropping:
+            return "elementwise", ""
+        if len(inputs) == 1 and (isinstance(module, _CHANNELS_FIRST_MODULES) or
+                                 node.target in _CHANNELS_FIRST_FUNCTIONS) and \
+                self.shapes[source][:2] == self.shapes[node][:2] and not across:
+            return "channels-first", ""
+        placed = {self.placed.get(self.root(s)) for s in inputs} - {None}
+        if inputs and node.target in _BINARY and all(self.shapes[s] == self.shapes[node] for s in inputs) and \
+                len(placed) <= 1:
             return "binary", ""
         return "unknown", "an op shrinking does not handle"
 
@@ -326,7 +375,7 @@ def _plan(graph: _Graph, nodes: list, readers: list) -> _Plan:
     for reader in readers:
         source = reader.all_input_nodes[0]
         zero = (_channel_view(graph.readers[reader].weight, channels) == 0).all(2).all(0).cpu()
-        constant, value = graph.constant[source], graph.value(source)
+        constant, value = graph.constants(source), graph.value(source)
         free = zero | constant & ((value == 0) | (not _pads_with_zeros(graph.readers[reader])))
         for c in (~free & ~constant & ~needed).nonzero().flatten().tolist():
             why[c] = f"{reader.target} reads it and it varies with the input"
@@ -337,7 +386,7 @@ def _plan(graph: _Graph, nodes: list, readers: list) -> _Plan:
                 why[c] = why[c] or f"its constant value meets the zero padding of {reader.target}"
     candidates = torch.stack(list(carried.values())).any(0) & ~needed if carried else torch.zeros_like(needed)
     # The carrier's value divides the others' (v_c / v_0): take the largest smallest |v_0| over the readers.
-    strength = torch.stack([torch.where(graph.constant[s], graph.value(s).abs(), 0.0) for s in carried]).amin(0) \
+    strength = torch.stack([torch.where(graph.constants(s), graph.value(s).abs(), 0.0) for s in carried]).amin(0) \
         if carried else None
     carrier = int(strength.masked_fill(~candidates, 0).argmax()) if candidates.any() else None
     if carrier is not None and strength[carrier] == 0:
@@ -401,7 +450,7 @@ def _shrink_reader(graph: _Graph, node, plans: dict) -> nn.Module:
     channels = graph.channels(source)
     weight = _channel_view(module.weight.detach(), channels)
     value = graph.value(source).to(weight.device)
-    fold = (~plan_in.keep & graph.constant[source]).to(weight.device) & (value != 0) & (weight != 0).any(2).any(0)
+    fold = (~plan_in.keep & graph.constants(source)).to(weight.device) & (value != 0) & (weight != 0).any(2).any(0)
     rows = plan_out.keep.nonzero().flatten().to(weight.device)
     kept = weight[rows][:, plan_in.keep.to(weight.device)]
     bias = None if module.bias is None else module.bias.detach()[rows].double()
@@ -432,8 +481,12 @@ def export_shrunk(model: nn.Module, example_inputs, *, warn: bool = True) -> tup
       has that filter at zero, or every layer reading it has that input channel at zero;
     - a pruned filter's output is a constant (its bias through batch norm and activation); it folds
       into the next layer's bias, or behind zero padding, into one kept carrier channel;
+    - Linear layers on more than 2 dims (tokens: (B, T, C)) read and write channels in the last dim;
+      an op that mixes that layout with channels in dim 1 keeps its tensors' channels;
     - tensors that reach the output or come from the input, layers called twice, grouped convolutions
-      other than depthwise, and ops outside the known channel-wise set keep every channel.
+      other than depthwise, and ops outside the known channel-wise set keep every channel; layers
+      inside a module that torch.fx calls whole (torch.nn's, e.g. nn.TransformerEncoderLayer) or not
+      called as modules stay whole.
 
     ``report.kept`` lists each layer whose zero filters or channels stay and why (also a warning when
     ``warn``); ``report.shapes`` every module that shrank. A model with nothing to remove comes back
@@ -458,10 +511,11 @@ def export_shrunk(model: nn.Module, example_inputs, *, warn: bool = True) -> tup
     plans = {root: _plan(graph, nodes, readers.get(root, [])) for root, nodes in spaces.items()}
 
     report = ShrinkReport()
-    for node, why in graph.whole.items():
-        zero = int(graph.zero_filters(graph.gm.get_submodule(node.target)).sum())
-        if zero:
-            report.kept[node.target] = f"{zero} zero filter{'s' if zero > 1 else ''} ({why}: shrinking leaves it whole)"
+    whole = {node.target: why for node, why in graph.whole.items()} | _untraced_layers(dense, traced)
+    for name, why in whole.items():
+        zeros = _zero_parts(dense.get_submodule(name))
+        if zeros:
+            report.kept[name] = f"{zeros} ({why}: shrinking leaves it whole)"
     for node, module in graph.readers.items():
         source, plan_in = node.all_input_nodes[0], plans[graph.root(node.all_input_nodes[0])]
         weight = _channel_view(module.weight, graph.channels(source))
@@ -495,6 +549,31 @@ def export_shrunk(model: nn.Module, example_inputs, *, warn: bool = True) -> tup
         warnings.warn("bipkernels.export_shrunk: zero filters or channels stay in:\n  "
                       + "\n  ".join(f"{name}: {why}" for name, why in report.kept.items()), stacklevel=2)
     return dense, report
+
+
+def _untraced_layers(model: nn.Module, traced: fx.GraphModule) -> dict[str, str]:
+    """{name: why} of the Conv2d / Linear layers of ``model`` that the traced graph does not call: inside a
+    module that torch.fx keeps as one call (torch.nn's own, such as nn.TransformerEncoderLayer), or
+    used some other way (their weights read directly)."""
+    calls = [node.target for node in traced.graph.nodes if node.op == "call_module"]
+    called = {id(traced.get_submodule(target)) for target in calls}
+    untraced = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and id(module) not in called:
+            inside = [target for target in calls if name.startswith(target + ".")]
+            untraced[name] = f"inside {inside[0]}, which torch.fx traces as one call" if inside else \
+                "not called as a module in the traced forward"
+    return untraced
+
+
+def _zero_parts(module: nn.Module) -> str:
+    """'N zero filters, M zero input channels' of a Conv2d / Linear weight ('' if none; input channels
+    only where one column is one channel, groups=1)."""
+    weight = module.weight.detach()
+    counts = {"filter": int((weight.reshape(weight.shape[0], -1) == 0).all(1).sum())}
+    if getattr(module, "groups", 1) == 1:
+        counts["input channel"] = int((weight.transpose(0, 1).reshape(weight.shape[1], -1) == 0).all(1).sum())
+    return ", ".join(f"{n} zero {what}{'s' if n > 1 else ''}" for what, n in counts.items() if n)
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module, report: ShrinkReport) -> None:

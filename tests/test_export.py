@@ -142,6 +142,22 @@ class Plain(nn.Module):
         return self.classifier(torch.flatten(self.features(x), 1))
 
 
+class Tokens(nn.Module):
+    """A transformer's MLP block on (batch, tokens, features): Linear layers on 3-D inputs, GELU, dropout,
+    a residual add and a LayerNorm (an op shrinking does not handle: the stream it reads stays whole)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.norm = nn.Linear(6, 12), nn.LayerNorm(12)
+        self.fc1, self.act, self.drop, self.fc2 = nn.Linear(12, 24), nn.GELU(), nn.Dropout(0.1), nn.Linear(24, 12)
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x):
+        x = self.embed(x)
+        x = x + self.fc2(self.drop(self.act(self.fc1(self.norm(x)))))
+        return self.head(x.mean(1))
+
+
 def _torchvision(name, **kwargs):
     return lambda: getattr(pytest.importorskip("torchvision").models, name)(num_classes=10, **kwargs)
 
@@ -155,6 +171,8 @@ SHRINK_CASES = {  # (model, input shape, structure, dtype)
     # float32: CPU depthwise convolutions in float64 take a slow path (minutes).
     "mobilenet_v2 filter": (_torchvision("mobilenet_v2", width_mult=0.5), (2, 3, 32, 32), "filter", torch.float32),
     "mobilenet_v2 channel": (_torchvision("mobilenet_v2", width_mult=0.5), (2, 3, 32, 32), "channel", torch.float32),
+    "tokens filter": (Tokens, (2, 5, 6), "filter", torch.float64),
+    "tokens channel": (Tokens, (2, 5, 6), "channel", torch.float64),
 }
 
 
@@ -243,18 +261,96 @@ class Entangled(nn.Module):
         return self.head(self.b(self.a(x)))
 
 
-def test_shrink_leaves_entangled_layers_whole(seed):
-    model = Entangled().eval()
-    with torch.no_grad():  # a zero filter in every layer, plain model (export_shrunk takes one too)
-        for module in (model.stem, model.twice, model.a, model.head):
-            module.weight[0] = 0
-    x = torch.randn(2, 3, 4, 4)
-    small, report = bipkernels.export_shrunk(model, x, warn=False)
+def _report_of_nothing_shrinking(model: nn.Module, layers: list[str], x: torch.Tensor) -> bipkernels.ShrinkReport:
+    """export_shrunk's report on plain ``model`` (eval mode) with filter 0 of each of ``layers`` zeroed,
+    after checking that nothing shrank and that the outputs are the same."""
+    model.eval()
+    with torch.no_grad():
+        for name in layers:
+            model.get_submodule(name).weight[0] = 0
+        small, report = bipkernels.export_shrunk(model, x, warn=False)
+        outputs = [small(x), model(x)]
     assert report.shapes == {}
+    for got, expected in zip(*[o if isinstance(o, tuple) else (o,) for o in outputs], strict=True):
+        torch.testing.assert_close(got, expected)
+    return report
+
+
+def test_shrink_leaves_entangled_layers_whole(seed):
+    report = _report_of_nothing_shrinking(Entangled(), ["stem", "twice", "a", "head"], torch.randn(2, 3, 4, 4))
     assert "twice (called more than once)" in report.kept["twice"]
     assert "shares a parameter with another layer" in report.kept["a"]
     assert "dropout (an op shrinking does not handle) reads it" in report.kept["stem"]
-    torch.testing.assert_close(small(x), model(x))
+
+
+def test_token_mlp_sheds_its_hidden_features(seed):
+    model = Tokens().double().eval()
+    with torch.no_grad():
+        model.fc1.weight[[0, 3, 7]] = 0  # pruned hidden features: constants GELU(bias), folded into fc2's bias
+        model.fc2.weight[:, [3, 7, 9]] = 0  # hidden features fc2 does not read
+        model.fc2.weight[2] = 0  # a filter writing the residual stream, which reaches the LayerNorm
+    x = torch.randn(3, 5, 6, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"fc2: 1 zero filter \(.*norm \(an op shrinking does not handle\) reads"):
+        small, report = bipkernels.export_shrunk(model, x)
+    assert (small.fc1.out_features, small.fc2.in_features, small.fc2.out_features) == (20, 20, 12)
+    assert report.shapes == {"fc1": ((24, 12), (20, 12)), "fc2": ((12, 24), (12, 20))}
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+class Layouts(nn.Module):
+    """Channels in dim 1 meeting channels in the last dim: a Linear layer over a convolution's width, a
+    convolution over a Linear layer's 4-D output, and the product of the two layouts."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.width = nn.Conv2d(3, 4, 1), nn.Linear(4, 4)
+        self.tokens, self.after = nn.Linear(3, 4), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        a = self.conv(x)  # (B, 4, 4, 4), channels in dim 1
+        c = self.tokens(x.permute(0, 2, 3, 1))  # (B, 4, 4, 4), channels in the last dim
+        return self.width(a), self.after(F.relu(c)), a * c
+
+
+def test_shrink_keeps_channels_where_layouts_meet(seed):
+    report = _report_of_nothing_shrinking(Layouts(), ["conv", "width", "tokens", "after"], torch.randn(2, 3, 4, 4))
+    assert "width (it reads the last dim of a tensor whose channels lie in dim 1) reads it" in report.kept["conv"]
+    assert "after (its input's channels lie in the last dim) reads it" in report.kept["tokens"]
+    assert "mul (an op shrinking does not handle) reads it" in report.kept["tokens"]
+    assert "shrinking leaves it whole" in report.kept["width"] and "shrinking leaves it whole" in report.kept["after"]
+
+
+class Opaque(nn.Module):
+    """Layers shrinking cannot see into: an nn.TransformerEncoder (torch.fx calls torch.nn's modules
+    whole) and a convolution whose weight is used directly."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 1,
+                                             enable_nested_tensor=False)
+        self.side = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.encoder(x) + F.linear(x, self.side.weight)
+
+
+def test_shrink_names_the_layers_it_cannot_see(seed):
+    with pytest.warns(UserWarning, match="left dense"):  # attention's own projections
+        model = bipkernels.convert(Opaque(), 0.0, "filter", exclude="side").eval()
+    bipkernels.project(model, 0.5, scope="layer")
+    with torch.no_grad():
+        model.side.weight[0] = 0  # plain: its weight is used directly, as the forward does
+        model.side.weight[:, 2] = 0
+    x = torch.randn(2, 3, 8)
+    with pytest.warns(UserWarning, match=r"encoder\.layers\.0\.linear1: 8 zero filters \(inside encoder, which"):
+        small, report = bipkernels.export_shrunk(model, x)
+    assert report.shapes == {}
+    assert report.kept["encoder.layers.0.linear2"].startswith("4 zero filters (inside encoder")
+    assert report.kept["side"] == "1 zero filter, 1 zero input channel (not called as a module in the traced " \
+                                  "forward: shrinking leaves it whole)"
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x))
 
 
 def test_shrink_refuses_an_untraceable_model():
