@@ -1,8 +1,9 @@
-"""BiP across two processes on the gloo backend (torch.multiprocessing spawn): DistributedDataParallel
-keeps every rank's masks identical, and sharded scores get the exact single-process threshold.
+"""BiP across two processes (torch.multiprocessing spawn): DistributedDataParallel keeps every rank's
+masks identical, and sharded scores get the exact single-process threshold.
 
-One spawn runs every check (starting processes is the slow part); a failing rank's traceback comes back
-through torch.multiprocessing.spawn."""
+The same checks run on gloo on the CPU and, where there are two CUDA GPUs and NCCL, on NCCL with one GPU
+per rank. One spawn per backend runs every check (starting processes is the slow part); a failing rank's
+traceback comes back through torch.multiprocessing.spawn."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def _shards(generator: torch.Generator, case: int) -> list[list[torch.Tensor]]:
     return shards
 
 
-def _check_sharded_thresholds(rank: int, seed: int) -> None:
+def _check_sharded_thresholds(rank: int, seed: int, device: torch.device) -> None:
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # with_specials draws from the global generator: the same on both ranks
     for case in range(30):
@@ -52,22 +53,23 @@ def _check_sharded_thresholds(rank: int, seed: int) -> None:
         everything = [scores for shard in shards for scores in shard]
         total = sum(scores.numel() for scores in everything)
         for k in (0, 1, int(torch.randint(0, total + 1, (), generator=generator)), total, total + 3):
-            got = distributed.topk_threshold(shards[rank], k)
+            got = distributed.topk_threshold([scores.to(device) for scores in shards[rank]], k)
             start = sum(len(shard) for shard in shards[:rank])
             rows = slice(start, start + len(shards[rank]))
             expected = bipkernels.topk_threshold([s.double() for s in everything], k)[rows] if everything else \
                 torch.empty(0, 2, dtype=torch.float64)
-            assert torch.equal(got, expected), (case, k, got, expected)
+            assert got.device == device, (case, k, got.device)
+            assert torch.equal(got.cpu(), expected), (case, k, got, expected)
 
 
 def _layers() -> nn.Sequential:
     return nn.Sequential(nn.Linear(6, 7), nn.Linear(7, 5), nn.Linear(5, 9), nn.Linear(9, 3))
 
 
-def _check_sharded_project_and_bip(rank: int, seed: int) -> None:
+def _check_sharded_project_and_bip(rank: int, seed: int, device: torch.device) -> None:
     """Rank r holds layers 2r and 2r + 1 of one model; the projection equals the single-process one."""
     torch.manual_seed(seed)
-    whole = bipkernels.convert(_layers(), 0.0)
+    whole = bipkernels.convert(_layers().to(device), 0.0)
     with torch.no_grad():
         for _, layer in bipkernels.masked_layers(whole):
             layer.scores.copy_(tied_scores(layer.scores.shape, torch.float32))
@@ -79,7 +81,7 @@ def _check_sharded_project_and_bip(rank: int, seed: int) -> None:
         assert torch.equal(shard[i].mask(), whole[2 * rank + i].mask())
     # The solver on the shard: after a step on this rank's own loss the kept count is global and exact.
     solver = bipkernels.BiP(shard, 0.6, group=dist.group.WORLD, total_steps=5)
-    x = torch.randn(4, shard[0].in_features)
+    x = torch.randn(4, shard[0].in_features).to(device)
 
     def closure():
         loss = shard(x).square().mean()
@@ -87,8 +89,8 @@ def _check_sharded_project_and_bip(rank: int, seed: int) -> None:
         return loss
 
     solver.step(closure)
-    kept = torch.tensor(sum(int(layer.mask().sum()) for layer in shard))
-    total = torch.tensor(sum(layer.weight.numel() for layer in shard))
+    kept = torch.tensor(sum(int(layer.mask().sum()) for layer in shard), device=device)
+    total = torch.tensor(sum(layer.weight.numel() for layer in shard), device=device)
     dist.all_reduce(kept)
     dist.all_reduce(total)
     assert int(kept) == bipkernels.keep_count(int(total), 0.6)
@@ -100,18 +102,18 @@ def _gathered(tensor: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
-def _check_ddp(rank: int, seed: int) -> None:
+def _check_ddp(rank: int, seed: int, device: torch.device) -> None:
     torch.manual_seed(seed)  # the same initial model on every rank; DDP also broadcasts rank 0's
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3),
-                          nn.Flatten(), nn.Linear(8 * 4 * 4, 5))
+                          nn.Flatten(), nn.Linear(8 * 4 * 4, 5)).to(device)
     bipkernels.convert(model, 0.8)
-    ddp = nn.parallel.DistributedDataParallel(model)
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[rank] if device.type == "cuda" else None)
     solver = bipkernels.BiP(ddp, 0.8, score_lr=0.5, total_steps=10)
     total = sum(layer.weight.numel() for _, layer in bipkernels.masked_layers(model))
     torch.manual_seed(seed + 1 + rank)  # every rank its own batches
     changed = False
     for _ in range(3):
-        x, y = torch.randn(4, 3, 6, 6), torch.randint(0, 5, (4,))
+        x, y = torch.randn(4, 3, 6, 6).to(device), torch.randint(0, 5, (4,)).to(device)
         before = bipkernels.masks(model)
 
         def closure():
@@ -130,17 +132,31 @@ def _check_ddp(rank: int, seed: int) -> None:
     assert changed  # the steps moved the masks, identically on both ranks
 
 
-def _worker(rank: int, init_file: str, seed: int) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+def _worker(rank: int, backend: str, init_file: str, seed: int) -> None:
+    if backend == "nccl":  # one GPU per rank, chosen before NCCL starts
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         torch.set_num_threads(1)
-        _check_sharded_thresholds(rank, seed)
-        _check_sharded_project_and_bip(rank, seed)
-        _check_ddp(rank, seed)
+        _check_sharded_thresholds(rank, seed, device)
+        _check_sharded_project_and_bip(rank, seed, device)
+        _check_ddp(rank, seed, device)
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
-def test_two_processes_on_gloo(seed, tmp_path):
-    mp.spawn(_worker, args=(os.fspath(tmp_path / "init"), seed), nprocs=WORLD, join=True)
+_NO_GLOO = not dist.is_available() or not dist.is_gloo_available()
+_NO_NCCL = not dist.is_available() or not dist.is_nccl_available() or torch.cuda.device_count() < WORLD
+
+
+@pytest.mark.parametrize("backend", [
+    pytest.param("gloo", marks=pytest.mark.skipif(_NO_GLOO, reason="needs torch.distributed with gloo")),
+    pytest.param("nccl", marks=pytest.mark.skipif(
+        _NO_NCCL, reason=f"needs torch.distributed with NCCL and {WORLD} CUDA GPUs "
+                         f"(found {torch.cuda.device_count()})")),
+])
+def test_two_processes(backend, seed, tmp_path):
+    mp.spawn(_worker, args=(backend, os.fspath(tmp_path / "init"), seed), nprocs=WORLD, join=True)
