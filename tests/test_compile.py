@@ -67,10 +67,13 @@ def test_compiled_model_fullgraph_forward_backward_equals_eager(seed):
     for _ in range(2):  # the second call reuses the compiled graph
         _loss(eager, x, y).backward()
         _loss(compiled, x, y).backward()
-    torch.testing.assert_close(compiled(x), eager(x), rtol=1e-10, atol=1e-12)
+    # Inductor reorders float64 sums: a gradient entry that cancels to near 0 may differ by ~1e-12 absolute
+    # (one unexplained failure in many runs at atol 1e-12 may have been this); a wrong mask or a missing
+    # term is off by O(1e-2) or more.
+    torch.testing.assert_close(compiled(x), eager(x), rtol=1e-10, atol=1e-10)
     expected = _grads(eager)
     for name, grad in _grads(compiled_source).items():
-        torch.testing.assert_close(grad, expected[name], rtol=1e-10, atol=1e-12, msg=name)
+        torch.testing.assert_close(grad, expected[name], rtol=1e-10, atol=1e-10, msg=name)
     pruned = ~compiled_source[0].mask()
     assert not compiled_source[0].weight.grad[pruned].any()  # the fused backward's masked lower level
 
