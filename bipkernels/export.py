@@ -92,7 +92,8 @@ def apply_prune_masks(model: nn.Module, layer_masks: dict[str, torch.Tensor]) ->
 # the last dim of a space that a Linear layer reads or writes on more than 2 dims (tokens: (B, T, C)); a
 # space is one or the other, and an op that would mix them keeps its tensors whole. Convolutions
 # (groups=1) and Linear layers ("readers") read one space and write a new one; depthwise convolutions,
-# batch norms, activations, pools, flatten and same-shape add/sub/mul stay inside a space. Removing channel c from a
+# batch norms, activations, pools, means over other dims, flatten and same-shape add/sub/mul stay inside
+# a space. Removing channel c from a
 # space removes the rows writing it, every per-channel parameter inside it and the columns reading it.
 # That is exact when each reader has zero weights for c, or reads a value of c that is the same at every
 # position for every input ("constant": every layer writing c has a zero filter, so c is a bias pushed
@@ -110,6 +111,8 @@ _ELEMENTWISE_FUNCTIONS = {F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.silu, 
 _CHANNELS_FIRST_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.Dropout2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d,
                            nn.AdaptiveMaxPool2d, nn.AvgPool2d)
 _CHANNELS_FIRST_FUNCTIONS = {F.max_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
+# Over given dims (a constant channel stays constant): channel-wise where neither batch nor channels go.
+_REDUCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin, "mean", "sum", "amax", "amin"}
 _BINARY = {operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul, torch.add,
            torch.sub, torch.mul, "add", "add_", "sub", "sub_", "mul", "mul_"}
 
@@ -227,6 +230,21 @@ class _Graph:
         """Whether ``node``'s channels may lie in dim ``axis``: 2-D, or its space not placed elsewhere."""
         return len(self.shapes[node]) == 2 or self.placed.get(self.root(node), axis) == axis
 
+    def _reduction_axis(self, node, source) -> int | None:
+        """The channel dim of ``source`` that ``node`` keeps: a reduction (torch.mean(x, dims), x.sum(dim=...),
+        ...) over dims that are neither the batch's nor the channels', which lie in dim 1 or the last dim
+        as ``source``'s space decides. None if ``node`` is no such reduction, or if the space leaves it
+        ambiguous (both dims kept, neither decided yet)."""
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        dims = (dims,) if isinstance(dims, int) else dims
+        if node.target not in _REDUCTIONS or len(node.all_input_nodes) != 1 or not isinstance(dims, (tuple, list)) \
+                or not dims or not all(isinstance(dim, int) for dim in dims):
+            return None
+        rank = len(self.shapes[source])
+        reduced = {dim % rank for dim in dims}
+        kept = [axis for axis in (1, -1) if axis % rank not in reduced and self._fits(source, axis)]
+        return kept[0] if 0 not in reduced and len(kept) == 1 else None
+
     def _place(self, node, axis: int):
         if len(self.shapes[node]) > 2:
             self.placed[self.root(node)] = axis
@@ -285,6 +303,8 @@ class _Graph:
             source = inputs[0]
             if kind in ("flatten", "channels-first", "depthwise"):
                 self._place(source, 1)
+            elif kind == "reduction":
+                self._place(source, self._reduction_axis(node, source))
             self._join(node, source, math.prod(self.shapes[source][2:]) if kind == "flatten" else 1)
             for other in inputs[1:]:
                 self._union(node, other)
@@ -301,8 +321,8 @@ class _Graph:
 
     def _kind(self, node, module) -> tuple[str, str]:
         """How ``node`` treats channels: input, reader, depthwise, flatten, elementwise, channels-first
-        (channel-wise over dims 2 and up), binary (channel-wise, same shapes) or unknown, with why for
-        unknown."""
+        (channel-wise over dims 2 and up), reduction (over dims other than the batch's and channels'),
+        binary (channel-wise, same shapes) or unknown, with why for unknown."""
         inputs = node.all_input_nodes
         if node.op == "placeholder":
             return "input", ""
@@ -339,6 +359,8 @@ class _Graph:
                                  node.target in _CHANNELS_FIRST_FUNCTIONS) and \
                 self.shapes[source][:2] == self.shapes[node][:2] and not across:
             return "channels-first", ""
+        if rank > 2 and self._reduction_axis(node, source) is not None:
+            return "reduction", ""
         placed = {self.placed.get(self.root(s)) for s in inputs} - {None}
         if inputs and node.target in _BINARY and all(self.shapes[s] == self.shapes[node] for s in inputs) and \
                 len(placed) <= 1:

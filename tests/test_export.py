@@ -158,6 +158,21 @@ class Tokens(nn.Module):
         return self.head(x.mean(1))
 
 
+class Means(nn.Module):
+    """Heads that average with reductions rather than pooling modules: x.mean((2, 3)) of a convolution's
+    output, and a sum over tokens of Linear layers on (B, H·W, 3) patches."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.head_a = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Linear(8, 5)
+        self.embed, self.mix, self.head_b = nn.Linear(3, 8), nn.Linear(8, 8), nn.Linear(8, 5)
+
+    def forward(self, x):
+        pooled = F.relu(self.conv2(F.relu(self.conv1(x)))).mean((2, 3))
+        tokens = self.mix(F.gelu(self.embed(x.flatten(2).transpose(1, 2)))).sum(dim=1)
+        return self.head_a(pooled) + self.head_b(tokens)
+
+
 def _torchvision(name, **kwargs):
     return lambda: getattr(pytest.importorskip("torchvision").models, name)(num_classes=10, **kwargs)
 
@@ -173,6 +188,7 @@ SHRINK_CASES = {  # (model, input shape, structure, dtype)
     "mobilenet_v2 channel": (_torchvision("mobilenet_v2", width_mult=0.5), (2, 3, 32, 32), "channel", torch.float32),
     "tokens filter": (Tokens, (2, 5, 6), "filter", torch.float64),
     "tokens channel": (Tokens, (2, 5, 6), "channel", torch.float64),
+    "means filter": (Means, (2, 3, 4, 4), "filter", torch.float64),
 }
 
 
