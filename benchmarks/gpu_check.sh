@@ -42,7 +42,7 @@ stage memcheck compute-sanitizer --tool memcheck --error-exitcode 1 --target-pro
   $python "${sanitized_tests[@]}" -k "float32 and not graph and not large"
 stage racecheck compute-sanitizer --tool racecheck --error-exitcode 1 --target-processes all \
   $python "${sanitized_tests[@]}" -k "topk_threshold_matches and float32"
-stage bench $python -m benchmarks -k "cuda or triton"
+stage bench $python -m benchmarks -k "cuda or triton or gpu"
 if [[ " $stages " == *" bench "* ]]; then
   cp benchmarks/results/"$($python -c 'from benchmarks.__main__ import device_name; print(device_name())')"* "$out"/ \
     2>/dev/null || true
