@@ -232,18 +232,18 @@ class _Graph:
 
     def _reduction_axis(self, node, source) -> int | None:
         """The channel dim of ``source`` that ``node`` keeps: a reduction (torch.mean(x, dims), x.sum(dim=...),
-        ...) over dims that are neither the batch's nor the channels', which lie in dim 1 or the last dim
-        as ``source``'s space decides. None if ``node`` is no such reduction, or if the space leaves it
-        ambiguous (both dims kept, neither decided yet)."""
+        ...) over dims that are neither the batch's nor the channels', where a reader or a channel-wise op
+        has already placed ``source``'s channels (in dim 1 or the last). None otherwise: a reduction over
+        dim 1 of an unplaced space could be a mean over channels as well as over tokens."""
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         dims = (dims,) if isinstance(dims, int) else dims
-        if node.target not in _REDUCTIONS or len(node.all_input_nodes) != 1 or not isinstance(dims, (tuple, list)) \
-                or not dims or not all(isinstance(dim, int) for dim in dims):
+        axis = self.placed.get(self.root(source))
+        if node.target not in _REDUCTIONS or len(node.all_input_nodes) != 1 or axis is None or \
+                not isinstance(dims, (tuple, list)) or not dims or not all(isinstance(dim, int) for dim in dims):
             return None
         rank = len(self.shapes[source])
         reduced = {dim % rank for dim in dims}
-        kept = [axis for axis in (1, -1) if axis % rank not in reduced and self._fits(source, axis)]
-        return kept[0] if 0 not in reduced and len(kept) == 1 else None
+        return axis if not reduced & {0, axis % rank} else None
 
     def _place(self, node, axis: int):
         if len(self.shapes[node]) > 2:
@@ -303,8 +303,6 @@ class _Graph:
             source = inputs[0]
             if kind in ("flatten", "channels-first", "depthwise"):
                 self._place(source, 1)
-            elif kind == "reduction":
-                self._place(source, self._reduction_axis(node, source))
             self._join(node, source, math.prod(self.shapes[source][2:]) if kind == "flatten" else 1)
             for other in inputs[1:]:
                 self._union(node, other)

@@ -316,7 +316,8 @@ def test_token_mlp_sheds_its_hidden_features(seed):
 
 class Layouts(nn.Module):
     """Channels in dim 1 meeting channels in the last dim: a Linear layer over a convolution's width, a
-    convolution over a Linear layer's 4-D output, and the product of the two layouts."""
+    convolution over a Linear layer's 4-D output, the product of the two layouts, and a mean over a
+    convolution's channels."""
 
     def __init__(self):
         super().__init__()
@@ -326,12 +327,13 @@ class Layouts(nn.Module):
     def forward(self, x):
         a = self.conv(x)  # (B, 4, 4, 4), channels in dim 1
         c = self.tokens(x.permute(0, 2, 3, 1))  # (B, 4, 4, 4), channels in the last dim
-        return self.width(a), self.after(F.relu(c)), a * c
+        return self.width(a), self.after(F.relu(c)), a * c, a.mean(1)
 
 
 def test_shrink_keeps_channels_where_layouts_meet(seed):
     report = _report_of_nothing_shrinking(Layouts(), ["conv", "width", "tokens", "after"], torch.randn(2, 3, 4, 4))
     assert "width (it reads the last dim of a tensor whose channels lie in dim 1) reads it" in report.kept["conv"]
+    assert "mean (an op shrinking does not handle) reads it" in report.kept["conv"]
     assert "after (its input's channels lie in the last dim) reads it" in report.kept["tokens"]
     assert "mul (an op shrinking does not handle) reads it" in report.kept["tokens"]
     assert "shrinking leaves it whole" in report.kept["width"] and "shrinking leaves it whole" in report.kept["after"]
