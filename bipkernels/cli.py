@@ -310,7 +310,7 @@ def _add_common(parser, out: str) -> None:
     parser.add_argument("--mode", default="fused", choices=["fused", "faithful"], help="BiP mode")
     parser.add_argument("--implicit", default="paper", choices=["paper", "released"], help="BiP implicit term")
     parser.add_argument("--inv-gamma", type=_setting("inv_gamma"), default=1e-4, help="1/γ, the implicit term's scale")
-    parser.add_argument("--lr", type=_setting("lr"), default=0.01, help="BiP lower-level (weight) learning rate")
+    parser.add_argument("--lr", type=_setting("lr"), default=0.1, help="BiP lower-level (weight) learning rate")
     parser.add_argument("--score-lr", type=_setting("score_lr"), default=0.01,
                         help="BiP upper-level (score) learning rate")
     parser.add_argument("--epochs", type=_setting("epochs", int), default=20, help="BiP epochs (HYDRA: score epochs)")
