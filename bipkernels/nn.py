@@ -273,7 +273,8 @@ def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure 
             # has a forward hook.
             masked.register_forward_pre_hook(_keep_forward)
         setattr(module, child_name, masked)
-    skipped = [f"{name} ({kind})" for name, kind in unmasked_layers(model).items() if name not in excluded]
+    skipped = [f"{name or 'the model itself'} ({kind})" for name, kind in unmasked_layers(model).items()
+               if name not in excluded]
     if skipped:
         warnings.warn("bipkernels.convert: left dense (not handled): " + ", ".join(skipped), stacklevel=2)
     project(model, sparsity, scope)

@@ -177,6 +177,13 @@ def _torchvision(name, **kwargs):
     return lambda: getattr(pytest.importorskip("torchvision").models, name)(num_classes=10, **kwargs)
 
 
+def _vit():
+    """torchvision's VisionTransformer, tiny: its MLP blocks are Linear layers on (B, tokens, features)."""
+    vision_transformer = pytest.importorskip("torchvision.models.vision_transformer")
+    return vision_transformer.VisionTransformer(image_size=16, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16,
+                                                mlp_dim=32, num_classes=5)
+
+
 SHRINK_CASES = {  # (model, input shape, structure, dtype)
     "plain filter": (Plain, (2, 3, 4, 4), "filter", torch.float64),
     "plain channel": (Plain, (2, 3, 4, 4), "channel", torch.float64),
@@ -189,6 +196,7 @@ SHRINK_CASES = {  # (model, input shape, structure, dtype)
     "tokens filter": (Tokens, (2, 5, 6), "filter", torch.float64),
     "tokens channel": (Tokens, (2, 5, 6), "channel", torch.float64),
     "means filter": (Means, (2, 3, 4, 4), "filter", torch.float64),
+    "vit filter": (_vit, (2, 3, 16, 16), "filter", torch.float64),
 }
 
 
