@@ -151,7 +151,7 @@ def _pads_with_zeros(module) -> bool:
 def _is_flatten(node: fx.Node, module) -> bool:
     if isinstance(module, nn.Flatten):
         return module.start_dim == 1 and module.end_dim == -1
-    if node.target in (torch.flatten, "flatten"):
+    if node.op != "call_module" and node.target in (torch.flatten, "flatten"):
         start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
         end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
         return start == 1 and end == -1
@@ -202,6 +202,8 @@ class _Graph:
                           if len(names) > 1 for name in names}
         self.entangled.update({target: "called more than once" for target in calls if calls.count(target) > 1
                                and any(True for _ in graph_module.get_submodule(target).parameters(recurse=False))})
+        self.entangled.update({node.target.rpartition(".")[0]: "its weights are also read directly"
+                               for node in graph_module.graph.nodes if node.op == "get_attr"})
         for node in graph_module.graph.nodes:
             self._analyse(node)
 
@@ -238,7 +240,8 @@ class _Graph:
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         dims = (dims,) if isinstance(dims, int) else dims
         axis = self.placed.get(self.root(source))
-        if node.target not in _REDUCTIONS or len(node.all_input_nodes) != 1 or axis is None or \
+        if node.op not in ("call_function", "call_method") or node.target not in _REDUCTIONS or \
+                len(node.all_input_nodes) != 1 or axis is None or \
                 not isinstance(dims, (tuple, list)) or not dims or not all(isinstance(dim, int) for dim in dims):
             return None
         rank = len(self.shapes[source])
@@ -274,6 +277,8 @@ class _Graph:
         channel-wise ops that keep a constant constant)."""
         inputs = node.all_input_nodes
         if node.op == "output" or node not in self.shapes:  # the result, or a non-tensor / 1-D value
+            if node.op == "call_module" and isinstance(self.gm.get_submodule(node.target), (nn.Conv2d, nn.Linear)):
+                self.whole[node] = f"{node.target} (its output has fewer than 2 dims)"
             for source in inputs:
                 if source in self.shapes:
                     self._freeze(source, "it reaches the model output" if node.op == "output" else
@@ -308,7 +313,10 @@ class _Graph:
                 self._union(node, other)
             given = [self.constant[s] for s in inputs]  # a constant channel: constant in every input
             carried = None if any(c is None for c in given) else torch.stack(given).all(0)
-            if carried is not None and _pads_with_zeros(module):  # a constant survives zero padding if zero
+            # A constant survives zero padding only if it is zero, and a sum only then stays the same for
+            # every input size (it multiplies by the number of positions summed).
+            summed = kind == "reduction" and node.target in ("sum", torch.sum)
+            if carried is not None and (_pads_with_zeros(module) or summed):
                 carried &= self.value(source) == 0
             if kind == "depthwise":
                 self.members[node] = module
@@ -326,8 +334,9 @@ class _Graph:
             return "input", ""
         if not all(source in self.shapes for source in inputs):
             return "unknown", "it reads a value that is not an activation"
-        if node.target in self.entangled:
+        if node.op == "call_module" and node.target in self.entangled:
             return "unknown", self.entangled[node.target]
+        op = node.target if node.op in ("call_function", "call_method") else None  # a function or method
         source = inputs[0] if inputs else None
         rank = len(self.shapes[source]) if inputs else 0
         across = "its input's channels lie in the last dim" if inputs and not self._fits(source, 1) else ""
@@ -350,17 +359,18 @@ class _Graph:
         # F.dropout(x, p) defaults to training=True even in eval mode: it would not keep constants.
         dropping = node.target is F.dropout and (node.args[2] if len(node.args) > 2 else
                                                   node.kwargs.get("training", True))
-        if len(inputs) == 1 and (isinstance(module, _ELEMENTWISE_MODULES) or node.target in _ELEMENTWISE_FUNCTIONS) \
+        if len(inputs) == 1 and (isinstance(module, _ELEMENTWISE_MODULES) or op in _ELEMENTWISE_FUNCTIONS) \
                 and self.shapes[source] == self.shapes[node] and not dropping:
             return "elementwise", ""
-        if len(inputs) == 1 and (isinstance(module, _CHANNELS_FIRST_MODULES) or
-                                 node.target in _CHANNELS_FIRST_FUNCTIONS) and \
-                self.shapes[source][:2] == self.shapes[node][:2] and not across:
+        # 2-D pools read a 3-D tensor as one unbatched (C, H, W) sample: its dim 1 would be pooled as H.
+        batched = rank in (2, 3) if isinstance(module, nn.BatchNorm1d) else rank == 4
+        if len(inputs) == 1 and (isinstance(module, _CHANNELS_FIRST_MODULES) or op in _CHANNELS_FIRST_FUNCTIONS) \
+                and batched and self.shapes[source][:2] == self.shapes[node][:2] and not across:
             return "channels-first", ""
         if rank > 2 and self._reduction_axis(node, source) is not None:
             return "reduction", ""
         placed = {self.placed.get(self.root(s)) for s in inputs} - {None}
-        if inputs and node.target in _BINARY and all(self.shapes[s] == self.shapes[node] for s in inputs) and \
+        if inputs and op in _BINARY and all(self.shapes[s] == self.shapes[node] for s in inputs) and \
                 len(placed) <= 1:
             return "binary", ""
         return "unknown", "an op shrinking does not handle"
@@ -502,7 +512,10 @@ def export_shrunk(model: nn.Module, example_inputs, *, warn: bool = True) -> tup
     - a pruned filter's output is a constant (its bias through batch norm and activation); it folds
       into the next layer's bias, or behind zero padding, into one kept carrier channel;
     - Linear layers on more than 2 dims (tokens: (B, T, C)) read and write channels in the last dim;
-      an op that mixes that layout with channels in dim 1 keeps its tensors' channels;
+      an op that mixes that layout with channels in dim 1 keeps its tensors' channels (the first op in
+      graph order to read a tensor decides its layout: a later reader of the other layout stays whole);
+    - a sum over positions keeps only zero constants (it scales them by the input's size); 2-D pools
+      and batch norms only take batched inputs;
     - tensors that reach the output or come from the input, layers called twice, grouped convolutions
       other than depthwise, and ops outside the known channel-wise set keep every channel; layers
       inside a module that torch.fx calls whole (torch.nn's, e.g. nn.TransformerEncoderLayer) or not
@@ -582,7 +595,7 @@ def _untraced_layers(model: nn.Module, traced: fx.GraphModule) -> dict[str, str]
         if isinstance(module, (nn.Conv2d, nn.Linear)) and id(module) not in called:
             inside = [target for target in calls if name.startswith(target + ".")]
             untraced[name] = f"inside {inside[0]}, which torch.fx traces as one call" if inside else \
-                "not called as a module in the traced forward"
+                "the model itself" if not name else "not called as a module in the traced forward"
     return untraced
 
 

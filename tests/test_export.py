@@ -347,6 +347,45 @@ def test_shrink_keeps_channels_where_layouts_meet(seed):
     assert "shrinking leaves it whole" in report.kept["width"] and "shrinking leaves it whole" in report.kept["after"]
 
 
+class Pitfalls(nn.Module):
+    """Where a zero filter must stay: its constant summed over tokens (T times the constant, T set by the
+    input), a 2-D pool over a 3-D tensor (read as one unbatched sample, pooling dim 1), a PReLU and a
+    softmax stored under the names of channel-wise ops, and a weight also read directly."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.conv, self.pool, self.fc3 = nn.Conv2d(4, 6, 1), nn.MaxPool2d((3, 1), 1, (1, 0)), nn.Linear(6, 3)
+        self.conv2, self.relu, self.fc4 = nn.Conv2d(4, 6, 1), nn.PReLU(6), nn.Conv2d(6, 3, 1)
+        self.fc5, self.sigmoid, self.fc6 = nn.Linear(4, 6), nn.Softmax(-1), nn.Linear(6, 3)
+        self.fc7, self.fc8 = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):  # x: (B, T, 4)
+        image = x.transpose(1, 2)[..., None]  # (B, 4, T, 1)
+        return (self.fc2(F.gelu(self.fc1(x)).sum(1)),
+                self.fc3(self.pool(F.relu(self.conv(image)).mean(-1)).mean(-1)),
+                self.fc4(self.relu(self.conv2(image))),
+                self.fc6(self.sigmoid(self.fc5(x))),
+                self.fc8(F.relu(self.fc7(x))) + F.linear(x, self.fc7.weight)[..., :3])
+
+
+def test_shrink_keeps_what_only_looks_removable(seed):
+    model = Pitfalls().double().eval()
+    with torch.no_grad():
+        nn.init.uniform_(model.relu.weight, -1, 1)
+        for layer in (model.fc1, model.conv, model.conv2, model.fc5, model.fc7):
+            layer.weight[[0, 2]] = 0
+    small, report = bipkernels.export_shrunk(model, torch.randn(2, 5, 4, dtype=torch.float64), warn=False)
+    assert report.shapes == {}
+    assert "its weights are also read directly" in report.kept["fc7"]
+    assert _zero_rows_or_columns(small) <= set(report.kept)
+    with torch.no_grad():
+        for tokens in (5, 9):  # the example's length and another
+            x = torch.randn(2, tokens, 4, dtype=torch.float64)
+            for got, expected in zip(small(x), model(x), strict=True):
+                torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
 class Opaque(nn.Module):
     """Layers shrinking cannot see into: an nn.TransformerEncoder (torch.fx calls torch.nn's modules
     whole) and a convolution whose weight is used directly."""
@@ -375,6 +414,12 @@ def test_shrink_names_the_layers_it_cannot_see(seed):
     assert report.kept["encoder.layers.0.linear2"].startswith("4 zero filters (inside encoder")
     assert report.kept["side"] == "1 zero filter, 1 zero input channel (not called as a module in the traced " \
                                   "forward: shrinking leaves it whole)"
+    layer = nn.Linear(3, 2)
+    with torch.no_grad():
+        layer.weight[0] = 0
+    assert "the model itself" in bipkernels.export_shrunk(layer, torch.randn(2, 3), warn=False)[1].kept[""]
+    unbatched = bipkernels.export_shrunk(nn.Sequential(layer), torch.randn(3), warn=False)[1]
+    assert "its output has fewer than 2 dims" in unbatched.kept["0"]
     with torch.no_grad():
         torch.testing.assert_close(small(x), model(x))
 
