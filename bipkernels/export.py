@@ -93,7 +93,8 @@ def apply_prune_masks(model: nn.Module, layer_masks: dict[str, torch.Tensor]) ->
 # space is one or the other, and an op that would mix them keeps its tensors whole. Convolutions
 # (groups=1) and Linear layers ("readers") read one space and write a new one; depthwise convolutions,
 # batch norms, activations, pools, means over other dims, flatten and same-shape add/sub/mul stay inside
-# a space. Removing channel c from a
+# a space. A concatenation along the channels makes a joined space, whose channels are the segments of the
+# spaces it joins: a channel leaves a space only if it can leave every joined space it is part of too. Removing channel c from a
 # space removes the rows writing it, every per-channel parameter inside it and the columns reading it.
 # That is exact when each reader has zero weights for c, or reads a value of c that is the same at every
 # position for every input ("constant": every layer writing c has a zero filter, so c is a bias pushed
@@ -188,6 +189,8 @@ class _Graph:
         self.gm, self.shapes, self.first, self.last = graph_module, recorder.shapes, recorder.first, recorder.last
         self.parent, self.expansion, self.frozen = {}, {}, {}
         self.placed: dict[fx.Node, int] = {}  # space root -> its channel dim, 1 or -1, once an op decides it
+        # Joined space (a torch.cat's node, its root) -> its segments: (a node of the space, its channels).
+        self.segments: dict[fx.Node, list[tuple[fx.Node, int]]] = {}
         self.readers: dict[fx.Node, nn.Module] = {}  # Conv2d (groups=1) / Linear nodes
         self.members: dict[fx.Node, nn.Module] = {}  # depthwise convolutions and batch norms
         self.whole: dict[fx.Node, str] = {}  # other Conv2d / Linear layers, which keep every channel: why
@@ -248,6 +251,32 @@ class _Graph:
         reduced = {dim % rank for dim in dims}
         return axis if not reduced & {0, axis % rank} else None
 
+    def _cat_parts(self, node) -> list | None:
+        """The tensors that ``node``, a torch.cat along their channel dim, joins (in order); None if it is
+        no such cat: another dim, parts of mixed layouts, undecided layouts, or flattened parts."""
+        if node.op != "call_function" or node.target not in (torch.cat, torch.concat, torch.concatenate):
+            return None
+        parts = node.args[0] if node.args else node.kwargs.get("tensors")
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        if not isinstance(parts, (list, tuple)) or not parts or not isinstance(dim, int) or \
+                not all(isinstance(part, fx.Node) and part in self.shapes for part in parts):
+            return None
+        rank = len(self.shapes[parts[0]])
+        axes = {self.placed.get(self.root(part)) for part in parts}
+        axis = 1 if rank == 2 else axes.pop() if len(axes) == 1 else None
+        flat = any(len(self.shapes[part]) != rank or self.expansion[part] != 1 for part in parts)
+        return list(parts) if axis is not None and not flat and dim % rank == axis % rank else None
+
+    def bases(self, root) -> list[tuple[fx.Node, int]]:
+        """(space root, channel offset) of each segment of the space at ``root``: itself, or what it joins."""
+        segments = self.segments.get(root)
+        if segments is None:
+            return [(root, 0)]
+        offsets = [0]
+        for _, count in segments:
+            offsets.append(offsets[-1] + count)
+        return [(self.root(part), offset) for (part, _), offset in zip(segments, offsets)]
+
     def _place(self, node, axis: int):
         if len(self.shapes[node]) > 2:
             self.placed[self.root(node)] = axis
@@ -296,6 +325,12 @@ class _Graph:
             axis = 1 if isinstance(module, nn.Conv2d) else -1
             self._place(inputs[0], axis)
             self._place(node, axis)
+        elif kind == "cat":
+            parts = self._cat_parts(node)
+            self.segments[node] = [segment for part in parts for segment in
+                                   self.segments.get(self.root(part), [(part, self.channels(part))])]
+            self._place(node, self.axis(parts[0]))
+            self.constant[node] = torch.cat([self.constants(part) for part in parts])
         elif kind == "unknown":
             why = f"{_name(node)} ({what})"
             if isinstance(module, (nn.Conv2d, nn.Linear)):
@@ -328,7 +363,7 @@ class _Graph:
     def _kind(self, node, module) -> tuple[str, str]:
         """How ``node`` treats channels: input, reader, depthwise, flatten, elementwise, channels-first
         (channel-wise over dims 2 and up), reduction (over dims other than the batch's and channels'),
-        binary (channel-wise, same shapes) or unknown, with why for unknown."""
+        cat (along the channels), binary (channel-wise, same shapes) or unknown, with why for unknown."""
         inputs = node.all_input_nodes
         if node.op == "placeholder":
             return "input", ""
@@ -369,9 +404,12 @@ class _Graph:
             return "channels-first", ""
         if rank > 2 and self._reduction_axis(node, source) is not None:
             return "reduction", ""
+        if self._cat_parts(node) is not None:
+            return "cat", ""
         placed = {self.placed.get(self.root(s)) for s in inputs} - {None}
+        joined = any(self.root(s) in self.segments for s in inputs)  # a joined space stays unmerged
         if inputs and op in _BINARY and all(self.shapes[s] == self.shapes[node] for s in inputs) and \
-                len(placed) <= 1:
+                len(placed) <= 1 and not joined:
             return "binary", ""
         return "unknown", "an op shrinking does not handle"
 
@@ -383,41 +421,50 @@ def _name(node: fx.Node) -> str:
 
 @dataclass
 class _Plan:
-    """One space's decision: which channels stay, why each stays, and the carrier channel (the kept
-    constant channel whose column takes the removed constants that meet a reader's zero padding)."""
+    """One space's decision: which channels stay, why each stays, and per channel its carrier (-1: none),
+    the kept constant channel whose column takes its constant where a reader pads with zeros."""
 
     keep: torch.Tensor
     why: list[str]
-    carrier: int | None = None
+    carriers: torch.Tensor
 
 
-def _plan(graph: _Graph, nodes: list, readers: list) -> _Plan:
-    counts = {graph.channels(node) for node in nodes}
-    frozen = sorted(set().union(*(graph.frozen.get(node, set()) for node in nodes)))
-    if len(counts) > 1:
-        frozen.append("its tensors disagree on the number of channels")
-    channels = max(counts)
+def _frozen(graph: _Graph, nodes: list) -> list[str]:
+    """Why a space keeps every channel (empty: it need not)."""
+    reasons = sorted(set().union(*(graph.frozen.get(node, set()) for node in nodes)))
+    if len({graph.channels(node) for node in nodes}) > 1:
+        reasons.append("its tensors disagree on the number of channels")
+    return reasons
+
+
+def _plan(graph: _Graph, nodes: list, readers: list, frozen: list[str]) -> _Plan:
+    """The plan of a space (not a joined one) of ``nodes``, read by ``readers``: (reader, the offset of
+    this space's channels among its input's), kept whole for the reasons ``frozen``."""
+    channels = max(graph.channels(node) for node in nodes)
+    none = torch.full((channels,), -1)
     if frozen:
-        return _Plan(torch.ones(channels, dtype=torch.bool), ["; ".join(frozen)] * channels)
+        return _Plan(torch.ones(channels, dtype=torch.bool), ["; ".join(frozen)] * channels, none)
     why = [""] * channels
     needed = torch.zeros(channels, dtype=torch.bool)  # some reader needs the channel's varying values
-    carried = {}  # reader input node -> channels whose constant meets the reader's zero padding
-    for reader in readers:
+    carried = {}  # (reader input node, offset) -> channels whose constant meets the reader's zero padding
+    for reader, offset in readers:
         source = reader.all_input_nodes[0]
-        zero = (_channel_view(graph.readers[reader].weight, channels) == 0).all(2).all(0).cpu()
-        constant, value = graph.constants(source), graph.value(source)
+        columns = slice(offset, offset + channels)
+        weight = _channel_view(graph.readers[reader].weight, graph.channels(source))[:, columns]
+        zero = (weight == 0).all(2).all(0).cpu()
+        constant, value = graph.constants(source)[columns], graph.value(source)[columns]
         free = zero | constant & ((value == 0) | (not _pads_with_zeros(graph.readers[reader])))
         for c in (~free & ~constant & ~needed).nonzero().flatten().tolist():
             why[c] = f"{reader.target} reads it and it varies with the input"
         needed |= ~free & ~constant
         if (~free & constant).any():
-            carried[source] = carried.get(source, torch.zeros_like(needed)) | ~free & constant
+            carried[source, offset] = carried.get((source, offset), torch.zeros_like(needed)) | ~free & constant
             for c in (~free & constant).nonzero().flatten().tolist():
                 why[c] = why[c] or f"its constant value meets the zero padding of {reader.target}"
     candidates = torch.stack(list(carried.values())).any(0) & ~needed if carried else torch.zeros_like(needed)
     # The carrier's value divides the others' (v_c / v_0): take the largest smallest |v_0| over the readers.
-    strength = torch.stack([torch.where(graph.constants(s), graph.value(s).abs(), 0.0) for s in carried]).amin(0) \
-        if carried else None
+    strength = torch.stack([torch.where(graph.constants(s)[o:o + channels], graph.value(s)[o:o + channels].abs(),
+                                        0.0) for s, o in carried]).amin(0) if carried else None
     carrier = int(strength.masked_fill(~candidates, 0).argmax()) if candidates.any() else None
     if carrier is not None and strength[carrier] == 0:
         carrier = None  # no constant channel is nonzero at every reader behind zero padding
@@ -429,7 +476,15 @@ def _plan(graph: _Graph, nodes: list, readers: list) -> _Plan:
     if not keep.any() and channels:
         keep[0] = True
         why[0] = "every channel could go, and a layer keeps one"
-    return _Plan(keep, why, carrier)
+    return _Plan(keep, why, none if carrier is None else torch.full((channels,), carrier))
+
+
+def _joined_plan(plans: list[_Plan]) -> _Plan:
+    """The plan of a joined space: its segments' plans end to end, carriers moved by their offsets."""
+    offsets = torch.tensor([0] + [len(plan.keep) for plan in plans]).cumsum(0)
+    carriers = [torch.where(plan.carriers >= 0, plan.carriers + offset, -1) for plan, offset in zip(plans, offsets)]
+    return _Plan(torch.cat([plan.keep for plan in plans]), [why for plan in plans for why in plan.why],
+                 torch.cat(carriers))
 
 
 def _kept_notes(what: str, zero: torch.Tensor, plan: _Plan) -> list[str]:
@@ -485,10 +540,10 @@ def _shrink_reader(graph: _Graph, node, plans: dict) -> nn.Module:
     kept = weight[rows][:, plan_in.keep.to(weight.device)]
     bias = None if module.bias is None else module.bias.detach()[rows].double()
     if fold.any() and _pads_with_zeros(module):
-        carrier = plan_in.carrier
-        scale = value[fold] / value[carrier]
-        merged = torch.einsum("ock,c->ok", weight[rows][:, fold].double(), scale)
-        kept[:, int(plan_in.keep[:carrier].sum())] += merged.to(kept.dtype)
+        carriers = plan_in.carriers.to(weight.device)[fold]
+        merged = weight[rows][:, fold].double() * (value[fold] / value[carriers])[:, None]
+        columns = (plan_in.keep.cumsum(0) - 1).to(weight.device)[carriers]  # the carriers among the kept
+        kept.index_add_(1, columns, merged.to(kept.dtype))
     elif fold.any():
         folded = (weight[rows][:, fold].sum(2, dtype=torch.float64) * value[fold]).sum(1)
         bias = folded if bias is None else bias + folded
@@ -514,6 +569,8 @@ def export_shrunk(model: nn.Module, example_inputs, *, warn: bool = True) -> tup
     - Linear layers on more than 2 dims (tokens: (B, T, C)) read and write channels in the last dim;
       an op that mixes that layout with channels in dim 1 keeps its tensors' channels (the first op in
       graph order to read a tensor decides its layout: a later reader of the other layout stays whole);
+    - a torch.cat along the channels joins its inputs' channels end to end: a channel goes only if it
+      can go from its own space and from every concatenation it is part of (DenseNet, Inception);
     - a sum over positions keeps only zero constants (it scales them by the input's size); 2-D pools
       and batch norms only take batched inputs;
     - tensors that reach the output or come from the input, layers called twice, grouped convolutions
@@ -536,12 +593,19 @@ def export_shrunk(model: nn.Module, example_inputs, *, warn: bool = True) -> tup
     with torch.no_grad():
         recorder.run(*inputs)
     graph = _Graph(traced, recorder)
-    spaces, readers = {}, {}
+    spaces, readers, frozen = {}, {}, {}
     for node in graph.parent:
         spaces.setdefault(graph.root(node), []).append(node)
-    for node in graph.readers:
-        readers.setdefault(graph.root(node.all_input_nodes[0]), []).append(node)
-    plans = {root: _plan(graph, nodes, readers.get(root, [])) for root, nodes in spaces.items()}
+    for node in graph.readers:  # a reader of a joined space reads each of its segments
+        for base, offset in graph.bases(graph.root(node.all_input_nodes[0])):
+            readers.setdefault(base, []).append((node, offset))
+    for root, nodes in spaces.items():  # a joined space kept whole keeps its segments whole
+        for base, _ in graph.bases(root):
+            frozen.setdefault(base, set()).update(_frozen(graph, nodes))
+    plans = {root: _plan(graph, nodes, readers.get(root, []), sorted(frozen[root]))
+             for root, nodes in spaces.items() if root not in graph.segments}
+    for root in graph.segments:
+        plans[root] = _joined_plan([plans[base] for base, _ in graph.bases(root)])
 
     report = ShrinkReport()
     whole = {node.target: why for node, why in graph.whole.items()} | _untraced_layers(dense, traced)

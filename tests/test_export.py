@@ -177,6 +177,22 @@ def _torchvision(name, **kwargs):
     return lambda: getattr(pytest.importorskip("torchvision").models, name)(num_classes=10, **kwargs)
 
 
+class Joined(nn.Module):
+    """Concatenations: of two biased branches behind batch norms, read by a zero-padded 3×3 convolution
+    (the constants of pruned filters need a carrier in each segment), nested, and normalised after the
+    join (DenseNet)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 6, 1), nn.BatchNorm2d(6), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(3, 6, 1), nn.BatchNorm2d(6), nn.ReLU())
+        self.mix, self.norm, self.head = nn.Conv2d(12, 8, 3, padding=1), nn.BatchNorm2d(20), nn.Conv2d(20, 4, 3)
+
+    def forward(self, x):
+        joined = torch.cat([self.a(x), self.b(x)], 1)
+        return self.head(F.relu(self.norm(torch.cat([joined, self.mix(joined)], dim=1))))
+
+
 def _vit():
     """torchvision's VisionTransformer, tiny: its MLP blocks are Linear layers on (B, tokens, features)."""
     vision_transformer = pytest.importorskip("torchvision.models.vision_transformer")
@@ -197,6 +213,12 @@ SHRINK_CASES = {  # (model, input shape, structure, dtype)
     "tokens channel": (Tokens, (2, 5, 6), "channel", torch.float64),
     "means filter": (Means, (2, 3, 4, 4), "filter", torch.float64),
     "vit filter": (_vit, (2, 3, 16, 16), "filter", torch.float64),
+    "joined filter": (Joined, (2, 3, 5, 5), "filter", torch.float64),
+    "joined channel": (Joined, (2, 3, 5, 5), "channel", torch.float64),
+    "squeezenet1_1 filter": (_torchvision("squeezenet1_1"), (2, 3, 64, 64), "filter", torch.float32),
+    "googlenet filter": (_torchvision("googlenet", aux_logits=False, init_weights=False), (2, 3, 64, 64), "filter",
+                         torch.float32),
+    "densenet121 filter": (_torchvision("densenet121"), (2, 3, 32, 32), "filter", torch.float32),
 }
 
 
@@ -240,8 +262,8 @@ def test_residual_stream_shrinks_only_where_every_writer_prunes(seed):
 
 
 class Returns(nn.Module):
-    """Its first convolution's output is returned, its second's goes through an op shrinking does not
-    know (a cat), its third's into a grouped convolution."""
+    """Its first convolution's output is returned and also concatenated with its second's; the third
+    reads the concatenation into a grouped convolution."""
 
     def __init__(self):
         super().__init__()
@@ -260,9 +282,9 @@ def test_shrink_keeps_and_names_what_it_cannot_remove(seed):
     x = torch.randn(2, 3, 4, 4)
     with pytest.warns(UserWarning, match="zero filters or channels stay"):
         small, report = bipkernels.export_shrunk(model, x)
-    assert report.shapes == {}
+    # conv2's half of the concatenation goes (its bias folds into conv3's), conv1's half stays.
+    assert report.shapes == {"conv2": ((6, 3, 1, 1), (3, 3, 1, 1)), "conv3": ((8, 12, 1, 1), (8, 9, 1, 1))}
     assert "reaches the model output" in report.kept["conv1"]
-    assert "cat" in report.kept["conv2"]
     assert "grouped (a grouped convolution) reads it" in report.kept["conv3"]
     assert "a grouped convolution): shrinking leaves it whole" in report.kept["grouped"]
     with torch.no_grad():
@@ -305,6 +327,26 @@ def test_shrink_leaves_entangled_layers_whole(seed):
     assert "twice (called more than once)" in report.kept["twice"]
     assert "shares a parameter with another layer" in report.kept["a"]
     assert "dropout (an op shrinking does not handle) reads it" in report.kept["stem"]
+
+
+def test_concatenated_channels_go_where_every_reader_lets_them(seed):
+    model = randomize(Joined().double()).eval()
+    with torch.no_grad():
+        for branch in (model.a, model.b):
+            branch[1].bias.uniform_(1.0, 2.0)  # pruned filters output positive constants after the ReLU
+            branch[1].running_mean.zero_()
+        model.a[0].weight[[0, 1, 4]] = 0  # constants meeting mix's zero padding: one stays to carry the others
+        model.b[0].weight[3] = 0  # a lone constant: it stays as its own carrier
+        model.mix.weight[[2, 5]] = 0  # read after the outer join only by head (no padding): folded into its bias
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    small, report = bipkernels.export_shrunk(model, x, warn=False)
+    assert (small.a[0].out_channels, small.b[0].out_channels, small.mix.in_channels, small.mix.out_channels) == \
+        (4, 6, 10, 6)
+    assert (small.norm.num_features, small.head.in_channels) == (16, 16)
+    assert "1 zero filter (it carries the constants of the removed channels into zero padding)" in report.kept["a.0"]
+    with torch.no_grad():
+        for inputs in (x, torch.randn(3, 3, 7, 7, dtype=torch.float64) * 3):
+            torch.testing.assert_close(small(inputs), model(inputs), rtol=1e-12, atol=1e-12)
 
 
 def test_token_mlp_sheds_its_hidden_features(seed):
