@@ -94,8 +94,8 @@ def apply_prune_masks(model: nn.Module, layer_masks: dict[str, torch.Tensor]) ->
 # (groups=1) and Linear layers ("readers") read one space and write a new one; depthwise convolutions,
 # batch norms, activations, pools, means over other dims, flatten and same-shape add/sub/mul stay inside
 # a space. A concatenation along the channels makes a joined space, whose channels are the segments of the
-# spaces it joins: a channel leaves a space only if it can leave every joined space it is part of too. Removing channel c from a
-# space removes the rows writing it, every per-channel parameter inside it and the columns reading it.
+# spaces it joins: a channel leaves a space only if it can leave every joined space it is part of too.
+# Removing channel c from a space removes the rows writing it, every per-channel parameter inside it and the columns reading it.
 # That is exact when each reader has zero weights for c, or reads a value of c that is the same at every
 # position for every input ("constant": every layer writing c has a zero filter, so c is a bias pushed
 # through batch norms and activations). A constant folds into the reader's bias, unless the reader pads
@@ -141,12 +141,26 @@ def _is_depthwise(module) -> bool:
 
 def _pads_with_zeros(module) -> bool:
     """Whether a constant input stops being constant at the border: zero padding that is convolved or
-    averaged. Max pooling pads with -inf, which leaves a constant constant."""
+    averaged, or a fixed divisor over border windows that hold fewer values. Max pooling pads with -inf,
+    which leaves a constant constant."""
     if isinstance(module, nn.Conv2d):
         return module.padding_mode == "zeros" and any(module._reversed_padding_repeated_twice)
     if isinstance(module, nn.AvgPool2d):
-        return module.count_include_pad and any(nn.modules.utils._pair(module.padding))
+        padded = any(nn.modules.utils._pair(module.padding))
+        return padded and module.count_include_pad or module.divisor_override is not None and \
+            (padded or module.ceil_mode)
     return False
+
+
+def _in_place(node: fx.Node, module) -> bool:
+    """Whether ``node`` overwrites its first input: a module or function with inplace=True, a method
+    ending in _ (relu_, add_), or x += y."""
+    if module is not None:
+        return getattr(module, "inplace", False) is True
+    if node.op == "call_method":
+        return node.target.endswith("_")
+    return node.op == "call_function" and (node.kwargs.get("inplace") is True or
+                                           node.target in (operator.iadd, operator.isub, operator.imul))
 
 
 def _is_flatten(node: fx.Node, module) -> bool:
@@ -177,8 +191,9 @@ class _Recorder(fx.Interpreter):
         out = super().run_node(node)
         if isinstance(out, torch.Tensor) and out.dim() >= 2 and out.numel():
             self.shapes[node] = tuple(out.shape)
-            self.first[node] = out[0].reshape(out.shape[1], -1)[:, 0].detach().double().cpu()
-            self.last[node] = out.reshape(-1, out.shape[-1])[0].detach().double().cpu()
+            # Copies: a later in-place op would rewrite a view of the activation.
+            self.first[node] = out[0].reshape(out.shape[1], -1)[:, 0].detach().to("cpu", torch.float64, copy=True)
+            self.last[node] = out.reshape(-1, out.shape[-1])[0].detach().to("cpu", torch.float64, copy=True)
         return out
 
 
@@ -253,16 +268,17 @@ class _Graph:
 
     def _cat_parts(self, node) -> list | None:
         """The tensors that ``node``, a torch.cat along their channel dim, joins (in order); None if it is
-        no such cat: another dim, parts of mixed layouts, undecided layouts, or flattened parts."""
+        no such cat: another dim, parts of mixed layouts, none with a decided layout, or flattened parts.
+        Parts with no decided layout take the others' (e.g. an upsampled tensor joining a skip)."""
         if node.op != "call_function" or node.target not in (torch.cat, torch.concat, torch.concatenate):
             return None
         parts = node.args[0] if node.args else node.kwargs.get("tensors")
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", node.kwargs.get("axis", 0))
         if not isinstance(parts, (list, tuple)) or not parts or not isinstance(dim, int) or \
                 not all(isinstance(part, fx.Node) and part in self.shapes for part in parts):
             return None
         rank = len(self.shapes[parts[0]])
-        axes = {self.placed.get(self.root(part)) for part in parts}
+        axes = {self.placed.get(self.root(part)) for part in parts} - {None}
         axis = 1 if rank == 2 else axes.pop() if len(axes) == 1 else None
         flat = any(len(self.shapes[part]) != rank or self.expansion[part] != 1 for part in parts)
         return list(parts) if axis is not None and not flat and dim % rank == axis % rank else None
@@ -327,9 +343,13 @@ class _Graph:
             self._place(node, axis)
         elif kind == "cat":
             parts = self._cat_parts(node)
+            axis = 1 if len(self.shapes[node]) == 2 else next(self.placed[self.root(part)] for part in parts
+                                                                if self.root(part) in self.placed)
+            for part in parts:
+                self._place(part, axis)
             self.segments[node] = [segment for part in parts for segment in
                                    self.segments.get(self.root(part), [(part, self.channels(part))])]
-            self._place(node, self.axis(parts[0]))
+            self._place(node, axis)
             self.constant[node] = torch.cat([self.constants(part) for part in parts])
         elif kind == "unknown":
             why = f"{_name(node)} ({what})"
@@ -374,6 +394,8 @@ class _Graph:
         op = node.target if node.op in ("call_function", "call_method") else None  # a function or method
         source = inputs[0] if inputs else None
         rank = len(self.shapes[source]) if inputs else 0
+        if inputs and _in_place(node, module) and len(source.users) > 1:
+            return "unknown", "it overwrites in place a tensor that other ops read"
         across = "its input's channels lie in the last dim" if inputs and not self._fits(source, 1) else ""
         if isinstance(module, nn.Conv2d):
             if type(module) is not nn.Conv2d or rank != 4:
@@ -407,9 +429,11 @@ class _Graph:
         if self._cat_parts(node) is not None:
             return "cat", ""
         placed = {self.placed.get(self.root(s)) for s in inputs} - {None}
-        joined = any(self.root(s) in self.segments for s in inputs)  # a joined space stays unmerged
+        roots = {self.root(s) for s in inputs}
         if inputs and op in _BINARY and all(self.shapes[s] == self.shapes[node] for s in inputs) and \
-                len(placed) <= 1 and not joined:
+                len(placed) <= 1:
+            if len(roots) > 1 and roots & self.segments.keys():  # a joined space stays apart
+                return "unknown", "it joins a concatenation with another space"
             return "binary", ""
         return "unknown", "an op shrinking does not handle"
 
@@ -574,7 +598,8 @@ def export_shrunk(model: nn.Module, example_inputs, *, warn: bool = True) -> tup
     - a sum over positions keeps only zero constants (it scales them by the input's size); 2-D pools
       and batch norms only take batched inputs;
     - tensors that reach the output or come from the input, layers called twice, grouped convolutions
-      other than depthwise, and ops outside the known channel-wise set keep every channel; layers
+      other than depthwise, in-place ops on tensors other ops read, and ops outside the known
+      channel-wise set keep every channel; layers
       inside a module that torch.fx calls whole (torch.nn's, e.g. nn.TransformerEncoderLayer) or not
       called as modules stay whole.
 

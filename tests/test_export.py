@@ -349,6 +349,34 @@ def test_concatenated_channels_go_where_every_reader_lets_them(seed):
             torch.testing.assert_close(small(inputs), model(inputs), rtol=1e-12, atol=1e-12)
 
 
+class Skip(nn.Module):
+    """A U-Net skip: an upsampled deep feature joined with a shallow one (numpy-style axis=), scaled."""
+
+    def __init__(self):
+        super().__init__()
+        self.shallow, self.deep, self.fuse = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 4, 3, 2, 1), nn.Conv2d(10, 5, 1)
+
+    def forward(self, x):
+        skip = F.relu(self.shallow(x))
+        up = F.interpolate(self.deep(skip), scale_factor=2.0)
+        return self.fuse(torch.concatenate([up, skip], axis=1) * 0.5)
+
+
+def test_skip_concatenation_sheds_the_skip_channels(seed):
+    model = Skip().double().eval()
+    with torch.no_grad():
+        model.shallow.bias.uniform_(1.0, 2.0)  # pruned filters: positive constants after the ReLU
+        model.shallow.weight[[1, 4]] = 0  # constants meeting deep's zero padding: one carries the other
+        model.deep.weight[0] = 0  # upsampled by an op shrinking does not handle: it stays
+    small, report = bipkernels.export_shrunk(model, torch.randn(2, 3, 8, 8, dtype=torch.float64), warn=False)
+    assert (small.shallow.out_channels, small.deep.in_channels, small.fuse.in_channels) == (5, 5, 9)
+    assert "interpolate (an op shrinking does not handle) reads it" in report.kept["deep"]
+    with torch.no_grad():
+        for size in (8, 12):
+            x = torch.randn(2, 3, size, size, dtype=torch.float64)
+            torch.testing.assert_close(small(x), model(x), rtol=1e-12, atol=1e-12)
+
+
 def test_token_mlp_sheds_its_hidden_features(seed):
     model = Tokens().double().eval()
     with torch.no_grad():
@@ -392,7 +420,8 @@ def test_shrink_keeps_channels_where_layouts_meet(seed):
 class Pitfalls(nn.Module):
     """Where a zero filter must stay: its constant summed over tokens (T times the constant, T set by the
     input), a 2-D pool over a 3-D tensor (read as one unbatched sample, pooling dim 1), a PReLU and a
-    softmax stored under the names of channel-wise ops, and a weight also read directly."""
+    softmax stored under the names of channel-wise ops, a weight also read directly, an average over
+    border windows by a fixed divisor, and an in-place ReLU on a tensor another layer read before it."""
 
     def __init__(self):
         super().__init__()
@@ -401,6 +430,9 @@ class Pitfalls(nn.Module):
         self.conv2, self.relu, self.fc4 = nn.Conv2d(4, 6, 1), nn.PReLU(6), nn.Conv2d(6, 3, 1)
         self.fc5, self.sigmoid, self.fc6 = nn.Linear(4, 6), nn.Softmax(-1), nn.Linear(6, 3)
         self.fc7, self.fc8 = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.conv3, self.pool3, self.head3 = nn.Conv2d(4, 6, 1), nn.AvgPool2d(3, 1, 1, divisor_override=4), \
+            nn.Conv2d(6, 3, 1)
+        self.conv4, self.head4, self.head5 = nn.Conv2d(4, 6, 1), nn.Conv2d(6, 3, 1), nn.Conv2d(6, 3, 1)
 
     def forward(self, x):  # x: (B, T, 4)
         image = x.transpose(1, 2)[..., None]  # (B, 4, T, 1)
@@ -408,14 +440,22 @@ class Pitfalls(nn.Module):
                 self.fc3(self.pool(F.relu(self.conv(image)).mean(-1)).mean(-1)),
                 self.fc4(self.relu(self.conv2(image))),
                 self.fc6(self.sigmoid(self.fc5(x))),
-                self.fc8(F.relu(self.fc7(x))) + F.linear(x, self.fc7.weight)[..., :3])
+                self.fc8(F.relu(self.fc7(x))) + F.linear(x, self.fc7.weight)[..., :3],
+                self.head3(self.pool3(F.relu(self.conv3(image)))),
+                self._in_place(image))
+
+    def _in_place(self, image):
+        features = self.conv4(image)
+        before = self.head4(features)
+        F.relu(features, inplace=True)
+        return before + self.head5(features)
 
 
 def test_shrink_keeps_what_only_looks_removable(seed):
     model = Pitfalls().double().eval()
     with torch.no_grad():
         nn.init.uniform_(model.relu.weight, -1, 1)
-        for layer in (model.fc1, model.conv, model.conv2, model.fc5, model.fc7):
+        for layer in (model.fc1, model.conv, model.conv2, model.fc5, model.fc7, model.conv3, model.conv4):
             layer.weight[[0, 2]] = 0
     small, report = bipkernels.export_shrunk(model, torch.randn(2, 5, 4, dtype=torch.float64), warn=False)
     assert report.shapes == {}
