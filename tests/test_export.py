@@ -333,7 +333,8 @@ def test_concatenated_channels_go_where_every_reader_lets_them(seed):
     model = randomize(Joined().double()).eval()
     with torch.no_grad():
         for branch in (model.a, model.b):
-            branch[1].bias.uniform_(1.0, 2.0)  # pruned filters output positive constants after the ReLU
+            branch[0].bias.zero_()  # pruned filters output the batch norm's shift: positive after the ReLU
+            branch[1].bias.uniform_(1.0, 2.0)
             branch[1].running_mean.zero_()
         model.a[0].weight[[0, 1, 4]] = 0  # constants meeting mix's zero padding: one stays to carry the others
         model.b[0].weight[3] = 0  # a lone constant: it stays as its own carrier
@@ -455,6 +456,7 @@ def test_shrink_keeps_what_only_looks_removable(seed):
     model = Pitfalls().double().eval()
     with torch.no_grad():
         nn.init.uniform_(model.relu.weight, -1, 1)
+        model.conv3.bias.uniform_(1.0, 2.0)  # a zero constant would average to zero (and could go)
         for layer in (model.fc1, model.conv, model.conv2, model.fc5, model.fc7, model.conv3, model.conv4):
             layer.weight[[0, 2]] = 0
     small, report = bipkernels.export_shrunk(model, torch.randn(2, 5, 4, dtype=torch.float64), warn=False)
