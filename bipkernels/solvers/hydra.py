@@ -10,7 +10,7 @@ from .training import check_settings, train_weights
 
 
 def hydra(model: nn.Module, dataset, sparsity: float, structure="unstructured", scope: str = "global",
-          score_epochs: int = 10, finetune_epochs: int = 10, score_lr: float = 0.05, lr: float = 0.02,
+          score_epochs: int = 10, finetune_epochs: int = 10, score_lr: float = 0.01, lr: float = 0.1,
           batch_size: int = 64, seed: int = 0) -> int:
     """Returns the forward/backward passes spent."""
     check_settings("hydra", sparsity=sparsity, structure=structure, scope=scope, score_epochs=score_epochs,

@@ -11,7 +11,7 @@ from .training import check_settings, train_weights
 
 
 def omp(model: nn.Module, dataset, sparsity: float, structure="unstructured", scope: str = "global",
-        finetune_epochs: int = 10, lr: float = 0.02, batch_size: int = 64, seed: int = 0) -> int:
+        finetune_epochs: int = 10, lr: float = 0.1, batch_size: int = 64, seed: int = 0) -> int:
     """Prune ``model`` once by |θ| (global top-k of block magnitudes), then fine-tune; returns passes."""
     check_settings("omp", sparsity=sparsity, structure=structure, scope=scope, finetune_epochs=finetune_epochs, lr=lr,
                    batch_size=batch_size, seed=seed)
@@ -21,7 +21,7 @@ def omp(model: nn.Module, dataset, sparsity: float, structure="unstructured", sc
 
 @torch.no_grad()
 def random_prune(model: nn.Module, dataset, sparsity: float, structure="unstructured", scope: str = "global",
-                 finetune_epochs: int = 10, lr: float = 0.02, batch_size: int = 64, seed: int = 0) -> int:
+                 finetune_epochs: int = 10, lr: float = 0.1, batch_size: int = 64, seed: int = 0) -> int:
     """The floor: a uniformly random mask with exactly k kept blocks, then fine-tuning; returns passes."""
     check_settings("random_prune", sparsity=sparsity, structure=structure, scope=scope,
                    finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size, seed=seed)
