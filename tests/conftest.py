@@ -1,5 +1,5 @@
-"""Shared fixtures: fresh random inputs per test (the seed is printed, so a failure can be replayed) and
-score generators with ties, NaN and inf."""
+"""Shared fixtures: fresh random inputs per test (the seed is printed, so a failure can be replayed),
+score generators with ties, NaN and inf, and random batch norms and scores for masked models."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import os
 
 import pytest
 import torch
+from torch import nn
 
 from bipkernels import ops
+from bipkernels.nn import MaskedConv2d, MaskedLinear
 
 HAS_CPU_KERNELS = "CPU" in ops._KERNELS.get("masked_weight", [])
 HAS_CUDA_GPU = torch.cuda.is_available()
@@ -68,6 +70,21 @@ def score_lists(sizes, dtype=torch.float64):
     bits = [torch.randint(-2**31, 2**31 - 1, (n,), dtype=torch.int64).to(torch.int32).view(torch.float32).to(dtype)
             for n in sizes]
     return [tied, continuous, bits]
+
+
+def randomize_masked(model: nn.Module) -> nn.Module:
+    """Random batch-norm statistics and affine parameters (so a pruned filter's output is a nonzero
+    constant) and random scores (so masks are not |θ|)."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.weight.normal_()
+                module.bias.normal_()
+                module.running_mean.normal_()
+                module.running_var.uniform_(0.5, 2.0)
+            if isinstance(module, (MaskedConv2d, MaskedLinear)):
+                module.scores.uniform_()
+    return model
 
 
 def force_backend(monkeypatch, backend: str) -> None:

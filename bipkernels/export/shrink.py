@@ -1,0 +1,297 @@
+"""export_shrunk: a physically smaller model, planned over the channel spaces of spaces.py."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+from .dense import export_dense
+from .spaces import ChannelGraph, Recorder, channel_view, is_depthwise, pads_with_zeros
+
+
+@dataclass
+class ShrinkReport:
+    """What export_shrunk changed and what it could not.
+
+    ``shapes``: {module name: (weight shape before, after)} of every module that shrank (batch norms
+    included). ``kept``: {layer name: how many of its zero filters / zero input channels stay, and why}.
+    """
+
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+    kept: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"{name}: {before} -> {after}" for name, (before, after) in self.shapes.items()]
+        lines += [f"{name}: kept {why}" for name, why in self.kept.items()]
+        return "\n".join(lines) or "nothing shrank"
+
+
+@dataclass
+class _Plan:
+    """One space's decision: which channels stay, why each stays, and per channel its carrier (-1: none),
+    the kept constant channel whose column takes its constant where a reader pads with zeros."""
+
+    keep: torch.Tensor
+    why: list[str]
+    carriers: torch.Tensor
+
+
+def _frozen(graph: ChannelGraph, nodes: list) -> list[str]:
+    """Why a space keeps every channel (empty: it need not)."""
+    reasons = sorted(set().union(*(graph.frozen.get(node, set()) for node in nodes)))
+    if len({graph.channels(node) for node in nodes}) > 1:
+        reasons.append("its tensors disagree on the number of channels")
+    return reasons
+
+
+def _plan(graph: ChannelGraph, nodes: list, readers: list, frozen: list[str]) -> _Plan:
+    """The plan of a space (not a joined one) of ``nodes``, read by ``readers``: (reader, the offset of
+    this space's channels among its input's), kept whole for the reasons ``frozen``."""
+    channels = max(graph.channels(node) for node in nodes)
+    none = torch.full((channels,), -1)
+    if frozen:
+        return _Plan(torch.ones(channels, dtype=torch.bool), ["; ".join(frozen)] * channels, none)
+    why = [""] * channels
+    needed = torch.zeros(channels, dtype=torch.bool)  # some reader needs the channel's varying values
+    carried = {}  # (reader input node, offset) -> channels whose constant meets the reader's zero padding
+    for reader, offset in readers:
+        source = reader.all_input_nodes[0]
+        columns = slice(offset, offset + channels)
+        weight = channel_view(graph.readers[reader].weight, graph.channels(source))[:, columns]
+        zero = (weight == 0).all(2).all(0).cpu()
+        constant, value = graph.constants(source)[columns], graph.value(source)[columns]
+        free = zero | constant & ((value == 0) | (not pads_with_zeros(graph.readers[reader])))
+        for c in (~free & ~constant & ~needed).nonzero().flatten().tolist():
+            why[c] = f"{reader.target} reads it and it varies with the input"
+        needed |= ~free & ~constant
+        if (~free & constant).any():
+            carried[source, offset] = carried.get((source, offset), torch.zeros_like(needed)) | ~free & constant
+            for c in (~free & constant).nonzero().flatten().tolist():
+                why[c] = why[c] or f"its constant value meets the zero padding of {reader.target}"
+    candidates = torch.stack(list(carried.values())).any(0) & ~needed if carried else torch.zeros_like(needed)
+    # The carrier's value divides the others' (v_c / v_0): take the largest smallest |v_0| over the readers.
+    strength = torch.stack([torch.where(graph.constants(s)[o:o + channels], graph.value(s)[o:o + channels].abs(),
+                                        0.0) for s, o in carried]).amin(0) if carried else None
+    carrier = int(strength.masked_fill(~candidates, 0).argmax()) if candidates.any() else None
+    if carrier is not None and strength[carrier] == 0:
+        carrier = None  # no constant channel is nonzero at every reader behind zero padding
+    keep = needed | candidates
+    if carrier is not None:
+        keep = needed.clone()
+        keep[carrier] = True
+        why[carrier] = "it carries the constants of the removed channels into zero padding"
+    if not keep.any() and channels:
+        keep[0] = True
+        why[0] = "every channel could go, and a layer keeps one"
+    return _Plan(keep, why, none if carrier is None else torch.full((channels,), carrier))
+
+
+def _joined_plan(plans: list[_Plan]) -> _Plan:
+    """The plan of a joined space: its segments' plans end to end, carriers moved by their offsets."""
+    offsets = torch.tensor([0] + [len(plan.keep) for plan in plans]).cumsum(0)
+    carriers = [torch.where(plan.carriers >= 0, plan.carriers + offset, -1) for plan, offset in zip(plans, offsets)]
+    return _Plan(torch.cat([plan.keep for plan in plans]), [why for plan in plans for why in plan.why],
+                 torch.cat(carriers))
+
+
+def _kept_notes(what: str, zero: torch.Tensor, plan: _Plan) -> list[str]:
+    reasons = [plan.why[c] for c in (zero & plan.keep).nonzero().flatten().tolist()]
+    counts = {reason: reasons.count(reason) for reason in reasons}
+    return [f"{n} zero {what}{'s' if n > 1 else ''} ({reason})" for reason, n in counts.items()]
+
+
+def _index(keep: torch.Tensor, expansion: int) -> torch.Tensor:
+    """Feature indices of the kept channels when each channel spans ``expansion`` features."""
+    channels = keep.nonzero().flatten()
+    return (channels[:, None] * expansion + torch.arange(expansion)).flatten()
+
+
+@torch.no_grad()
+def _shrunk_reader(module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    factory = dict(device=module.weight.device, dtype=module.weight.dtype)
+    if type(module) is nn.Linear:
+        new = nn.Linear(weight.shape[1], weight.shape[0], bias is not None, **factory)
+    else:  # a depthwise convolution keeps one group per channel
+        groups = weight.shape[0] if is_depthwise(module) else 1
+        new = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], module.kernel_size, module.stride, module.padding,
+                        module.dilation, groups, bias is not None, module.padding_mode, **factory)
+    new.weight.copy_(weight)
+    if bias is not None:
+        new.bias.copy_(bias)
+    return new
+
+
+@torch.no_grad()
+def _shrunk_norm(norm, index: torch.Tensor) -> nn.Module:
+    tensors = dict(norm.named_parameters(recurse=False)) | dict(norm.named_buffers(recurse=False))
+    floating = [t for t in tensors.values() if t.is_floating_point()]
+    factory = dict(device=floating[0].device, dtype=floating[0].dtype) if floating else {}
+    new = type(norm)(len(index), norm.eps, norm.momentum, norm.affine, norm.track_running_stats, **factory)
+    for name, tensor in tensors.items():  # num_batches_tracked is a 0-dim count
+        getattr(new, name).copy_(tensor if tensor.dim() == 0 else tensor[index.to(tensor.device)])
+    return new
+
+
+@torch.no_grad()
+def _shrink_reader(graph: ChannelGraph, node, plans: dict) -> nn.Module:
+    """The reader at ``node`` without the removed rows and columns; the removed constant input channels
+    folded into its bias, or behind zero padding into the carrier's column (sums in float64)."""
+    module = graph.readers[node]
+    source = node.all_input_nodes[0]
+    plan_in, plan_out = plans[graph.root(source)], plans[graph.root(node)]
+    channels = graph.channels(source)
+    weight = channel_view(module.weight.detach(), channels)
+    value = graph.value(source).to(weight.device)
+    fold = (~plan_in.keep & graph.constants(source)).to(weight.device) & (value != 0) & (weight != 0).any(2).any(0)
+    rows = plan_out.keep.nonzero().flatten().to(weight.device)
+    kept = weight[rows][:, plan_in.keep.to(weight.device)]
+    bias = None if module.bias is None else module.bias.detach()[rows].double()
+    if fold.any() and pads_with_zeros(module):
+        carriers = plan_in.carriers.to(weight.device)[fold]
+        merged = weight[rows][:, fold].double() * (value[fold] / value[carriers])[:, None]
+        columns = (plan_in.keep.cumsum(0) - 1).to(weight.device)[carriers]  # the carriers among the kept
+        kept.index_add_(1, columns, merged.to(kept.dtype))
+    elif fold.any():
+        folded = (weight[rows][:, fold].sum(2, dtype=torch.float64) * value[fold]).sum(1)
+        bias = folded if bias is None else bias + folded
+    shape = (len(rows), -1) + tuple(module.weight.shape[2:])
+    return _shrunk_reader(module, kept.reshape(shape), None if bias is None else bias.to(kept.dtype))
+
+
+def export_shrunk(model: nn.Module, example_inputs, *, warn: bool = True) -> tuple[nn.Module, ShrinkReport]:
+    """A physically smaller copy of ``model``: zero filters and zero input channels removed, with the
+    batch norms, depthwise convolutions and next layers that share their channels.
+
+    ``model``: masked (exported first, see export_dense) or plain with zeros; traced with torch.fx.
+    ``example_inputs``: a tensor or a tuple of the forward's arguments (shapes only matter; values are
+    recorded once to read the constant outputs of pruned filters). Returns ``(smaller, report)``:
+    ``smaller`` is the model's own class in eval mode and gives the masked model's eval-mode outputs up
+    to float rounding (batch norms use their running statistics; fine-tuning it in train mode is a new
+    model). A channel is removed only where that is exact:
+
+    - residual streams (tensors joined by add) lose a channel only if every layer writing the stream
+      has that filter at zero, or every layer reading it has that input channel at zero;
+    - a pruned filter's output is a constant (its bias through batch norm and activation); it folds
+      into the next layer's bias, or behind zero padding, into one kept carrier channel;
+    - Linear layers on more than 2 dims (tokens: (B, T, C)) read and write channels in the last dim;
+      an op that mixes that layout with channels in dim 1 keeps its tensors' channels (the first op in
+      graph order to read a tensor decides its layout: a later reader of the other layout stays whole);
+    - a torch.cat along the channels joins its inputs' channels end to end: a channel goes only if it
+      can go from its own space and from every concatenation it is part of (DenseNet, Inception);
+    - a sum over positions keeps only zero constants (it scales them by the input's size); 2-D pools
+      and batch norms only take batched inputs;
+    - tensors that reach the output or come from the input, layers called twice, grouped convolutions
+      other than depthwise, in-place ops on tensors other ops read, and ops outside the known
+      channel-wise set keep every channel; layers
+      inside a module that torch.fx calls whole (torch.nn's, e.g. nn.TransformerEncoderLayer) or not
+      called as modules stay whole.
+
+    ``report.kept`` lists each layer whose zero filters or channels stay and why (also a warning when
+    ``warn``); ``report.shapes`` every module that shrank. A model with nothing to remove comes back
+    as an unchanged copy. ValueError if torch.fx cannot trace the model.
+    """
+    dense = export_dense(model).eval()
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    try:
+        traced = fx.symbolic_trace(dense)
+    except Exception as error:  # fx raises many types for untraceable Python
+        raise ValueError(f"export_shrunk: torch.fx cannot trace {type(model).__name__} ({error}); "
+                         "export_dense gives the same model without removing channels") from error
+    recorder = Recorder(traced)
+    with torch.no_grad():
+        recorder.run(*inputs)
+    graph = ChannelGraph(traced, recorder)
+    spaces, readers, frozen = {}, {}, {}
+    for node in graph.parent:
+        spaces.setdefault(graph.root(node), []).append(node)
+    for node in graph.readers:  # a reader of a joined space reads each of its segments
+        for base, offset in graph.bases(graph.root(node.all_input_nodes[0])):
+            readers.setdefault(base, []).append((node, offset))
+    for root, nodes in spaces.items():  # a joined space kept whole keeps its segments whole
+        for base, _ in graph.bases(root):
+            frozen.setdefault(base, set()).update(_frozen(graph, nodes))
+    plans = {root: _plan(graph, nodes, readers.get(root, []), sorted(frozen[root]))
+             for root, nodes in spaces.items() if root not in graph.segments}
+    for root in graph.segments:
+        plans[root] = _joined_plan([plans[base] for base, _ in graph.bases(root)])
+
+    report = ShrinkReport()
+    whole = {node.target: why for node, why in graph.whole.items()} | _untraced_layers(dense, traced)
+    for name, why in whole.items():
+        zeros = _zero_parts(dense.get_submodule(name))
+        if zeros:
+            report.kept[name] = f"{zeros} ({why}: shrinking leaves it whole)"
+    for node, module in graph.readers.items():
+        source, plan_in = node.all_input_nodes[0], plans[graph.root(node.all_input_nodes[0])]
+        weight = channel_view(module.weight, graph.channels(source))
+        zero_columns = (weight == 0).all(2).all(0).cpu()
+        notes = _kept_notes("filter", graph.constant[node], plans[graph.root(node)]) + \
+            _kept_notes("input channel", zero_columns, plan_in)
+        # After a flatten a channel feeds several features; a zero feature of a kept channel stays.
+        partial = int(((weight == 0).all(0).cpu() & (plan_in.keep & ~zero_columns)[:, None]).sum())
+        if partial:
+            notes.append(f"{partial} zero input feature{'s' if partial > 1 else ''} (each channel feeds "
+                         f"{weight.shape[2]} features; a channel goes only whole)")
+        if not (plans[graph.root(node)].keep.all() and plan_in.keep.all()):
+            _replace(dense, node.target, _shrink_reader(graph, node, plans), report)
+        if notes:
+            report.kept[node.target] = ", ".join(notes)
+    for node, module in graph.members.items():
+        plan = plans[graph.root(node)]
+        notes = _kept_notes("filter", graph.zero_filters(module), plan) if is_depthwise(module) else []
+        if notes:
+            report.kept[node.target] = ", ".join(notes)
+        if plan.keep.all():
+            continue
+        index = _index(plan.keep, graph.expansion[node])
+        if is_depthwise(module):
+            index = index.to(module.weight.device)
+            bias = None if module.bias is None else module.bias.detach()[index]
+            _replace(dense, node.target, _shrunk_reader(module, module.weight.detach()[index], bias), report)
+        else:
+            _replace(dense, node.target, _shrunk_norm(module, index), report)
+    if warn and report.kept:
+        warnings.warn("bipkernels.export_shrunk: zero filters or channels stay in:\n  "
+                      + "\n  ".join(f"{name}: {why}" for name, why in report.kept.items()), stacklevel=2)
+    return dense, report
+
+
+def _untraced_layers(model: nn.Module, traced: fx.GraphModule) -> dict[str, str]:
+    """{name: why} of the Conv2d / Linear layers of ``model`` that the traced graph does not call: inside a
+    module that torch.fx keeps as one call (torch.nn's own, such as nn.TransformerEncoderLayer), or
+    used some other way (their weights read directly)."""
+    calls = [node.target for node in traced.graph.nodes if node.op == "call_module"]
+    called = {id(traced.get_submodule(target)) for target in calls}
+    untraced = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and id(module) not in called:
+            inside = [target for target in calls if name.startswith(target + ".")]
+            untraced[name] = f"inside {inside[0]}, which torch.fx traces as one call" if inside else \
+                "the model itself" if not name else "not called as a module in the traced forward"
+    return untraced
+
+
+def _zero_parts(module: nn.Module) -> str:
+    """'N zero filters, M zero input channels' of a Conv2d / Linear weight ('' if none; input channels
+    only where one column is one channel, groups=1)."""
+    weight = module.weight.detach()
+    counts = {"filter": int((weight.reshape(weight.shape[0], -1) == 0).all(1).sum())}
+    if getattr(module, "groups", 1) == 1:
+        counts["input channel"] = int((weight.transpose(0, 1).reshape(weight.shape[1], -1) == 0).all(1).sum())
+    return ", ".join(f"{n} zero {what}{'s' if n > 1 else ''}" for what, n in counts.items() if n)
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module, report: ShrinkReport) -> None:
+    old = model.get_submodule(name)
+    new.train(old.training)
+    model.set_submodule(name, new)
+    report.shapes[name] = (_channels_shape(old), _channels_shape(new))
+
+
+def _channels_shape(module: nn.Module) -> tuple[int, ...]:
+    """The weight's shape (a batch norm without affine parameters: its running mean's)."""
+    tensor = module.weight if getattr(module, "weight", None) is not None else module.running_mean
+    return tuple(tensor.shape) if tensor is not None else (module.num_features,)

@@ -1,0 +1,423 @@
+"""export_shrunk: physically smaller models that equal the masked ones, and reports of what stays."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import bipkernels
+from bipkernels import models
+
+from conftest import randomize_masked
+
+
+def _zero_rows_or_columns(model: nn.Module) -> set[str]:
+    """Layers of a shrunk model that still hold an all-zero filter or input channel."""
+    names = set()
+    for name, module in model.named_modules():
+        if type(module) in (nn.Conv2d, nn.Linear):
+            weight = module.weight.detach()
+            rows = (weight.reshape(weight.shape[0], -1) == 0).all(1)
+            columns = (weight.transpose(0, 1).reshape(weight.shape[1], -1) == 0).all(1)
+            if rows.any() or (module.groups == 1 if isinstance(module, nn.Conv2d) else True) and columns.any():
+                names.add(name)
+    return names
+
+
+def _weights(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+class Plain(nn.Module):
+    """VGG-like: biased convolutions (a pruned filter outputs a nonzero constant even without batch norm),
+    max pooling, dropout, and a flatten of a 2×2 map into the classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(12, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 1), nn.ReLU())
+        self.classifier = nn.Sequential(nn.Dropout(), nn.Linear(16 * 2 * 2, 20), nn.ReLU(), nn.Linear(20, 5))
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+class Tokens(nn.Module):
+    """A transformer's MLP block on (batch, tokens, features): Linear layers on 3-D inputs, GELU, dropout,
+    a residual add and a LayerNorm (an op shrinking does not handle: the stream it reads stays whole)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.norm = nn.Linear(6, 12), nn.LayerNorm(12)
+        self.fc1, self.act, self.drop, self.fc2 = nn.Linear(12, 24), nn.GELU(), nn.Dropout(0.1), nn.Linear(24, 12)
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x):
+        x = self.embed(x)
+        x = x + self.fc2(self.drop(self.act(self.fc1(self.norm(x)))))
+        return self.head(x.mean(1))
+
+
+class Means(nn.Module):
+    """Heads that average with reductions rather than pooling modules: x.mean((2, 3)) of a convolution's
+    output, and a sum over tokens of Linear layers on (B, H·W, 3) patches."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.head_a = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Linear(8, 5)
+        self.embed, self.mix, self.head_b = nn.Linear(3, 8), nn.Linear(8, 8), nn.Linear(8, 5)
+
+    def forward(self, x):
+        pooled = F.relu(self.conv2(F.relu(self.conv1(x)))).mean((2, 3))
+        tokens = self.mix(F.gelu(self.embed(x.flatten(2).transpose(1, 2)))).sum(dim=1)
+        return self.head_a(pooled) + self.head_b(tokens)
+
+
+def _torchvision(name, **kwargs):
+    return lambda: getattr(pytest.importorskip("torchvision").models, name)(num_classes=10, **kwargs)
+
+
+class Joined(nn.Module):
+    """Concatenations: of two biased branches behind batch norms, read by a zero-padded 3×3 convolution
+    (the constants of pruned filters need a carrier in each segment), nested, and normalised after the
+    join (DenseNet)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 6, 1), nn.BatchNorm2d(6), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(3, 6, 1), nn.BatchNorm2d(6), nn.ReLU())
+        self.mix, self.norm, self.head = nn.Conv2d(12, 8, 3, padding=1), nn.BatchNorm2d(20), nn.Conv2d(20, 4, 3)
+
+    def forward(self, x):
+        joined = torch.cat([self.a(x), self.b(x)], 1)
+        return self.head(F.relu(self.norm(torch.cat([joined, self.mix(joined)], dim=1))))
+
+
+def _vit():
+    """torchvision's VisionTransformer, tiny: its MLP blocks are Linear layers on (B, tokens, features)."""
+    vision_transformer = pytest.importorskip("torchvision.models.vision_transformer")
+    return vision_transformer.VisionTransformer(image_size=16, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16,
+                                                mlp_dim=32, num_classes=5)
+
+
+SHRINK_CASES = {  # (model, input shape, structure, dtype)
+    "plain filter": (Plain, (2, 3, 4, 4), "filter", torch.float64),
+    "plain channel": (Plain, (2, 3, 4, 4), "channel", torch.float64),
+    "small resnet filter": (lambda: models.SmallResNet(10, 8, 3), (2, 3, 8, 8), "filter", torch.float64),
+    "small resnet channel": (lambda: models.SmallResNet(10, 8, 3), (2, 3, 8, 8), "channel", torch.float64),
+    "resnet18 filter": (_torchvision("resnet18"), (2, 3, 32, 32), "filter", torch.float32),
+    # float32: CPU depthwise convolutions in float64 take a slow path (minutes).
+    "mobilenet_v2 filter": (_torchvision("mobilenet_v2", width_mult=0.5), (2, 3, 32, 32), "filter", torch.float32),
+    "mobilenet_v2 channel": (_torchvision("mobilenet_v2", width_mult=0.5), (2, 3, 32, 32), "channel", torch.float32),
+    "tokens filter": (Tokens, (2, 5, 6), "filter", torch.float64),
+    "tokens channel": (Tokens, (2, 5, 6), "channel", torch.float64),
+    "means filter": (Means, (2, 3, 4, 4), "filter", torch.float64),
+    "vit filter": (_vit, (2, 3, 16, 16), "filter", torch.float64),
+    "joined filter": (Joined, (2, 3, 5, 5), "filter", torch.float64),
+    "joined channel": (Joined, (2, 3, 5, 5), "channel", torch.float64),
+    "squeezenet1_1 filter": (_torchvision("squeezenet1_1"), (2, 3, 64, 64), "filter", torch.float32),
+    "googlenet filter": (_torchvision("googlenet", aux_logits=False, init_weights=False), (2, 3, 64, 64), "filter",
+                         torch.float32),
+    "densenet121 filter": (_torchvision("densenet121"), (2, 3, 32, 32), "filter", torch.float32),
+}
+
+
+@pytest.mark.parametrize("case", list(SHRINK_CASES))
+def test_shrunk_model_equals_the_masked_model_and_reports_what_stays(seed, case):
+    build, shape, structure, dtype = SHRINK_CASES[case]
+    model = randomize_masked(bipkernels.convert(build().to(dtype), 0.0, structure)).eval()
+    bipkernels.project(model, 0.5, scope="layer")
+    x = torch.randn(shape, dtype=dtype)
+    small, report = bipkernels.export_shrunk(model, x, warn=False)
+    assert type(small) is type(model) and not small.training
+    assert _weights(small) < _weights(bipkernels.export_dense(model))
+    assert set(report.shapes) and all(after < before for before, after in report.shapes.values())
+    # Every zero filter or input channel left in the smaller model is listed, with a reason.
+    assert _zero_rows_or_columns(small) <= set(report.kept)
+    assert all(reason for reason in report.kept.values())
+    tolerance = 1e-9 if dtype == torch.float64 else 1e-4
+    with torch.no_grad():
+        for inputs in (x, torch.randn(shape, dtype=dtype) * 3):  # fresh inputs, not only the example
+            torch.testing.assert_close(small(inputs), model(inputs), rtol=tolerance, atol=tolerance)
+
+
+def test_residual_stream_shrinks_only_where_every_writer_prunes(seed):
+    model = models.SmallResNet(10, 8, 3).double().eval()  # default batch norms: pruned outputs are 0
+    with torch.no_grad():  # the first stream is written by stem.0 and layer1.conv2
+        model.stem[0].weight[[1, 5, 6]] = 0
+        model.layer1.conv2.weight[[1, 5]] = 0
+        model.layer1.conv1.weight[[2, 4]] = 0  # inside the block: free to go
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    # Channel 6 is constant (0) where layer1.conv1 reads it, but not after the residual add.
+    with pytest.warns(UserWarning, match=r"stem\.0: 1 zero filter \(layer2\.conv1 reads it and it varies"):
+        small, report = bipkernels.export_shrunk(model, x)
+    assert small.stem[0].out_channels == 6 and small.stem[1].num_features == 6
+    assert small.layer1.conv1.in_channels == 6 and small.layer1.conv1.out_channels == 6
+    assert small.layer1.conv2.in_channels == 6 and small.layer1.conv2.out_channels == 6
+    assert small.layer2.conv1.in_channels == 6 and small.layer2.shortcut[0].in_channels == 6
+    assert small.layer2.conv1.out_channels == 16  # nothing pruned there
+    assert set(report.kept) == {"stem.0"}
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+class Returns(nn.Module):
+    """Its first convolution's output is returned and also concatenated with its second's; the third
+    reads the concatenation into a grouped convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 1)
+        self.conv2 = nn.Conv2d(3, 6, 1)
+        self.conv3 = nn.Conv2d(12, 8, 1)
+        self.grouped = nn.Conv2d(8, 4, 1, groups=2)
+
+    def forward(self, x):
+        a = self.conv1(x)
+        return a, self.grouped(self.conv3(torch.cat([a, self.conv2(x)], 1)))
+
+
+def test_shrink_keeps_and_names_what_it_cannot_remove(seed):
+    model = bipkernels.convert(Returns(), 0.5, "filter", scope="layer")
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.warns(UserWarning, match="zero filters or channels stay"):
+        small, report = bipkernels.export_shrunk(model, x)
+    # conv2's half of the concatenation goes (its bias folds into conv3's), conv1's half stays.
+    assert report.shapes == {"conv2": ((6, 3, 1, 1), (3, 3, 1, 1)), "conv3": ((8, 12, 1, 1), (8, 9, 1, 1))}
+    assert "reaches the model output" in report.kept["conv1"]
+    assert "grouped (a grouped convolution) reads it" in report.kept["conv3"]
+    assert "a grouped convolution): shrinking leaves it whole" in report.kept["grouped"]
+    with torch.no_grad():
+        for got, expected in zip(small(x), model(x)):
+            torch.testing.assert_close(got, expected)
+    assert "conv1: kept" in str(report)
+
+
+class Entangled(nn.Module):
+    """A layer called twice, two layers sharing a weight, a dropout that stays on in eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.twice, self.a, self.b = (nn.Conv2d(3 if i == 0 else 4, 4, 1) for i in range(4))
+        self.b.weight = self.a.weight
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        x = self.twice(self.twice(F.dropout(self.stem(x), 0.0)))  # dropout: training=True by default
+        return self.head(self.b(self.a(x)))
+
+
+def _report_of_nothing_shrinking(model: nn.Module, layers: list[str], x: torch.Tensor) -> bipkernels.ShrinkReport:
+    """export_shrunk's report on plain ``model`` (eval mode) with filter 0 of each of ``layers`` zeroed,
+    after checking that nothing shrank and that the outputs are the same."""
+    model.eval()
+    with torch.no_grad():
+        for name in layers:
+            model.get_submodule(name).weight[0] = 0
+        small, report = bipkernels.export_shrunk(model, x, warn=False)
+        outputs = [small(x), model(x)]
+    assert report.shapes == {}
+    for got, expected in zip(*[o if isinstance(o, tuple) else (o,) for o in outputs], strict=True):
+        torch.testing.assert_close(got, expected)
+    return report
+
+
+def test_shrink_leaves_entangled_layers_whole(seed):
+    report = _report_of_nothing_shrinking(Entangled(), ["stem", "twice", "a", "head"], torch.randn(2, 3, 4, 4))
+    assert "twice (called more than once)" in report.kept["twice"]
+    assert "shares a parameter with another layer" in report.kept["a"]
+    assert "dropout (an op shrinking does not handle) reads it" in report.kept["stem"]
+
+
+def test_concatenated_channels_go_where_every_reader_lets_them(seed):
+    model = randomize_masked(Joined().double()).eval()
+    with torch.no_grad():
+        for branch in (model.a, model.b):
+            branch[0].bias.zero_()  # pruned filters output the batch norm's shift: positive after the ReLU
+            branch[1].bias.uniform_(1.0, 2.0)
+            branch[1].running_mean.zero_()
+        model.a[0].weight[[0, 1, 4]] = 0  # constants meeting mix's zero padding: one stays to carry the others
+        model.b[0].weight[3] = 0  # a lone constant: it stays as its own carrier
+        model.mix.weight[[2, 5]] = 0  # read after the outer join only by head (no padding): folded into its bias
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    small, report = bipkernels.export_shrunk(model, x, warn=False)
+    assert (small.a[0].out_channels, small.b[0].out_channels, small.mix.in_channels, small.mix.out_channels) == \
+        (4, 6, 10, 6)
+    assert (small.norm.num_features, small.head.in_channels) == (16, 16)
+    assert "1 zero filter (it carries the constants of the removed channels into zero padding)" in report.kept["a.0"]
+    with torch.no_grad():
+        for inputs in (x, torch.randn(3, 3, 7, 7, dtype=torch.float64) * 3):
+            torch.testing.assert_close(small(inputs), model(inputs), rtol=1e-12, atol=1e-12)
+
+
+class Skip(nn.Module):
+    """A U-Net skip: an upsampled deep feature joined with a shallow one (numpy-style axis=), scaled."""
+
+    def __init__(self):
+        super().__init__()
+        self.shallow, self.deep, self.fuse = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 4, 3, 2, 1), nn.Conv2d(10, 5, 1)
+
+    def forward(self, x):
+        skip = F.relu(self.shallow(x))
+        up = F.interpolate(self.deep(skip), scale_factor=2.0)
+        return self.fuse(torch.concatenate([up, skip], axis=1) * 0.5)
+
+
+def test_skip_concatenation_sheds_the_skip_channels(seed):
+    model = Skip().double().eval()
+    with torch.no_grad():
+        model.shallow.bias.uniform_(1.0, 2.0)  # pruned filters: positive constants after the ReLU
+        model.shallow.weight[[1, 4]] = 0  # constants meeting deep's zero padding: one carries the other
+        model.deep.weight[0] = 0  # upsampled by an op shrinking does not handle: it stays
+    small, report = bipkernels.export_shrunk(model, torch.randn(2, 3, 8, 8, dtype=torch.float64), warn=False)
+    assert (small.shallow.out_channels, small.deep.in_channels, small.fuse.in_channels) == (5, 5, 9)
+    assert "interpolate (an op shrinking does not handle) reads it" in report.kept["deep"]
+    with torch.no_grad():
+        for size in (8, 12):
+            x = torch.randn(2, 3, size, size, dtype=torch.float64)
+            torch.testing.assert_close(small(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+def test_token_mlp_sheds_its_hidden_features(seed):
+    model = Tokens().double().eval()
+    with torch.no_grad():
+        model.fc1.weight[[0, 3, 7]] = 0  # pruned hidden features: constants GELU(bias), folded into fc2's bias
+        model.fc2.weight[:, [3, 7, 9]] = 0  # hidden features fc2 does not read
+        model.fc2.weight[2] = 0  # a filter writing the residual stream, which reaches the LayerNorm
+    x = torch.randn(3, 5, 6, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"fc2: 1 zero filter \(.*norm \(an op shrinking does not handle\) reads"):
+        small, report = bipkernels.export_shrunk(model, x)
+    assert (small.fc1.out_features, small.fc2.in_features, small.fc2.out_features) == (20, 20, 12)
+    assert report.shapes == {"fc1": ((24, 12), (20, 12)), "fc2": ((12, 24), (12, 20))}
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+class Layouts(nn.Module):
+    """Channels in dim 1 meeting channels in the last dim: a Linear layer over a convolution's width, a
+    convolution over a Linear layer's 4-D output, the product of the two layouts, and a mean over a
+    convolution's channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.width = nn.Conv2d(3, 4, 1), nn.Linear(4, 4)
+        self.tokens, self.after = nn.Linear(3, 4), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        a = self.conv(x)  # (B, 4, 4, 4), channels in dim 1
+        c = self.tokens(x.permute(0, 2, 3, 1))  # (B, 4, 4, 4), channels in the last dim
+        return self.width(a), self.after(F.relu(c)), a * c, a.mean(1)
+
+
+def test_shrink_keeps_channels_where_layouts_meet(seed):
+    report = _report_of_nothing_shrinking(Layouts(), ["conv", "width", "tokens", "after"], torch.randn(2, 3, 4, 4))
+    assert "width (it reads the last dim of a tensor whose channels lie in dim 1) reads it" in report.kept["conv"]
+    assert "mean (an op shrinking does not handle) reads it" in report.kept["conv"]
+    assert "after (its input's channels lie in the last dim) reads it" in report.kept["tokens"]
+    assert "mul (an op shrinking does not handle) reads it" in report.kept["tokens"]
+    assert "shrinking leaves it whole" in report.kept["width"] and "shrinking leaves it whole" in report.kept["after"]
+
+
+class Pitfalls(nn.Module):
+    """Where a zero filter must stay: its constant summed over tokens (T times the constant, T set by the
+    input), a 2-D pool over a 3-D tensor (read as one unbatched sample, pooling dim 1), a PReLU and a
+    softmax stored under the names of channel-wise ops, a weight also read directly, an average over
+    border windows by a fixed divisor, and an in-place ReLU on a tensor another layer read before it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.conv, self.pool, self.fc3 = nn.Conv2d(4, 6, 1), nn.MaxPool2d((3, 1), 1, (1, 0)), nn.Linear(6, 3)
+        self.conv2, self.relu, self.fc4 = nn.Conv2d(4, 6, 1), nn.PReLU(6), nn.Conv2d(6, 3, 1)
+        self.fc5, self.sigmoid, self.fc6 = nn.Linear(4, 6), nn.Softmax(-1), nn.Linear(6, 3)
+        self.fc7, self.fc8 = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.conv3, self.pool3, self.head3 = nn.Conv2d(4, 6, 1), nn.AvgPool2d(3, 1, 1, divisor_override=4), \
+            nn.Conv2d(6, 3, 1)
+        self.conv4, self.head4, self.head5 = nn.Conv2d(4, 6, 1), nn.Conv2d(6, 3, 1), nn.Conv2d(6, 3, 1)
+
+    def forward(self, x):  # x: (B, T, 4)
+        image = x.transpose(1, 2)[..., None]  # (B, 4, T, 1)
+        return (self.fc2(F.gelu(self.fc1(x)).sum(1)),
+                self.fc3(self.pool(F.relu(self.conv(image)).mean(-1)).mean(-1)),
+                self.fc4(self.relu(self.conv2(image))),
+                self.fc6(self.sigmoid(self.fc5(x))),
+                self.fc8(F.relu(self.fc7(x))) + F.linear(x, self.fc7.weight)[..., :3],
+                self.head3(self.pool3(F.relu(self.conv3(image)))),
+                self._in_place(image))
+
+    def _in_place(self, image):
+        features = self.conv4(image)
+        before = self.head4(features)
+        F.relu(features, inplace=True)
+        return before + self.head5(features)
+
+
+def test_shrink_keeps_what_only_looks_removable(seed):
+    model = Pitfalls().double().eval()
+    with torch.no_grad():
+        nn.init.uniform_(model.relu.weight, -1, 1)
+        model.conv3.bias.uniform_(1.0, 2.0)  # a zero constant would average to zero (and could go)
+        for layer in (model.fc1, model.conv, model.conv2, model.fc5, model.fc7, model.conv3, model.conv4):
+            layer.weight[[0, 2]] = 0
+    small, report = bipkernels.export_shrunk(model, torch.randn(2, 5, 4, dtype=torch.float64), warn=False)
+    assert report.shapes == {}
+    assert "its weights are also read directly" in report.kept["fc7"]
+    assert _zero_rows_or_columns(small) <= set(report.kept)
+    with torch.no_grad():
+        for tokens in (5, 9):  # the example's length and another
+            x = torch.randn(2, tokens, 4, dtype=torch.float64)
+            for got, expected in zip(small(x), model(x), strict=True):
+                torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+class Opaque(nn.Module):
+    """Layers shrinking cannot see into: an nn.TransformerEncoder (torch.fx calls torch.nn's modules
+    whole) and a convolution whose weight is used directly."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 1,
+                                             enable_nested_tensor=False)
+        self.side = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.encoder(x) + F.linear(x, self.side.weight)
+
+
+def test_shrink_names_the_layers_it_cannot_see(seed):
+    with pytest.warns(UserWarning, match="left dense"):  # attention's own projections
+        model = bipkernels.convert(Opaque(), 0.0, "filter", exclude="side").eval()
+    bipkernels.project(model, 0.5, scope="layer")
+    with torch.no_grad():
+        model.side.weight[0] = 0  # plain: its weight is used directly, as the forward does
+        model.side.weight[:, 2] = 0
+    x = torch.randn(2, 3, 8)
+    with pytest.warns(UserWarning, match=r"encoder\.layers\.0\.linear1: 8 zero filters \(inside encoder, which"):
+        small, report = bipkernels.export_shrunk(model, x)
+    assert report.shapes == {}
+    assert report.kept["encoder.layers.0.linear2"].startswith("4 zero filters (inside encoder")
+    assert report.kept["side"] == "1 zero filter, 1 zero input channel (not called as a module in the traced " \
+                                  "forward: shrinking leaves it whole)"
+    layer = nn.Linear(3, 2)
+    with torch.no_grad():
+        layer.weight[0] = 0
+    assert "the model itself" in bipkernels.export_shrunk(layer, torch.randn(2, 3), warn=False)[1].kept[""]
+    unbatched = bipkernels.export_shrunk(nn.Sequential(layer), torch.randn(3), warn=False)[1]
+    assert "its output has fewer than 2 dims" in unbatched.kept["0"]
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x))
+
+
+def test_shrink_refuses_an_untraceable_model():
+    class Branching(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            return self.conv(x) if x.sum() > 0 else x
+
+    with pytest.raises(ValueError, match="torch.fx cannot trace Branching"):
+        bipkernels.export_shrunk(Branching(), torch.randn(1, 3, 2, 2))
