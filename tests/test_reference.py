@@ -16,7 +16,6 @@ from conftest import SHAPES, STRUCTURES, fits, tied_scores, with_specials
 
 def brute_block_of(structure, shape, flat: int) -> int:
     """Block (group for N:M) of the element at ``flat``, from the definitions in structures.py."""
-    rows = shape[0] if len(shape) else 1
     channels = shape[1] if len(shape) > 1 else 1
     inner = math.prod(shape[2:])
     cols = channels * inner

@@ -33,7 +33,7 @@ from torch import nn
 
 from .. import distributed
 from .. import nn as masked_nn
-from .training import MODES, Progress, check_settings, epoch_batches, fetch, model_device, scheduler
+from .training import Progress, check_settings, epoch_batches, fetch, model_device, scheduler
 
 
 def steps_per_epoch(dataset_size: int, batch_size: int, mode: str = "fused", lower_steps: int = 1) -> int:
