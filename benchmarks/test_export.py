@@ -2,9 +2,10 @@
 export (same architecture, zeros where pruned: the cost of the unpruned model) on the CPU, and 2:4
 semi-structured Linear weights against dense ones on a CUDA GPU.
 
-CPU models: torchvision ResNet-18, MobileNetV2 and DenseNet-121 (1000 classes), 50% of the filters of every
-layer pruned (random scores), batch norms with random shifts as a trained model has (so pruned filters output
-nonzero constants) and running statistics recalibrated after pruning; batch 8 at 224×224, eval mode, no_grad.
+CPU models: torchvision ResNet-18, MobileNetV2, DenseNet-121 and EfficientNet-B0 (1000 classes), 50% of the
+filters of every layer pruned (random scores), batch norms with random shifts as a trained model has (so pruned
+filters output nonzero constants) and running statistics recalibrated after pruning; batch 8 at 224×224, eval
+mode, no_grad.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch import nn
 
 import bipkernels
 
-CPU_MODELS = ("resnet18", "mobilenet_v2", "densenet121")
+CPU_MODELS = ("resnet18", "mobilenet_v2", "densenet121", "efficientnet_b0")
 CPU_METHODS = ("shrunk", "dense")
 _cache: dict[str, tuple[nn.Module, nn.Module, torch.Tensor]] = {}
 

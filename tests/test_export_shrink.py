@@ -121,6 +121,9 @@ SHRINK_CASES = {  # (model, input shape, structure, dtype)
     "googlenet filter": (_torchvision("googlenet", aux_logits=False, init_weights=False), (2, 3, 64, 64), "filter",
                          torch.float32),
     "densenet121 filter": (_torchvision("densenet121"), (2, 3, 32, 32), "filter", torch.float32),
+    # Squeeze-and-excitation blocks, and stochastic depth (EfficientNet) as the identity in eval mode.
+    "mobilenet_v3_small filter": (_torchvision("mobilenet_v3_small"), (2, 3, 32, 32), "filter", torch.float32),
+    "efficientnet_b0 filter": (_torchvision("efficientnet_b0"), (2, 3, 32, 32), "filter", torch.float32),
 }
 
 
@@ -263,6 +266,52 @@ class Skip(nn.Module):
         skip = F.relu(self.shallow(x))
         up = F.interpolate(self.deep(skip), scale_factor=2.0)
         return self.fuse(torch.concatenate([up, skip], axis=1) * 0.5)
+
+
+class Squeezed(nn.Module):
+    """An EfficientNet block: squeeze-and-excitation (a (B, 12, 1, 1) scale multiplies the depthwise output
+    channel for channel), then stochastic depth (the identity in eval mode) on the residual branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.expand = nn.Sequential(nn.Conv2d(4, 12, 1), nn.BatchNorm2d(12), nn.ReLU())
+        self.depthwise = nn.Sequential(nn.Conv2d(12, 12, 3, padding=1, groups=12, bias=False), nn.BatchNorm2d(12),
+                                       nn.ReLU())
+        self.fc1, self.fc2, self.project = nn.Conv2d(12, 4, 1), nn.Conv2d(4, 12, 1), nn.Conv2d(12, 6, 1)
+        self.shortcut, self.head = nn.Conv2d(4, 6, 1), nn.Conv2d(6, 3, 1)
+
+    def forward(self, x):
+        from torchvision.ops import stochastic_depth
+
+        hidden = self.depthwise(self.expand(x))
+        scale = torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(hidden, 1)))))
+        branch = stochastic_depth(self.project(scale * hidden), 0.5, "row", self.training)
+        return self.head(branch + self.shortcut(x))
+
+
+def test_squeeze_excitation_sheds_channels_its_product_leaves_constant(seed):
+    pytest.importorskip("torchvision.ops")
+    model = randomize_masked(Squeezed().double()).eval()
+    with torch.no_grad():
+        model.depthwise[0].weight[:3] = 0  # channels 0-2 leave the depthwise convolution constant:
+        model.depthwise[1].running_mean[:3] = 0
+        model.depthwise[1].bias[:3] = torch.tensor([-1.0, 1.0, 1.0])  # 0 after the ReLU, then 1 and 1
+        model.fc2.weight[2] = 0  # channel 2's scale is constant too, channel 1's varies
+        model.fc1.weight[:, 3] = 0  # channel 3 varies but nothing reads it
+        model.project.weight[:, 3] = 0
+        model.project.weight[5] = model.shortcut.weight[5] = 0  # the stream's channel 5: a constant
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    # Channel 0 is 0 times a scale, channel 2 a constant times a constant: both fold away; channel 1, a
+    # constant times a varying scale, reaches the projection and stays.
+    with pytest.warns(UserWarning, match=r"depthwise\.0: 1 zero filter \(project reads it and it varies"):
+        small, report = bipkernels.export_shrunk(model, x)
+    assert small.expand[0].out_channels == small.depthwise[0].groups == small.depthwise[1].num_features == 9
+    assert small.fc1.in_channels == small.fc2.out_channels == small.project.in_channels == 9
+    assert small.project.out_channels == small.shortcut.out_channels == small.head.in_channels == 5
+    assert set(report.kept) == {"depthwise.0"}
+    with torch.no_grad():
+        for inputs in (x, torch.randn(3, 4, 7, 7, dtype=torch.float64)):
+            torch.testing.assert_close(small(inputs), model(inputs), rtol=1e-12, atol=1e-12)
 
 
 def test_skip_concatenation_sheds_the_skip_channels(seed):

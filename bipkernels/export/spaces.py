@@ -5,8 +5,9 @@ activation, its batch norm and ReLU, the residual add that joins branches). Chan
 the last dim of a space that a Linear layer reads or writes on more than 2 dims (tokens: (B, T, C)); a
 space is one or the other, and an op that would mix them keeps its tensors whole. Convolutions
 (groups=1) and Linear layers ("readers") read one space and write a new one; depthwise convolutions,
-batch norms, activations, pools, means over other dims, flatten and same-shape add/sub/mul stay inside
-a space. A concatenation along the channels makes a joined space, whose channels are the segments of the
+batch norms, activations, pools, means over other dims, flatten, and add/sub/mul of tensors that line up
+channel for channel (the same shape, or broadcast over positions: an SE block's scale) stay inside a
+space. A concatenation along the channels makes a joined space, whose channels are the segments of the
 spaces it joins: a channel leaves a space only if it can leave every joined space it is part of too.
 
 Removing channel c from a space removes the rows writing it, every per-channel parameter inside it and
@@ -32,7 +33,7 @@ from torch.nn import functional as F
 _ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh,
                         nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Identity, nn.Dropout)
 _ELEMENTWISE_FUNCTIONS = {F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.silu, F.gelu, F.hardswish, F.hardsigmoid,
-                          F.hardtanh, F.mish, F.dropout, torch.relu, torch.sigmoid, torch.tanh, "relu", "relu_",
+                          F.hardtanh, F.mish, torch.relu, torch.sigmoid, torch.tanh, "relu", "relu_",
                           "sigmoid", "tanh", "contiguous"}
 _CHANNELS_FIRST_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.Dropout2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d,
                            nn.AdaptiveMaxPool2d, nn.AvgPool2d)
@@ -41,6 +42,23 @@ _CHANNELS_FIRST_FUNCTIONS = {F.max_pool2d, F.adaptive_avg_pool2d, F.adaptive_max
 _REDUCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin, "mean", "sum", "amax", "amin"}
 _BINARY = {operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul, torch.add,
            torch.sub, torch.mul, "add", "add_", "sub", "sub_", "mul", "mul_"}
+_PRODUCTS = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
+# The identity unless their training argument (at this position; True when not given) says otherwise:
+# (module, name) of the function, as torch.fx records a call of it (stochastic_depth is wrapped by fx).
+_DROPOUT_FUNCTIONS = {("torch.nn.functional", "dropout"): 2,
+                      ("torchvision.ops.stochastic_depth", "stochastic_depth"): 3}
+
+
+def _dropout_training(node: fx.Node) -> bool | None:
+    """For a call of a dropout-like function (F.dropout, torchvision's stochastic_depth), whether it drops
+    values (its training argument; F.dropout(x, p) defaults to training=True even in eval mode); None
+    for any other node."""
+    function = (getattr(node.target, "__module__", None), getattr(node.target, "__name__", None))
+    position = _DROPOUT_FUNCTIONS.get(function) if node.op == "call_function" else None
+    if position is None:
+        return None
+    return bool(node.args[position] if len(node.args) > position else node.kwargs.get("training", True))
+
 
 def is_depthwise(module) -> bool:
     return type(module) is nn.Conv2d and module.groups == module.in_channels == module.out_channels > 1
@@ -190,6 +208,21 @@ class ChannelGraph:
         flat = any(len(self.shapes[part]) != rank or self.expansion[part] != 1 for part in parts)
         return list(parts) if axis is not None and not flat and dim % rank == axis % rank else None
 
+    def _channel_wise(self, node, placed: set) -> bool:
+        """Whether the inputs of ``node``, a binary op, line up channel for channel with its output: all of
+        its shape, or (once their space is placed) broadcast along dims other than the batch's and the
+        channels' only (an SE block's (B, C, 1, 1) scale times (B, C, H, W))."""
+        shape = self.shapes[node]
+        if all(self.shapes[s] == shape for s in node.all_input_nodes):
+            return True
+        if len(placed) != 1 or len(shape) < 3:
+            return False
+        channel_dims = {0, next(iter(placed)) % len(shape)}
+        return all(len(self.shapes[s]) == len(shape) and self.expansion[s] == 1 and
+                   all(size == full or (size == 1 and dim not in channel_dims)
+                       for dim, (size, full) in enumerate(zip(self.shapes[s], shape)))
+                   for s in node.all_input_nodes)
+
     def bases(self, root) -> list[tuple[fx.Node, int]]:
         """(space root, channel offset) of each segment of the space at ``root``: itself, or what it joins."""
         segments = self.segments.get(root)
@@ -275,6 +308,9 @@ class ChannelGraph:
                 self._union(node, other)
             given = [self.constant[s] for s in inputs]  # a constant channel: constant in every input
             carried = None if any(c is None for c in given) else torch.stack(given).all(0)
+            if kind == "binary" and node.target in _PRODUCTS:  # a zero constant times anything: zero
+                zero = torch.stack([self.constants(s) & (self.value(s) == 0) for s in inputs]).any(0)
+                carried = zero if carried is None else carried | zero
             # A constant survives zero padding only if it is zero, and a sum only then stays the same for
             # every input size (it multiplies by the number of positions summed).
             summed = kind == "reduction" and node.target in ("sum", torch.sum)
@@ -320,11 +356,9 @@ class ChannelGraph:
             return "reader", ""
         if len(inputs) == 1 and _is_flatten(node, module) and rank > 2 and not across:
             return "flatten", ""
-        # F.dropout(x, p) defaults to training=True even in eval mode: it would not keep constants.
-        dropping = node.target is F.dropout and (node.args[2] if len(node.args) > 2 else
-                                                  node.kwargs.get("training", True))
-        if len(inputs) == 1 and (isinstance(module, _ELEMENTWISE_MODULES) or op in _ELEMENTWISE_FUNCTIONS) \
-                and self.shapes[source] == self.shapes[node] and not dropping:
+        elementwise = isinstance(module, _ELEMENTWISE_MODULES) or op in _ELEMENTWISE_FUNCTIONS or \
+            _dropout_training(node) is False
+        if len(inputs) == 1 and elementwise and self.shapes[source] == self.shapes[node]:
             return "elementwise", ""
         # 2-D pools read a 3-D tensor as one unbatched (C, H, W) sample: its dim 1 would be pooled as H.
         batched = rank in (2, 3) if isinstance(module, nn.BatchNorm1d) else rank == 4
@@ -337,8 +371,7 @@ class ChannelGraph:
             return "cat", ""
         placed = {self.placed.get(self.root(s)) for s in inputs} - {None}
         roots = {self.root(s) for s in inputs}
-        if inputs and op in _BINARY and all(self.shapes[s] == self.shapes[node] for s in inputs) and \
-                len(placed) <= 1:
+        if inputs and op in _BINARY and len(placed) <= 1 and self._channel_wise(node, placed):
             if len(roots) > 1 and roots & self.segments.keys():  # a joined space stays apart
                 return "unknown", "it joins a concatenation with another space"
             return "binary", ""
