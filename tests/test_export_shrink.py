@@ -124,6 +124,8 @@ SHRINK_CASES = {  # (model, input shape, structure, dtype)
     # Squeeze-and-excitation blocks, and stochastic depth (EfficientNet) as the identity in eval mode.
     "mobilenet_v3_small filter": (_torchvision("mobilenet_v3_small"), (2, 3, 32, 32), "filter", torch.float32),
     "efficientnet_b0 filter": (_torchvision("efficientnet_b0"), (2, 3, 32, 32), "filter", torch.float32),
+    # Grouped convolutions (ResNeXt-like blocks, group width 16).
+    "regnet_x_400mf filter": (_torchvision("regnet_x_400mf"), (2, 3, 32, 32), "filter", torch.float32),
 }
 
 
@@ -168,18 +170,19 @@ def test_residual_stream_shrinks_only_where_every_writer_prunes(seed):
 
 class Returns(nn.Module):
     """Its first convolution's output is returned and also concatenated with its second's; the third
-    reads the concatenation into a grouped convolution."""
+    reads the concatenation, and its channels are shuffled (ShuffleNet) into the last."""
 
     def __init__(self):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 6, 1)
         self.conv2 = nn.Conv2d(3, 6, 1)
         self.conv3 = nn.Conv2d(12, 8, 1)
-        self.grouped = nn.Conv2d(8, 4, 1, groups=2)
+        self.head = nn.Conv2d(8, 4, 1)
 
     def forward(self, x):
         a = self.conv1(x)
-        return a, self.grouped(self.conv3(torch.cat([a, self.conv2(x)], 1)))
+        mixed = self.conv3(torch.cat([a, self.conv2(x)], 1))
+        return a, self.head(mixed.unflatten(1, (2, 4)).transpose(1, 2).flatten(1, 2))
 
 
 def test_shrink_keeps_and_names_what_it_cannot_remove(seed):
@@ -190,8 +193,8 @@ def test_shrink_keeps_and_names_what_it_cannot_remove(seed):
     # conv2's half of the concatenation goes (its bias folds into conv3's), conv1's half stays.
     assert report.shapes == {"conv2": ((6, 3, 1, 1), (3, 3, 1, 1)), "conv3": ((8, 12, 1, 1), (8, 9, 1, 1))}
     assert "reaches the model output" in report.kept["conv1"]
-    assert "grouped (a grouped convolution) reads it" in report.kept["conv3"]
-    assert "a grouped convolution): shrinking leaves it whole" in report.kept["grouped"]
+    assert "unflatten (an op shrinking does not handle) reads it" in report.kept["conv3"]
+    assert report.kept["head"] == "2 zero filters (it reaches the model output)"
     with torch.no_grad():
         for got, expected in zip(small(x), model(x)):
             torch.testing.assert_close(got, expected)
@@ -252,6 +255,46 @@ def test_concatenated_channels_go_where_every_reader_lets_them(seed):
     assert "1 zero filter (it carries the constants of the removed channels into zero padding)" in report.kept["a.0"]
     with torch.no_grad():
         for inputs in (x, torch.randn(3, 3, 7, 7, dtype=torch.float64) * 3):
+            torch.testing.assert_close(small(inputs), model(inputs), rtol=1e-12, atol=1e-12)
+
+
+class Grouped(nn.Module):
+    """A ResNeXt bottleneck: 1×1 reduction, a zero-padded 3×3 convolution in 4 groups (2 input channels and
+    3 filters each), 1×1 expansion."""
+
+    def __init__(self):
+        super().__init__()
+        self.reduce = nn.Sequential(nn.Conv2d(6, 8, 1), nn.BatchNorm2d(8), nn.ReLU())
+        self.grouped = nn.Sequential(nn.Conv2d(8, 12, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(12),
+                                     nn.ReLU())
+        self.expand = nn.Conv2d(12, 5, 1)
+
+    def forward(self, x):
+        return self.expand(self.grouped(self.reduce(x)))
+
+
+def test_grouped_convolution_sheds_as_many_channels_in_each_group(seed):
+    model = randomize_masked(Grouped().double()).eval()
+    with torch.no_grad():
+        model.reduce[0].weight[:2] = model.reduce[0].bias[:2] = model.reduce[1].running_mean[:2] = 0
+        model.reduce[1].bias[:2] = torch.tensor([-1.0, 1.0])  # channel 0: 0 after the ReLU; channel 1: 1
+        weight = model.grouped[0].weight  # (12, 2, 3, 3): group g has filters 3g..3g+2, channels 2g, 2g+1
+        weight[:, 0] = 0  # every group's first channel (0, 2, 4, 6) unread
+        weight[[0, 3]] = 0  # two constant filters, which the 1×1 expansion folds into its bias
+        model.expand.weight[:, [6, 9, 10]] = 0  # unread filters: the last group would keep only 11
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    with pytest.warns(UserWarning) as warned:
+        small, report = bipkernels.export_shrunk(model, x)
+    # Input channels: 0 is zero and 2, 4, 6 unread; 1 is a nonzero constant that would meet the zero
+    # padding, which a grouped convolution cannot move to a carrier, so it stays: one channel per group.
+    assert small.reduce[0].out_channels == small.grouped[0].in_channels == 4 and small.grouped[0].groups == 4
+    # Filters: 1, 2 | 4, 5 | 7, 8 | 9, 11 stay (9 kept to even out the last group).
+    assert small.grouped[0].out_channels == small.grouped[1].num_features == small.expand.in_channels == 8
+    assert "grouped.0, a grouped convolution" in report.kept["reduce.0"]
+    assert "1 zero input channel (grouped.0 keeps as many channels in each of its groups)" in report.kept["expand"]
+    assert set(report.kept) == {"reduce.0", "expand"} and len(warned) == 1
+    with torch.no_grad():
+        for inputs in (x, torch.randn(3, 6, 7, 4, dtype=torch.float64)):
             torch.testing.assert_close(small(inputs), model(inputs), rtol=1e-12, atol=1e-12)
 
 

@@ -60,16 +60,20 @@ def _plan(graph: ChannelGraph, nodes: list, readers: list, frozen: list[str]) ->
     for reader, offset in readers:
         source = reader.all_input_nodes[0]
         columns = slice(offset, offset + channels)
-        weight = channel_view(graph.readers[reader].weight, graph.channels(source))[:, columns]
+        module = graph.readers[reader]
+        weight = channel_view(module, graph.channels(source))[:, columns]
         zero = (weight == 0).all(2).all(0).cpu()
         constant, value = graph.constants(source)[columns], graph.value(source)[columns]
-        free = zero | constant & ((value == 0) | (not pads_with_zeros(graph.readers[reader])))
-        for c in (~free & ~constant & ~needed).nonzero().flatten().tolist():
-            why[c] = f"{reader.target} reads it and it varies with the input"
-        needed |= ~free & ~constant
-        if (~free & constant).any():
-            carried[source, offset] = carried.get((source, offset), torch.zeros_like(needed)) | ~free & constant
-            for c in (~free & constant).nonzero().flatten().tolist():
+        free = zero | constant & ((value == 0) | (not pads_with_zeros(module)))
+        # A grouped reader would need a carrier inside each group: its constants behind padding stay.
+        stays = ~free if getattr(module, "groups", 1) > 1 else ~free & ~constant
+        for c in (stays & ~needed).nonzero().flatten().tolist():
+            why[c] = f"its constant value meets the zero padding of {reader.target}, a grouped convolution" \
+                if constant[c] else f"{reader.target} reads it and it varies with the input"
+        needed |= stays
+        if (~free & ~stays).any():
+            carried[source, offset] = carried.get((source, offset), torch.zeros_like(needed)) | ~free & ~stays
+            for c in (~free & ~stays).nonzero().flatten().tolist():
                 why[c] = why[c] or f"its constant value meets the zero padding of {reader.target}"
     candidates = torch.stack(list(carried.values())).any(0) & ~needed if carried else torch.zeros_like(needed)
     # The carrier's value divides the others' (v_c / v_0): take the largest smallest |v_0| over the readers.
@@ -87,6 +91,31 @@ def _plan(graph: ChannelGraph, nodes: list, readers: list, frozen: list[str]) ->
         keep[0] = True
         why[0] = "every channel could go, and a layer keeps one"
     return _Plan(keep, why, none if carrier is None else torch.full((channels,), carrier))
+
+
+def _even_groups(graph: ChannelGraph, plans: dict) -> None:
+    """Keeps more channels, in place in ``plans`` (by space root, joined spaces not yet built), until every
+    grouped convolution keeps as many input channels and as many filters in each of its groups (a
+    Conv2d's groups are equal); the lowest-numbered removable channels of a short group stay."""
+    grouped = [(node, module.groups) for node, module in graph.readers.items() if getattr(module, "groups", 1) > 1]
+    changed = True
+    while changed:  # keeping a channel can unbalance another grouped layer of the same space
+        changed = False
+        for node, groups in grouped:
+            for root in (graph.root(node.all_input_nodes[0]), graph.root(node)):
+                segments = [(plans[base], offset) for base, offset in graph.bases(root)]
+                keep = torch.cat([plan.keep for plan, _ in segments])
+                if keep.all() or len(keep) % groups:
+                    continue  # (a space whose tensors disagree on their channels keeps them all)
+                counts = keep.view(groups, -1).sum(1)
+                for group in (counts < counts.max()).nonzero().flatten().tolist():
+                    size = len(keep) // groups
+                    removed = (~keep[group * size:(group + 1) * size]).nonzero().flatten() + group * size
+                    for channel in removed[:int(counts.max() - counts[group])].tolist():
+                        plan, offset = next((plan, offset) for plan, offset in reversed(segments) if offset <= channel)
+                        plan.keep[channel - offset] = True
+                        plan.why[channel - offset] = f"{node.target} keeps as many channels in each of its groups"
+                    changed = True
 
 
 def _joined_plan(plans: list[_Plan]) -> _Plan:
@@ -114,8 +143,8 @@ def _shrunk_reader(module, weight: torch.Tensor, bias: torch.Tensor | None) -> n
     factory = dict(device=module.weight.device, dtype=module.weight.dtype)
     if type(module) is nn.Linear:
         new = nn.Linear(weight.shape[1], weight.shape[0], bias is not None, **factory)
-    else:  # a depthwise convolution keeps one group per channel
-        groups = weight.shape[0] if is_depthwise(module) else 1
+    else:  # a depthwise convolution keeps one group per channel, other convolutions their groups
+        groups = weight.shape[0] if is_depthwise(module) else module.groups
         new = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], module.kernel_size, module.stride, module.padding,
                         module.dilation, groups, bias is not None, module.padding_mode, **factory)
     new.weight.copy_(weight)
@@ -143,7 +172,7 @@ def _shrink_reader(graph: ChannelGraph, node, plans: dict) -> nn.Module:
     source = node.all_input_nodes[0]
     plan_in, plan_out = plans[graph.root(source)], plans[graph.root(node)]
     channels = graph.channels(source)
-    weight = channel_view(module.weight.detach(), channels)
+    weight = channel_view(module, channels)
     value = graph.value(source).to(weight.device)
     fold = (~plan_in.keep & graph.constants(source)).to(weight.device) & (value != 0) & (weight != 0).any(2).any(0)
     rows = plan_out.keep.nonzero().flatten().to(weight.device)
@@ -157,8 +186,14 @@ def _shrink_reader(graph: ChannelGraph, node, plans: dict) -> nn.Module:
     elif fold.any():
         folded = (weight[rows][:, fold].sum(2, dtype=torch.float64) * value[fold]).sum(1)
         bias = folded if bias is None else bias + folded
-    shape = (len(rows), -1) + tuple(module.weight.shape[2:])
-    return _shrunk_reader(module, kept.reshape(shape), None if bias is None else bias.to(kept.dtype))
+    kernel = tuple(module.weight.shape[2:])
+    kept = kept.reshape((len(rows), -1) + kernel)
+    groups = getattr(module, "groups", 1)
+    if groups > 1:  # back from the dense layout: the diagonal blocks, of equal sizes (_even_groups)
+        size, columns = len(rows) // groups, kept.shape[1] // groups
+        index = torch.arange(groups, device=kept.device)
+        kept = kept.reshape((groups, size, groups, columns) + kernel)[index, :, index].reshape((-1, columns) + kernel)
+    return _shrunk_reader(module, kept, None if bias is None else bias.to(kept.dtype))
 
 
 def export_shrunk(model: nn.Module, example_inputs, *, warn: bool = True) -> tuple[nn.Module, ShrinkReport]:
@@ -181,11 +216,15 @@ def export_shrunk(model: nn.Module, example_inputs, *, warn: bool = True) -> tup
       graph order to read a tensor decides its layout: a later reader of the other layout stays whole);
     - a torch.cat along the channels joins its inputs' channels end to end: a channel goes only if it
       can go from its own space and from every concatenation it is part of (DenseNet, Inception);
+    - add/sub/mul broadcast over positions stay channel-wise (an SE block's scale times its input): a
+      product is constant where both factors are, or where one is a zero constant;
+    - a grouped convolution keeps as many input channels and filters in each group (the lowest-numbered
+      removable ones of a short group stay), and keeps its input's nonzero constants behind zero padding
+      (a carrier would be needed in each group);
     - a sum over positions keeps only zero constants (it scales them by the input's size); 2-D pools
       and batch norms only take batched inputs;
-    - tensors that reach the output or come from the input, layers called twice, grouped convolutions
-      other than depthwise, in-place ops on tensors other ops read, and ops outside the known
-      channel-wise set keep every channel; layers
+    - tensors that reach the output or come from the input, layers called twice, in-place ops on
+      tensors other ops read, and ops outside the known channel-wise set keep every channel; layers
       inside a module that torch.fx calls whole (torch.nn's, e.g. nn.TransformerEncoderLayer) or not
       called as modules stay whole.
 
@@ -215,6 +254,7 @@ def export_shrunk(model: nn.Module, example_inputs, *, warn: bool = True) -> tup
             frozen.setdefault(base, set()).update(_frozen(graph, nodes))
     plans = {root: _plan(graph, nodes, readers.get(root, []), sorted(frozen[root]))
              for root, nodes in spaces.items() if root not in graph.segments}
+    _even_groups(graph, plans)
     for root in graph.segments:
         plans[root] = _joined_plan([plans[base] for base, _ in graph.bases(root)])
 
@@ -226,7 +266,7 @@ def export_shrunk(model: nn.Module, example_inputs, *, warn: bool = True) -> tup
             report.kept[name] = f"{zeros} ({why}: shrinking leaves it whole)"
     for node, module in graph.readers.items():
         source, plan_in = node.all_input_nodes[0], plans[graph.root(node.all_input_nodes[0])]
-        weight = channel_view(module.weight, graph.channels(source))
+        weight = channel_view(module, graph.channels(source))
         zero_columns = (weight == 0).all(2).all(0).cpu()
         notes = _kept_notes("filter", graph.constant[node], plans[graph.root(node)]) + \
             _kept_notes("input channel", zero_columns, plan_in)

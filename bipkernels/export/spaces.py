@@ -4,10 +4,10 @@ The traced graph is cut into channel spaces: tensors whose channel index means t
 activation, its batch norm and ReLU, the residual add that joins branches). Channels lie in dim 1, or in
 the last dim of a space that a Linear layer reads or writes on more than 2 dims (tokens: (B, T, C)); a
 space is one or the other, and an op that would mix them keeps its tensors whole. Convolutions
-(groups=1) and Linear layers ("readers") read one space and write a new one; depthwise convolutions,
-batch norms, activations, pools, means over other dims, flatten, and add/sub/mul of tensors that line up
-channel for channel (the same shape, or broadcast over positions: an SE block's scale) stay inside a
-space. A concatenation along the channels makes a joined space, whose channels are the segments of the
+(grouped ones too) and Linear layers ("readers") read one space and write a new one; depthwise
+convolutions, batch norms, activations, pools, means over other dims, flatten, and add/sub/mul of tensors
+that line up channel for channel (the same shape, or broadcast over positions: an SE block's scale) stay
+inside a space. A concatenation along the channels makes a joined space, whose channels are the segments of the
 spaces it joins: a channel leaves a space only if it can leave every joined space it is part of too.
 
 Removing channel c from a space removes the rows writing it, every per-channel parameter inside it and
@@ -98,9 +98,19 @@ def _is_flatten(node: fx.Node, module) -> bool:
     return False
 
 
-def channel_view(weight: torch.Tensor, channels: int) -> torch.Tensor:
+def channel_view(module, channels: int) -> torch.Tensor:
     """A reader's weight as (out, channels, entries per channel): a convolution's kernel positions, or for
-    a Linear layer after a flatten the features made of each channel."""
+    a Linear layer after a flatten the features made of each channel. A grouped convolution's weight
+    (out, in / groups, ...) is laid out as the dense one it equals, zero outside its groups' diagonal
+    blocks, so every reader is analysed as one that reads all of its input's channels."""
+    weight = module.weight.detach()
+    groups = getattr(module, "groups", 1)
+    if groups > 1:
+        rows, columns, kernel = weight.shape[0] // groups, weight.shape[1], tuple(weight.shape[2:])
+        blocks = weight.new_zeros((groups, rows, groups, columns) + kernel)
+        index = torch.arange(groups, device=weight.device)
+        blocks[index, :, index] = weight.reshape((groups, rows, columns) + kernel)
+        weight = blocks.reshape((groups * rows, groups * columns) + kernel)
     return weight.reshape(weight.shape[0], channels, -1)
 
 
@@ -345,9 +355,7 @@ class ChannelGraph:
                 return "unknown", "a Conv2d subclass or an unbatched input"
             if across:
                 return "unknown", across
-            if module.groups == 1:
-                return "reader", ""
-            return ("depthwise", "") if is_depthwise(module) else ("unknown", "a grouped convolution")
+            return ("depthwise", "") if is_depthwise(module) else ("reader", "")
         if isinstance(module, nn.Linear):
             if type(module) is not nn.Linear:
                 return "unknown", "a Linear subclass"
