@@ -322,14 +322,12 @@ class Squeezed(nn.Module):
                                        nn.ReLU())
         self.fc1, self.fc2, self.project = nn.Conv2d(12, 4, 1), nn.Conv2d(4, 12, 1), nn.Conv2d(12, 6, 1)
         self.shortcut, self.head = nn.Conv2d(4, 6, 1), nn.Conv2d(6, 3, 1)
+        self.drop = __import__("torchvision.ops").ops.StochasticDepth(0.5, "row")  # fx sees one call in it
 
     def forward(self, x):
-        from torchvision.ops import stochastic_depth
-
         hidden = self.depthwise(self.expand(x))
         scale = torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(hidden, 1)))))
-        branch = stochastic_depth(self.project(scale * hidden), 0.5, "row", self.training)
-        return self.head(branch + self.shortcut(x))
+        return self.head(self.drop(self.project(scale * hidden)) + self.shortcut(x))
 
 
 def test_squeeze_excitation_sheds_channels_its_product_leaves_constant(seed):
@@ -513,3 +511,62 @@ def test_shrink_refuses_an_untraceable_model():
 
     with pytest.raises(ValueError, match="torch.fx cannot trace Branching"):
         bipkernels.export_shrunk(Branching(), torch.randn(1, 3, 2, 2))
+
+
+class Aliased(nn.Module):
+    """An SE scale applied in place to a tensor that a second name still reads: torch.fx records
+    ``hidden *= scale`` as a new tensor, so its trace reads the unscaled values through ``skip``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.fc1, self.fc2 = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 3, 1), nn.Conv2d(3, 6, 1)
+        self.conv2, self.conv3 = nn.Conv2d(6, 4, 1), nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        hidden = F.relu(self.conv1(x))
+        scale = torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(hidden, 1)))))
+        skip = hidden
+        hidden *= scale
+        return self.conv2(hidden) + self.conv3(skip)
+
+
+def test_shrink_refuses_a_trace_that_differs_from_the_forward(seed):
+    model = Aliased().double().eval()
+    with torch.no_grad():  # a constant channel 0 that only the aliased read sees scaled
+        model.conv1.weight[0], model.conv1.bias[0], model.conv2.weight[:, 0] = 0, 1, 0
+    with pytest.raises(ValueError, match=r"trace of Aliased computes other outputs .*x \*= y"):
+        bipkernels.export_shrunk(model, torch.randn(2, 3, 5, 5, dtype=torch.float64))
+
+
+def test_shrink_checks_its_result_against_the_model(seed, monkeypatch):
+    """A broken rule (here: zero padding ignored, so constants fold into biases where they stop at the
+    border) is caught by comparing the outputs, not returned."""
+    model = randomize_masked(models.SmallResNet(10, 8, 3).double()).eval()
+    with torch.no_grad():  # three constant channels of 1 into layer1.conv2's zero padding
+        model.layer1.conv1.weight[:3] = model.layer1.bn1.running_mean[:3] = 0
+        model.layer1.bn1.bias[:3] = 1
+    monkeypatch.setattr("bipkernels.export.shrink.pads_with_zeros", lambda module: False)
+    with pytest.raises(RuntimeError, match="smaller SmallResNet gives other outputs than the model"):
+        bipkernels.export_shrunk(model, torch.randn(2, 3, 8, 8, dtype=torch.float64), warn=False)
+
+
+def test_shrink_of_a_product_of_flattened_features(seed):
+    """A flattened map (a channel per 9 features) times a Linear layer's output (a channel per feature):
+    their channels differ in size, so the product keeps every feature (it used to crash)."""
+
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate, self.head = nn.Linear(18, 18), nn.Linear(18, 4)
+
+        def forward(self, x):
+            features = x.flatten(1)
+            return self.head(features * self.gate(features))
+
+    model = Gated().double()
+    with torch.no_grad():
+        model.gate.weight[:3] = 0
+    x = torch.randn(2, 2, 3, 3, dtype=torch.float64)
+    small, report = bipkernels.export_shrunk(model, x)
+    assert report.shapes == {}
+    torch.testing.assert_close(small(x), model(x), rtol=0, atol=0)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
+from torch.utils._pytree import tree_leaves
 
 from .dense import export_dense
 from .spaces import ChannelGraph, Recorder, channel_view, is_depthwise, pads_with_zeros
@@ -222,7 +223,8 @@ def export_shrunk(model: nn.Module, example_inputs, *, warn: bool = True) -> tup
       removable ones of a short group stay), and keeps its input's nonzero constants behind zero padding
       (a carrier would be needed in each group);
     - a sum over positions keeps only zero constants (it scales them by the input's size); 2-D pools
-      and batch norms only take batched inputs;
+      and batch norms only take batched inputs; dropout and torchvision's stochastic depth are the
+      identity where their training argument is False (F.dropout's default is True);
     - tensors that reach the output or come from the input, layers called twice, in-place ops on
       tensors other ops read, and ops outside the known channel-wise set keep every channel; layers
       inside a module that torch.fx calls whole (torch.nn's, e.g. nn.TransformerEncoderLayer) or not
@@ -230,7 +232,10 @@ def export_shrunk(model: nn.Module, example_inputs, *, warn: bool = True) -> tup
 
     ``report.kept`` lists each layer whose zero filters or channels stay and why (also a warning when
     ``warn``); ``report.shapes`` every module that shrank. A model with nothing to remove comes back
-    as an unchanged copy. ValueError if torch.fx cannot trace the model.
+    as an unchanged copy. ValueError if torch.fx cannot trace the model, or if its trace computes other
+    outputs than the forward on ``example_inputs`` (``x *= y`` on a tensor another name still reads:
+    torch.fx records a new tensor). RuntimeError if the smaller model's outputs there differ from the
+    model's by more than rounding (2·√eps relative), a guard that no model should reach.
     """
     dense = export_dense(model).eval()
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
@@ -239,9 +244,14 @@ def export_shrunk(model: nn.Module, example_inputs, *, warn: bool = True) -> tup
     except Exception as error:  # fx raises many types for untraceable Python
         raise ValueError(f"export_shrunk: torch.fx cannot trace {type(model).__name__} ({error}); "
                          "export_dense gives the same model without removing channels") from error
+    expected = _outputs(dense, inputs)
+    tolerance = max((_tolerance(tensor.dtype) for tensor in expected), default=0.0)
     recorder = Recorder(traced)
-    with torch.no_grad():
-        recorder.run(*inputs)
+    if _difference(_outputs(recorder.run, inputs), expected) > tolerance:
+        raise ValueError(f"export_shrunk: torch.fx's trace of {type(model).__name__} computes other outputs than "
+                         "its forward on the example input: an augmented assignment to a tensor that is also read "
+                         "elsewhere (x *= y, x += y: torch.fx records x * y, a new tensor) or other aliasing it "
+                         "cannot see; export_dense gives the same model without removing channels")
     graph = ChannelGraph(traced, recorder)
     spaces, readers, frozen = {}, {}, {}
     for node in graph.parent:
@@ -293,10 +303,51 @@ def export_shrunk(model: nn.Module, example_inputs, *, warn: bool = True) -> tup
             _replace(dense, node.target, _shrunk_reader(module, module.weight.detach()[index], bias), report)
         else:
             _replace(dense, node.target, _shrunk_norm(module, index), report)
+    # Each rule above is exact; this guards the whole against a model that breaks one unseen.
+    difference = _difference(_outputs(dense, inputs), expected)
+    if difference > tolerance:
+        raise RuntimeError(f"export_shrunk: the smaller {type(model).__name__} gives other outputs than the model "
+                           f"on the example input (relative difference {difference:.3g}): a bug, please report "
+                           "it with the model; export_dense gives the same model without removing channels")
     if warn and report.kept:
         warnings.warn("bipkernels.export_shrunk: zero filters or channels stay in:\n  "
                       + "\n  ".join(f"{name}: {why}" for name, why in report.kept.items()), stacklevel=2)
     return dense, report
+
+
+def _outputs(run, inputs: tuple) -> list[torch.Tensor]:
+    """The output tensors of run(*inputs), flattened, drawn from one fixed random state: ops that draw
+    random numbers in eval mode (F.dropout(x, p) defaults to training=True) draw the same in each run
+    compared. The caller's random state (CPU, and CUDA where initialised) is left as it was."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        torch.manual_seed(0)
+        out = run(*inputs)
+    return [leaf for leaf in tree_leaves(out) if isinstance(leaf, torch.Tensor)]
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    """Relative rounding a shrunk model may add (folded constants change the order of sums), and a GPU's
+    nondeterministic sums between two runs: 2·√eps (float32: 7e-4, float64: 3e-8)."""
+    return 2 * torch.finfo(dtype).eps ** 0.5 if dtype.is_floating_point else 0.0
+
+
+def _difference(got: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
+    """The largest |got − expected| / (1 + max |expected|) over the output tensors; inf where their number,
+    shapes or NaN places differ, 0 for equal outputs."""
+    if len(got) != len(expected) or any(a.shape != b.shape for a, b in zip(got, expected)):
+        return float("inf")
+    worst = 0.0
+    for a, b in zip(got, expected):
+        a, b = a.detach().double(), b.detach().double()
+        infinite = b.isinf()
+        if not (torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), infinite) and
+                torch.equal(a[infinite], b[infinite])):
+            return float("inf")
+        regular = ~(infinite | b.isnan())
+        if regular.any():
+            worst = max(worst, (a[regular] - b[regular]).abs().max().item() / (1 + b[regular].abs().max().item()))
+    return worst
 
 
 def _untraced_layers(model: nn.Module, traced: fx.GraphModule) -> dict[str, str]:

@@ -40,11 +40,14 @@ _CHANNELS_FIRST_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.Dropout2d, nn.MaxP
 _CHANNELS_FIRST_FUNCTIONS = {F.max_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
 # Over given dims (a constant channel stays constant): channel-wise where neither batch nor channels go.
 _REDUCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin, "mean", "sum", "amax", "amin"}
-_BINARY = {operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul, torch.add,
-           torch.sub, torch.mul, "add", "add_", "sub", "sub_", "mul", "mul_"}
-_PRODUCTS = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
+# torch.fx records x += y as operator.add (Proxy has no __iadd__): export_shrunk compares the trace's
+# outputs with the forward's for the aliasing that hides.
+_BINARY = {operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul, "add", "add_", "sub", "sub_",
+           "mul", "mul_"}
+_PRODUCTS = {operator.mul, torch.mul, "mul", "mul_"}
 # The identity unless their training argument (at this position; True when not given) says otherwise:
-# (module, name) of the function, as torch.fx records a call of it (stochastic_depth is wrapped by fx).
+# (module, name) of the function as torch.fx records a call of it (torchvision wraps stochastic_depth
+# for fx, so a StochasticDepth module's call is one node; a direct call with training=False leaves none).
 _DROPOUT_FUNCTIONS = {("torch.nn.functional", "dropout"): 2,
                       ("torchvision.ops.stochastic_depth", "stochastic_depth"): 3}
 
@@ -78,14 +81,13 @@ def pads_with_zeros(module) -> bool:
 
 
 def _in_place(node: fx.Node, module) -> bool:
-    """Whether ``node`` overwrites its first input: a module or function with inplace=True, a method
-    ending in _ (relu_, add_), or x += y."""
+    """Whether ``node`` overwrites its first input: a module or function with inplace=True, or a method
+    ending in _ (relu_, add_)."""
     if module is not None:
         return getattr(module, "inplace", False) is True
     if node.op == "call_method":
         return node.target.endswith("_")
-    return node.op == "call_function" and (node.kwargs.get("inplace") is True or
-                                           node.target in (operator.iadd, operator.isub, operator.imul))
+    return node.op == "call_function" and node.kwargs.get("inplace") is True
 
 
 def _is_flatten(node: fx.Node, module) -> bool:
@@ -218,20 +220,23 @@ class ChannelGraph:
         flat = any(len(self.shapes[part]) != rank or self.expansion[part] != 1 for part in parts)
         return list(parts) if axis is not None and not flat and dim % rank == axis % rank else None
 
-    def _channel_wise(self, node, placed: set) -> bool:
+    def _channel_wise(self, node, axes: set) -> bool:
         """Whether the inputs of ``node``, a binary op, line up channel for channel with its output: all of
-        its shape, or (once their space is placed) broadcast along dims other than the batch's and the
-        channels' only (an SE block's (B, C, 1, 1) scale times (B, C, H, W))."""
-        shape = self.shapes[node]
-        if all(self.shapes[s] == shape for s in node.all_input_nodes):
-            return True
-        if len(placed) != 1 or len(shape) < 3:
+        its shape, or (once their space is placed in one of ``axes``) broadcast along dims other than the
+        batch's and the channels' only (an SE block's (B, C, 1, 1) scale times (B, C, H, W)). Not where a
+        flattened tensor's features meet another's (channels of different sizes)."""
+        shape, inputs = self.shapes[node], node.all_input_nodes
+        if len({self.expansion[s] for s in inputs}) > 1:
             return False
-        channel_dims = {0, next(iter(placed)) % len(shape)}
-        return all(len(self.shapes[s]) == len(shape) and self.expansion[s] == 1 and
+        if all(self.shapes[s] == shape for s in inputs):
+            return True
+        if len(axes) != 1 or len(shape) < 3:
+            return False
+        channel_dims = {0, next(iter(axes)) % len(shape)}
+        return all(len(self.shapes[s]) == len(shape) and
                    all(size == full or (size == 1 and dim not in channel_dims)
                        for dim, (size, full) in enumerate(zip(self.shapes[s], shape)))
-                   for s in node.all_input_nodes)
+                   for s in inputs)
 
     def bases(self, root) -> list[tuple[fx.Node, int]]:
         """(space root, channel offset) of each segment of the space at ``root``: itself, or what it joins."""
@@ -336,7 +341,8 @@ class ChannelGraph:
     def _kind(self, node, module) -> tuple[str, str]:
         """How ``node`` treats channels: input, reader, depthwise, flatten, elementwise, channels-first
         (channel-wise over dims 2 and up), reduction (over dims other than the batch's and channels'),
-        cat (along the channels), binary (channel-wise, same shapes) or unknown, with why for unknown."""
+        cat (along the channels), binary (channel-wise: add, sub, mul of tensors that line up channel for
+        channel, see _channel_wise) or unknown, with why for unknown."""
         inputs = node.all_input_nodes
         if node.op == "placeholder":
             return "input", ""
