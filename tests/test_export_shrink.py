@@ -168,6 +168,23 @@ def test_residual_stream_shrinks_only_where_every_writer_prunes(seed):
         torch.testing.assert_close(small(x), model(x), rtol=1e-12, atol=1e-12)
 
 
+def test_shrink_repeats_until_no_filter_reads_only_removed_channels(seed):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.ReLU(), nn.Conv2d(4, 3, 1, bias=False),
+                          nn.ReLU(), nn.Conv2d(3, 2, 3, padding=1)).double().eval()
+    with torch.no_grad():  # channel 3 is 0; the second layer's filter 0 reads nothing else
+        model[0].weight[3] = 0
+        model[2].weight[0] = 0
+        model[2].weight[0, 3] = 1.0
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    small, report = bipkernels.export_shrunk(model, x)
+    # Removing channel 3 leaves filter 0 at zero: a second round removes it and the last layer's column.
+    assert report.shapes == {"0": ((4, 3, 3, 3), (3, 3, 3, 3)), "2": ((3, 4, 1, 1), (2, 3, 1, 1)),
+                             "4": ((2, 3, 3, 3), (2, 2, 3, 3))}
+    assert report.kept == {}
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), rtol=1e-12, atol=1e-12)
+
+
 class Returns(nn.Module):
     """Its first convolution's output is returned and also concatenated with its second's; the third
     reads the concatenation, and its channels are shuffled (ShuffleNet) into the last."""

@@ -10,7 +10,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
 from .dense import export_dense
-from .spaces import ChannelGraph, Recorder, channel_view, is_depthwise, pads_with_zeros
+from .spaces import ChannelGraph, Recorder, group_view, is_depthwise, pads_with_zeros, zero_columns
 
 
 @dataclass
@@ -62,8 +62,7 @@ def _plan(graph: ChannelGraph, nodes: list, readers: list, frozen: list[str]) ->
         source = reader.all_input_nodes[0]
         columns = slice(offset, offset + channels)
         module = graph.readers[reader]
-        weight = channel_view(module, graph.channels(source))[:, columns]
-        zero = (weight == 0).all(2).all(0).cpu()
+        zero = zero_columns(module, graph.channels(source))[columns]
         constant, value = graph.constants(source)[columns], graph.value(source)[columns]
         free = zero | constant & ((value == 0) | (not pads_with_zeros(module)))
         # A grouped reader would need a carrier inside each group: its constants behind padding stay.
@@ -168,32 +167,30 @@ def _shrunk_norm(norm, index: torch.Tensor) -> nn.Module:
 @torch.no_grad()
 def _shrink_reader(graph: ChannelGraph, node, plans: dict) -> nn.Module:
     """The reader at ``node`` without the removed rows and columns; the removed constant input channels
-    folded into its bias, or behind zero padding into the carrier's column (sums in float64)."""
+    folded into its bias, or behind zero padding into the carrier's column (sums in float64). A grouped
+    convolution keeps as many of each (_even_groups) and no carrier (_plan)."""
     module = graph.readers[node]
     source = node.all_input_nodes[0]
     plan_in, plan_out = plans[graph.root(source)], plans[graph.root(node)]
     channels = graph.channels(source)
-    weight = channel_view(module, channels)
-    value = graph.value(source).to(weight.device)
-    fold = (~plan_in.keep & graph.constants(source)).to(weight.device) & (value != 0) & (weight != 0).any(2).any(0)
-    rows = plan_out.keep.nonzero().flatten().to(weight.device)
-    kept = weight[rows][:, plan_in.keep.to(weight.device)]
-    bias = None if module.bias is None else module.bias.detach()[rows].double()
-    if fold.any() and pads_with_zeros(module):
-        carriers = plan_in.carriers.to(weight.device)[fold]
-        merged = weight[rows][:, fold].double() * (value[fold] / value[carriers])[:, None]
-        columns = (plan_in.keep.cumsum(0) - 1).to(weight.device)[carriers]  # the carriers among the kept
-        kept.index_add_(1, columns, merged.to(kept.dtype))
+    weight = group_view(module, channels)  # (groups, filters, channels, entries) per group
+    groups, device = weight.shape[0], weight.device
+    keep_in, keep_out = plan_in.keep.to(device), plan_out.keep.to(device)
+    value = graph.value(source).to(device)
+    fold = ~keep_in & graph.constants(source).to(device) & (value != 0) & ~zero_columns(module, channels).to(device)
+    columns = keep_in.view(groups, -1).nonzero()[:, 1].view(groups, -1)  # kept channels, each group's own
+    kept = weight[keep_out.view(groups, -1)].view(groups, -1, weight.shape[2], weight.shape[3])
+    kept = kept.gather(2, columns[:, None, :, None].expand(-1, kept.shape[1], -1, kept.shape[3]))
+    bias = None if module.bias is None else module.bias.detach()[keep_out].double()
+    if fold.any() and pads_with_zeros(module):  # one group
+        carriers = plan_in.carriers.to(device)[fold]
+        merged = weight[0][keep_out][:, fold].double() * (value[fold] / value[carriers])[:, None]
+        kept[0].index_add_(1, (keep_in.cumsum(0) - 1)[carriers], merged.to(kept.dtype))  # carriers among the kept
     elif fold.any():
-        folded = (weight[rows][:, fold].sum(2, dtype=torch.float64) * value[fold]).sum(1)
+        constants = torch.where(fold, value, 0.0).view(groups, 1, -1, 1)
+        folded = (weight.double() * constants).sum((2, 3)).flatten()[keep_out]
         bias = folded if bias is None else bias + folded
-    kernel = tuple(module.weight.shape[2:])
-    kept = kept.reshape((len(rows), -1) + kernel)
-    groups = getattr(module, "groups", 1)
-    if groups > 1:  # back from the dense layout: the diagonal blocks, of equal sizes (_even_groups)
-        size, columns = len(rows) // groups, kept.shape[1] // groups
-        index = torch.arange(groups, device=kept.device)
-        kept = kept.reshape((groups, size, groups, columns) + kernel)[index, :, index].reshape((-1, columns) + kernel)
+    kept = kept.reshape((groups * kept.shape[1], -1) + tuple(module.weight.shape[2:]))
     return _shrunk_reader(module, kept, None if bias is None else bias.to(kept.dtype))
 
 
@@ -220,8 +217,8 @@ def export_shrunk(model: nn.Module, example_inputs, *, warn: bool = True) -> tup
     - add/sub/mul broadcast over positions stay channel-wise (an SE block's scale times its input): a
       product is constant where both factors are, or where one is a zero constant;
     - a grouped convolution keeps as many input channels and filters in each group (the lowest-numbered
-      removable ones of a short group stay), and keeps its input's nonzero constants behind zero padding
-      (a carrier would be needed in each group);
+      removable ones of a short group stay; a whole group never goes), and keeps its input's nonzero
+      constants behind zero padding (a carrier would be needed in each group);
     - a sum over positions keeps only zero constants (it scales them by the input's size); 2-D pools
       and batch norms only take batched inputs; dropout and torchvision's stochastic depth are the
       identity where their training argument is False (F.dropout's default is True);
@@ -230,61 +227,66 @@ def export_shrunk(model: nn.Module, example_inputs, *, warn: bool = True) -> tup
       inside a module that torch.fx calls whole (torch.nn's, e.g. nn.TransformerEncoderLayer) or not
       called as modules stay whole.
 
-    ``report.kept`` lists each layer whose zero filters or channels stay and why (also a warning when
-    ``warn``); ``report.shapes`` every module that shrank. A model with nothing to remove comes back
-    as an unchanged copy. ValueError if torch.fx cannot trace the model, or if its trace computes other
-    outputs than the forward on ``example_inputs`` (``x *= y`` on a tensor another name still reads:
-    torch.fx records a new tensor). RuntimeError if the smaller model's outputs there differ from the
-    model's by more than rounding (2·√eps relative), a guard that no model should reach.
+    Removal repeats until nothing more goes (a filter that read only removed channels is zero after).
+    ``report.kept`` lists each layer whose zero filters or channels stay in the smaller model and why
+    (also a warning when ``warn``); ``report.shapes`` every module that shrank (first and last shape).
+    A model with nothing to remove comes back as an unchanged copy. ValueError if torch.fx cannot trace
+    the model, or if its trace computes other outputs than the forward on ``example_inputs`` (``x *= y``
+    on a tensor another name still reads: torch.fx records a new tensor). RuntimeError if the smaller
+    model's outputs there differ from the model's by more than rounding (2·√eps relative), a guard that
+    no model should reach.
     """
     dense = export_dense(model).eval()
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    report = ShrinkReport()
+    while True:  # removing channels can zero more filters (those that read only removed channels)
+        step = _shrink_once(dense, inputs, type(model).__name__)
+        for name, (before, after) in step.shapes.items():
+            report.shapes[name] = (report.shapes.get(name, (before,))[0], after)
+        report.kept = step.kept  # the last round's: what the smaller model still holds
+        if not step.shapes:
+            break
+    if warn and report.kept:
+        warnings.warn("bipkernels.export_shrunk: zero filters or channels stay in:\n  "
+                      + "\n  ".join(f"{name}: {why}" for name, why in report.kept.items()), stacklevel=2)
+    return dense, report
+
+
+def _shrink_once(dense: nn.Module, inputs: tuple, name: str) -> ShrinkReport:
+    """One round of export_shrunk on ``dense`` (plain layers, eval mode), in place: every channel the
+    analysis of its current weights lets go goes, and the report says what changed and what stays."""
     try:
         traced = fx.symbolic_trace(dense)
     except Exception as error:  # fx raises many types for untraceable Python
-        raise ValueError(f"export_shrunk: torch.fx cannot trace {type(model).__name__} ({error}); "
+        raise ValueError(f"export_shrunk: torch.fx cannot trace {name} ({error}); "
                          "export_dense gives the same model without removing channels") from error
     expected = _outputs(dense, inputs)
     tolerance = max((_tolerance(tensor.dtype) for tensor in expected), default=0.0)
     recorder = Recorder(traced)
     if _difference(_outputs(recorder.run, inputs), expected) > tolerance:
-        raise ValueError(f"export_shrunk: torch.fx's trace of {type(model).__name__} computes other outputs than "
+        raise ValueError(f"export_shrunk: torch.fx's trace of {name} computes other outputs than "
                          "its forward on the example input: an augmented assignment to a tensor that is also read "
                          "elsewhere (x *= y, x += y: torch.fx records x * y, a new tensor) or other aliasing it "
                          "cannot see; export_dense gives the same model without removing channels")
     graph = ChannelGraph(traced, recorder)
-    spaces, readers, frozen = {}, {}, {}
-    for node in graph.parent:
-        spaces.setdefault(graph.root(node), []).append(node)
-    for node in graph.readers:  # a reader of a joined space reads each of its segments
-        for base, offset in graph.bases(graph.root(node.all_input_nodes[0])):
-            readers.setdefault(base, []).append((node, offset))
-    for root, nodes in spaces.items():  # a joined space kept whole keeps its segments whole
-        for base, _ in graph.bases(root):
-            frozen.setdefault(base, set()).update(_frozen(graph, nodes))
-    plans = {root: _plan(graph, nodes, readers.get(root, []), sorted(frozen[root]))
-             for root, nodes in spaces.items() if root not in graph.segments}
-    _even_groups(graph, plans)
-    for root in graph.segments:
-        plans[root] = _joined_plan([plans[base] for base, _ in graph.bases(root)])
-
+    plans = _plans(graph)
     report = ShrinkReport()
     whole = {node.target: why for node, why in graph.whole.items()} | _untraced_layers(dense, traced)
-    for name, why in whole.items():
-        zeros = _zero_parts(dense.get_submodule(name))
+    for layer, why in whole.items():
+        zeros = _zero_parts(dense.get_submodule(layer))
         if zeros:
-            report.kept[name] = f"{zeros} ({why}: shrinking leaves it whole)"
+            report.kept[layer] = f"{zeros} ({why}: shrinking leaves it whole)"
     for node, module in graph.readers.items():
         source, plan_in = node.all_input_nodes[0], plans[graph.root(node.all_input_nodes[0])]
-        weight = channel_view(module, graph.channels(source))
-        zero_columns = (weight == 0).all(2).all(0).cpu()
+        zero = zero_columns(module, graph.channels(source))
         notes = _kept_notes("filter", graph.constant[node], plans[graph.root(node)]) + \
-            _kept_notes("input channel", zero_columns, plan_in)
-        # After a flatten a channel feeds several features; a zero feature of a kept channel stays.
-        partial = int(((weight == 0).all(0).cpu() & (plan_in.keep & ~zero_columns)[:, None]).sum())
-        if partial:
-            notes.append(f"{partial} zero input feature{'s' if partial > 1 else ''} (each channel feeds "
-                         f"{weight.shape[2]} features; a channel goes only whole)")
+            _kept_notes("input channel", zero, plan_in)
+        if graph.expansion[source] > 1:  # after a flatten a channel feeds several features
+            features = (group_view(module, graph.channels(source))[0] == 0).all(0).cpu()
+            partial = int((features & (plan_in.keep & ~zero)[:, None]).sum())
+            if partial:
+                notes.append(f"{partial} zero input feature{'s' if partial > 1 else ''} (each channel feeds "
+                             f"{features.shape[1]} features; a channel goes only whole)")
         if not (plans[graph.root(node)].keep.all() and plan_in.keep.all()):
             _replace(dense, node.target, _shrink_reader(graph, node, plans), report)
         if notes:
@@ -306,13 +308,29 @@ def export_shrunk(model: nn.Module, example_inputs, *, warn: bool = True) -> tup
     # Each rule above is exact; this guards the whole against a model that breaks one unseen.
     difference = _difference(_outputs(dense, inputs), expected)
     if difference > tolerance:
-        raise RuntimeError(f"export_shrunk: the smaller {type(model).__name__} gives other outputs than the model "
+        raise RuntimeError(f"export_shrunk: the smaller {name} gives other outputs than the model "
                            f"on the example input (relative difference {difference:.3g}): a bug, please report "
                            "it with the model; export_dense gives the same model without removing channels")
-    if warn and report.kept:
-        warnings.warn("bipkernels.export_shrunk: zero filters or channels stay in:\n  "
-                      + "\n  ".join(f"{name}: {why}" for name, why in report.kept.items()), stacklevel=2)
-    return dense, report
+    return report
+
+
+def _plans(graph: ChannelGraph) -> dict:
+    """{space root: _Plan} of every space of ``graph``, joined ones included."""
+    spaces, readers, frozen = {}, {}, {}
+    for node in graph.parent:
+        spaces.setdefault(graph.root(node), []).append(node)
+    for node in graph.readers:  # a reader of a joined space reads each of its segments
+        for base, offset in graph.bases(graph.root(node.all_input_nodes[0])):
+            readers.setdefault(base, []).append((node, offset))
+    for root, nodes in spaces.items():  # a joined space kept whole keeps its segments whole
+        for base, _ in graph.bases(root):
+            frozen.setdefault(base, set()).update(_frozen(graph, nodes))
+    plans = {root: _plan(graph, nodes, readers.get(root, []), sorted(frozen[root]))
+             for root, nodes in spaces.items() if root not in graph.segments}
+    _even_groups(graph, plans)
+    for root in graph.segments:
+        plans[root] = _joined_plan([plans[base] for base, _ in graph.bases(root)])
+    return plans
 
 
 def _outputs(run, inputs: tuple) -> list[torch.Tensor]:
@@ -366,12 +384,11 @@ def _untraced_layers(model: nn.Module, traced: fx.GraphModule) -> dict[str, str]
 
 
 def _zero_parts(module: nn.Module) -> str:
-    """'N zero filters, M zero input channels' of a Conv2d / Linear weight ('' if none; input channels
-    only where one column is one channel, groups=1)."""
+    """'N zero filters, M zero input channels' of a Conv2d / Linear weight ('' if none; a grouped
+    convolution's input channel is zero where its group's weights for it are)."""
     weight = module.weight.detach()
-    counts = {"filter": int((weight.reshape(weight.shape[0], -1) == 0).all(1).sum())}
-    if getattr(module, "groups", 1) == 1:
-        counts["input channel"] = int((weight.transpose(0, 1).reshape(weight.shape[1], -1) == 0).all(1).sum())
+    counts = {"filter": int((weight.reshape(weight.shape[0], -1) == 0).all(1).sum()),
+              "input channel": int(zero_columns(module, weight.shape[1] * getattr(module, "groups", 1)).sum())}
     return ", ".join(f"{n} zero {what}{'s' if n > 1 else ''}" for what, n in counts.items() if n)
 
 

@@ -16,7 +16,9 @@ that is the same at every position for every input ("constant": every layer writ
 filter, so c is a bias pushed through batch norms and activations). A constant folds into the reader's
 bias, unless the reader pads with zeros (the constant stops at the border): then one constant channel
 stays and carries the others, their weights merged into its column (linear in the input:
-Σ v_c W_c = v_0 · Σ (v_c / v_0) W_c). shrink.py plans and applies the removal.
+Σ v_c W_c = v_0 · Σ (v_c / v_0) W_c); a grouped convolution would need a carrier in each group, so its
+constants behind zero padding stay. Grouped convolutions keep as many channels in each group.
+shrink.py plans and applies the removal.
 """
 
 from __future__ import annotations
@@ -100,20 +102,18 @@ def _is_flatten(node: fx.Node, module) -> bool:
     return False
 
 
-def channel_view(module, channels: int) -> torch.Tensor:
-    """A reader's weight as (out, channels, entries per channel): a convolution's kernel positions, or for
-    a Linear layer after a flatten the features made of each channel. A grouped convolution's weight
-    (out, in / groups, ...) is laid out as the dense one it equals, zero outside its groups' diagonal
-    blocks, so every reader is analysed as one that reads all of its input's channels."""
+def group_view(module, channels: int) -> torch.Tensor:
+    """A reader's weight as (groups, filters per group, input channels per group, entries per channel):
+    a convolution's kernel positions, or for a Linear layer after a flatten the features made of each
+    channel. One group but for grouped convolutions, whose weights outside their group are zero."""
     weight = module.weight.detach()
     groups = getattr(module, "groups", 1)
-    if groups > 1:
-        rows, columns, kernel = weight.shape[0] // groups, weight.shape[1], tuple(weight.shape[2:])
-        blocks = weight.new_zeros((groups, rows, groups, columns) + kernel)
-        index = torch.arange(groups, device=weight.device)
-        blocks[index, :, index] = weight.reshape((groups, rows, columns) + kernel)
-        weight = blocks.reshape((groups * rows, groups * columns) + kernel)
-    return weight.reshape(weight.shape[0], channels, -1)
+    return weight.reshape(groups, weight.shape[0] // groups, channels // groups, -1)
+
+
+def zero_columns(module, channels: int) -> torch.Tensor:
+    """Per input channel of a reader (on the CPU), whether all its weights for the channel are zero."""
+    return (group_view(module, channels) == 0).all(3).all(1).flatten().cpu()
 
 
 class Recorder(fx.Interpreter):
@@ -143,7 +143,7 @@ class ChannelGraph:
         self.placed: dict[fx.Node, int] = {}  # space root -> its channel dim, 1 or -1, once an op decides it
         # Joined space (a torch.cat's node, its root) -> its segments: (a node of the space, its channels).
         self.segments: dict[fx.Node, list[tuple[fx.Node, int]]] = {}
-        self.readers: dict[fx.Node, nn.Module] = {}  # Conv2d (groups=1) / Linear nodes
+        self.readers: dict[fx.Node, nn.Module] = {}  # Conv2d (but depthwise) / Linear nodes
         self.members: dict[fx.Node, nn.Module] = {}  # depthwise convolutions and batch norms
         self.whole: dict[fx.Node, str] = {}  # other Conv2d / Linear layers, which keep every channel: why
         self.constant: dict[fx.Node, torch.Tensor | None] = {}  # bool per channel (None: none), see _analyse
