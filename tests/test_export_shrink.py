@@ -185,6 +185,16 @@ def test_shrink_repeats_until_no_filter_reads_only_removed_channels(seed):
         torch.testing.assert_close(small(x), model(x), rtol=1e-12, atol=1e-12)
 
 
+def test_zero_kernel_taps_are_not_zero_features(seed):
+    """A convolution's kernel position that no filter uses is no removable feature (features are what a
+    flatten makes of a channel): nothing to report."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1)).double().eval()
+    with torch.no_grad():
+        model[0].weight[:, 0, 1, 1] = 0
+    small, report = bipkernels.export_shrunk(model, torch.randn(2, 3, 5, 5, dtype=torch.float64))
+    assert report.shapes == {} and report.kept == {}
+
+
 class Returns(nn.Module):
     """Its first convolution's output is returned and also concatenated with its second's; the third
     reads the concatenation, and its channels are shuffled (ShuffleNet) into the last."""
