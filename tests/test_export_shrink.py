@@ -191,7 +191,7 @@ def test_zero_kernel_taps_are_not_zero_features(seed):
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1)).double().eval()
     with torch.no_grad():
         model[0].weight[:, 0, 1, 1] = 0
-    small, report = bipkernels.export_shrunk(model, torch.randn(2, 3, 5, 5, dtype=torch.float64))
+    _, report = bipkernels.export_shrunk(model, torch.randn(2, 3, 5, 5, dtype=torch.float64))
     assert report.shapes == {} and report.kept == {}
 
 
