@@ -24,6 +24,8 @@ from .solvers.bip import steps_per_epoch
 from .solvers.training import (check_settings, evaluate, recalibrate_batchnorm, remove_temporaries, save_atomically,
                                 train_weights, write_text_atomically)
 
+_BIP_OPTIONS = ("mode", "implicit", "inv_gamma", "lr", "score_lr", "score_momentum")  # the options BiP takes
+
 
 class StopRequest:
     """Turns SIGINT / SIGTERM into a flag that the training loop checks after every step."""
@@ -121,7 +123,7 @@ def _model(args, splits):
 
 
 def _bip_options(args) -> dict:
-    return dict(mode=args.mode, implicit=args.implicit, inv_gamma=args.inv_gamma, lr=args.lr, score_lr=args.score_lr)
+    return {key: vars(args)[key] for key in _BIP_OPTIONS}
 
 
 def prune(args) -> dict:
@@ -175,7 +177,7 @@ def prune(args) -> dict:
         _interrupted(args)
     recalibrate_batchnorm(model, splits["train"])
     result = {
-        "method": "bip", **{key: vars(args)[key] for key in ("mode", "implicit", "inv_gamma", "structure", "scope")},
+        "method": "bip", **_bip_options(args), "structure": args.structure, "scope": args.scope,
         "target_sparsity": args.sparsity,
         "sparsity": masked_nn.sparsity(model),
         "dense_test_accuracy": dense_accuracy,
@@ -192,8 +194,9 @@ def prune(args) -> dict:
     print(f"\n{'layer':<24} {'shape':<18} {'sparsity':>8}")
     for name, layer in result["layers"].items():
         print(f"{name:<24} {str(tuple(layer['shape'])):<18} {layer['sparsity']:>8.3f}")
-    print(f"\nBiP ({args.mode}, implicit={args.implicit}, 1/γ={args.inv_gamma:g}) to {result['sparsity']:.4f} sparsity: "
-          f"test accuracy {result['test_accuracy']:.4f} (dense {dense_accuracy:.4f}), {solver.passes} passes\n"
+    print(f"\nBiP ({args.mode}, implicit={args.implicit}, 1/γ={args.inv_gamma:g}) to {result['sparsity']:.4f} "
+          f"sparsity: test accuracy {result['test_accuracy']:.4f} (dense {dense_accuracy:.4f}), "
+          f"{solver.passes} passes\n"
           f"wrote {out / 'pruned.pt'} and {out / 'results.json'}")
     return result
 
@@ -250,7 +253,8 @@ def _plot(results, args, out: Path) -> None:
     except ImportError:
         print("matplotlib is not installed: no plots", file=sys.stderr)
         return
-    for key, label, name in (("test_accuracy", "test accuracy", "accuracy.png"), ("wall_time_s", "wall time (s)", "time.png")):
+    plots = (("test_accuracy", "test accuracy", "accuracy.png"), ("wall_time_s", "wall time (s)", "time.png"))
+    for key, label, name in plots:
         figure, axes = pyplot.subplots(figsize=(6, 4))
         for method in args.methods:
             row = [r for r in results if r["method"] == method]
@@ -313,6 +317,8 @@ def _add_common(parser, out: str) -> None:
     parser.add_argument("--lr", type=_setting("lr"), default=0.1, help="BiP lower-level (weight) learning rate")
     parser.add_argument("--score-lr", type=_setting("score_lr"), default=0.01,
                         help="BiP upper-level (score) learning rate")
+    parser.add_argument("--score-momentum", type=_setting("score_momentum"), default=0.9,
+                        help="BiP score SGD momentum (0.9 as released; 0: the paper's plain SGD step)")
     parser.add_argument("--epochs", type=_setting("epochs", int), default=20, help="BiP epochs (HYDRA: score epochs)")
     parser.add_argument("--pretrain-epochs", type=_setting("pretrain_epochs", int), default=15)
     parser.add_argument("--checkpoint", type=_checked(_existing_file),

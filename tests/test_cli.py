@@ -34,8 +34,9 @@ def _masked_state(path):
 
 @pytest.mark.parametrize("structure", ["unstructured", "filter"])
 def test_prune_writes_checkpoint_and_results(tmp_path, structure):
-    main(["prune", *TINY, "--structure", structure, "--out", str(tmp_path)])
+    main(["prune", *TINY, "--structure", structure, "--score-momentum", "0.5", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "results.json").read_text())
+    assert result["score_momentum"] == 0.5 and result["score_lr"] == 0.01 and result["lr"] == 0.1
     assert 0.0 <= result["test_accuracy"] <= 1.0 and result["passes"] == 4 * 17  # 1078 images in batches of 64
     if structure == "unstructured":
         assert result["sparsity"] == pytest.approx(0.9, abs=1e-3)

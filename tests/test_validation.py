@@ -235,6 +235,7 @@ CLI_CASES = [
     (["prune", "--checkpoint", "no-such-dense.pt"], "--checkpoint", "'no-such-dense.pt'"),
     (["prune", "--scope", "all"], "--scope", "'all'"),
     (["prune", "--mode", "both"], "--mode", "'both'"),
+    (["prune", "--score-momentum", "1.5"], "--score-momentum", "1.5"),
     (["compare", "--sparsities", "0.5", "1.5"], "--sparsities", "1.5"),
     (["compare", "--finetune-epochs", "-1"], "--finetune-epochs", "-1"),
     (["compare", "--methods", "magic"], "--methods", "'magic'"),
