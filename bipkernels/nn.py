@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import autograd, ops
+from .reference import score_dtype
 from .structures import Structure, parse_structure
 
 SCOPES = ("global", "layer")
@@ -214,15 +215,30 @@ def unmasked_layers(model: nn.Module) -> dict[str, str]:
             if not isinstance(module, MASKED_LAYERS) and any(p.dim() >= 2 for p in module.parameters(recurse=False))}
 
 
+# Module hooks travel with the layer: the twin takes over these dicts themselves, so the handles that
+# registered them still remove them.
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+
+
 def _masked_copy(layer: nn.Module, structure: Structure) -> nn.Module:
+    """The masked twin of a plain nn.Conv2d / nn.Linear, holding the layer's own Parameter objects (so weight
+    ties, requires_grad and optimisers built on them survive), its hooks and training mode; scores |θ| and
+    the keep-all threshold. Built on the meta device: nothing is allocated for weights that are replaced."""
     weight = layer.weight
-    factory = dict(device=weight.device, dtype=weight.dtype, structure=structure)
+    factory = dict(device="meta", dtype=weight.dtype, structure=structure)
     if type(layer) is nn.Conv2d:
         masked = MaskedConv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
                               layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode, **factory)
     else:
         masked = MaskedLinear(layer.in_features, layer.out_features, layer.bias is not None, **factory)
-    masked.load_state_dict(layer.state_dict())
+    masked.weight, masked.bias = weight, layer.bias
+    masked.scores = nn.Parameter(weight.detach().abs().clone())
+    masked.threshold = keep_all_threshold(weight.device)
+    for hooks in _HOOK_DICTS:
+        if hasattr(layer, hooks):
+            setattr(masked, hooks, getattr(layer, hooks))
+    masked._is_full_backward_hook = getattr(layer, "_is_full_backward_hook", None)
     return masked.train(layer.training)
 
 
@@ -253,31 +269,46 @@ def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure 
     except (ValueError, TypeError) as error:
         raise type(error)(f"{op}: {error}") from None
     excluded = _excluded(model, exclude)
-    swaps = []
-    for name, module in model.named_modules():
-        for child_name, child in module.named_children():
-            qualified = f"{name}.{child_name}" if name else child_name
-            if qualified in excluded or isinstance(child, MASKED_LAYERS):
-                continue
-            if type(child) in (nn.Conv2d, nn.Linear):
-                try:
-                    parsed.check_shape(child.weight.shape, "weight")
-                except ValueError as error:
-                    raise ValueError(f"{op}: layer {qualified!r} ({type(child).__name__}): {error}") from None
-                swaps.append((module, child_name, child))
-    for module, child_name, child in swaps:
-        masked = _masked_copy(child, parsed)
-        if isinstance(module, nn.TransformerEncoderLayer):
-            # Its inference fast path (eval, no grad) hands linear1/linear2.weight (θ, unmasked) straight
-            # to one fused kernel, skipping their forward; torch takes the plain path while a submodule
-            # has a forward hook.
-            masked.register_forward_pre_hook(_keep_forward)
-        setattr(module, child_name, masked)
+    # Every place a layer sits, shared layers included (one object under two names or two parents gets one
+    # masked twin, set in every place), unless one of its names is excluded.
+    places = {(id(parent), child_name): (parent, child_name, child, qualified)
+              for parent_name, parent in model.named_modules(remove_duplicate=False)
+              for child_name, child in parent._modules.items() if child is not None
+              for qualified in [f"{parent_name}.{child_name}" if parent_name else child_name]}
+    kept_dense = {id(child) for _, _, child, qualified in places.values() if qualified in excluded}
+    swaps = [(parent, child_name, child) for parent, child_name, child, qualified in places.values()
+             if type(child) in (nn.Conv2d, nn.Linear) and id(child) not in kept_dense]
+    for parent, child_name, child in swaps:
+        qualified = places[id(parent), child_name][3]
+        if "weight" not in child._parameters:
+            raise ValueError(f"{op}: layer {qualified!r} ({type(child).__name__}) computes its weight from "
+                             f"{sorted(child._parameters)} (torch.nn.utils.prune or weight_norm): make it a plain "
+                             "parameter first (torch.nn.utils.prune.remove(layer, 'weight') keeps the zeros)")
+        try:
+            parsed.check_shape(child.weight.shape, "weight")
+        except ValueError as error:
+            raise ValueError(f"{op}: layer {qualified!r} ({type(child).__name__}): {error}") from None
+    twins = {}
+    try:
+        for parent, child_name, child in swaps:
+            if id(child) not in twins:
+                twins[id(child)] = _masked_copy(child, parsed)
+            setattr(parent, child_name, twins[id(child)])
+        project(model, sparsity, scope)
+    except BaseException:  # leave the model as it was
+        for parent, child_name, child in swaps:
+            setattr(parent, child_name, child)
+        raise
+    # A TransformerEncoderLayer's inference fast path (eval, no grad) hands linear1/linear2.weight (θ,
+    # unmasked) straight to one fused kernel, skipping their forward; torch takes the plain path while a
+    # submodule has a forward hook. (Registered last: the twin shares its hook dicts with the plain layer.)
+    for twin in {id(twins[id(child)]): twins[id(child)] for parent, _, child in swaps
+                 if isinstance(parent, nn.TransformerEncoderLayer)}.values():
+        twin.register_forward_pre_hook(_keep_forward)
     skipped = [f"{name or 'the model itself'} ({kind})" for name, kind in unmasked_layers(model).items()
-               if name not in excluded]
+               if name not in excluded and id(model.get_submodule(name)) not in kept_dense]
     if skipped:
         warnings.warn("bipkernels.convert: left dense (not handled): " + ", ".join(skipped), stacklevel=2)
-    project(model, sparsity, scope)
     return model
 
 
@@ -295,7 +326,7 @@ def _excluded(model: nn.Module, exclude) -> set[str]:
     except TypeError:
         raise TypeError(f"bipkernels.convert: exclude must be a module name or a list of them, got {exclude!r}") \
             from None
-    modules = [name for name, _ in model.named_modules() if name]
+    modules = [name for name, _ in model.named_modules(remove_duplicate=False) if name]
     unknown = [name for name in names if name not in modules]
     if unknown:
         raise ValueError(f"bipkernels.convert: exclude names no module of the model: {unknown!r}")
@@ -313,9 +344,20 @@ def project(model: nn.Module, sparsity: float, scope: str = "global") -> None:
     if scope not in SCOPES:
         raise ValueError(f"bipkernels.project: scope must be one of {SCOPES}, got {scope!r}")
     ops.check_sparsity(sparsity, "bipkernels.project")
-    layers = [layer for _, layer in masked_layers(model) if layer.structure.uses_threshold]
-    if not layers:
+    named = [(name, layer) for name, layer in masked_layers(model) if layer.structure.uses_threshold]
+    if not named:
         return
+    if scope == "global":
+        ranked_as = {}  # block-score dtype: the first layer ranking in it
+        for name, layer in named:
+            ranked_as.setdefault(score_dtype(layer.scores.dtype), name)
+        if len(ranked_as) > 1:
+            raise ValueError("bipkernels.project: a global projection ranks the block scores of all layers together "
+                             "in one dtype, but " + " and ".join(f"layer {name!r} ranks in {dtype}" for dtype, name
+                                                                 in ranked_as.items())
+                             + ": give the masked layers one dtype (float16, bfloat16 and float32 rank together, "
+                               "as float32) or use scope='layer'")
+    layers = [layer for _, layer in named]
     # Unstructured block scores are |s|: the select then reads the scores themselves (absolute=True),
     # which saves writing |s| out and reading it back.
     absolute = all(layer.structure.kind == "unstructured" for layer in layers) and \

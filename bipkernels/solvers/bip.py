@@ -84,6 +84,9 @@ class BiP:
         converted = not masked_nn.masked_layers(model)
         if converted:
             masked_nn.convert(model, sparsity, structure, scope)
+            if not masked_nn.masked_layers(model):
+                raise ValueError("BiP: the model has no nn.Conv2d or nn.Linear layer to mask (left dense: "
+                                 f"{masked_nn.unmasked_layers(model) or 'no layer with a weight'})")
         if not converted or self.group is not None:  # convert projected this rank's layers alone
             self._project()
         layers = [layer for _, layer in masked_nn.masked_layers(model)]
@@ -214,8 +217,8 @@ class BiP:
         epoch, first = start
         for epoch in range(start[0], epochs):
             batches = epoch_batches(dataset, batch_size, seed, epoch)
-            groups = [batches[i:i + per_step] for i in range(0, self.steps_per_epoch(len(dataset), batch_size) * per_step,
-                                                             per_step)]
+            steps = self.steps_per_epoch(len(dataset), batch_size)
+            groups = [batches[i:i + per_step] for i in range(0, steps * per_step, per_step)]
             self.model.train()
             total = 0.0
             for index in range(first if epoch == start[0] else 0, len(groups)):

@@ -1,0 +1,115 @@
+"""convert on models as users build them: shared layers, tied and frozen weights, hooks, torch.nn.utils.prune
+state, mixed dtypes. Each case failed before convert kept the layers' own objects (the review of 2026-12-03)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import bipkernels
+
+
+def _masked_linear(layer, x):
+    return F.linear(x, torch.where(layer.mask(), layer.weight, 0.0), layer.bias)
+
+
+class TwoNames(nn.Module):
+    """One Linear under two names of one parent (an encoder reused as decoder)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(6, 6)
+        self.dec = self.enc
+
+    def forward(self, x):
+        return self.dec(torch.relu(self.enc(x)))
+
+
+def test_a_layer_under_two_names_is_one_masked_layer(seed):
+    model = TwoNames()
+    bipkernels.convert(model, 0.5)
+    assert isinstance(model.dec, bipkernels.MaskedLinear) and model.dec is model.enc
+    assert list(bipkernels.masks(model)) == ["enc"] and int(model.enc.mask().sum()) == 18
+    x = torch.randn(3, 6)
+    assert torch.equal(model(x), _masked_linear(model.enc, torch.relu(_masked_linear(model.enc, x))))
+    excluded = bipkernels.convert(TwoNames(), 0.5, exclude="dec")  # excluded by either name: no warning
+    assert type(excluded.enc) is nn.Linear and excluded.enc is excluded.dec
+
+
+def test_a_layer_shared_by_two_parents_is_counted_once(seed):
+    shared = nn.Linear(8, 8)
+    model = nn.Sequential(nn.Sequential(shared, nn.ReLU()), nn.Sequential(shared), nn.Linear(8, 3))
+    bipkernels.convert(model, 0.75)
+    assert model[0][0] is model[1][0] and isinstance(model[0][0], bipkernels.MaskedLinear)
+    assert list(bipkernels.masks(model)) == ["0.0", "2"]
+    total = 8 * 8 + 8 * 3  # the shared weight once
+    assert sum(int(mask.sum()) for mask in bipkernels.masks(model).values()) == bipkernels.keep_count(total, 0.75)
+    solver = bipkernels.BiP(model, 0.75, lr=0.1, score_lr=0.1)
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+
+    def closure():
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+    solver.step(closure)
+    assert model[0][0] is model[1][0]
+
+
+def test_tied_frozen_and_hooked_layers_keep_their_parameters_and_hooks(seed):
+    embedding, head, frozen = nn.Embedding(10, 4), nn.Linear(4, 10), nn.Linear(4, 4)
+    head.weight = embedding.weight  # weight tying, as language models do
+    frozen.requires_grad_(False)
+    model = nn.ModuleDict(dict(embedding=embedding, frozen=frozen, head=head))
+    parameters = {name: parameter for name, parameter in model.named_parameters()}
+    calls = []
+    handle = model["head"].register_forward_hook(lambda module, args, output: calls.append(type(module)))
+    with pytest.warns(UserWarning, match="embedding"):
+        bipkernels.convert(model, 0.5)
+    assert model["head"].weight is embedding.weight  # still tied: one Parameter
+    assert model["frozen"].weight is parameters["frozen.weight"] and not model["frozen"].weight.requires_grad
+    assert model["head"].bias is parameters["head.bias"]
+    model["head"](torch.randn(2, 4))
+    assert calls == [bipkernels.MaskedLinear]
+    handle.remove()  # the handle reaches the masked layer's hooks
+    model["head"](torch.randn(2, 4))
+    assert len(calls) == 1
+
+
+def test_channels_last_weights_stay_channels_last():
+    model = nn.Sequential(nn.Conv2d(4, 8, 3)).to(memory_format=torch.channels_last)
+    bipkernels.convert(model, 0.5)
+    for tensor in (model[0].weight, model[0].scores):
+        assert tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous()
+
+
+@pytest.mark.parametrize("reparametrize", ["prune", "weight_norm"])
+def test_a_layer_whose_weight_is_computed_is_named_and_nothing_changes(reparametrize):
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    if reparametrize == "prune":
+        torch.nn.utils.prune.l1_unstructured(model[2], "weight", amount=0.5)
+    else:
+        with pytest.warns(FutureWarning):  # torch's own deprecation of the old weight_norm
+            torch.nn.utils.weight_norm(model[2])
+    before = [type(module) for module in model]
+    with pytest.raises(ValueError, match=r"layer '2' \(Linear\) computes its weight from .*prune.remove"):
+        bipkernels.convert(model, 0.5)
+    assert [type(module) for module in model] == before
+
+
+def test_global_scope_over_float32_and_float64_layers_says_so_and_leaves_the_model():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"layer '0' ranks in torch.float32 and layer '1' ranks in torch.float64"):
+        bipkernels.convert(model, 0.5)
+    assert [type(module) for module in model] == [nn.Linear, nn.Linear]
+    bipkernels.convert(model, 0.5, scope="layer")
+    assert [int(mask.sum()) for mask in bipkernels.masks(model).values()] == [8, 4]
+    half = bipkernels.convert(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2, dtype=torch.bfloat16)), 0.5)
+    assert sum(int(mask.sum()) for mask in bipkernels.masks(half).values()) == 12  # one ranking, as float32
+
+
+def test_bip_on_a_model_with_nothing_to_mask_says_so():
+    with pytest.raises(ValueError, match=r"BiP: the model has no nn.Conv2d or nn.Linear .*Conv1d"), \
+            pytest.warns(UserWarning, match="Conv1d"):
+        bipkernels.BiP(nn.Sequential(nn.Conv1d(3, 4, 3)), 0.5)
