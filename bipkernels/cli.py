@@ -13,6 +13,7 @@ import copy
 import json
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,8 +22,8 @@ from . import data, models, nn as masked_nn
 from .info import build_info, format_info
 from .solvers import BiP, METHODS, prune as prune_with
 from .solvers.bip import steps_per_epoch
-from .solvers.training import (check_settings, evaluate, recalibrate_batchnorm, remove_temporaries, save_atomically,
-                                train_weights, write_text_atomically)
+from .solvers.training import (check_settings, evaluate, fetch, recalibrate_batchnorm, remove_temporaries,
+                                save_atomically, train_weights, write_text_atomically)
 
 _BIP_OPTIONS = ("mode", "implicit", "inv_gamma", "lr", "score_lr", "score_momentum")  # the options BiP takes
 
@@ -47,12 +48,12 @@ class StopRequest:
             signal.signal(number, handler)
 
 
-def _resumable(args) -> tuple[argparse.Namespace, dict]:
-    """The arguments and the state to start from. With --resume: the arguments saved in OUT/resume.pt
-    (--out as given) and its state; exits naming the file if there is none or it is another command's.
-    Otherwise the arguments as given, saved there at once as the state {"args": ...}; exits if OUT holds
-    an interrupted run, which that would overwrite. Either way it first deletes the temporary files that
-    a killed write left in OUT."""
+def _resumable(args) -> tuple[argparse.Namespace, dict, dict]:
+    """The arguments, the state to start from and the data splits. With --resume: the arguments saved in
+    OUT/resume.pt (--out as given) and its state; exits naming the file if there is none or it is another
+    command's. Otherwise the arguments as given, saved there as the state {"args": ...} once _setup has
+    checked them; exits if OUT holds an interrupted run, which that would overwrite. Either way it first
+    deletes the temporary files that a killed write left in OUT."""
     out = Path(args.out)
     resume_path = out / "resume.pt"
     state = {}
@@ -67,12 +68,47 @@ def _resumable(args) -> tuple[argparse.Namespace, dict]:
     elif resume_path.exists():
         sys.exit(f"bipkernels {args.command}: {resume_path} holds an interrupted run: continue it with --resume, "
                  "or delete it (or choose another --out) to start afresh")
+    splits = _setup(args)
     for leftover in remove_temporaries(out):
         print(f"removed {leftover}, the part of a write that a killed run left", file=sys.stderr)
     if not state:
         state = {"args": {key: value for key, value in vars(args).items() if key != "resume"}}
         save_atomically(state, resume_path)
-    return args, state
+    return args, state, splits
+
+
+def _setup(args) -> dict:
+    """The data splits, once the output folder, the data, the model, a --checkpoint and the structure are
+    known to go together: a mismatch stops the command with its error before any work and before any file
+    is written (a resume.pt left by it would block the corrected command). The model is built, loaded,
+    converted and run on two training images in training mode (it must return logits) as a throwaway,
+    with the RNG state restored after."""
+    try:
+        splits = data.load(args.data)
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # convert's list of dense layers comes later, once
+            model = _model(args, splits)
+            if args.checkpoint:
+                model.load_state_dict(torch.load(args.checkpoint, map_location="cpu")["model"])
+            masked_nn.convert(model, 0.0, args.structure, args.scope)
+            inputs, _ = fetch(splits["train"], torch.arange(min(2, len(splits["train"]))), "cpu")
+            logits = model.train()(inputs)
+    except (ValueError, TypeError, RuntimeError, OSError, KeyError, AssertionError) as error:
+        sys.exit(f"bipkernels {args.command}: {args.data} with --model {args.model}: {type(error).__name__}: {error}")
+    classes = data.describe(splits)[1]
+    if not (isinstance(logits, torch.Tensor) and logits.shape == (len(inputs), classes)):
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        sys.exit(f"bipkernels {args.command}: --model {args.model} returns {got} in training mode, not logits of "
+                 f"shape ({len(inputs)}, {classes})")
+    if args.epochs and steps_per_epoch(len(splits["train"]), args.batch_size, args.mode) == 0:
+        sys.exit(f"bipkernels {args.command}: {len(splits['train'])} training images in batches of --batch-size "
+                 f"{args.batch_size} leave no BiP step (--mode {args.mode} takes {1 if args.mode == 'fused' else 2} "
+                 "a step)")
+    try:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        sys.exit(f"bipkernels {args.command}: --out {args.out}: {error}")
+    return splits
 
 
 def _interrupted(args) -> None:
@@ -137,10 +173,9 @@ def prune(args) -> dict:
     power loss) thus loses at most the work since the last save, and the temporary files its last write
     left are deleted on resume.
     """
-    args, state = _resumable(args)
+    args, state, splits = _resumable(args)
     out = Path(args.out)
     resume_path = out / "resume.pt"
-    splits = data.load(args.data)
     with StopRequest() as stop:
         if "solver" in state:
             model, dense_accuracy = _model(args, splits), state["dense_accuracy"]
@@ -210,9 +245,8 @@ def compare(args) -> list[dict]:
     short starts again, so the final compare.json has the results of a run never stopped (wall times
     aside). SIGINT / SIGTERM stop at the end of the current pretraining epoch or run, with the state saved.
     """
-    args, state = _resumable(args)
+    args, state, splits = _resumable(args)
     out = Path(args.out)
-    splits = data.load(args.data)
     with StopRequest() as stop:
         dense, rewind = _pretrained(args, splits, state, stop)
         dense_accuracy = evaluate(dense, splits["test"])
@@ -352,6 +386,10 @@ def main(argv=None) -> int:
                              "pretraining from its last epoch, then the (sparsity, method) runs not yet finished "
                              "(a run cut short starts again)")
     args = parser.parse_args(argv)
+    for option in ("sparsities", "methods"):
+        values = getattr(args, option, [])
+        if len(set(values)) < len(values):
+            parser.error(f"argument --{option}: each value once, got {' '.join(map(str, values))}")
     if args.command == "info":
         print(format_info(build_info()))
     elif args.command == "prune":

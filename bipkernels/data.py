@@ -52,6 +52,9 @@ def cifar10(folder: str) -> dict[str, TensorDataset]:
 
     train_images, train_labels = load(train_files)
     test_images, test_labels = load([root / "test_batch"])
+    if len(train_labels) < 10:
+        raise ValueError(f"cifar10: {len(train_labels)} training images in {root}; the validation tenth needs 10 "
+                         "or more")
     n_val = len(train_labels) // 10
     return {"train": TensorDataset(train_images[:-n_val], train_labels[:-n_val]),
             "val": TensorDataset(train_images[-n_val:], train_labels[-n_val:]),
@@ -72,7 +75,14 @@ def image_folder(folder: str, size: int = 32) -> dict:
               if (root / name).is_dir()}
     if "train" not in splits or "test" not in splits:
         raise FileNotFoundError(f"image_folder: {root} needs train/ and test/ sub-folders")
+    for name, split in splits.items():  # each split numbers its own class folders: they must be the same
+        if split.classes != splits["train"].classes:
+            raise ValueError(f"image_folder: {root / name} has the classes {split.classes}, but train/ has "
+                             f"{splits['train'].classes}: every split needs the same class folders")
     if "val" not in splits:
+        if len(splits["train"]) < 2:
+            raise ValueError(f"image_folder: {len(splits['train'])} training image in {root / 'train'}; without "
+                             "a val/ folder 2 or more are needed (one held out)")
         order = torch.randperm(len(splits["train"]), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
         n_val = max(1, len(order) // 10)
         splits["val"], splits["train"] = Subset(splits["train"], order[:n_val]), Subset(splits["train"], order[n_val:])

@@ -91,4 +91,6 @@ def build(name: str, num_classes: int, in_channels: int) -> nn.Module:
         raise ValueError(f"model: torchvision's {name} takes 3-channel images, got in_channels={in_channels}")
     import torchvision
 
-    return torchvision.models.get_model(name, num_classes=num_classes)
+    # Auxiliary classifiers make the training-mode output a tuple: the pruning loss wants the logits alone.
+    auxiliary = dict(aux_logits=False, init_weights=True) if name in ("googlenet", "inception_v3") else {}
+    return torchvision.models.get_model(name, num_classes=num_classes, **auxiliary)

@@ -305,6 +305,13 @@ def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure 
     for twin in {id(twins[id(child)]): twins[id(child)] for parent, _, child in swaps
                  if isinstance(parent, nn.TransformerEncoderLayer)}.values():
         twin.register_forward_pre_hook(_keep_forward)
+    emptied = [name for name, layer in masked_layers(model)
+               if scope == "global" and sparsity < 1 and layer.structure.uses_threshold and not layer.mask().any()]
+    if emptied:
+        warnings.warn(f"bipkernels.convert: the global projection keeps no block of {', '.join(emptied)}: blocks "
+                      "rank by their sums of |s| across layers, so a layer of small blocks (few weights per filter "
+                      "or channel, or small weights) can lose all of them and cut the network; scope='layer' keeps "
+                      "the fraction in every layer", stacklevel=2)
     skipped = [f"{name or 'the model itself'} ({kind})" for name, kind in unmasked_layers(model).items()
                if name not in excluded and id(model.get_submodule(name)) not in kept_dense]
     if skipped:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -100,3 +101,28 @@ def test_a_fresh_start_does_not_overwrite_an_interrupted_run(tmp_path, command):
                                          "with --resume"):
         main([command, "--out", str(tmp_path)])
     assert torch.load(tmp_path / "resume.pt", weights_only=False) == {"args": {"command": command}}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "resnet18"], "takes 3-channel images"),  # digits are 1-channel
+    (["--structure", "2:4"], "layer 'stem.0' (Conv2d): structure 2:4"),
+    (["--data", "folder:/no/such/folder"], "needs train/ and test/"),
+    (["--mode", "faithful", "--batch-size", "2000"], "leave no BiP step"),
+])
+def test_a_setup_that_cannot_run_stops_before_any_file(tmp_path, capsys, argv, message):
+    """The data, model and structure are tried together first: a resume.pt written before the error would
+    refuse the corrected command."""
+    with pytest.raises(SystemExit) as raised:
+        main(["prune", *TINY, *argv, "--out", str(tmp_path / "out")])
+    assert message in str(raised.value.code)
+    assert not (tmp_path / "out").exists()
+    main(["prune", "--pretrain-epochs", "0", "--epochs", "0", "--out", str(tmp_path / "out")])  # the corrected run
+
+
+def test_output_files_follow_the_umask(tmp_path):
+    main(["prune", "--pretrain-epochs", "1", "--epochs", "0", "--out", str(tmp_path)])
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("dense.pt", "pruned.pt", "results.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+

@@ -66,7 +66,7 @@ def test_tied_frozen_and_hooked_layers_keep_their_parameters_and_hooks(seed):
     calls = []
     handle = model["head"].register_forward_hook(lambda module, args, output: calls.append(type(module)))
     with pytest.warns(UserWarning, match="embedding"):
-        bipkernels.convert(model, 0.5)
+        bipkernels.convert(model, 0.5, scope="layer")
     assert model["head"].weight is embedding.weight  # still tied: one Parameter
     assert model["frozen"].weight is parameters["frozen.weight"] and not model["frozen"].weight.requires_grad
     assert model["head"].bias is parameters["head.bias"]
@@ -113,3 +113,12 @@ def test_bip_on_a_model_with_nothing_to_mask_says_so():
     with pytest.raises(ValueError, match=r"BiP: the model has no nn.Conv2d or nn.Linear .*Conv1d"), \
             pytest.warns(UserWarning, match="Conv1d"):
         bipkernels.BiP(nn.Sequential(nn.Conv1d(3, 4, 3)), 0.5)
+
+
+def test_a_layer_emptied_by_the_global_projection_is_named(seed):
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 32, 3))  # filters of 9 against 72 weights
+    with pytest.warns(UserWarning, match=r"keeps no block of 0: blocks rank by their sums"):
+        bipkernels.convert(model, 0.5, "filter")
+    assert not model[0].mask().any() and int(model[2].mask().any((1, 2, 3)).sum()) == 20  # 20 of 40 filters
+    bipkernels.convert(nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 32, 3)), 0.5, "filter", "layer")
+

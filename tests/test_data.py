@@ -37,20 +37,40 @@ def test_cifar10_pickle_layout(tmp_path):
         data.cifar10(str(tmp_path / "missing"))
 
 
-def test_image_folder_layout(tmp_path):
+def write_image_folder(root, counts=(("train", 10), ("test", 3)), labels=("cat", "dog")):
     from PIL import Image
 
-    for split, count in (("train", 10), ("test", 3)):
-        for label in ("cat", "dog"):
-            folder = tmp_path / split / label
+    for split, count in counts:
+        for label in labels:
+            folder = root / split / label
             folder.mkdir(parents=True)
             for index in range(count):
                 Image.new("RGB", (12, 9), (index * 20, 0, 255 if label == "dog" else 0)).save(folder / f"{index}.png")
+
+
+def test_image_folder_layout(tmp_path):
+    write_image_folder(tmp_path)
     splits = data.load(f"folder:{tmp_path}")
     assert [len(splits[name]) for name in ("train", "val", "test")] == [18, 2, 6]
     image, label = splits["test"][0]
     assert image.shape == (3, 32, 32) and label in (0, 1)
     assert data.describe(splits) == (3, 2)
+
+
+def test_image_folder_splits_must_have_the_same_classes(tmp_path):
+    write_image_folder(tmp_path)
+    write_image_folder(tmp_path, counts=(("test", 1),), labels=("emu",))  # test/ numbers emu 1 and dog 2
+    with pytest.raises(ValueError, match=r"test has the classes \['cat', 'dog', 'emu'\], but train/ has"):
+        data.load(f"folder:{tmp_path}")
+
+
+def test_too_few_training_images_say_so(tmp_path):
+    write_cifar(tmp_path, per_batch=4)
+    with pytest.raises(ValueError, match="cifar10: 8 training images"):
+        data.cifar10(str(tmp_path))
+    write_image_folder(tmp_path / "folder", counts=(("train", 1), ("test", 1)), labels=("cat",))
+    with pytest.raises(ValueError, match="image_folder: 1 training image"):
+        data.load(f"folder:{tmp_path / 'folder'}")
 
 
 def test_data_spec_errors():
@@ -64,6 +84,7 @@ def test_models_build():
     assert 0.26e6 < weights < 0.28e6
     assert resnet20(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     assert models.build("resnet18", 7, 3)(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+    assert models.build("googlenet", 3, 3).train()(torch.randn(2, 3, 32, 32)).shape == (2, 3)  # no aux outputs
     with pytest.raises(ValueError, match="neither small-resnet"):
         models.build("no-such-net", 10, 3)
 

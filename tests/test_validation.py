@@ -35,8 +35,8 @@ def _threshold(*shape):
     return torch.zeros(shape or (2,), dtype=F64)
 
 
-def _fit(**kwargs):
-    solver = bipkernels.BiP(_model(), 0.5)
+def _fit(mode="fused", **kwargs):
+    solver = bipkernels.BiP(_model(), 0.5, mode=mode)
     solver.fit(_data(), **{"epochs": 1, "batch_size": 4, **kwargs})
 
 
@@ -170,6 +170,7 @@ CASES = {
     "BiP.fit batch_size 0": (lambda: _fit(batch_size=0), ValueError, "batch_size", "0"),
     "BiP.fit seed < 0": (lambda: _fit(seed=-1), ValueError, "seed", "-1"),
     "BiP.fit start": (lambda: _fit(start=(0, -1)), ValueError, "start", "(0, -1)"),
+    "BiP.fit one batch, faithful": (lambda: _fit(batch_size=64, mode="faithful"), ValueError, "batch_size", "64"),
     "BiP.step closure": (lambda: bipkernels.BiP(_model(), 0.5).step(5), TypeError, "closure", "5"),
     "steps_per_epoch batch_size 0": (lambda: steps_per_epoch(100, 0), ValueError, "batch_size", "0"),
     "omp finetune_epochs": (lambda: omp(_model(), _data(), 0.5, finetune_epochs=-1), ValueError, "finetune_epochs",
@@ -239,6 +240,8 @@ CLI_CASES = [
     (["compare", "--sparsities", "0.5", "1.5"], "--sparsities", "1.5"),
     (["compare", "--finetune-epochs", "-1"], "--finetune-epochs", "-1"),
     (["compare", "--methods", "magic"], "--methods", "'magic'"),
+    (["compare", "--methods", "bip", "omp", "bip"], "--methods", "bip omp bip"),
+    (["compare", "--sparsities", "0.5", "0.5"], "--sparsities", "0.5 0.5"),
 ]
 
 

@@ -211,9 +211,12 @@ class BiP:
         if not (isinstance(start, (tuple, list)) and len(start) == 2
                 and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in start)):
             raise ValueError(f"BiP.fit: start must be (epoch, step), two ints >= 0, got {start!r}")
+        per_step = self.batches_per_step()
+        if epochs > start[0] and self.steps_per_epoch(len(dataset), batch_size) == 0:
+            raise ValueError(f"BiP.fit: {len(dataset)} examples in batches of batch_size={batch_size} are fewer "
+                             f"batches than the {per_step} that one {self.mode} step takes: nothing would train")
         device = model_device(self.model)
         progress = Progress(epochs, label)
-        per_step = self.batches_per_step()
         epoch, first = start
         for epoch in range(start[0], epochs):
             batches = epoch_batches(dataset, batch_size, seed, epoch)

@@ -175,6 +175,15 @@ class Progress:
 _PARTIAL = ".partial-"  # temporary files are NAME.partial-RANDOM.tmp beside NAME
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+_UMASK = _umask()  # read once: setting it to read it is not thread-safe
+
+
 def _write_atomically(path: str | Path, write) -> None:
     """``write(file)`` to a temporary file beside ``path``, flushed to disk, then renamed over ``path``:
     ``path`` is always either the old file or the whole new one, even if the process is killed. A kill
@@ -183,6 +192,7 @@ def _write_atomically(path: str | Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + _PARTIAL, suffix=".tmp")
     try:
+        os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp makes it 0600; a file written plainly gets 0666 less umask
         with os.fdopen(handle, "wb") as file:
             write(file)
             file.flush()
@@ -229,8 +239,9 @@ def train_weights(model: nn.Module, dataset: Dataset, epochs: int, lr: float = 0
 
     ``on_epoch(state)`` runs after each epoch with the training state: the model, optimizer and schedule
     state_dicts, ``epoch`` (epochs done), ``passes`` and the torch RNG state, in live tensors that later
-    epochs change (save or copy them); it returns True to stop there. ``start``: such a state, saved by a call with the same arguments; training
-    continues after its epoch and ends with exactly the model of a call never stopped.
+    epochs change (save or copy them); it returns True to stop there. ``start``: such a state, saved by a
+    call with the same arguments; training continues after its epoch and ends with exactly the model of a
+    call never stopped.
     """
     check_settings("train_weights", epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                    weight_decay=weight_decay, schedule=schedule)
