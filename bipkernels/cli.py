@@ -64,6 +64,12 @@ def _resumable(args) -> tuple[argparse.Namespace, dict, dict]:
         saved_command = state["args"].get("command", "prune")
         if saved_command != args.command:
             sys.exit(f"bipkernels {args.command}: {resume_path} is the state of a `bipkernels {saved_command}` run")
+        defaults = vars(_parser().parse_args([args.command]))
+        ignored = [f"--{key.replace('_', '-')} {value}" for key, value in vars(args).items()
+                   if key in state["args"] and key != "out" and value not in (defaults.get(key), state["args"][key])]
+        if ignored:
+            print(f"bipkernels {args.command} --resume: ignored {', '.join(ignored)}: the interrupted run goes on with "
+                  f"its own arguments", file=sys.stderr)
         args = argparse.Namespace(**{**vars(args), **state["args"], "resume": True, "out": args.out})
     elif resume_path.exists():
         sys.exit(f"bipkernels {args.command}: {resume_path} holds an interrupted run: continue it with --resume, "
@@ -363,6 +369,22 @@ def _add_common(parser, out: str) -> None:
 
 
 def main(argv=None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    for option in ("sparsities", "methods"):
+        values = getattr(args, option, [])
+        if len(set(values)) < len(values):
+            parser.error(f"argument --{option}: each value once, got {' '.join(map(str, values))}")
+    if args.command == "info":
+        print(format_info(build_info()))
+    elif args.command == "prune":
+        prune(args)
+    else:
+        compare(args)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bipkernels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -385,18 +407,7 @@ def main(argv=None) -> int:
                         help="continue an interrupted compare from OUT/resume.pt, with the arguments saved there: "
                              "pretraining from its last epoch, then the (sparsity, method) runs not yet finished "
                              "(a run cut short starts again)")
-    args = parser.parse_args(argv)
-    for option in ("sparsities", "methods"):
-        values = getattr(args, option, [])
-        if len(set(values)) < len(values):
-            parser.error(f"argument --{option}: each value once, got {' '.join(map(str, values))}")
-    if args.command == "info":
-        print(format_info(build_info()))
-    elif args.command == "prune":
-        prune(args)
-    else:
-        compare(args)
-    return 0
+    return parser
 
 
 if __name__ == "__main__":

@@ -94,6 +94,14 @@ def test_resume_of_another_commands_state_says_so(tmp_path):
         main(["compare", "--resume", "--out", str(tmp_path)])
 
 
+def test_resume_names_the_options_it_ignores(tmp_path, capsys):
+    save_atomically({"args": {"command": "prune", "epochs": 0, "pretrain_epochs": 0, "sparsity": 0.5}},
+                    tmp_path / "resume.pt")
+    main(["prune", "--resume", "--epochs", "3", "--sparsity", "0.5", "--lr", "0.1", "--out", str(tmp_path)])
+    assert "bipkernels prune --resume: ignored --epochs 3: the interrupted run goes on" in capsys.readouterr().err
+    assert json.loads((tmp_path / "results.json").read_text())["epochs"] == 0
+
+
 @pytest.mark.parametrize("command", ["prune", "compare"])
 def test_a_fresh_start_does_not_overwrite_an_interrupted_run(tmp_path, command):
     save_atomically({"args": {"command": command}}, tmp_path / "resume.pt")
