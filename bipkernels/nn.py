@@ -288,6 +288,7 @@ def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure 
             parsed.check_shape(child.weight.shape, "weight")
         except ValueError as error:
             raise ValueError(f"{op}: layer {qualified!r} ({type(child).__name__}): {error}") from None
+    already = [(name, layer, layer.mask()) for name, layer in masked_layers(model)]
     twins = {}
     try:
         for parent, child_name, child in swaps:
@@ -305,6 +306,11 @@ def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure 
     for twin in {id(twins[id(child)]): twins[id(child)] for parent, _, child in swaps
                  if isinstance(parent, nn.TransformerEncoderLayer)}.values():
         twin.register_forward_pre_hook(_keep_forward)
+    changed = [name for name, layer, mask in already if not torch.equal(layer.mask(), mask)]
+    if changed:
+        warnings.warn(f"bipkernels.convert: the masks of the layers already masked changed ({', '.join(changed)}): "
+                      f"convert projects every masked layer of the model to sparsity {sparsity}; to add layers to "
+                      "a pruned model and keep its masks, convert the new part alone", stacklevel=2)
     emptied = [name for name, layer in masked_layers(model)
                if scope == "global" and sparsity < 1 and layer.structure.uses_threshold and not layer.mask().any()]
     if emptied:

@@ -122,3 +122,14 @@ def test_a_layer_emptied_by_the_global_projection_is_named(seed):
     assert not model[0].mask().any() and int(model[2].mask().any((1, 2, 3)).sum()) == 20  # 20 of 40 filters
     bipkernels.convert(nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 32, 3)), 0.5, "filter", "layer")
 
+
+def test_converting_again_names_the_masks_it_changes(seed):
+    body = bipkernels.convert(nn.Sequential(nn.Linear(16, 16), nn.ReLU()), 0.9)
+    model = nn.Sequential(body, nn.Linear(16, 4))
+    with pytest.warns(UserWarning, match=r"the masks of the layers already masked changed \(0.0\): .* sparsity 0.0"):
+        bipkernels.convert(model)
+    assert bipkernels.sparsity(model) == 0.0  # as documented: every masked layer is projected
+    with pytest.warns(UserWarning, match=r"changed \(0.0, 1\)"):
+        bipkernels.convert(model, 0.5)  # and to the sparsity given
+    bipkernels.convert(model, 0.5)  # the same projection again changes nothing: no warning
+
