@@ -234,7 +234,7 @@ def prune(args) -> dict:
     resume_path.unlink(missing_ok=True)
     print(f"\n{'layer':<24} {'shape':<18} {'sparsity':>8}")
     for name, layer in result["layers"].items():
-        print(f"{name:<24} {str(tuple(layer['shape'])):<18} {layer['sparsity']:>8.3f}")
+        print(f"{name:<24} {tuple(layer['shape'])!s:<18} {layer['sparsity']:>8.3f}")
     print(f"\nBiP ({args.mode}, implicit={args.implicit}, 1/γ={args.inv_gamma:g}) to {result['sparsity']:.4f} "
           f"sparsity: test accuracy {result['test_accuracy']:.4f} (dense {dense_accuracy:.4f}), "
           f"{solver.passes} passes\n"
