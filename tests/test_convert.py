@@ -133,3 +133,12 @@ def test_converting_again_names_the_masks_it_changes(seed):
         bipkernels.convert(model, 0.5)  # and to the sparsity given
     bipkernels.convert(model, 0.5)  # the same projection again changes nothing: no warning
 
+
+def test_bip_on_a_masked_model_keeps_its_structure_or_says_it_differs(seed):
+    model = bipkernels.convert(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)), 0.5, "filter")
+    with pytest.raises(ValueError, match=r"BiP: structure 'unstructured', but .* layer '0' has structure filter"):
+        bipkernels.BiP(model, 0.5, "unstructured")
+    bipkernels.BiP(model, 0.5)  # None: the layers' own
+    bipkernels.BiP(model, 0.5, "filter")
+    assert all(layer.structure.kind == "filter" for _, layer in bipkernels.masked_layers(model))
+

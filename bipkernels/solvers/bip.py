@@ -33,6 +33,7 @@ from torch import nn
 
 from .. import distributed
 from .. import nn as masked_nn
+from ..structures import parse_structure
 from .training import Progress, check_settings, epoch_batches, fetch, model_device, scheduler
 
 
@@ -57,13 +58,16 @@ class BiP:
     job both matter most at high sparsity: lr 0.01 gave 68.8% at 98% (0.1: 81.4%), score lr 0.05 let the
     classifier lose all but one weight (see README, BiP against the baselines).
 
+    ``structure``: what ``convert`` masks a model without masked layers with (None: unstructured). A model
+    already masked keeps its layers' structures: None accepts them, any other value must equal them all.
+
     ``group`` (a torch.distributed process group, e.g. torch.distributed.group.WORLD): ``model`` is this
     rank's shard of the masked layers and the projection keeps the top blocks of all ranks together
     (bipkernels.distributed.project; every rank steps together). Under DistributedDataParallel leave it
     None: every rank holds every layer and the same scores, so the local projection is already global.
     """
 
-    def __init__(self, model: nn.Module, sparsity: float, structure="unstructured", scope: str = "global", *,
+    def __init__(self, model: nn.Module, sparsity: float, structure=None, scope: str = "global", *,
                  mode: str = "fused", lr: float = 0.1, score_lr: float = 0.01, momentum: float = 0.9,
                  score_momentum: float = 0.9, weight_decay: float = 1e-4, inv_gamma: float = 1e-4,
                  implicit: str = "paper", lower_steps: int = 1, schedule: str = "cosine",
@@ -71,7 +75,8 @@ class BiP:
                  group=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"BiP: model must be a torch.nn.Module, got {type(model).__name__} {model!r}")
-        check_settings("BiP", sparsity=sparsity, structure=structure, scope=scope, mode=mode, lr=lr,
+        check_settings("BiP", sparsity=sparsity, structure="unstructured" if structure is None else structure,
+                       scope=scope, mode=mode, lr=lr,
                        score_lr=score_lr, momentum=momentum, score_momentum=score_momentum,
                        weight_decay=weight_decay, inv_gamma=inv_gamma, implicit=implicit, lower_steps=lower_steps,
                        schedule=schedule, score_schedule=score_schedule, total_steps=total_steps,
@@ -82,8 +87,15 @@ class BiP:
         self._failure = None  # why the state matches no run, after a step failed halfway
         self.group = group
         converted = not masked_nn.masked_layers(model)
+        if not converted and structure is not None:
+            wanted = parse_structure(structure)
+            for name, layer in masked_nn.masked_layers(model):
+                if layer.structure != wanted:
+                    raise ValueError(f"BiP: structure {structure!r}, but the model is already masked and its layer "
+                                     f"{name!r} has structure {layer.structure}: pass structure=None to keep the "
+                                     "layers' own, or convert an unmasked model")
         if converted:
-            masked_nn.convert(model, sparsity, structure, scope)
+            masked_nn.convert(model, sparsity, "unstructured" if structure is None else structure, scope)
             if not masked_nn.masked_layers(model):
                 raise ValueError("BiP: the model has no nn.Conv2d or nn.Linear layer to mask (left dense: "
                                  f"{masked_nn.unmasked_layers(model) or 'no layer with a weight'})")
