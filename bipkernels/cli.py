@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import pickle
 import signal
 import sys
 import warnings
@@ -99,14 +100,15 @@ def _setup(args) -> dict:
             masked_nn.convert(model, 0.0, args.structure, args.scope)
             inputs, _ = fetch(splits["train"], torch.arange(min(2, len(splits["train"]))), "cpu")
             logits = model.train()(inputs)
-    except (ValueError, TypeError, RuntimeError, OSError, KeyError, AssertionError) as error:
+    except (ValueError, TypeError, RuntimeError, OSError, KeyError, AssertionError, pickle.UnpicklingError) as error:
         sys.exit(f"bipkernels {args.command}: {args.data} with --model {args.model}: {type(error).__name__}: {error}")
     classes = data.describe(splits)[1]
     if not (isinstance(logits, torch.Tensor) and logits.shape == (len(inputs), classes)):
         got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         sys.exit(f"bipkernels {args.command}: --model {args.model} returns {got} in training mode, not logits of "
                  f"shape ({len(inputs)}, {classes})")
-    if args.epochs and steps_per_epoch(len(splits["train"]), args.batch_size, args.mode) == 0:
+    runs_bip = args.command == "prune" or "bip" in args.methods
+    if runs_bip and args.epochs and steps_per_epoch(len(splits["train"]), args.batch_size, args.mode) == 0:
         sys.exit(f"bipkernels {args.command}: {len(splits['train'])} training images in batches of --batch-size "
                  f"{args.batch_size} leave no BiP step (--mode {args.mode} takes {1 if args.mode == 'fused' else 2} "
                  "a step)")
@@ -152,8 +154,8 @@ def _pretrained(args, splits, state: dict, stop: StopRequest):
         save_atomically(state, out / "resume.pt")
         return stop.signal is not None
 
-    train_weights(model, splits["train"], args.pretrain_epochs, lr=0.1, seed=args.seed, label="pretrain",
-                  start=pretraining["training"], on_epoch=save)
+    train_weights(model, splits["train"], args.pretrain_epochs, lr=0.1, batch_size=args.batch_size, seed=args.seed,
+                  label="pretrain", start=pretraining["training"], on_epoch=save)
     if stop.signal is not None:
         _interrupted(args)
     save_atomically({"model": model.state_dict(), "rewind": rewind}, out / "dense.pt")
@@ -267,8 +269,8 @@ def compare(args) -> list[dict]:
             options = _bip_options(args) if method == "bip" else {}
             _, result = prune_with(copy.deepcopy(dense), splits["train"], method, sparsity, structure=args.structure,
                                    scope=args.scope, val_data=splits["val"], test_data=splits["test"],
-                                   epochs=args.epochs, finetune_epochs=args.finetune_epochs, seed=args.seed,
-                                   rewind_state=rewind, **options)
+                                   epochs=args.epochs, finetune_epochs=args.finetune_epochs,
+                                   batch_size=args.batch_size, seed=args.seed, rewind_state=rewind, **options)
             results.append(result)
             state["rng"] = torch.get_rng_state()
             save_atomically(state, out / "resume.pt")

@@ -271,19 +271,25 @@ def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure 
     excluded = _excluded(model, exclude)
     # Every place a layer sits, shared layers included (one object under two names or two parents gets one
     # masked twin, set in every place), unless one of its names is excluded.
-    places = {(id(parent), child_name): (parent, child_name, child, qualified)
-              for parent_name, parent in model.named_modules(remove_duplicate=False)
-              for child_name, child in parent._modules.items() if child is not None
-              for qualified in [f"{parent_name}.{child_name}" if parent_name else child_name]}
-    kept_dense = {id(child) for _, _, child, qualified in places.values() if qualified in excluded}
-    swaps = [(parent, child_name, child) for parent, child_name, child, qualified in places.values()
+    places, names = {}, {}  # (parent, name in it): the place; id(child): every qualified name of the child
+    for parent_name, parent in model.named_modules(remove_duplicate=False):
+        for child_name, child in parent._modules.items():
+            if child is not None:
+                places[id(parent), child_name] = (parent, child_name, child)
+                names.setdefault(id(child), []).append(f"{parent_name}.{child_name}" if parent_name else child_name)
+    kept_dense = {key for key, qualified in names.items() if excluded.intersection(qualified)}
+    swaps = [(parent, child_name, child) for parent, child_name, child in places.values()
              if type(child) in (nn.Conv2d, nn.Linear) and id(child) not in kept_dense]
     for parent, child_name, child in swaps:
-        qualified = places[id(parent), child_name][3]
+        qualified = names[id(child)][0]
         if "weight" not in child._parameters:
             raise ValueError(f"{op}: layer {qualified!r} ({type(child).__name__}) computes its weight from "
                              f"{sorted(child._parameters)} (torch.nn.utils.prune or weight_norm): make it a plain "
                              "parameter first (torch.nn.utils.prune.remove(layer, 'weight') keeps the zeros)")
+        extra = sorted({*child._parameters, *child._buffers, *child._modules} - {"weight", "bias"})
+        if extra:  # the masked twin has no place for them
+            raise ValueError(f"{op}: layer {qualified!r} ({type(child).__name__}) carries {extra} beside its weight "
+                             "and bias: exclude it, or move them to a module of their own")
         try:
             parsed.check_shape(child.weight.shape, "weight")
         except ValueError as error:

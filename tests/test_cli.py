@@ -134,3 +134,10 @@ def test_output_files_follow_the_umask(tmp_path):
     for name in ("dense.pt", "pruned.pt", "results.json"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
+
+def test_compare_uses_its_batch_size_and_checks_bip_steps_only_for_bip(tmp_path):
+    main(["compare", "--methods", "omp", "--mode", "faithful", "--batch-size", "2000", "--sparsities", "0.5",
+          "--pretrain-epochs", "1", "--finetune-epochs", "2", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "compare.json").read_text())["results"][0]
+    assert result["passes"] == 2  # one batch of all 1078 training images per fine-tuning epoch
+

@@ -142,3 +142,33 @@ def test_bip_on_a_masked_model_keeps_its_structure_or_says_it_differs(seed):
     bipkernels.BiP(model, 0.5, "filter")
     assert all(layer.structure.kind == "filter" for _, layer in bipkernels.masked_layers(model))
 
+
+def test_a_layer_carrying_more_than_weight_and_bias_is_named_and_nothing_changes():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    model[2].adapter = nn.Linear(4, 2)  # e.g. a LoRA branch the twin would drop
+    with pytest.raises(ValueError, match=r"layer '2' \(Linear\) carries \['adapter'\] beside its weight and bias"):
+        bipkernels.convert(model, 0.5)
+    assert [type(module) for module in model] == [nn.Linear, nn.ReLU, nn.Linear]
+    assert type(model[2].adapter) is nn.Linear
+    bipkernels.convert(model, 0.5, exclude="2")
+    assert isinstance(model[0], bipkernels.MaskedLinear) and type(model[2]) is nn.Linear
+
+
+@pytest.mark.parametrize("name", ["a", "a.0", "b", "b.0"])
+def test_exclude_by_any_path_through_a_shared_parent(name):
+    model = nn.Module()
+    model.a = model.b = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    model.c = nn.Linear(4, 4)
+    bipkernels.convert(model, 0.5, exclude=name)
+    assert type(model.a[0]) is nn.Linear and model.a is model.b and isinstance(model.c, bipkernels.MaskedLinear)
+
+
+def test_prune_of_a_masked_model_keeps_its_structure(seed):
+    from torch.utils.data import TensorDataset
+
+    model = bipkernels.convert(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)), 0.5, "filter")
+    data = TensorDataset(torch.randn(16, 8), torch.randint(0, 4, (16,)))
+    for method in ("bip", "hydra"):
+        _, result = bipkernels.prune(model, data, method, 0.5, epochs=1, finetune_epochs=1)
+        assert result["structure"] == "filter"
+

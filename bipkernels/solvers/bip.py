@@ -95,9 +95,12 @@ class BiP:
                                      f"{name!r} has structure {layer.structure}: pass structure=None to keep the "
                                      "layers' own, or convert an unmasked model")
         if converted:
-            masked_nn.convert(model, sparsity, "unstructured" if structure is None else structure, scope)
+            # Under a group the projection below, over every rank's layers, replaces convert's of this rank's.
+            masked_nn.convert(model, 0.0 if group is not None else sparsity,
+                              "unstructured" if structure is None else structure, scope)
             if not masked_nn.masked_layers(model):
-                raise ValueError("BiP: the model has no nn.Conv2d or nn.Linear layer to mask (left dense: "
+                raise ValueError("BiP: the model has no nn.Conv2d or nn.Linear layer inside it to mask (convert swaps "
+                                 "a model's layers, not the model itself; left dense: "
                                  f"{masked_nn.unmasked_layers(model) or 'no layer with a weight'})")
         if not converted or self.group is not None:  # convert projected this rank's layers alone
             self._project()

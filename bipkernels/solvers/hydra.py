@@ -9,12 +9,13 @@ from .bip import BiP, steps_per_epoch
 from .training import check_settings, train_weights
 
 
-def hydra(model: nn.Module, dataset, sparsity: float, structure="unstructured", scope: str = "global",
+def hydra(model: nn.Module, dataset, sparsity: float, structure=None, scope: str = "global",
           score_epochs: int = 10, finetune_epochs: int = 10, score_lr: float = 0.01, lr: float = 0.1,
           batch_size: int = 64, seed: int = 0) -> int:
-    """Returns the forward/backward passes spent."""
-    check_settings("hydra", sparsity=sparsity, structure=structure, scope=scope, score_epochs=score_epochs,
-                   finetune_epochs=finetune_epochs, score_lr=score_lr, lr=lr, batch_size=batch_size, seed=seed)
+    """Returns the forward/backward passes spent. ``structure`` as BiP's (None: the masked layers' own)."""
+    check_settings("hydra", sparsity=sparsity, structure="unstructured" if structure is None else structure,
+                   scope=scope, score_epochs=score_epochs, finetune_epochs=finetune_epochs, score_lr=score_lr, lr=lr,
+                   batch_size=batch_size, seed=seed)
     steps = score_epochs * steps_per_epoch(len(dataset), batch_size)
     solver = BiP(model, sparsity, structure, scope, mode="fused", lr=0.0, weight_decay=0.0, momentum=0.0,
                  inv_gamma=0.0, score_lr=score_lr, total_steps=max(steps, 1))

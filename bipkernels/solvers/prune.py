@@ -16,7 +16,7 @@ from .training import check_settings, evaluate, recalibrate_batchnorm
 METHODS = ("bip", "omp", "imp", "hydra", "random")
 
 
-def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0.9, *, structure="unstructured",
+def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0.9, *, structure=None,
           scope: str = "global", val_data=None, test_data=None, epochs: int = 10, finetune_epochs: int = 10,
           batch_size: int = 64, seed: int = 0, rewind_state: dict | None = None, **options):
     """Prune a trained ``model`` (in place) with ``method`` and return (model, result).
@@ -25,6 +25,7 @@ def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0
     omp, random: one shot, then ``finetune_epochs``. hydra: ``epochs`` of score search, then
     ``finetune_epochs``. imp: rounds of 20% with ``finetune_epochs`` each, rewinding to ``rewind_state``.
     Before evaluation the batch-norm statistics are recalibrated on ``train_data`` under the final masks.
+    ``structure``: None is unstructured for a model without masked layers and the layers' own otherwise.
 
     result: method, target and reached global sparsity, per-layer sparsity, validation and test accuracy
     (when the data are given), wall time, training epochs and forward/backward passes spent.
@@ -33,6 +34,9 @@ def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0
         raise TypeError(f"prune: model must be a torch.nn.Module, got {type(model).__name__} {model!r}")
     if method not in METHODS:
         raise ValueError(f"prune: method must be one of {METHODS}, got {method!r}")
+    given = structure
+    if structure is None:  # BiP and HYDRA take None as it is; the others convert only layers not yet masked
+        structure = "unstructured"
     check_settings("prune", sparsity=sparsity, structure=structure, scope=scope, epochs=epochs,
                    finetune_epochs=finetune_epochs, batch_size=batch_size, seed=seed)
     started = time.perf_counter()
@@ -40,7 +44,7 @@ def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0
     if method == "bip":
         steps = epochs * steps_per_epoch(len(train_data), batch_size, options.get("mode", "fused"),
                                          options.get("lower_steps", 1))
-        solver = BiP(model, sparsity, structure, scope, total_steps=max(steps, 1), **options)
+        solver = BiP(model, sparsity, given, scope, total_steps=max(steps, 1), **options)
         solver.fit(train_data, epochs, batch_size, seed)
         passes, spent = solver.passes, epochs
     elif method in ("omp", "random"):
@@ -48,8 +52,8 @@ def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0
         passes, spent = run(model, train_data, sparsity, finetune_epochs=finetune_epochs, **common, **options), \
             finetune_epochs
     elif method == "hydra":
-        passes = hydra(model, train_data, sparsity, score_epochs=epochs, finetune_epochs=finetune_epochs, **common,
-                       **options)
+        passes = hydra(model, train_data, sparsity, score_epochs=epochs, finetune_epochs=finetune_epochs,
+                       **{**common, "structure": given}, **options)
         spent = epochs + finetune_epochs
     else:
         passes = imp(model, train_data, sparsity, rewind_state=rewind_state, epochs_per_round=finetune_epochs,
@@ -58,7 +62,7 @@ def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0
     recalibrate_batchnorm(model, train_data)
     result = {
         "method": method,
-        "structure": str(structure),
+        "structure": ", ".join(sorted({str(layer.structure) for _, layer in masked_nn.masked_layers(model)})),
         "target_sparsity": sparsity,
         "sparsity": masked_nn.sparsity(model),
         "layers": {name: 1.0 - float(layer.mask().float().mean()) for name, layer in masked_nn.masked_layers(model)},

@@ -192,7 +192,10 @@ def _write_atomically(path: str | Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + _PARTIAL, suffix=".tmp")
     try:
-        os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp makes it 0600; a file written plainly gets 0666 less umask
+        try:  # mkstemp makes it 0600; a file written plainly gets 0666 less the umask
+            os.chmod(temporary, 0o666 & ~_UMASK)
+        except OSError:  # a file system without modes: the save matters more
+            pass
         with os.fdopen(handle, "wb") as file:
             write(file)
             file.flush()
