@@ -27,6 +27,9 @@ def digits() -> dict[str, TensorDataset]:
     return {name: TensorDataset(images[index], labels[index]) for name, index in parts.items()}
 
 
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
 def cifar10(folder: str) -> dict[str, TensorDataset]:
     """CIFAR-10 from a local folder in its python-pickle layout (``data_batch_1`` … ``data_batch_5``,
     ``test_batch``; the ``cifar-10-batches-py`` folder itself or its parent). Images (N, 3, 32, 32) float32
@@ -56,9 +59,12 @@ def cifar10(folder: str) -> dict[str, TensorDataset]:
         raise ValueError(f"cifar10: {len(train_labels)} training images in {root}; the validation tenth needs 10 "
                          "or more")
     n_val = len(train_labels) // 10
-    return {"train": TensorDataset(train_images[:-n_val], train_labels[:-n_val]),
-            "val": TensorDataset(train_images[-n_val:], train_labels[-n_val:]),
-            "test": TensorDataset(test_images, test_labels)}
+    splits = {"train": TensorDataset(train_images[:-n_val], train_labels[:-n_val]),
+              "val": TensorDataset(train_images[-n_val:], train_labels[-n_val:]),
+              "test": TensorDataset(test_images, test_labels)}
+    for split in splits.values():  # ten classes, whichever labels a (small) copy happens to hold
+        split.classes = CIFAR10_CLASSES
+    return splits
 
 
 def image_folder(folder: str, size: int = 32) -> dict:
@@ -112,7 +118,9 @@ def describe(splits: dict) -> tuple[int, int]:
     """(input channels, classes) of a data set from load()."""
     train = splits["train"]
     image, _ = train[0]
-    if hasattr(train, "tensors"):
+    if hasattr(train, "classes"):
+        classes = len(train.classes)
+    elif hasattr(train, "tensors"):
         classes = int(train.tensors[1].max()) + 1
     else:
         base = getattr(train, "dataset", train)
