@@ -294,7 +294,7 @@ def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure 
             parsed.check_shape(child.weight.shape, "weight")
         except ValueError as error:
             raise ValueError(f"{op}: layer {qualified!r} ({type(child).__name__}): {error}") from None
-    already = [(name, layer, layer.mask()) for name, layer in masked_layers(model)]
+    already = list(masks(model).items())
     twins = {}
     try:
         for parent, child_name, child in swaps:
@@ -309,16 +309,16 @@ def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure 
     # A TransformerEncoderLayer's inference fast path (eval, no grad) hands linear1/linear2.weight (θ,
     # unmasked) straight to one fused kernel, skipping their forward; torch takes the plain path while a
     # submodule has a forward hook. (Registered last: the twin shares its hook dicts with the plain layer.)
-    for twin in {id(twins[id(child)]): twins[id(child)] for parent, _, child in swaps
-                 if isinstance(parent, nn.TransformerEncoderLayer)}.values():
-        twin.register_forward_pre_hook(_keep_forward)
-    changed = [name for name, layer, mask in already if not torch.equal(layer.mask(), mask)]
+    for key in {id(child) for parent, _, child in swaps if isinstance(parent, nn.TransformerEncoderLayer)}:
+        twins[key].register_forward_pre_hook(_keep_forward)
+    after = masks(model) if already or (scope == "global" and sparsity < 1) else {}
+    changed = [name for name, mask in already if not torch.equal(after[name], mask)]
     if changed:
         warnings.warn(f"bipkernels.convert: the masks of the layers already masked changed ({', '.join(changed)}): "
                       f"convert projects every masked layer of the model to sparsity {sparsity}; to add layers to "
                       "a pruned model and keep its masks, convert the new part alone", stacklevel=2)
     emptied = [name for name, layer in masked_layers(model)
-               if scope == "global" and sparsity < 1 and layer.structure.uses_threshold and not layer.mask().any()]
+               if scope == "global" and sparsity < 1 and layer.structure.uses_threshold and not after[name].any()]
     if emptied:
         warnings.warn(f"bipkernels.convert: the global projection keeps no block of {', '.join(emptied)}: blocks "
                       "rank by their sums of |s| across layers, so a layer of small blocks (few weights per filter "

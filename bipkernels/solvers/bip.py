@@ -75,8 +75,8 @@ class BiP:
                  group=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"BiP: model must be a torch.nn.Module, got {type(model).__name__} {model!r}")
-        check_settings("BiP", sparsity=sparsity, structure="unstructured" if structure is None else structure,
-                       scope=scope, mode=mode, lr=lr,
+        to_convert = "unstructured" if structure is None else structure  # for a model without masked layers
+        check_settings("BiP", sparsity=sparsity, structure=to_convert, scope=scope, mode=mode, lr=lr,
                        score_lr=score_lr, momentum=momentum, score_momentum=score_momentum,
                        weight_decay=weight_decay, inv_gamma=inv_gamma, implicit=implicit, lower_steps=lower_steps,
                        schedule=schedule, score_schedule=score_schedule, total_steps=total_steps,
@@ -96,8 +96,7 @@ class BiP:
                                      "layers' own, or convert an unmasked model")
         if converted:
             # Under a group the projection below, over every rank's layers, replaces convert's of this rank's.
-            masked_nn.convert(model, 0.0 if group is not None else sparsity,
-                              "unstructured" if structure is None else structure, scope)
+            masked_nn.convert(model, 0.0 if group is not None else sparsity, to_convert, scope)
             if not masked_nn.masked_layers(model):
                 raise ValueError("BiP: the model has no nn.Conv2d or nn.Linear layer inside it to mask (convert swaps "
                                  "a model's layers, not the model itself; left dense: "
@@ -226,8 +225,8 @@ class BiP:
         if not (isinstance(start, (tuple, list)) and len(start) == 2
                 and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in start)):
             raise ValueError(f"BiP.fit: start must be (epoch, step), two ints >= 0, got {start!r}")
-        per_step = self.batches_per_step()
-        if epochs > start[0] and self.steps_per_epoch(len(dataset), batch_size) == 0:
+        per_step, steps = self.batches_per_step(), self.steps_per_epoch(len(dataset), batch_size)
+        if epochs > start[0] and steps == 0:
             raise ValueError(f"BiP.fit: {len(dataset)} examples in batches of batch_size={batch_size} are fewer "
                              f"batches than the {per_step} that one {self.mode} step takes: nothing would train")
         device = model_device(self.model)
@@ -235,7 +234,6 @@ class BiP:
         epoch, first = start
         for epoch in range(start[0], epochs):
             batches = epoch_batches(dataset, batch_size, seed, epoch)
-            steps = self.steps_per_epoch(len(dataset), batch_size)
             groups = [batches[i:i + per_step] for i in range(0, steps * per_step, per_step)]
             self.model.train()
             total = 0.0
