@@ -14,7 +14,7 @@ from torch.utils.data import TensorDataset
 import bipkernels
 from bipkernels import reference
 from bipkernels.solvers.imp import imp_rounds
-from bipkernels.solvers.training import schedule_factor
+from bipkernels.solvers.training import batch_count, recalibrate_batchnorm, schedule_factor, split_batches
 
 
 def tiny_task(n: int = 96, seed: int = 0):
@@ -262,3 +262,30 @@ def test_bip_rejects_a_flag_that_is_not_a_bool():
 def test_prune_rejects_unknown_method():
     with pytest.raises(ValueError, match="method must be one of"):
         bipkernels.prune(tiny_model(), tiny_task(), "magic")
+
+
+@pytest.mark.parametrize("size, batch_size", [(1, 4), (4, 4), (5, 4), (6, 4), (9, 4), (2, 1), (65, 64)])
+def test_split_batches_folds_a_lone_last_example_into_the_batch_before(size, batch_size):
+    order = torch.randperm(size)
+    batches = split_batches(order, batch_size)
+    assert torch.equal(torch.cat(batches), order)  # every index once, in order
+    assert len(batches) == batch_count(size, batch_size)
+    assert all(len(batch) > 1 for batch in batches) or size == 1 or batch_size == 1
+    assert all(len(batch) == batch_size for batch in batches[:-1])
+
+
+def test_every_training_loop_survives_a_dataset_one_example_past_a_batch(seed):
+    """65 examples in batches of 64 used to end each epoch on a batch of one, which BatchNorm1d in training
+    mode (like a ResNet's 1×1 feature maps) rejects."""
+    data = tiny_task(65)
+
+    def model():
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(12, 24), nn.BatchNorm1d(24), nn.ReLU(), nn.Linear(24, 3))
+
+    for method in ("bip", "imp", "hydra"):
+        bipkernels.prune(model(), data, method, 0.5, epochs=1, finetune_epochs=1, batch_size=64)
+    solver = bipkernels.BiP(model(), 0.5, mode="faithful", lower_steps=1)
+    solver.fit(data, 1, batch_size=32)
+    assert solver.iteration == 1  # batches of 32 and 33: one faithful step
+    recalibrate_batchnorm(solver.model, tiny_task(257), batch_size=256)

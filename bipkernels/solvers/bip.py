@@ -34,15 +34,15 @@ from torch import nn
 from .. import distributed
 from .. import nn as masked_nn
 from ..structures import parse_structure
-from .training import Progress, check_settings, epoch_batches, fetch, model_device, scheduler
+from .training import Progress, batch_count, check_settings, epoch_batches, fetch, model_device, scheduler
 
 
 def steps_per_epoch(dataset_size: int, batch_size: int, mode: str = "fused", lower_steps: int = 1) -> int:
-    """Iterations in one epoch of BiP.fit: the epoch's batches (the last may be short) in groups of one
-    (fused) or lower_steps + 1 (faithful), a trailing remainder skipped. Use it for ``total_steps``."""
+    """Iterations in one epoch of BiP.fit: the epoch's batches (epoch_batches: the last may be short) in
+    groups of one (fused) or lower_steps + 1 (faithful), a trailing remainder skipped. Use it for
+    ``total_steps``."""
     check_settings("steps_per_epoch", batch_size=batch_size, mode=mode, lower_steps=lower_steps)
-    batches = -(-dataset_size // batch_size)
-    return batches // (1 if mode == "fused" else lower_steps + 1)
+    return batch_count(dataset_size, batch_size) // (1 if mode == "fused" else lower_steps + 1)
 
 
 class BiP:

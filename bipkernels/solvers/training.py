@@ -94,11 +94,28 @@ def scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps: int)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule_factor(schedule, step, total_steps))
 
 
+def split_batches(indices: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """``indices`` (1-D) in batches of ``batch_size``, the last one shorter; a last batch of a single
+    example joins the one before it, because batch norm in training mode cannot normalise one value per
+    channel (a 1×1 feature map, as CIFAR-size ResNets end with, raises). A lone example, or batch_size 1,
+    stays batches of one."""
+    batches = list(indices.split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) == 1 < batch_size:
+        batches[-2:] = [torch.cat(batches[-2:])]
+    return batches
+
+
+def batch_count(size: int, batch_size: int) -> int:
+    """len(split_batches(indices, batch_size)) for ``size`` indices."""
+    batches = -(-size // batch_size)
+    return batches - 1 if batches > 1 and size % batch_size == 1 else batches
+
+
 def epoch_batches(dataset: Dataset, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
-    """The index batches of one epoch: a permutation fixed by (seed, epoch), so an interrupted run can
-    resume in the middle of an epoch and see exactly the batches it would have seen."""
+    """The index batches of one epoch (split_batches): a permutation fixed by (seed, epoch), so an
+    interrupted run can resume in the middle of an epoch and see exactly the batches it would have seen."""
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    return list(order.split(batch_size))
+    return split_batches(order, batch_size)
 
 
 def fetch(dataset: Dataset, indices: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,7 +159,7 @@ def recalibrate_batchnorm(model: nn.Module, dataset: Dataset, batch_size: int = 
     training = model.training
     model.train()
     device = model_device(model)
-    for indices in torch.arange(len(dataset)).split(batch_size):
+    for indices in split_batches(torch.arange(len(dataset)), batch_size):
         model(fetch(dataset, indices, device)[0])
     model.train(training)
     for norm, (momentum, was_training) in zip(norms, saved):
@@ -257,8 +274,7 @@ def train_weights(model: nn.Module, dataset: Dataset, epochs: int, lr: float = 0
                          f"epoch in [0, {epochs}]), got {got}")
     weights = [p for name, p in model.named_parameters() if not name.endswith("scores")]
     optimizer = torch.optim.SGD(weights, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    steps_per_epoch = -(-len(dataset) // batch_size)
-    schedule_ = scheduler(optimizer, schedule, max(epochs * steps_per_epoch, 1))
+    schedule_ = scheduler(optimizer, schedule, max(epochs * batch_count(len(dataset), batch_size), 1))
     first, passes = 0, 0
     if start is not None:
         model.load_state_dict(start["model"])
