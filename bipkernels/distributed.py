@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import ops
-from .nn import SCOPES, masked_layers
+from .nn import SCOPES, ranked_layers
 from .nn import project as project_locally
 
 _DIGIT_BITS = 16
@@ -130,7 +130,7 @@ def project(model: nn.Module, sparsity: float, scope: str = "global", group=None
     if scope == "layer":
         project_locally(model, sparsity, scope)
         return
-    layers = [layer for _, layer in masked_layers(model) if layer.structure.uses_threshold]
+    layers = [layer for _, layer in ranked_layers(model)]
     block_scores = [layer.block_scores() for layer in layers]
     total = torch.tensor(sum(scores.numel() for scores in block_scores), dtype=torch.int64,
                          device=_device(block_scores, group))

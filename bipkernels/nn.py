@@ -204,6 +204,14 @@ def masked_layers(model: nn.Module) -> list[tuple[str, _Masked]]:
     return [(name, module) for name, module in model.named_modules() if isinstance(module, MASKED_LAYERS)]
 
 
+def ranked_layers(model: nn.Module) -> list[tuple[str, _Masked]]:
+    """The masked layers that a projection ranks: those with a threshold (not N:M, which keeps N of M by
+    itself) and with weights. A layer with a zero-size dimension is left out: its blocks hold nothing yet
+    would count towards k (Linear(0, 4) has four empty filters)."""
+    return [(name, layer) for name, layer in masked_layers(model)
+            if layer.structure.uses_threshold and layer.weight.numel()]
+
+
 def unmasked_layers(model: nn.Module) -> dict[str, str]:
     """{name: type name} of every module that owns a weight of 2+ dimensions (a matrix or a kernel) and is
     not masked: what pruning leaves dense. For example nn.MultiheadAttention (its raw in_proj_weight), its
@@ -317,8 +325,7 @@ def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure 
         warnings.warn(f"bipkernels.convert: the masks of the layers already masked changed ({', '.join(changed)}): "
                       f"convert projects every masked layer of the model to sparsity {sparsity}; to add layers to "
                       "a pruned model and keep its masks, convert the new part alone", stacklevel=2)
-    emptied = [name for name, layer in masked_layers(model)
-               if scope == "global" and sparsity < 1 and layer.structure.uses_threshold and not after[name].any()]
+    emptied = [name for name, _ in ranked_layers(model) if scope == "global" and sparsity < 1 and not after[name].any()]
     if emptied:
         warnings.warn(f"bipkernels.convert: the global projection keeps no block of {', '.join(emptied)}: blocks "
                       "rank by their sums of |s| across layers, so a layer of small blocks (few weights per filter "
@@ -357,13 +364,13 @@ def project(model: nn.Module, sparsity: float, scope: str = "global") -> None:
     """Set every masked layer's threshold so exactly keep_count(blocks, sparsity) blocks stay (Proj_k).
 
     ``scope="global"`` ranks the blocks of all layers together (ties: module order, then flat index);
-    ``"layer"`` keeps that fraction in each layer. N:M layers keep N of M by themselves and are skipped.
+    ``"layer"`` keeps that fraction in each layer. Only ranked_layers take part: not N:M, not weightless.
     """
     _check_model("project", model)
     if scope not in SCOPES:
         raise ValueError(f"bipkernels.project: scope must be one of {SCOPES}, got {scope!r}")
     ops.check_sparsity(sparsity, "bipkernels.project")
-    named = [(name, layer) for name, layer in masked_layers(model) if layer.structure.uses_threshold]
+    named = ranked_layers(model)
     if not named:
         return
     if scope == "global":

@@ -76,6 +76,8 @@ def _check_sharded_project_and_bip(rank: int, seed: int, device: torch.device) -
     shard = copy.deepcopy(whole[2 * rank:2 * rank + 2])
     distributed.project(shard, 0.7)
     bipkernels.project(whole, 0.7)
+    # A weightless layer (three empty filters) on every rank holds nothing and changes nothing.
+    distributed.project(nn.Sequential(*shard, bipkernels.MaskedLinear(0, 3, structure="filter").to(device)), 0.7)
     for i in range(2):
         assert torch.equal(shard[i].threshold, whole[2 * rank + i].threshold)
         assert torch.equal(shard[i].mask(), whole[2 * rank + i].mask())

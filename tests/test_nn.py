@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -179,6 +181,22 @@ def test_convert_prunes_exactly(seed, structure, scope):
     for layer in layers:  # the lower-level gradient is masked: zero wherever the weight is pruned
         assert torch.equal(layer.weight.grad[~layer.mask()], torch.zeros_like(layer.weight.grad[~layer.mask()]))
         assert layer.scores.grad is not None
+
+
+@pytest.mark.parametrize("structure", ["filter", "channel", "tile2x2"])
+def test_weightless_layers_take_no_part_in_the_global_projection(seed, structure):
+    """Linear(8, 0) has eight empty channels and Linear(0, 4) four empty filters: counted as blocks they
+    made the global projection keep fewer real blocks than k (filter at 50% kept 75% of the weights)."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 0), nn.Linear(0, 4), nn.Linear(4, 8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bipkernels.convert(model, 0.5, structure)
+    assert not [w for w in caught if "bipkernels" in str(w.message)]  # nor is one reported as emptied
+    real = [model[0], model[3]]
+    blocks = sum(layer.block_scores().numel() for layer in real)
+    assert sum(int(reference._kept_blocks(layer.block_scores(), layer.threshold).sum()) for layer in real) == \
+        bipkernels.keep_count(blocks, 0.5)
+    model(torch.randn(3, 8)).sum().backward()
 
 
 def test_convert_nm_and_exclude_and_skipped_layers(seed):
