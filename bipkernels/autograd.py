@@ -17,11 +17,16 @@ from .structures import Structure
 
 
 class _MaskedWeight(torch.autograd.Function):
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, weight, scores, threshold, structure, inv_gamma, implicit):
-        ctx.save_for_backward(weight, scores, threshold)
-        ctx.structure, ctx.inv_gamma, ctx.implicit = structure, inv_gamma, implicit
+    def forward(weight, scores, threshold, structure, inv_gamma, implicit):
         return ops.masked_weight(weight, scores, threshold, structure)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        weight, scores, threshold, ctx.structure, ctx.inv_gamma, ctx.implicit = inputs
+        ctx.save_for_backward(weight, scores, threshold)
 
     @staticmethod
     def backward(ctx, grad):
@@ -38,11 +43,16 @@ def masked_weight(weight: torch.Tensor, scores: torch.Tensor, threshold: torch.T
 
 
 class _MaskedLinear(torch.autograd.Function):
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, input, weight, bias, scores, threshold, structure, inv_gamma, implicit):
-        ctx.save_for_backward(input, weight, scores, threshold)
-        ctx.structure, ctx.inv_gamma, ctx.implicit = structure, inv_gamma, implicit
+    def forward(input, weight, bias, scores, threshold, structure, inv_gamma, implicit):
         return ops.masked_linear(input, weight, scores, threshold, structure, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, _, scores, threshold, ctx.structure, ctx.inv_gamma, ctx.implicit = inputs
+        ctx.save_for_backward(input, weight, scores, threshold)
 
     @staticmethod
     def backward(ctx, grad):

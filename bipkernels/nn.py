@@ -79,11 +79,13 @@ class _Masked:
         the threshold when the backward asks (one more masked_weight per layer). θ, the scores and the
         threshold must not change in place between the two, as autograd requires of saved tensors.
         Compiled graphs choose what to save themselves, tensor subclasses (fake tensors of a trace,
-        quantised types) keep autograd's default, and so does a forward under the caller's own saved-tensor
-        hooks (activation checkpointing, offloading): inner hooks would replace them.
+        quantised types) and torch.func transforms (their wrapped tensors have no storage) keep autograd's
+        default, and so does a forward under the caller's own saved-tensor hooks (activation
+        checkpointing, offloading): inner hooks would replace them.
         """
         masked = self.masked_weight()
         if (not torch.is_grad_enabled() or torch.compiler.is_compiling() or type(masked) is not torch.Tensor
+                or torch._C._are_functorch_transforms_active()
                 or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None):
             return function(input, masked, self.bias)
         sources = (self.weight, self.scores, self.threshold)

@@ -136,6 +136,39 @@ def test_callers_saved_tensor_hooks_and_sparse_inputs_keep_autograds_default(see
     torch.testing.assert_close(layer.weight.grad, want, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("make, input_shape", [
+    (lambda: bipkernels.MaskedLinear(6, 4, dtype=torch.float64, structure="filter"), (6,)),
+    (lambda: bipkernels.MaskedConv2d(2, 4, 3, dtype=torch.float64, structure="2:2"), (2, 5, 5)),
+])
+def test_torch_func_grad_and_per_sample_vmap_equal_the_backward(seed, make, input_shape):
+    """torch.func.grad of a functional call equals loss.backward(), and vmap(grad) over the batch equals
+    one backward per example, implicit term (quadratic in the gradient) included."""
+    layer = make()
+    with torch.no_grad():
+        layer.scores.copy_(tied_scores(layer.scores.shape).abs())
+    bipkernels.project(layer, 0.5)
+    layer.inv_gamma = 0.3
+    params, buffers = dict(layer.named_parameters()), dict(layer.named_buffers())
+    inputs = torch.randn(3, *input_shape, dtype=torch.float64)
+
+    def loss(params, inputs):
+        return torch.func.functional_call(layer, {**params, **buffers}, (inputs,)).sin().sum()
+
+    def backward(inputs):
+        layer.zero_grad()
+        loss(params, inputs).backward()
+        return {name: param.grad.clone() for name, param in params.items()}
+
+    assert_close = torch.testing.assert_close
+    for name, grad in torch.func.grad(loss)(params, inputs).items():
+        assert_close(grad, backward(inputs)[name], rtol=1e-12, atol=1e-15)
+    per_example = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, inputs[:, None])
+    for index in range(len(inputs)):
+        expected = backward(inputs[index:index + 1])
+        for name, grad in per_example.items():
+            assert_close(grad[index], expected[name], rtol=1e-12, atol=1e-15)
+
+
 def test_gradcheck_weight_path(seed):
     weight = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     scores = torch.rand(5, 4, dtype=torch.float64)
