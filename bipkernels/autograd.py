@@ -4,6 +4,9 @@ One backward yields both levels' gradients in one pass (bipkernels.ops.hypergrad
 weight.grad = m ⊙ g and scores.grad = θ ⊙ g − inv_gamma · I (straight-through for the scores).
 ``masked_linear`` is the same for a linear layer with the mask inside the matmuls (ops.masked_linear):
 the gradients are those of F.linear(input, masked_weight(...), bias).
+
+The backwards are once differentiable: the hypergradient has no derivative of its own here. Running them
+without grad also keeps torch.func.grad from tracing into the triton ops, which functorch rejects.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import ops
 from .structures import Structure
@@ -29,6 +33,7 @@ class _MaskedWeight(torch.autograd.Function):
         ctx.save_for_backward(weight, scores, threshold)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         weight, scores, threshold = ctx.saved_tensors
         grad_weight, grad_scores = ops.hypergrad(grad, weight, scores, threshold, ctx.structure,
@@ -55,6 +60,7 @@ class _MaskedLinear(torch.autograd.Function):
         ctx.save_for_backward(input, weight, scores, threshold)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         input, weight, scores, threshold = ctx.saved_tensors
         grad_input, grad_weight, grad_scores = ops.masked_linear_backward(

@@ -114,6 +114,32 @@ def test_masked_linear_layer_on_the_triton_backend(monkeypatch, seed, name):
         torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("make, input_shape", [(lambda: bipkernels.MaskedLinear(7, 5, structure="filter"), (7,)),
+                                               (lambda: bipkernels.MaskedConv2d(2, 3, 3), (2, 4, 4))])
+def test_torch_func_on_the_triton_backend(monkeypatch, seed, make, input_shape):
+    """torch.func.grad and vmap (per-sample gradients) through the triton ops (the fused matmul for the
+    linear layer) give the gradients the torch backend's loss.backward() gives, example by example."""
+    layer = make()
+    bipkernels.project(layer, 0.5)
+    layer.inv_gamma = INV_GAMMA
+    params, buffers = dict(layer.named_parameters()), dict(layer.named_buffers())
+    inputs = torch.randn(2, *input_shape)
+
+    def loss(params, inputs):
+        return torch.func.functional_call(layer, {**params, **buffers}, (inputs,)).sin().sum()
+
+    monkeypatch.setenv("BIPKERNELS_BACKEND", "triton")
+    whole = torch.func.grad(loss)(params, inputs)
+    per_example = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, inputs[:, None])
+    monkeypatch.setenv("BIPKERNELS_BACKEND", "torch")
+    for index, batch in [(None, inputs), (0, inputs[:1]), (1, inputs[1:])]:
+        layer.zero_grad()
+        loss(params, batch).backward()
+        for name, param in params.items():
+            got = whole[name] if index is None else per_example[name][index]
+            torch.testing.assert_close(got, param.grad, rtol=1e-5, atol=1e-5)
+
+
 def test_float64_and_mixed_dtypes_stay_unfused(triton_backend, seed):
     """The matmul has no float64 path: the layer runs masked_weight (a triton kernel) then F.linear."""
     layer = bipkernels.MaskedLinear(6, 5, dtype=torch.float64)
