@@ -99,3 +99,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("large") is not None:
             item.add_marker(skip)
+
+
+def pytest_make_parametrize_id(config, val, argname):
+    """dtypes by name in test ids (``float32``, not ``dtype0``), so that ``-k float32`` selects them."""
+    if isinstance(val, torch.dtype):
+        return str(val).removeprefix("torch.")
+    return None

@@ -15,7 +15,7 @@ from torch.library import triton_op, wrap_triton
 
 from ..reference import score_dtype
 from ..structures import Structure
-from .layout import CHANNEL, FILTER, TILE, Matrix, check_float, launch_size, matrix_of, structure_of
+from .layout import CHANNEL, FILTER, TILE, Matrix, check_float, launch_size, matrix_of, on_device, structure_of
 
 
 @triton.jit
@@ -27,7 +27,7 @@ def _element(block, j, rows, cols, inner, tile_cols, KIND: tl.constexpr, A: tl.c
         exists = j < cols
     elif KIND == CHANNEL:
         flat = (j // inner) * cols + block * inner + j % inner
-        exists = j < rows * inner
+        exists = j // inner < rows  # not j < rows * inner: the int32 arguments' product can wrap
     elif KIND == TILE:
         tile_row = block // tile_cols
         row = tile_row * A + j // B
@@ -91,4 +91,5 @@ def compute(scores: torch.Tensor, structure: Structure) -> torch.Tensor:
 def block_scores(scores: torch.Tensor, kind: int, a: int, b: int, p: int) -> torch.Tensor:
     """|s| reduced per block (see bipkernels.ops.block_scores): the schema of the compiled op."""
     check_float("block_scores", "scores", scores)
-    return compute(scores.contiguous(), structure_of("block_scores", scores, kind, a, b, p))
+    with on_device(scores):
+        return compute(scores.contiguous(), structure_of("block_scores", scores, kind, a, b, p))

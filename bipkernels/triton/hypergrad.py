@@ -15,7 +15,7 @@ from torch.library import triton_op, wrap_triton
 
 from ..reference import IMPLICIT_FORMS
 from . import mask_rule
-from .layout import check_float, check_like, launch_size, structure_of
+from .layout import check_float, check_like, launch_size, on_device, structure_of
 
 _BLOCK = launch_size(1024, 64)
 
@@ -73,8 +73,9 @@ def hypergrad(grad: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, th
     grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
     grad_scores = torch.empty_like(grad_weight)
     if weight.numel():
-        mask = mask_rule.prepare(op, scores.contiguous(), threshold, structure)
-        wrap_triton(_hypergrad_kernel)[(triton.cdiv(weight.numel(), _BLOCK),)](
-            *mask.args, grad.contiguous(), weight.contiguous(), inv_gamma_tensor(inv_gamma, weight.device),
-            grad_weight, grad_scores, weight.numel(), **mask.meta, RELEASED=released, BLOCK=_BLOCK)
+        with on_device(weight):
+            mask = mask_rule.prepare(op, scores.contiguous(), threshold, structure)
+            wrap_triton(_hypergrad_kernel)[(triton.cdiv(weight.numel(), _BLOCK),)](
+                *mask.args, grad.contiguous(), weight.contiguous(), inv_gamma_tensor(inv_gamma, weight.device),
+                grad_weight, grad_scores, weight.numel(), **mask.meta, RELEASED=released, BLOCK=_BLOCK)
     return grad_weight, grad_scores

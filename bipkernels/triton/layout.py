@@ -7,6 +7,7 @@ as in bipkernels.structures; the kernels index it by int64 flat offsets.
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -78,6 +79,12 @@ def check_threshold(op: str, threshold: torch.Tensor, scores: torch.Tensor, stru
                          f"{threshold.dtype} of shape {tuple(threshold.shape)}")
     if threshold.device != scores.device:
         raise ValueError(f"bipkernels.{op}: threshold is on {threshold.device} but scores are on {scores.device}")
+
+
+def on_device(tensor: torch.Tensor):
+    """A context that makes ``tensor``'s GPU the current one: a triton launch goes to the current device
+    and its stream, whichever device its tensors are on. Nothing to do for CPU tensors (the interpreter)."""
+    return torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()
 
 
 def launch_size(gpu: int, interpreted: int) -> int:

@@ -21,6 +21,7 @@ Offsets are int64.
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -29,7 +30,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from . import hypergrad, mask_rule
-from .layout import INTERPRETING, check_float, check_like, structure_of
+from .layout import INTERPRETING, check_float, check_like, on_device, structure_of
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -39,7 +40,15 @@ _GPU_CONFIGS = [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4)
 
 
 def _configs() -> list[triton.Config]:
-    tiles = [(16, 16, 16, 1, 1)] if INTERPRETING else _GPU_CONFIGS
+    """The autotuned tile shapes. BIPKERNELS_TRITON_AUTOTUNE=0 (read at import) keeps one, a middle
+    size: no tuning pass, one compile per kernel variant (the GPU tests use it to keep their compiles
+    few)."""
+    if INTERPRETING:
+        tiles = [(16, 16, 16, 1, 1)]
+    elif os.environ.get("BIPKERNELS_TRITON_AUTOTUNE", "1") == "0":
+        tiles = [(128, 128, 32, 4, 4)]
+    else:
+        tiles = _GPU_CONFIGS
     return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8), num_warps=warps, num_stages=stages)
             for m, n, k, warps, stages in tiles]
 
@@ -80,7 +89,7 @@ def _masked_weight_tile(weight_ptr, scores_ptr, block_scores_ptr, value, cut, ti
     return tl.where(keep, weight, tl.zeros_like(weight))
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K"])
+@triton.autotune(configs=_configs(), key=["M", "N", "K", "KIND", "TRANSPOSED"])
 @triton.jit
 def _times_masked_weight_kernel(scores_ptr, block_scores_ptr, threshold_ptr, cols, inner, tile_cols, a_ptr,
                                 weight_ptr, bias_ptr, out_ptr, M, N, K, KIND: tl.constexpr, A: tl.constexpr,
@@ -114,7 +123,7 @@ def _times_masked_weight_kernel(scores_ptr, block_scores_ptr, threshold_ptr, col
              mask=(rows[:, None] < M) & (cols_out[None, :] < out_cols))
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K"])
+@triton.autotune(configs=_configs(), key=["M", "N", "K", "KIND"])
 @triton.jit
 def _weight_grad_kernel(scores_ptr, block_scores_ptr, threshold_ptr, cols, inner, tile_cols, grad_out_ptr, x_ptr,
                         weight_ptr, inv_gamma_ptr, grad_weight_ptr, grad_scores_ptr, M, N, K, KIND: tl.constexpr,
@@ -196,7 +205,8 @@ def masked_linear(input: torch.Tensor, weight: torch.Tensor, scores: torch.Tenso
     if bias is not None:
         others["bias"] = (bias, weight.shape[0])
     structure = _check(op, weight, scores, threshold, kind, a, b, p, **others)
-    return _times_masked_weight(op, input, weight, scores, threshold, structure, bias, transposed=True)
+    with on_device(weight):
+        return _times_masked_weight(op, input, weight, scores, threshold, structure, bias, transposed=True)
 
 
 @triton_op("bipkernels_triton::masked_linear_grad_input", mutates_args=())
@@ -205,7 +215,8 @@ def masked_linear_grad_input(grad_output: torch.Tensor, weight: torch.Tensor, sc
     """∂l/∂input = grad_output (m ⊙ θ): grad_output (..., N) -> (..., K)."""
     op = "masked_linear_grad_input"
     structure = _check(op, weight, scores, threshold, kind, a, b, p, grad_output=(grad_output, weight.shape[0]))
-    return _times_masked_weight(op, grad_output, weight, scores, threshold, structure, None, transposed=False)
+    with on_device(weight):
+        return _times_masked_weight(op, grad_output, weight, scores, threshold, structure, None, transposed=False)
 
 
 @triton_op("bipkernels_triton::masked_linear_grad_weight", mutates_args=())
@@ -226,9 +237,10 @@ def masked_linear_grad_weight(grad_output: torch.Tensor, input: torch.Tensor, we
     grad_weight = torch.empty(N, K, dtype=weight.dtype, device=weight.device)
     grad_scores = torch.empty_like(grad_weight)
     if grad_weight.numel():
-        mask = mask_rule.prepare(op, scores.contiguous(), threshold, structure)
-        wrap_triton(_weight_grad_kernel)[_grid(N, K)](
-            *mask.args, grad_rows, input_rows, weight.contiguous(),
-            hypergrad.inv_gamma_tensor(inv_gamma, weight.device), grad_weight, grad_scores, grad_rows.shape[0], N, K,
-            **mask.meta, RELEASED=released, **_common(weight))
+        with on_device(weight):
+            mask = mask_rule.prepare(op, scores.contiguous(), threshold, structure)
+            wrap_triton(_weight_grad_kernel)[_grid(N, K)](
+                *mask.args, grad_rows, input_rows, weight.contiguous(),
+                hypergrad.inv_gamma_tensor(inv_gamma, weight.device), grad_weight, grad_scores, grad_rows.shape[0],
+                N, K, **mask.meta, RELEASED=released, **_common(weight))
     return grad_weight, grad_scores

@@ -9,7 +9,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from . import mask_rule
-from .layout import check_float, check_like, launch_size, structure_of
+from .layout import check_float, check_like, launch_size, on_device, structure_of
 
 _BLOCK = launch_size(1024, 64)
 
@@ -45,7 +45,8 @@ def _apply(op: str, scores: torch.Tensor, threshold: torch.Tensor, structure, we
 def block_mask(scores: torch.Tensor, threshold: torch.Tensor, kind: int, a: int, b: int, p: int) -> torch.Tensor:
     """Bool mask shaped like ``scores`` (bipkernels.ops.block_mask)."""
     check_float("block_mask", "scores", scores)
-    return _apply("block_mask", scores, threshold, structure_of("block_mask", scores, kind, a, b, p), None)
+    with on_device(scores):
+        return _apply("block_mask", scores, threshold, structure_of("block_mask", scores, kind, a, b, p), None)
 
 
 @triton_op("bipkernels_triton::masked_weight", mutates_args=())
@@ -55,4 +56,5 @@ def masked_weight(weight: torch.Tensor, scores: torch.Tensor, threshold: torch.T
     op = "masked_weight"
     check_float(op, "weight", weight)
     check_like(op, "scores", scores, "weight", weight)
-    return _apply(op, scores, threshold, structure_of(op, scores, kind, a, b, p), weight)
+    with on_device(weight):
+        return _apply(op, scores, threshold, structure_of(op, scores, kind, a, b, p), weight)

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .layout import check_float, launch_size
+from .layout import check_float, launch_size, on_device
 
 DIGIT_BITS = 11
 _BUCKETS = tl.constexpr(1 << DIGIT_BITS)
@@ -219,30 +219,31 @@ def topk_threshold(block_scores: list[torch.Tensor], k: int, absolute: bool = Fa
                              f"block_scores[0] is {first.dtype} on {first.device}")
     f64, device = first.dtype == torch.float64, first.device
     total = sum(tensor.numel() for tensor in tensors)
-    rows = torch.empty(len(tensors), 2, dtype=torch.float64, device=device)
-    state = torch.zeros(6, dtype=torch.int64, device=device)
-    passes = list(_passes(64 if f64 else 32))
-    histograms = torch.zeros(len(passes), _BUCKETS.value, dtype=torch.int64, device=device)
-    for histogram, (first_pass, shift, higher, digit_mask) in zip(histograms, passes):
-        for tensor in tensors:
-            if tensor.numel():
-                grid = (min(triton.cdiv(tensor.numel(), _BLOCK), _PROGRAMS),)
-                wrap_triton(_histogram_kernel)[grid](tensor, tensor.numel(), histogram, state, F64=f64,
-                                                     ABSOLUTE=absolute, FIRST=first_pass, SHIFT=shift,
-                                                     HIGHER=higher, DIGIT_MASK=digit_mask, BLOCK=_BLOCK)
-        wrap_triton(_choose_kernel)[(1,)](histogram, state, min(k, total), total, F64=f64, FIRST=first_pass,
-                                          SHIFT=shift)
-    chunks = [triton.cdiv(tensor.numel(), _CHUNK) for tensor in tensors]
-    chunk_ties = torch.empty(max(sum(chunks), 1), dtype=torch.int64, device=device)
-    begin = 0
-    for tensor, count in zip(tensors, chunks):
-        if count:
-            wrap_triton(_tie_count_kernel)[(count,)](tensor, tensor.numel(), chunk_ties[begin:], state, F64=f64,
-                                                     ABSOLUTE=absolute, CHUNK=_CHUNK)
-        begin += count
-    begin = 0
-    for tensor, count, row in zip(tensors, chunks, rows):
-        wrap_triton(_row_kernel)[(1,)](tensor, tensor.numel(), chunk_ties[begin:], count, state, row, F64=f64,
-                                       ABSOLUTE=absolute, CHUNK=_CHUNK, CHUNK_BLOCK=_CHUNK_BLOCK)
-        begin += count
-    return rows
+    with on_device(first):
+        rows = torch.empty(len(tensors), 2, dtype=torch.float64, device=device)
+        state = torch.zeros(6, dtype=torch.int64, device=device)
+        passes = list(_passes(64 if f64 else 32))
+        histograms = torch.zeros(len(passes), _BUCKETS.value, dtype=torch.int64, device=device)
+        for histogram, (first_pass, shift, higher, digit_mask) in zip(histograms, passes):
+            for tensor in tensors:
+                if tensor.numel():
+                    grid = (min(triton.cdiv(tensor.numel(), _BLOCK), _PROGRAMS),)
+                    wrap_triton(_histogram_kernel)[grid](tensor, tensor.numel(), histogram, state, F64=f64,
+                                                         ABSOLUTE=absolute, FIRST=first_pass, SHIFT=shift,
+                                                         HIGHER=higher, DIGIT_MASK=digit_mask, BLOCK=_BLOCK)
+            wrap_triton(_choose_kernel)[(1,)](histogram, state, min(k, total), total, F64=f64, FIRST=first_pass,
+                                              SHIFT=shift)
+        chunks = [triton.cdiv(tensor.numel(), _CHUNK) for tensor in tensors]
+        chunk_ties = torch.empty(max(sum(chunks), 1), dtype=torch.int64, device=device)
+        begin = 0
+        for tensor, count in zip(tensors, chunks):
+            if count:
+                wrap_triton(_tie_count_kernel)[(count,)](tensor, tensor.numel(), chunk_ties[begin:], state, F64=f64,
+                                                         ABSOLUTE=absolute, CHUNK=_CHUNK)
+            begin += count
+        begin = 0
+        for tensor, count, row in zip(tensors, chunks, rows):
+            wrap_triton(_row_kernel)[(1,)](tensor, tensor.numel(), chunk_ties[begin:], count, state, row, F64=f64,
+                                           ABSOLUTE=absolute, CHUNK=_CHUNK, CHUNK_BLOCK=_CHUNK_BLOCK)
+            begin += count
+        return rows
