@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -69,6 +71,55 @@ def test_export_dense_of_a_layer_and_of_a_plain_model():
     dense = nn.Sequential(nn.Linear(3, 3))
     copy = bipkernels.export_dense(dense)
     assert copy is not dense and torch.equal(copy[0].weight, dense[0].weight)
+
+
+def test_exports_keep_hooks_frozen_flags_layout_and_the_random_stream(seed):
+    """A user's hook moved onto a masked layer by convert, frozen layers and channels_last weights come
+    through both exports; building the plain layers draws no random numbers."""
+    model = randomize_masked(bipkernels.convert(Net().double(), 0.0, "filter"))
+    bipkernels.project(model, 0.5, scope="layer")
+    model.conv1.register_forward_hook(lambda module, inputs, output: output * 3)
+    model.conv2.weight.requires_grad_(False)
+    model.head.bias.requires_grad_(False)
+    model.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 4, 4, 4, dtype=torch.float64)
+    for export in (bipkernels.export_dense, lambda model: bipkernels.export_shrunk(model, x, warn=False)[0]):
+        state = torch.get_rng_state()
+        exported = export(model)
+        assert torch.equal(torch.get_rng_state(), state)
+        model.eval()
+        torch.testing.assert_close(exported.eval()(x), model(x), rtol=1e-12, atol=1e-12)
+        assert len(exported.conv1._forward_hooks) == 1
+        assert not exported.conv2.weight.requires_grad and not exported.head.bias.requires_grad
+        assert exported.conv1.weight.requires_grad
+        assert exported.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_export_dense_keeps_what_ties_it_can_and_names_the_rest(seed):
+    """A Linear head tied to an embedding (GPT-2): pruned, the export holds θ ⊙ m in the head and θ in the
+    embedding, as the masked model computes, and says that the tie came apart; unpruned, the tie stays.
+    A bias shared with another layer stays shared."""
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head, self.side = nn.Embedding(10, 6), nn.Linear(6, 10), nn.Linear(6, 10)
+            self.head.weight, self.side.bias = self.embed.weight, self.head.bias
+
+        def forward(self, tokens):
+            hidden = self.embed(tokens)
+            return self.head(hidden) + self.side(hidden)
+
+    tokens = torch.randint(0, 10, (3, 5))
+    for sparsity, tied in ((0.0, True), (0.5, False)):
+        model = bipkernels.convert(Tied().double(), sparsity, exclude="side")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            dense = bipkernels.export_dense(model)
+        assert ["embed.weight and head.weight" in str(w.message) for w in caught] == ([] if tied else [True])
+        assert (dense.head.weight is dense.embed.weight) == tied
+        assert dense.side.bias is dense.head.bias
+        torch.testing.assert_close(dense(tokens), model(tokens), rtol=0, atol=0)
 
 
 def test_prune_masks_are_the_exact_masks(seed):

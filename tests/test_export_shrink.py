@@ -598,3 +598,26 @@ def test_shrink_of_a_product_of_flattened_features(seed):
         small, report = bipkernels.export_shrunk(model, x)
     assert report.shapes == {}
     torch.testing.assert_close(small(x), model(x), rtol=0, atol=0)
+
+
+def test_batch_norm_on_flattened_features_carries_no_constant(seed):
+    """BatchNorm1d over a flattened map gives each of a channel's features its own affine map: a pruned
+    filter's constant is no longer one value per channel, so it cannot fold into the next bias (this
+    used to fold the first feature's value for all of them: a wrong model, or the guard's error)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 5)).double()
+    with torch.no_grad():
+        model[0].weight[1] = 0
+        model[2].running_mean.normal_()
+        model[2].weight.normal_()
+        model[2].bias.normal_()
+    model.eval()
+    small, _ = bipkernels.export_shrunk(model, torch.randn(2, 3, 4, 4, dtype=torch.float64), warn=False)
+    x = torch.randn(200, 3, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close(small(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+def test_shrink_refuses_a_model_on_the_meta_device():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    with pytest.raises(ValueError, match=r"export_shrunk: 0.weight is on the meta device"):
+        bipkernels.export_shrunk(model, torch.randn(1, 3, 5, 5))

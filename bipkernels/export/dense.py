@@ -3,32 +3,70 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
+from torch.nn.utils import skip_init
 
 from .. import ops
-from ..nn import MaskedConv2d, masked_layers, masks
+from ..nn import _HOOK_DICTS, masked_layers, masks
 
 
 @torch.no_grad()
+def plain_layer(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, groups: int | None = None):
+    """An nn.Conv2d or nn.Linear (as ``layer``, masked or plain, is one) with ``layer``'s settings holding
+    copies of ``weight`` and ``bias`` (their shapes give its sizes; ``groups`` replaces a convolution's), in
+    the memory format of ``layer``'s weight. No initialisation runs: the caller's random numbers stay as
+    they were. carry_over then gives it ``layer``'s mode, requires_grad flags and hooks."""
+    factory = dict(device=weight.device, dtype=weight.dtype)
+    if isinstance(layer, nn.Conv2d):
+        groups = layer.groups if groups is None else groups
+        plain = skip_init(nn.Conv2d, weight.shape[1] * groups, weight.shape[0], layer.kernel_size, layer.stride,
+                          layer.padding, layer.dilation, groups, bias is not None, layer.padding_mode, **factory)
+    else:
+        plain = skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias is not None, **factory)
+    plain.weight.copy_(weight)
+    if bias is not None:
+        plain.bias.copy_(bias)
+    if layer.weight.dim() == 4 and layer.weight.is_contiguous(memory_format=torch.channels_last) \
+            and not layer.weight.is_contiguous():
+        plain.to(memory_format=torch.channels_last)
+    return plain
+
+
+def carry_over(old: nn.Module, new: nn.Module) -> nn.Module:
+    """``new`` (in place, returned) takes ``old``'s training mode, the requires_grad flag of each of its
+    parameters by name (a parameter ``old`` lacks, such as a bias that folded constants made, takes the
+    weight's), and its hooks (the same functions: a user's hook acts on the export as on the model;
+    removing it through its handle removes it from ``old`` only)."""
+    new.train(old.training)
+    for name, parameter in new.named_parameters(recurse=False):
+        source = getattr(old, name, None)
+        parameter.requires_grad_((source if source is not None else old.weight).requires_grad)
+    for hooks in _HOOK_DICTS:
+        getattr(new, hooks).update(getattr(old, hooks))
+    return new
+
+
 def _plain_twin(layer) -> nn.Module:
     """The nn.Conv2d / nn.Linear of a masked layer with weight θ ⊙ m (exactly 0 where pruned, even where θ
-    is NaN or inf), the same bias, device, dtype, training mode and requires_grad."""
-    weight = layer.weight
-    factory = dict(device=weight.device, dtype=weight.dtype)
-    if isinstance(layer, MaskedConv2d):
-        plain = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-                          layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode, **factory)
-    else:
-        plain = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None, **factory)
-    plain.weight.copy_(ops.masked_weight(weight, layer.scores, layer.threshold, layer.structure))
-    plain.weight.requires_grad_(weight.requires_grad)
-    if layer.bias is not None:
-        plain.bias.copy_(layer.bias)
-        plain.bias.requires_grad_(layer.bias.requires_grad)
-    return plain.train(layer.training)
+    is NaN or inf), the same bias, device, dtype, layout, training mode, requires_grad and hooks."""
+    masked = ops.masked_weight(layer.weight.detach(), layer.scores.detach(), layer.threshold, layer.structure)
+    return carry_over(layer, plain_layer(layer, masked, layer.bias))
+
+
+def _tied(model: nn.Module, kept: dict) -> list[str]:
+    """'NAME and NAME' for each masked layer's weight that other modules also hold and the export cannot
+    keep shared (``kept``: deepcopy's memo, where the parameters it can keep shared map to their copies)."""
+    holders: dict[int, list[str]] = {}
+    for name, module in model.named_modules():  # a module shared under two names counts once
+        for key, parameter in module._parameters.items():
+            if parameter is not None:
+                holders.setdefault(id(parameter), []).append(f"{name}.{key}" if name else key)
+    weights = {id(layer.weight) for _, layer in masked_layers(model)} - kept.keys()
+    return [" and ".join(names) for key, names in holders.items() if key in weights and len(names) > 1]
 
 
 def export_dense(model: nn.Module, *, prune_masks: bool = False) -> nn.Module:
@@ -36,14 +74,28 @@ def export_dense(model: nn.Module, *, prune_masks: bool = False) -> nn.Module:
 
     The copy's state_dict has the keys of the unconverted architecture (no scores or thresholds), so it
     loads into a freshly built model; outputs equal the masked model's in train and eval mode. Layers
-    shared between several places stay shared. ``model`` is unchanged; a model without masked layers
-    comes back as a plain deep copy. ``prune_masks=True`` also attaches each exact mask with
-    torch.nn.utils.prune (``apply_prune_masks``): the state_dict then holds ``weight_orig`` and
-    ``weight_mask`` until ``torch.nn.utils.prune.remove``.
+    shared between several places stay shared, and so do parameters shared with other modules, but for a
+    pruned weight: the masked layer used θ ⊙ m and the others θ, so the export unties them and warns (its
+    state_dict loaded into an architecture that ties them would give other outputs). ``model`` is
+    unchanged; a model without masked layers comes back as a plain deep copy. ``prune_masks=True`` also
+    attaches each exact mask with torch.nn.utils.prune (``apply_prune_masks``): the state_dict then holds
+    ``weight_orig`` and ``weight_mask`` until ``torch.nn.utils.prune.remove``.
     """
     # Seeding deepcopy's memo swaps each masked layer for its twin wherever the model refers to it,
-    # without copying scores that the export throws away.
-    twins = {id(layer): _plain_twin(layer) for _, layer in masked_layers(model)}
+    # without copying scores that the export throws away. A bias, and a weight nothing prunes, that
+    # other modules also hold stay shared with them through the twin's copy.
+    twins = {}
+    for _, layer in masked_layers(model):
+        twin = twins[id(layer)] = _plain_twin(layer)
+        if layer.bias is not None:
+            twins.setdefault(id(layer.bias), twin.bias)
+        if not layer.weight.is_meta and torch.equal(twin.weight, layer.weight):
+            twins.setdefault(id(layer.weight), twin.weight)
+    tied = _tied(model, twins)
+    if tied:
+        warnings.warn(f"bipkernels.export_dense: weights tied in the model come apart ({'; '.join(tied)}): the "
+                      "masked layer computed with θ ⊙ m and the others with θ, and so does the export, but its "
+                      "state_dict loaded into an architecture that ties them gives other outputs", stacklevel=2)
     dense = copy.deepcopy(model, memo=twins)
     return apply_prune_masks(dense, masks(model)) if prune_masks else dense
 

@@ -9,7 +9,7 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
-from .dense import export_dense
+from .dense import carry_over, export_dense, plain_layer
 from .spaces import ChannelGraph, Recorder, group_view, is_depthwise, pads_with_zeros, zero_columns
 
 
@@ -138,19 +138,9 @@ def _index(keep: torch.Tensor, expansion: int) -> torch.Tensor:
     return (channels[:, None] * expansion + torch.arange(expansion)).flatten()
 
 
-@torch.no_grad()
 def _shrunk_reader(module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-    factory = dict(device=module.weight.device, dtype=module.weight.dtype)
-    if type(module) is nn.Linear:
-        new = nn.Linear(weight.shape[1], weight.shape[0], bias is not None, **factory)
-    else:  # a depthwise convolution keeps one group per channel, other convolutions their groups
-        groups = weight.shape[0] if is_depthwise(module) else module.groups
-        new = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], module.kernel_size, module.stride, module.padding,
-                        module.dilation, groups, bias is not None, module.padding_mode, **factory)
-    new.weight.copy_(weight)
-    if bias is not None:
-        new.bias.copy_(bias)
-    return new
+    # A depthwise convolution keeps one group per channel, other convolutions their groups.
+    return plain_layer(module, weight, bias, weight.shape[0] if is_depthwise(module) else None)
 
 
 @torch.no_grad()
@@ -236,6 +226,10 @@ def export_shrunk(model: nn.Module, example_inputs, *, warn: bool = True) -> tup
     model's outputs there differ from the model's by more than rounding (2·√eps relative), a guard that
     no model should reach.
     """
+    meta = next((name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta), None)
+    if meta is not None:
+        raise ValueError(f"export_shrunk: {meta} is on the meta device: finding zero filters needs the values "
+                         "(load the weights first)")
     dense = export_dense(model).eval()
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     report = ShrinkReport()
@@ -394,8 +388,7 @@ def _zero_parts(module: nn.Module) -> str:
 
 def _replace(model: nn.Module, name: str, new: nn.Module, report: ShrinkReport) -> None:
     old = model.get_submodule(name)
-    new.train(old.training)
-    model.set_submodule(name, new)
+    model.set_submodule(name, carry_over(old, new))
     report.shapes[name] = (_channels_shape(old), _channels_shape(new))
 
 

@@ -336,6 +336,8 @@ class ChannelGraph:
                 carried = self.zero_filters(module) if carried is None else carried | self.zero_filters(module)
             elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
                 self.members[node] = module
+                if self.expansion[node] > 1:  # on flattened features: each of a channel's has its own affine
+                    carried = None
             self.constant[node] = carried
 
     def _kind(self, node, module) -> tuple[str, str]:
