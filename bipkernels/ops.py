@@ -13,6 +13,7 @@ Keep counts: ``keep_count(n, sparsity)`` = round-half-up((1 − sparsity) · n),
 
 from __future__ import annotations
 
+import fractions
 import math
 import numbers
 import os
@@ -132,10 +133,12 @@ def check_sparsity(sparsity, owner: str = "bipkernels") -> float:
 
 def keep_count(n: int, sparsity: float) -> int:
     """Blocks kept out of ``n`` >= 0 at ``sparsity`` (the pruned fraction): round-half-up((1 − sparsity)·n),
-    so in [0, n]; keep_count(0, s) = 0."""
+    so in [0, n]; keep_count(0, s) = 0. The product is exact, with ``sparsity`` read as the decimal it
+    prints as: keep_count(5, 0.9) = 1 (0.5 rounds up), although 1 − 0.9 is 0.09999999999999998 in floats."""
     n = check_int("bipkernels.keep_count", "n", n)
     sparsity = check_sparsity(sparsity, "bipkernels.keep_count")
-    return min(max(math.floor((1.0 - sparsity) * n + 0.5), 0), n)
+    kept = (1 - fractions.Fraction(repr(float(sparsity)))) * n
+    return min(max(math.floor(kept + fractions.Fraction(1, 2)), 0), n)
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -170,13 +173,13 @@ def _check_threshold(op: str, threshold, scores: torch.Tensor, structure: Struct
 
 
 def _structure(op: str, structure, p, scores: torch.Tensor) -> Structure:
-    """The parsed structure, checked against the scores' shape; errors name the op."""
+    """The parsed structure, checked against the scores' shape and fitted to it; errors name the op."""
     try:
         parsed = parse_structure(structure, p)
         parsed.check_shape(scores.shape, "scores")
     except (ValueError, TypeError) as error:
         raise type(error)(f"bipkernels.{op}: {error}") from None
-    return parsed
+    return parsed.fitted(scores.shape)
 
 
 # -------------------------------------------------------------------------------------------------- ops

@@ -87,6 +87,15 @@ class Structure:
                     f"structure {self}: {name} has {channels} input channels (shape {tuple(shape)}), "
                     f"not a multiple of M = {self.b}")
 
+    def fitted(self, shape) -> Structure:
+        """This structure on a tensor of ``shape``, tile sizes cut to the matrix: the same blocks (a tile
+        taller or wider than the matrix is cut at its edge anyway), but no kernel walks, and no reference
+        pads, the positions past it (tile1x1000000000 on a (3, 4) weight)."""
+        if self.kind != "tile":
+            return self
+        rows, cols, _, _ = self.matrix_shape(shape)
+        return Structure("tile", min(self.a, max(rows, 1)), min(self.b, max(cols, 1)), self.p)
+
     def block_scores_shape(self, shape) -> tuple[int, ...]:
         """Shape of block_scores() of a tensor of this shape."""
         rows, cols, channels, _ = self.matrix_shape(shape)

@@ -203,10 +203,38 @@ def test_topk_masks_exact_count_and_order(seed, structure_name):
             assert mask.shape == scores.shape
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_cpu_kernels)])
+def test_tiles_past_the_matrix_are_cut_to_it(monkeypatch, seed, backend):
+    """A tile taller or wider than the weight is cut at its edge: tile 1x(2^63 - 1) on a (5, 2, 3) weight
+    is one block per row, as tile1x6 is. Huge sizes overflowed the C++ index arithmetic (a wrong shape, a
+    crash) and made the reference pad to the full tile."""
+    force_backend(monkeypatch, backend)
+    huge = 2**63 - 1
+    scores, weight, grad = (torch.randn(5, 2, 3) for _ in range(3))
+    for name, cut in ((f"tile1x{huge}", "tile1x6"), (f"tile{huge}x1", "tile5x1"), (f"tile{huge}x{huge}", "tile5x6"),
+                      ("tile7x4", "tile5x4")):
+        blocks = ops.block_scores(scores, name)
+        assert torch.equal(blocks, reference.block_scores(scores, parse_structure(cut))), name
+        threshold = reference.topk_threshold([blocks], blocks.numel() // 2)[0]
+        want = reference.hypergrad(grad, weight, scores, threshold, parse_structure(cut), 0.3)
+        assert torch.equal(ops.block_mask(scores, threshold, name),
+                           reference.block_mask(scores, threshold, parse_structure(cut))), name
+        assert all(torch.equal(g, w) for g, w in zip(ops.hypergrad(grad, weight, scores, threshold, name, inv_gamma=0.3), want))
+    if backend == "cpu":  # the registered op itself, called without the Python wrapper
+        assert torch.equal(torch.ops.bipkernels.block_scores(scores, 4, huge, huge, 1),
+                           reference.block_scores(scores, parse_structure("tile5x6")))
+
+
 def test_keep_count_rounding():
     assert ops.keep_count(10, 0.9) == 1
     assert ops.keep_count(5, 0.5) == 3  # round half up
     assert ops.keep_count(7, 0.0) == 7 and ops.keep_count(7, 1.0) == 0
+    # Halves in decimal that floats miss: 1 - 0.9 = 0.09999999999999998, and so on.
+    assert [ops.keep_count(n, s) for n, s in ((5, 0.9), (15, 0.9), (25, 0.34), (50, 0.99))] == [1, 2, 17, 1]
+    for n in range(0, 120):  # against exact decimal arithmetic
+        for hundredths in range(0, 101):
+            kept = (100 - hundredths) * n  # hundredths of a block
+            assert ops.keep_count(n, hundredths / 100) == (kept + 50) // 100, (n, hundredths)
     for bad in (-0.1, 1.5, "0.5", float("nan"), True):
         with pytest.raises(ValueError, match="sparsity"):
             ops.keep_count(10, bad)

@@ -2,6 +2,7 @@
 // offending value, so an error deep inside a training run says what was wrong.
 #pragma once
 
+#include <algorithm>
 #include <initializer_list>
 #include <vector>
 
@@ -106,6 +107,9 @@ inline BlockLayout make_layout(const at::Tensor& scores, int64_t kind, int64_t a
   }
   if (kind == kTile) {
     TORCH_CHECK(a >= 1 && b >= 1, "bipkernels.", op, ": tile sizes must be positive, got ", a, "x", b);
+    // The same blocks with the tile cut to the matrix, and no index past it (ceil_div cannot overflow).
+    layout.a = std::min(a, std::max<int64_t>(layout.rows, 1));
+    layout.b = std::min(b, std::max<int64_t>(layout.cols, 1));
   }
   return layout;
 }
