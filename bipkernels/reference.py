@@ -47,7 +47,8 @@ def block_scores(scores: torch.Tensor, structure: Structure) -> torch.Tensor:
     out_dtype = score_dtype(scores.dtype)
     if structure.kind in ("unstructured", "nm"):
         return scores.to(out_dtype).abs()
-    magnitude = scores.double().abs()
+    # Contiguous first: torch orders a sum by the memory layout, and float64 sums round by their order.
+    magnitude = scores.contiguous().double().abs()
     if structure.p == 2:
         magnitude = magnitude * magnitude
     rows, cols, channels, inner = structure.matrix_shape(scores.shape)

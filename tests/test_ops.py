@@ -226,6 +226,20 @@ def test_tiles_past_the_matrix_are_cut_to_it(monkeypatch, seed, backend):
                            reference.block_scores(scores, parse_structure("tile5x6")))
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_cpu_kernels)])
+def test_block_scores_do_not_depend_on_the_memory_layout(monkeypatch, seed, backend):
+    """float64 sums round by their order: the same values stored transposed or channels_last must give the
+    same block scores, bit for bit (torch's sum follows the layout)."""
+    force_backend(monkeypatch, backend)
+    scores = torch.randn(24, 40, dtype=torch.float64)
+    conv = torch.randn(16, 24, 3, 3, dtype=torch.float64)
+    for name in ("filter", "channel", "tile3x5"):
+        structure = parse_structure(name)
+        assert torch.equal(ops.block_scores(scores.t().contiguous().t(), structure), ops.block_scores(scores, structure))
+        assert torch.equal(ops.block_scores(conv.to(memory_format=torch.channels_last), structure),
+                           ops.block_scores(conv, structure))
+
+
 def test_keep_count_rounding():
     assert ops.keep_count(10, 0.9) == 1
     assert ops.keep_count(5, 0.5) == 3  # round half up
