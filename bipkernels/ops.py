@@ -118,7 +118,10 @@ def check_number(owner: str, name: str, value, minimum: float = 0.0, maximum: fl
     bounds = f"{'>' if open_low else '>='} {minimum:g}" if maximum == math.inf else \
         f"in {low}, {maximum:g}{')' if open_high else ']'}"
     real = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    finite = real and math.isfinite(value)
+    try:
+        finite = real and math.isfinite(value)
+    except OverflowError:  # an int past the float range (10**400)
+        finite = False
     if not (finite and (minimum < value if open_low else minimum <= value)
             and (value < maximum if open_high else value <= maximum)):
         kind = "number" if finite or not real else "finite number"
@@ -149,6 +152,8 @@ def _check_float(op: str, name: str, tensor) -> None:
         raise TypeError(f"bipkernels.{op}: {name} must be a tensor, got {type(tensor).__name__}")
     if tensor.dtype not in _FLOATING:
         raise TypeError(f"bipkernels.{op}: {name} must be float32, float64, float16 or bfloat16, got {tensor.dtype}")
+    if tensor.layout != torch.strided:
+        raise TypeError(f"bipkernels.{op}: {name} must be a dense (strided) tensor, got layout {tensor.layout}")
 
 
 def _check_like(op: str, name: str, tensor, like_name: str, like: torch.Tensor) -> None:
@@ -162,6 +167,9 @@ def _check_like(op: str, name: str, tensor, like_name: str, like: torch.Tensor) 
 def _check_threshold(op: str, threshold, scores: torch.Tensor, structure: Structure) -> torch.Tensor:
     """The threshold as the compiled ops take it (N:M: a placeholder, it is not read)."""
     if not structure.uses_threshold:
+        if threshold is not None and not isinstance(threshold, torch.Tensor):
+            raise TypeError(f"bipkernels.{op}: threshold must be None or a tensor (N:M does not read it), got "
+                            f"{type(threshold).__name__} {threshold!r}")
         return torch.empty(2, dtype=torch.float64, device=scores.device) if threshold is None else threshold
     if not isinstance(threshold, torch.Tensor) or threshold.dtype != torch.float64 or tuple(threshold.shape) != (2,):
         got = f"{threshold.dtype} of shape {tuple(threshold.shape)}" if isinstance(threshold, torch.Tensor) else \
@@ -219,7 +227,9 @@ def topk_threshold(block_scores_list, k: int, *, absolute: bool = False) -> torc
         raise TypeError(f"bipkernels.{op}: block_scores_list must be a tensor or a list of tensors, "
                         f"got {type(block_scores_list).__name__} {block_scores_list!r}")
     block_scores_list = list(block_scores_list)
-    k = check_int(f"bipkernels.{op}", "k", k)
+    # k past the number of blocks keeps them all: clamped, a k past int64 still reaches the compiled ops.
+    k = min(check_int(f"bipkernels.{op}", "k", k), sum(t.numel() for t in block_scores_list
+                                                         if isinstance(t, torch.Tensor)))
     for i, tensor in enumerate(block_scores_list):
         _check_float(op, f"block_scores[{i}]", tensor)
         first = block_scores_list[0]
@@ -252,6 +262,9 @@ def topk_masks(scores_list, k: int | None, structure: str | Structure = "unstruc
     For N:M structures the masks keep N of every M by themselves and ``k`` must be None.
     """
     parsed = parse_structure(structure, p)
+    if not isinstance(scores_list, (torch.Tensor, list, tuple)):
+        raise TypeError(f"bipkernels.topk_masks: scores_list must be a tensor or a list of tensors, got "
+                        f"{type(scores_list).__name__} {scores_list!r}")
     scores_list = [scores_list] if isinstance(scores_list, torch.Tensor) else list(scores_list)
     if not parsed.uses_threshold:
         if k is not None:

@@ -55,6 +55,13 @@ CASES = {
     "block_scores complex scores": (lambda: ops.block_scores(torch.rand(3, dtype=torch.complex64)), TypeError,
                                     "scores", "torch.complex64"),
     "block_scores not a tensor": (lambda: ops.block_scores([0.5, 1.0]), TypeError, "scores", "list"),
+    "block_scores sparse scores": (lambda: ops.block_scores(torch.rand(2, 4).to_sparse()), TypeError, "scores",
+                                   "sparse_coo"),
+    "block_mask N:M threshold str": (lambda: ops.block_mask(torch.rand(2, 4), "x", "2:4"), TypeError, "threshold",
+                                     "'x'"),
+    "topk_masks not a list": (lambda: ops.topk_masks(5, 1), TypeError, "scores_list", "5"),
+    "hypergrad inv_gamma past floats": (lambda: _hypergrad(inv_gamma=10**400), ValueError, "inv_gamma", "1000000"),
+    "keep_count sparsity past floats": (lambda: ops.keep_count(10, 10**400), ValueError, "sparsity", "1000000"),
     "block_scores N:M needs in % M == 0": (lambda: ops.block_scores(torch.rand(3, 6), "2:4"), ValueError, "scores",
                                           "(3, 6)"),
     "block_scores N > M": (lambda: ops.block_scores(torch.rand(3, 8), "5:4"), ValueError, "structure", "5:4"),
@@ -278,6 +285,7 @@ def test_valid_edge_values_are_accepted(seed):
     assert ops.keep_count(0, 0.5) == 0 and ops.keep_count(9, 0) == 9 and ops.keep_count(9, 1) == 0
     assert ops.topk_threshold([scores], 0).shape == (1, 2) and ops.topk_threshold((scores,), 24).shape == (1, 2)
     assert ops.topk_threshold([], 3).shape == (0, 2)
+    assert torch.equal(ops.topk_threshold(scores, 2**63), ops.topk_threshold(scores, 24))  # past int64: keep all
     grad_weight, _ = ops.hypergrad(scores, scores, scores, ops.topk_threshold(scores, 5), inv_gamma=0)
     assert int((grad_weight != 0).sum()) == 5
     assert parse_structure("0:4").a == 0 and parse_structure("tile9x9").a == 9

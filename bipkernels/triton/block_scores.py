@@ -15,7 +15,8 @@ from torch.library import triton_op, wrap_triton
 
 from ..reference import score_dtype
 from ..structures import Structure
-from .layout import CHANNEL, FILTER, TILE, Matrix, check_float, launch_size, matrix_of, on_device, structure_of
+from .layout import (CHANNEL, FILTER, TILE, Matrix, check_float, launch_size, matrix_of, on_device, structure_of,
+                     widen)
 
 
 @triton.jit
@@ -50,7 +51,7 @@ def _block_scores_kernel(scores_ptr, out_ptr, n_blocks, block_len, rows, cols, i
         j = start + tl.arange(0, BLOCK_J).to(tl.int64)
         flat, exists = _element(blocks[:, None], j[None, :], rows, cols, inner, tile_cols, KIND, A, B)
         exists = exists & (blocks[:, None] < n_blocks)
-        magnitude = tl.abs(tl.load(scores_ptr + flat, mask=exists, other=0.0).to(tl.float64))
+        magnitude = tl.abs(widen(tl.load(scores_ptr + flat, mask=exists, other=0.0)).to(tl.float64))
         if SQUARE:
             magnitude = magnitude * magnitude
         total += tl.sum(magnitude, axis=1)

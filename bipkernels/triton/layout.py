@@ -11,6 +11,7 @@ import contextlib
 from typing import NamedTuple
 
 import torch
+import triton
 import triton.language as tl
 
 from ..structures import KINDS, Structure
@@ -79,6 +80,18 @@ def check_threshold(op: str, threshold: torch.Tensor, scores: torch.Tensor, stru
                          f"{threshold.dtype} of shape {tuple(threshold.shape)}")
     if threshold.device != scores.device:
         raise ValueError(f"bipkernels.{op}: threshold is on {threshold.device} but scores are on {scores.device}")
+
+
+@triton.jit
+def widen(x):
+    """``x`` in float32 (float64 stays float64), exactly: bfloat16 by its bits, because the interpreter's
+    conversion rounds bfloat16 subnormals wrongly (1.0e-39 became 4.4e-39, 9.2e-41 became 0)."""
+    if x.dtype == tl.float64:
+        return x
+    elif x.dtype == tl.bfloat16:
+        return (x.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float32)
 
 
 def on_device(tensor: torch.Tensor):

@@ -19,16 +19,16 @@ import triton.language as tl
 
 from ..structures import Structure
 from . import block_scores
-from .layout import CHANNEL, FILTER, NM, UNSTRUCTURED, check_threshold, matrix_of
+from .layout import CHANNEL, FILTER, NM, UNSTRUCTURED, check_threshold, matrix_of, widen
 
 
 @triton.jit
 def to_score(x, F64: tl.constexpr):
-    """``x`` in the score type: float64 for float64 tensors, float32 for the others."""
+    """``x`` in the score type: float64 for float64 tensors, float32 for the others (exactly: widen)."""
     if F64:
-        return x.to(tl.float64)
+        return widen(x).to(tl.float64)
     else:
-        return x.to(tl.float32)
+        return widen(x).to(tl.float32)
 
 
 @triton.jit

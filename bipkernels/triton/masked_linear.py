@@ -30,7 +30,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from . import hypergrad, mask_rule
-from .layout import INTERPRETING, check_float, check_like, on_device, structure_of
+from .layout import INTERPRETING, check_float, check_like, on_device, structure_of, widen
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -71,7 +71,7 @@ def _tile(rows, cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.
 @triton.jit
 def _dot(a, b, acc, TF32: tl.constexpr, WIDEN: tl.constexpr):
     if WIDEN:  # the interpreter's dot misreads bfloat16 (triton 3.8); float32 products of it are exact
-        a, b = a.to(tl.float32), b.to(tl.float32)
+        a, b = widen(a), widen(b)
     if TF32:
         return tl.dot(a, b, acc, input_precision="tf32")
     else:
@@ -118,7 +118,7 @@ def _times_masked_weight_kernel(scores_ptr, block_scores_ptr, threshold_ptr, col
                                     inner_index[:, None], cols_out[None, :], N, K, KIND, A, B, F64)
         acc = _dot(a, w, acc, TF32, WIDEN)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols_out, mask=cols_out < out_cols, other=0.0).to(tl.float32)[None, :]
+        acc += widen(tl.load(bias_ptr + cols_out, mask=cols_out < out_cols, other=0.0))[None, :]
     tl.store(out_ptr + rows[:, None] * out_cols + cols_out[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=(rows[:, None] < M) & (cols_out[None, :] < out_cols))
 
@@ -144,7 +144,7 @@ def _weight_grad_kernel(scores_ptr, block_scores_ptr, threshold_ptr, cols, inner
     valid = (n < N) & (k < K)
     value, cut = mask_rule.load_threshold(threshold_ptr, F64)
     keep = mask_rule.kept(scores_ptr, block_scores_ptr, value, cut, n, k, valid, K, 1, tile_cols, KIND, A, B, F64)
-    theta = tl.load(weight_ptr + n * K + k, mask=valid, other=0.0).to(tl.float32)
+    theta = widen(tl.load(weight_ptr + n * K + k, mask=valid, other=0.0))
     grad_weight, grad_scores = hypergrad.values(acc, theta, keep, tl.load(inv_gamma_ptr).to(tl.float32), RELEASED)
     tl.store(grad_weight_ptr + n * K + k, grad_weight.to(grad_weight_ptr.dtype.element_ty), mask=valid)
     tl.store(grad_scores_ptr + n * K + k, grad_scores.to(grad_scores_ptr.dtype.element_ty), mask=valid)

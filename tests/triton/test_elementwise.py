@@ -61,6 +61,25 @@ def test_ops_match_the_reference(triton_backend, seed, name, shape, dtype):
         assert_close(got[1], want[1], scale=direct + inv_gamma * implicit_term)
 
 
+@pytest.mark.parametrize("name", ["unstructured", "filter", "2:4"])
+def test_bfloat16_subnormals_are_read_exactly(triton_backend, seed, name):
+    """bfloat16 subnormal scores and weights (below 1.2e-38): the interpreter's own conversion misread
+    them (1.0e-39 became 4.4e-39, 9.2e-41 became 0), so the triton backend kept the wrong blocks."""
+    structure = parse_structure(name)
+    tiny = torch.tensor([0.0, 9.2e-41, 1e-39, 2e-39, 3e-39, 1.1e-38, 1e-30, 1.0])
+    scores = tiny[torch.randint(0, len(tiny), (6, 8))].to(torch.bfloat16)
+    weight = (tiny[torch.randint(0, len(tiny), (6, 8))] * torch.randn(6, 8).sign()).to(torch.bfloat16)
+    assert torch.equal(ops.block_scores(scores, structure), reference.block_scores(scores, structure))
+    threshold = None
+    if structure.uses_threshold:
+        blocks = reference.block_scores(scores, structure)
+        threshold = reference.topk_threshold([blocks], blocks.numel() // 2)[0]
+        assert torch.equal(ops.topk_threshold(blocks, blocks.numel() // 2), threshold)
+    assert torch.equal(ops.block_mask(scores, threshold, structure), reference.block_mask(scores, threshold, structure))
+    assert torch.equal(ops.masked_weight(weight, scores, threshold, structure),
+                       reference.masked_weight(weight, scores, threshold, structure))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_block_scores_of_continuous_scores(triton_backend, seed, dtype):
     """Sums of arbitrary values: the float64 sum may differ in its last bits between summation orders,
