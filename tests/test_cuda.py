@@ -201,10 +201,13 @@ def test_cuda_score_step_in_backward_equals_the_step_after_it(seed, mode):
 
 @pytest.mark.large
 @pytest.mark.skipif(os.environ.get("BIPKERNELS_LARGE_TESTS") != "1", reason="set BIPKERNELS_LARGE_TESTS=1")
-def test_cuda_topk_threshold_and_masked_weight_past_2_to_the_31(monkeypatch):
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_ops_past_2_to_the_31(monkeypatch, backend):
     # All scores 0 but 10 twos at the end and ones around index 2^31: keeping 14 keeps the twos and the
     # first 4 ones, so the tie cut lies past 2^31 and only 64-bit indexing gets it right.
-    force_backend(monkeypatch, "cuda")
+    if backend == "triton":
+        pytest.importorskip("triton")
+    force_backend(monkeypatch, backend)
     n, big = 2**31 + 4096, 2**31
     scores = torch.zeros(n, dtype=torch.float16, device="cuda")
     scores[-10:] = 2
@@ -215,6 +218,23 @@ def test_cuda_topk_threshold_and_masked_weight_past_2_to_the_31(monkeypatch):
     kept = ops.masked_weight(torch.ones_like(scores), scores, threshold)
     assert int(kept.sum(dtype=torch.float32)) == 14
     assert kept[big + 2] == 1 and kept[big + 3] == 0 and kept[-1] == 1
+    del kept
+    mask = ops.block_mask(scores, threshold)
+    assert int(mask.sum()) == 14 and mask[big + 2] and not mask[big + 3]
+    del mask
+    grad_weight, grad_scores = ops.hypergrad(torch.ones_like(scores), scores, scores, threshold, inv_gamma=0.5)
+    assert int(grad_weight.sum(dtype=torch.float32)) == 14 and grad_weight[big + 2] == 1 and grad_weight[big + 3] == 0
+    assert grad_scores[big + 3] == 1 and grad_scores[-1] == 2 - 0.5  # θg − γ·m·g², m = 0 at big + 3
+    del grad_weight, grad_scores
+    # Blocks over the whole tensor: a (2^20 + 2, 2048) matrix; its filters and channels from the flat indices.
+    matrix, cols = scores.view(-1, 2048), 2048
+    nonzero = [(int(i), 1.0) for i in ones.tolist()] + [(n - 1 - j, 2.0) for j in range(10)]
+    for name, block_of in (("filter", lambda i: i // cols), ("channel", lambda i: i % cols)):
+        blocks = ops.block_scores(matrix, name)
+        want = torch.zeros_like(blocks, device="cpu")
+        for index, value in nonzero:
+            want[block_of(index)] += value
+        assert torch.equal(blocks.cpu(), want), name
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
