@@ -140,6 +140,11 @@ def keep_count(n: int, sparsity: float) -> int:
     prints as: keep_count(5, 0.9) = 1 (0.5 rounds up), although 1 − 0.9 is 0.09999999999999998 in floats."""
     n = check_int("bipkernels.keep_count", "n", n)
     sparsity = check_sparsity(sparsity, "bipkernels.keep_count")
+    return _decimal_keep_count(n, sparsity)
+
+
+@torch.compiler.assume_constant_result  # compiled callers get the number (dynamo cannot trace Fraction)
+def _decimal_keep_count(n: int, sparsity: float) -> int:
     kept = (1 - fractions.Fraction(repr(float(sparsity)))) * n
     return min(max(math.floor(kept + fractions.Fraction(1, 2)), 0), n)
 
@@ -152,7 +157,8 @@ def _check_float(op: str, name: str, tensor) -> None:
         raise TypeError(f"bipkernels.{op}: {name} must be a tensor, got {type(tensor).__name__}")
     if tensor.dtype not in _FLOATING:
         raise TypeError(f"bipkernels.{op}: {name} must be float32, float64, float16 or bfloat16, got {tensor.dtype}")
-    if tensor.layout != torch.strided:
+    # (Compiled graphs see only strided tensors, and dynamo's autograd.Function tracing bans .layout.)
+    if not torch.compiler.is_compiling() and tensor.layout != torch.strided:
         raise TypeError(f"bipkernels.{op}: {name} must be a dense (strided) tensor, got layout {tensor.layout}")
 
 

@@ -13,7 +13,9 @@ from torch.utils.data import TensorDataset
 
 import bipkernels
 from bipkernels import reference
-from bipkernels.solvers.imp import imp_rounds
+from bipkernels.structures import parse_structure
+from bipkernels.solvers.imp import imp, imp_rounds
+from bipkernels.solvers.omp import omp
 from bipkernels.solvers.training import batch_count, recalibrate_batchnorm, schedule_factor, split_batches
 
 
@@ -289,3 +291,67 @@ def test_every_training_loop_survives_a_dataset_one_example_past_a_batch(seed):
     solver.fit(data, 1, batch_size=32)
     assert solver.iteration == 1  # batches of 32 and 33: one faithful step
     recalibrate_batchnorm(solver.model, tiny_task(257), batch_size=256)
+
+
+def test_bip_refuses_to_convert_inside_a_ddp_wrapper(tmp_path):
+    """DDP registers the parameters it synchronises when it is built: scores added inside it later would
+    never be all-reduced, and the ranks' masks would drift apart."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        wrapped = nn.parallel.DistributedDataParallel(tiny_model())
+        with pytest.raises(ValueError, match="convert the model first, then wrap it in DDP"):
+            bipkernels.BiP(wrapped, 0.5)
+        assert not bipkernels.masked_layers(wrapped)
+        converted = nn.parallel.DistributedDataParallel(bipkernels.convert(tiny_model(), 0.5))
+        bipkernels.BiP(converted, 0.5)  # the documented order
+    finally:
+        dist.destroy_process_group()
+
+
+def test_omp_prunes_by_the_current_magnitudes_of_an_already_masked_model(seed):
+    model = bipkernels.convert(tiny_model(), 0.0)
+    with torch.no_grad():  # trained since convert: the scores still hold the old |θ|
+        for _, layer in bipkernels.masked_layers(model):
+            layer.weight.normal_()
+    magnitudes = [layer.weight.detach().abs() for _, layer in bipkernels.masked_layers(model)]
+    want = reference.topk_threshold(magnitudes, bipkernels.keep_count(sum(m.numel() for m in magnitudes), 0.8))
+    omp(model, tiny_task(), 0.8, finetune_epochs=0)
+    for (_, layer), magnitude, threshold in zip(bipkernels.masked_layers(model), magnitudes, want):
+        assert torch.equal(layer.mask(), reference.block_mask(magnitude, threshold, parse_structure("unstructured")))
+
+
+def test_imp_and_train_weights_on_masked_models_and_parameters_named_scores(seed):
+    """IMP from an already masked model (its state holds the structures, not only tensors), and a head
+    parameter whose name happens to end in "scores" is trained like any other weight."""
+
+    class Named(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = tiny_model()
+            self.class_scores = nn.Parameter(torch.zeros(3))
+
+        def forward(self, x):
+            return self.body(x) + self.class_scores
+
+    model = bipkernels.convert(Named(), 0.0)
+    rewind = copy.deepcopy(model.state_dict())
+    imp(model, tiny_task(), 0.5, rewind_state=rewind, epochs_per_round=1, rate=0.5)
+    assert bipkernels.sparsity(model) == pytest.approx(0.5, abs=1e-6)
+    assert model.class_scores.detach().abs().sum() > 0
+    _, result = bipkernels.prune(tiny_model(), tiny_task(), "imp", 0.75, finetune_epochs=1, rate=0.5)
+    assert result["epochs"] == len(imp_rounds(0.75, 0.5)) == 2
+
+
+@pytest.mark.parametrize("method", ["bip", "omp", "imp", "hydra", "random"])
+def test_prune_leaves_the_model_plain_when_the_data_cannot_train(seed, method):
+    model = tiny_model()
+    with pytest.raises(ValueError, match="would train nothing|nothing would train"):
+        bipkernels.prune(model, tiny_task(0), method, 0.5, epochs=1, finetune_epochs=1)
+    assert not bipkernels.masked_layers(model)
+    if method == "bip":  # 6 examples in batches of 4: two batches, one faithful step needs three
+        with pytest.raises(ValueError, match="nothing would train"):
+            bipkernels.prune(model, tiny_task(6), "bip", 0.5, epochs=1, batch_size=4, mode="faithful",
+                             lower_steps=2)
+        assert not bipkernels.masked_layers(model)

@@ -94,6 +94,10 @@ class BiP:
                     raise ValueError(f"BiP: structure {structure!r}, but the model is already masked and its layer "
                                      f"{name!r} has structure {layer.structure}: pass structure=None to keep the "
                                      "layers' own, or convert an unmasked model")
+        if converted and isinstance(model, nn.parallel.DistributedDataParallel):
+            raise ValueError("BiP: the model is a DistributedDataParallel wrapper of layers not yet masked: "
+                             "converting inside it adds score parameters that DDP never synchronises, so the ranks' "
+                             "masks would drift apart; bipkernels.convert the model first, then wrap it in DDP")
         if converted:
             # Under a group the projection below, over every rank's layers, replaces convert's of this rank's.
             masked_nn.convert(model, 0.0 if group is not None else sparsity, to_convert, scope)

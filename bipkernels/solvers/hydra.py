@@ -6,7 +6,7 @@ from __future__ import annotations
 from torch import nn
 
 from .bip import BiP, steps_per_epoch
-from .training import check_settings, train_weights
+from .training import check_data, check_settings, train_weights
 
 
 def hydra(model: nn.Module, dataset, sparsity: float, structure=None, scope: str = "global",
@@ -17,6 +17,7 @@ def hydra(model: nn.Module, dataset, sparsity: float, structure=None, scope: str
                    scope=scope, score_epochs=score_epochs, finetune_epochs=finetune_epochs, score_lr=score_lr, lr=lr,
                    batch_size=batch_size, seed=seed)
     steps = score_epochs * steps_per_epoch(len(dataset), batch_size)
+    check_data("hydra", dataset, score_epochs + finetune_epochs)
     solver = BiP(model, sparsity, structure, scope, mode="fused", lr=0.0, weight_decay=0.0, momentum=0.0,
                  inv_gamma=0.0, score_lr=score_lr, total_steps=max(steps, 1))
     solver.fit(dataset, score_epochs, batch_size, seed, label="hydra scores")

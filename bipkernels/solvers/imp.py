@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .. import nn as masked_nn
-from .training import check_settings, train_weights
+from .training import check_data, check_settings, train_weights
 
 
 def imp_rounds(sparsity: float, rate: float = 0.2) -> list[float]:
@@ -36,7 +36,9 @@ def imp(model: nn.Module, dataset, sparsity: float, structure="unstructured", sc
     """
     check_settings("imp", sparsity=sparsity, structure=structure, scope=scope, epochs_per_round=epochs_per_round,
                    lr=lr, rate=rate, batch_size=batch_size, seed=seed)
-    rewind_state = {k: v.clone() for k, v in (rewind_state or model.state_dict()).items()}
+    check_data("imp", dataset, epochs_per_round)
+    rewind_state = {k: v.clone() if isinstance(v, torch.Tensor) else v
+                    for k, v in (rewind_state or model.state_dict()).items()}
     masked_nn.convert(model, 0.0, structure, scope)
     passes = 0
     for round_index, target in enumerate(imp_rounds(sparsity, rate)):
@@ -52,6 +54,9 @@ def imp(model: nn.Module, dataset, sparsity: float, structure="unstructured", sc
 
 
 def _masked_rewind(model: nn.Module, rewind_state: dict) -> dict:
-    """The rewind weights keyed for the masked model (scores and thresholds are kept as they are)."""
+    """The rewind weights keyed for the masked model (the masks' scores, thresholds and structures are kept
+    as they are)."""
     own = model.state_dict()
-    return {key: value for key, value in rewind_state.items() if key in own and not key.endswith(("scores", "threshold"))}
+    masks = {f"{name}.{part}" for name, _ in masked_nn.masked_layers(model)
+             for part in ("scores", "threshold", "_extra_state")}
+    return {key: value for key, value in rewind_state.items() if key in own and key not in masks}

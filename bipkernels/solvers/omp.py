@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .. import nn as masked_nn
-from .training import check_settings, train_weights
+from .training import check_data, check_settings, train_weights
 
 
 def omp(model: nn.Module, dataset, sparsity: float, structure="unstructured", scope: str = "global",
@@ -15,7 +15,12 @@ def omp(model: nn.Module, dataset, sparsity: float, structure="unstructured", sc
     """Prune ``model`` once by |θ| (global top-k of block magnitudes), then fine-tune; returns passes."""
     check_settings("omp", sparsity=sparsity, structure=structure, scope=scope, finetune_epochs=finetune_epochs, lr=lr,
                    batch_size=batch_size, seed=seed)
-    masked_nn.convert(model, sparsity, structure, scope)
+    check_data("omp", dataset, finetune_epochs)
+    masked_nn.convert(model, 0.0, structure, scope)
+    with torch.no_grad():  # by today's |θ|: layers masked before may hold scores of another time
+        for _, layer in masked_nn.masked_layers(model):
+            layer.scores.copy_(layer.weight.abs())
+    masked_nn.project(model, sparsity, scope)
     return train_weights(model, dataset, finetune_epochs, lr, batch_size, seed, label="omp finetune")
 
 
@@ -25,6 +30,7 @@ def random_prune(model: nn.Module, dataset, sparsity: float, structure="unstruct
     """The floor: a uniformly random mask with exactly k kept blocks, then fine-tuning; returns passes."""
     check_settings("random_prune", sparsity=sparsity, structure=structure, scope=scope,
                    finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size, seed=seed)
+    check_data("random_prune", dataset, finetune_epochs)
     masked_nn.convert(model, 0.0, structure, scope)
     generator = torch.Generator().manual_seed(seed)
     for _, layer in masked_nn.masked_layers(model):

@@ -44,6 +44,9 @@ def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0
     if method == "bip":
         steps = epochs * steps_per_epoch(len(train_data), batch_size, options.get("mode", "fused"),
                                          options.get("lower_steps", 1))
+        if epochs and not steps:  # before BiP converts the model
+            raise ValueError(f"prune: {len(train_data)} examples in batches of batch_size={batch_size} give no BiP "
+                             f"step ({options.get('mode', 'fused')} mode): nothing would train")
         solver = BiP(model, sparsity, given, scope, total_steps=max(steps, 1), **options)
         solver.fit(train_data, epochs, batch_size, seed)
         passes, spent = solver.passes, epochs
@@ -58,7 +61,7 @@ def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0
     else:
         passes = imp(model, train_data, sparsity, rewind_state=rewind_state, epochs_per_round=finetune_epochs,
                      **common, **options)
-        spent = len(imp_rounds(sparsity)) * finetune_epochs
+        spent = len(imp_rounds(sparsity, options.get("rate", 0.2))) * finetune_epochs
     recalibrate_batchnorm(model, train_data)
     result = {
         "method": method,

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..nn import SCOPES
+from ..nn import SCOPES, masked_layers
 from ..ops import check_int, check_number, check_sparsity
 from ..reference import IMPLICIT_FORMS
 from ..structures import parse_structure
@@ -77,6 +77,13 @@ def check_settings(owner: str, **settings) -> None:
         SETTINGS[name](owner, name, value)
 
 
+def check_data(owner: str, dataset, epochs: int) -> None:
+    """ValueError naming ``owner`` if ``epochs`` of training would run over an empty ``dataset`` (a solver
+    calls it before it changes the model)."""
+    if epochs and not len(dataset):
+        raise ValueError(f"{owner}: the training data are empty: {epochs} epochs would train nothing")
+
+
 def schedule_factor(schedule: str, step: int, total: int) -> float:
     """Learning-rate factor at ``step`` of ``total``: constant 1; step ×0.1 at 50% and ×0.01 at 75%; cosine
     from 1 to 0."""
@@ -99,7 +106,7 @@ def split_batches(indices: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     example joins the one before it, because batch norm in training mode cannot normalise one value per
     channel (a 1×1 feature map, as CIFAR-size ResNets end with, raises). A lone example, or batch_size 1,
     stays batches of one."""
-    batches = list(indices.split(batch_size))
+    batches = list(indices.split(batch_size)) if len(indices) else []
     if len(batches) > 1 and len(batches[-1]) == 1 < batch_size:
         batches[-2:] = [torch.cat(batches[-2:])]
     return batches
@@ -267,12 +274,14 @@ def train_weights(model: nn.Module, dataset: Dataset, epochs: int, lr: float = 0
                    weight_decay=weight_decay, schedule=schedule)
     if on_epoch is not None and not callable(on_epoch):
         raise TypeError(f"train_weights: on_epoch must be callable or None, got {on_epoch!r}")
+    check_data("train_weights", dataset, epochs)
     if start is not None and not (isinstance(start, dict) and _TRAINING_STATE <= start.keys()
                                   and isinstance(start["epoch"], int) and 0 <= start["epoch"] <= epochs):
         got = f"keys {sorted(start)}, epoch {start.get('epoch')!r}" if isinstance(start, dict) else repr(start)
         raise ValueError(f"train_weights: start must be a state given to on_epoch (keys {sorted(_TRAINING_STATE)}, "
                          f"epoch in [0, {epochs}]), got {got}")
-    weights = [p for name, p in model.named_parameters() if not name.endswith("scores")]
+    score_ids = {id(layer.scores) for _, layer in masked_layers(model)}
+    weights = [p for p in model.parameters() if id(p) not in score_ids]
     optimizer = torch.optim.SGD(weights, lr=lr, momentum=0.9, weight_decay=weight_decay)
     schedule_ = scheduler(optimizer, schedule, max(epochs * batch_count(len(dataset), batch_size), 1))
     first, passes = 0, 0
