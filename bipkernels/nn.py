@@ -126,7 +126,8 @@ class _Masked:
         weight = state_dict.get(prefix + "weight")
         if weight is not None and prefix + "scores" not in state_dict:
             state_dict[prefix + "scores"] = weight.detach().abs()
-            state_dict.setdefault(prefix + "threshold", keep_all_threshold(self.threshold.device))
+            # On the weight's device: a layer built on the meta device takes it with assign=True.
+            state_dict.setdefault(prefix + "threshold", keep_all_threshold(weight.device))
             state_dict.setdefault(prefix + "_extra_state", self.get_extra_state())
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
@@ -304,14 +305,22 @@ def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure 
             parsed.check_shape(child.weight.shape, "weight")
         except ValueError as error:
             raise ValueError(f"{op}: layer {qualified!r} ({type(child).__name__}): {error}") from None
-    already = list(masks(model).items())
+    # A model built on the meta device has no values to rank: it is converted keeping everything, to be
+    # projected once its weights are loaded (a plain state_dict loads into the masked layers).
+    meta = any(child.weight.is_meta for _, _, child in swaps) or \
+        any(layer.scores.is_meta for _, layer in masked_layers(model))
+    if meta and sparsity > 0:
+        raise ValueError(f"{op}: the model's weights are on the meta device, with no values to rank: convert at "
+                         f"sparsity 0, load the weights, then call bipkernels.project(model, {sparsity})")
+    already = [] if meta else list(masks(model).items())
     twins = {}
     try:
         for parent, child_name, child in swaps:
             if id(child) not in twins:
                 twins[id(child)] = _masked_copy(child, parsed)
             setattr(parent, child_name, twins[id(child)])
-        project(model, sparsity, scope)
+        if not meta:
+            project(model, sparsity, scope)
     except BaseException:  # leave the model as it was
         for parent, child_name, child in swaps:
             setattr(parent, child_name, child)
@@ -321,13 +330,13 @@ def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure 
     # submodule has a forward hook. (Registered last: the twin shares its hook dicts with the plain layer.)
     for key in {id(child) for parent, _, child in swaps if isinstance(parent, nn.TransformerEncoderLayer)}:
         twins[key].register_forward_pre_hook(_keep_forward)
-    after = masks(model) if already or (scope == "global" and sparsity < 1) else {}
+    after = masks(model) if already or (scope == "global" and sparsity < 1 and not meta) else {}
     changed = [name for name, mask in already if not torch.equal(after[name], mask)]
     if changed:
         warnings.warn(f"bipkernels.convert: the masks of the layers already masked changed ({', '.join(changed)}): "
                       f"convert projects every masked layer of the model to sparsity {sparsity}; to add layers to "
                       "a pruned model and keep its masks, convert the new part alone", stacklevel=2)
-    emptied = [name for name, _ in ranked_layers(model) if scope == "global" and sparsity < 1 and not after[name].any()]
+    emptied = [name for name, _ in ranked_layers(model) if name in after and not after[name].any()]
     if emptied:
         warnings.warn(f"bipkernels.convert: the global projection keeps no block of {', '.join(emptied)}: blocks "
                       "rank by their sums of |s| across layers, so a layer of small blocks (few weights per filter "

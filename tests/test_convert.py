@@ -172,3 +172,23 @@ def test_prune_of_a_masked_model_keeps_its_structure(seed):
         _, result = bipkernels.prune(model, data, method, 0.5, epochs=1, finetune_epochs=1)
         assert result["structure"] == "filter"
 
+
+
+def test_a_model_built_on_the_meta_device_converts_then_loads_its_weights(seed):
+    """Large models are built on the meta device and loaded later: convert keeps everything there (no
+    values to rank; a sparsity is refused with what to do), a plain state_dict then loads with
+    assign=True (scores from |θ|, thresholds beside the weights) and the projection prunes."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    with pytest.raises(ValueError, match=r"meta device.*bipkernels.project\(model, 0.5\)"):
+        bipkernels.convert(model, 0.5)
+    assert type(model[0]) is nn.Linear
+    bipkernels.convert(model, 0.0)
+    plain = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    model.load_state_dict(plain.state_dict(), assign=True)
+    bipkernels.project(model, 0.5)
+    assert bipkernels.sparsity(model) == pytest.approx(1 - bipkernels.keep_count(45, 0.5) / 45)
+    x = torch.randn(4, 6)
+    dense = bipkernels.export_dense(model)
+    torch.testing.assert_close(model(x), dense(x), rtol=0, atol=0)
+    torch.testing.assert_close(model[0].scores, plain[0].weight.abs(), rtol=0, atol=0)
