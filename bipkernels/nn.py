@@ -23,6 +23,7 @@ NaN and ±inf, on every backend:
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import NamedTuple
 
@@ -312,6 +313,11 @@ def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure 
     if meta and sparsity > 0:
         raise ValueError(f"{op}: the model's weights are on the meta device, with no values to rank: convert at "
                          f"sparsity 0, load the weights, then call bipkernels.project(model, {sparsity})")
+    nm_sparsity = 1 - parsed.a / parsed.b if parsed.kind == "nm" else None
+    if swaps and nm_sparsity is not None and sparsity != 0 and not math.isclose(sparsity, nm_sparsity):
+        warnings.warn(f"{op}: structure {parsed} keeps {parsed.a} of every {parsed.b} weights (sparsity "
+                      f"{nm_sparsity:g}) whatever the sparsity asked ({sparsity:g}), which only layers with a "
+                      "threshold follow", stacklevel=2)
     already = [] if meta else list(masks(model).items())
     twins = {}
     try:

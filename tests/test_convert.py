@@ -3,6 +3,8 @@ state, mixed dtypes. Each case failed before convert kept the layers' own object
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -192,3 +194,13 @@ def test_a_model_built_on_the_meta_device_converts_then_loads_its_weights(seed):
     dense = bipkernels.export_dense(model)
     torch.testing.assert_close(model(x), dense(x), rtol=0, atol=0)
     torch.testing.assert_close(model[0].scores, plain[0].weight.abs(), rtol=0, atol=0)
+
+
+def test_an_nm_structure_says_when_it_cannot_follow_the_sparsity(seed):
+    with pytest.warns(UserWarning, match=r"structure 2:4 keeps 2 of every 4 weights \(sparsity 0.5\) whatever the "
+                                         r"sparsity asked \(0.9\)"):
+        bipkernels.convert(nn.Sequential(nn.Linear(8, 4)), 0.9, "2:4")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for sparsity in (0.0, 0.5):
+            bipkernels.convert(nn.Sequential(nn.Linear(8, 4)), sparsity, "2:4")
