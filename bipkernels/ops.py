@@ -13,7 +13,6 @@ Keep counts: ``keep_count(n, sparsity)`` = round-half-up((1 − sparsity) · n),
 
 from __future__ import annotations
 
-import fractions
 import math
 import numbers
 import os
@@ -140,13 +139,13 @@ def keep_count(n: int, sparsity: float) -> int:
     prints as: keep_count(5, 0.9) = 1 (0.5 rounds up), although 1 − 0.9 is 0.09999999999999998 in floats."""
     n = check_int("bipkernels.keep_count", "n", n)
     sparsity = check_sparsity(sparsity, "bipkernels.keep_count")
-    return _decimal_keep_count(n, sparsity)
-
-
-@torch.compiler.assume_constant_result  # compiled callers get the number (dynamo cannot trace Fraction)
-def _decimal_keep_count(n: int, sparsity: float) -> int:
-    kept = (1 - fractions.Fraction(repr(float(sparsity)))) * n
-    return min(max(math.floor(kept + fractions.Fraction(1, 2)), 0), n)
+    # sparsity = digits / 10**scale, read from its shortest repr ('0.9', '1e-05'); then all in ints, which
+    # torch.compile traces too (not fractions.Fraction).
+    mantissa, _, exponent = repr(float(sparsity)).partition("e")
+    whole, _, fraction = mantissa.partition(".")
+    digits, scale = int(whole + fraction), len(fraction) - int(exponent or 0)
+    unit = 10**scale
+    return min(max((2 * (unit - digits) * n + unit) // (2 * unit), 0), n)
 
 
 # ----------------------------------------------------------------------------------------------- checks
