@@ -23,8 +23,9 @@ from . import data, models, nn as masked_nn
 from .info import build_info, format_info
 from .solvers import BiP, METHODS, prune as prune_with
 from .solvers.bip import steps_per_epoch
-from .solvers.training import (check_settings, evaluate, fetch, recalibrate_batchnorm, remove_temporaries,
-                                save_atomically, train_weights, write_text_atomically)
+from .solvers.training import (check_settings, evaluate, fetch, random_state, recalibrate_batchnorm,
+                                remove_temporaries, save_atomically, set_random_state, train_weights,
+                                write_text_atomically)
 
 _BIP_OPTIONS = ("mode", "implicit", "inv_gamma", "lr", "score_lr", "score_momentum")  # the options BiP takes
 
@@ -261,7 +262,7 @@ def compare(args) -> list[dict]:
         runs = [(sparsity, method) for sparsity in args.sparsities for method in args.methods]
         results = state.setdefault("results", [])
         if results:
-            torch.set_rng_state(state["rng"])
+            set_random_state(state)
             print(f"resuming after {len(results)} of {len(runs)} (sparsity, method) runs", file=sys.stderr)
         for sparsity, method in runs[len(results):]:
             if stop.signal is not None:
@@ -272,7 +273,7 @@ def compare(args) -> list[dict]:
                                    epochs=args.epochs, finetune_epochs=args.finetune_epochs,
                                    batch_size=args.batch_size, seed=args.seed, rewind_state=rewind, **options)
             results.append(result)
-            state["rng"] = torch.get_rng_state()
+            state.update(random_state())
             save_atomically(state, out / "resume.pt")
             write_text_atomically(json.dumps({"dense_test_accuracy": dense_accuracy, "results": results}, indent=2),
                                   out / "compare.json")

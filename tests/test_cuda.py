@@ -338,3 +338,38 @@ def test_cuda_large_block_reduction_of_continuous_scores(monkeypatch, seed, dtyp
         got = ops.block_scores(scores.cuda(), structure).cpu()
         want = reference.block_scores(scores, structure)
         torch.testing.assert_close(got, want, rtol=1e-12 if dtype == torch.float64 else 1.2e-7, atol=0)
+
+
+def test_cuda_resume_is_bit_exact_with_dropout(seed):
+    """BiP.state_dict carries the GPUs' generators too: dropout on a CUDA model draws from them, so a
+    resumed run that restored only the CPU's took other dropout masks."""
+    import copy
+
+    import bipkernels
+
+    model = bipkernels.convert(nn.Sequential(nn.Linear(12, 24), nn.Dropout(0.5), nn.ReLU(), nn.Linear(24, 3)).cuda(),
+                               0.5)
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(16, 12, device="cuda"), torch.randint(0, 3, (16,), device="cuda")
+
+    def steps(solver, count):
+        def closure():
+            loss = nn.functional.cross_entropy(solver.model(x), y)
+            loss.backward()
+            return loss
+
+        for _ in range(count):
+            solver.step(closure)
+
+    solver = bipkernels.BiP(model, 0.5, total_steps=10)
+    steps(solver, 2)
+    saved = copy.deepcopy(solver.state_dict())
+    steps(solver, 2)
+    resumed = bipkernels.BiP(twin, 0.5, total_steps=10)
+    resumed.load_state_dict(saved)
+    steps(resumed, 2)
+    resumed_state = twin.state_dict()
+    for key, value in model.state_dict().items():
+        same = torch.equal if isinstance(value, torch.Tensor) else (lambda a, b: a == b)
+        assert same(resumed_state[key], value), key
+

@@ -34,7 +34,8 @@ from torch import nn
 from .. import distributed
 from .. import nn as masked_nn
 from ..structures import parse_structure
-from .training import Progress, batch_count, check_settings, epoch_batches, fetch, model_device, scheduler
+from .training import (Progress, batch_count, check_settings, epoch_batches, fetch, model_device, random_state,
+                       scheduler, set_random_state)
 
 
 def steps_per_epoch(dataset_size: int, batch_size: int, mode: str = "fused", lower_steps: int = 1) -> int:
@@ -272,7 +273,7 @@ class BiP:
             "score_schedule": self.score_schedule.state_dict(),
             "iteration": self.iteration,
             "passes": self.passes,
-            "rng": torch.get_rng_state(),
+            **random_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -283,4 +284,4 @@ class BiP:
         self.score_schedule.load_state_dict(state["score_schedule"])
         self.iteration, self.passes = state["iteration"], state["passes"]
         self._failure = None
-        torch.set_rng_state(state["rng"])
+        set_random_state(state)

@@ -255,6 +255,20 @@ def remove_temporaries(folder: str | Path) -> list[Path]:
     return leftovers
 
 
+def random_state() -> dict:
+    """The generators training draws from (dropout, shuffles): "rng", the CPU's, and "cuda_rng", every
+    GPU's once CUDA is in use (None before: reading it would initialise CUDA)."""
+    return {"rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
+
+
+def set_random_state(state: dict) -> None:
+    """Restore what random_state saved (a state without "cuda_rng", from an older save, sets the CPU's)."""
+    torch.set_rng_state(state["rng"])
+    if state.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
 _TRAINING_STATE = {"model", "optimizer", "schedule", "epoch", "passes", "rng"}  # what on_epoch gets
 
 
@@ -265,7 +279,7 @@ def train_weights(model: nn.Module, dataset: Dataset, epochs: int, lr: float = 0
     (those of the call that saved ``start`` included).
 
     ``on_epoch(state)`` runs after each epoch with the training state: the model, optimizer and schedule
-    state_dicts, ``epoch`` (epochs done), ``passes`` and the torch RNG state, in live tensors that later
+    state_dicts, ``epoch`` (epochs done), ``passes`` and the RNG states (random_state), in live tensors that later
     epochs change (save or copy them); it returns True to stop there. ``start``: such a state, saved by a
     call with the same arguments; training continues after its epoch and ends with exactly the model of a
     call never stopped.
@@ -289,7 +303,7 @@ def train_weights(model: nn.Module, dataset: Dataset, epochs: int, lr: float = 0
         model.load_state_dict(start["model"])
         optimizer.load_state_dict(start["optimizer"])
         schedule_.load_state_dict(start["schedule"])
-        torch.set_rng_state(start["rng"])
+        set_random_state(start)
         first, passes = start["epoch"], start["passes"]
     device = model_device(model)
     progress = Progress(epochs, label)
@@ -308,6 +322,6 @@ def train_weights(model: nn.Module, dataset: Dataset, epochs: int, lr: float = 0
         progress.update(epoch + 1, loss=total / max(len(dataset), 1))
         if on_epoch is not None and on_epoch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                               "schedule": schedule_.state_dict(), "epoch": epoch + 1,
-                                              "passes": passes, "rng": torch.get_rng_state()}):
+                                              "passes": passes, **random_state()}):
             break
     return passes
