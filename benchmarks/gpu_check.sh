@@ -45,7 +45,8 @@ stage() {  # stage NAME CAP_S COMMAND...: runs COMMAND if NAME was asked for, lo
   rc=$?
   case $rc in
     0) result=ok ;;
-    124|137) result="CUT SHORT (time)"; failed=1 ;;
+    124) result="CUT SHORT (time)"; failed=1 ;;
+    137) result="KILLED (time past the SIGINT, or memory)"; failed=1 ;;
     *) result="FAILED (exit $rc)"; failed=1 ;;
   esac
   echo "$name: $result in $(( $(date +%s) - started )) s" | tee -a "$out/summary.txt"

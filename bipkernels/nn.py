@@ -342,7 +342,8 @@ def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure 
         warnings.warn(f"bipkernels.convert: the masks of the layers already masked changed ({', '.join(changed)}): "
                       f"convert projects every masked layer of the model to sparsity {sparsity}; to add layers to "
                       "a pruned model and keep its masks, convert the new part alone", stacklevel=2)
-    emptied = [name for name, _ in ranked_layers(model) if name in after and not after[name].any()]
+    emptied = [name for name, _ in ranked_layers(model)
+               if scope == "global" and sparsity < 1 and name in after and not after[name].any()]
     if emptied:
         warnings.warn(f"bipkernels.convert: the global projection keeps no block of {', '.join(emptied)}: blocks "
                       "rank by their sums of |s| across layers, so a layer of small blocks (few weights per filter "

@@ -139,8 +139,10 @@ def keep_count(n: int, sparsity: float) -> int:
     prints as: keep_count(5, 0.9) = 1 (0.5 rounds up), although 1 − 0.9 is 0.09999999999999998 in floats."""
     n = check_int("bipkernels.keep_count", "n", n)
     sparsity = check_sparsity(sparsity, "bipkernels.keep_count")
-    # sparsity = digits / 10**scale, read from its shortest repr ('0.9', '1e-05'); then all in ints, which
-    # torch.compile traces too (not fractions.Fraction).
+    if torch.compiler.is_compiling():  # a symbolic float has no repr: the product in floats, with a margin
+        kept = (1.0 - sparsity) * n  # for its rounding (agrees unless the decimal has 10+ digits near a half)
+        return min(max(math.floor(kept + 0.5 + 1e-9 * max(kept, 1.0)), 0), n)
+    # sparsity = digits / 10**scale, read from its shortest repr ('0.9', '1e-05'); then all in ints.
     mantissa, _, exponent = repr(float(sparsity)).partition("e")
     whole, _, fraction = mantissa.partition(".")
     digits, scale = int(whole + fraction), len(fraction) - int(exponent or 0)

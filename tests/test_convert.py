@@ -204,3 +204,13 @@ def test_an_nm_structure_says_when_it_cannot_follow_the_sparsity(seed):
         warnings.simplefilter("error")
         for sparsity in (0.0, 0.5):
             bipkernels.convert(nn.Sequential(nn.Linear(8, 4)), sparsity, "2:4")
+
+
+def test_a_layer_scope_projection_does_not_report_emptied_layers(seed):
+    model = bipkernels.convert(nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 2)), 0.0, "filter", "layer")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bipkernels.convert(nn.Sequential(nn.Linear(8, 2)), 1.0)  # all pruned, as asked: no warning either
+    with pytest.warns(UserWarning) as caught:
+        bipkernels.convert(model, 0.95, "filter", "layer")
+    assert not [w for w in caught if "keeps no block" in str(w.message)]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import pickle
 import warnings
 
 import pytest
@@ -79,6 +80,7 @@ def test_exports_keep_hooks_frozen_flags_layout_and_the_random_stream(seed):
     model = randomize_masked(bipkernels.convert(Net().double(), 0.0, "filter"))
     bipkernels.project(model, 0.5, scope="layer")
     model.conv1.register_forward_hook(lambda module, inputs, output: output * 3)
+    model.conv2.register_full_backward_hook(lambda module, grad_input, grad_output: None)
     model.conv2.weight.requires_grad_(False)
     model.head.bias.requires_grad_(False)
     model.to(memory_format=torch.channels_last)
@@ -89,10 +91,20 @@ def test_exports_keep_hooks_frozen_flags_layout_and_the_random_stream(seed):
         assert torch.equal(torch.get_rng_state(), state)
         model.eval()
         torch.testing.assert_close(exported.eval()(x), model(x), rtol=1e-12, atol=1e-12)
-        assert len(exported.conv1._forward_hooks) == 1
+        assert len(exported.conv1._forward_hooks) == 1 and exported.conv2._is_full_backward_hook
         assert not exported.conv2.weight.requires_grad and not exported.head.bias.requires_grad
         assert exported.conv1.weight.requires_grad
         assert exported.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_export_carries_no_hook_of_bipkernels_own(seed):
+    """convert's no-op pre-hook on a TransformerEncoderLayer's Linear layers stays behind: the export
+    pickles without bipkernels and keeps torch's fused inference path."""
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 1, enable_nested_tensor=False)
+    bipkernels.convert(model, 0.5)
+    dense = bipkernels.export_dense(model)
+    assert not dense.layers[0].linear1._forward_pre_hooks and not dense.layers[0].linear2._forward_pre_hooks
+    assert b"bipkernels" not in pickle.dumps(dense)
 
 
 def test_export_dense_keeps_what_ties_it_can_and_names_the_rest(seed):

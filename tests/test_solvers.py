@@ -4,6 +4,7 @@ bit-exact resume, and `prune` end to end."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -337,6 +338,9 @@ def test_imp_and_train_weights_on_masked_models_and_parameters_named_scores(seed
 
     model = bipkernels.convert(Named(), 0.0)
     rewind = copy.deepcopy(model.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nor does convert advise the user about IMP's own reset of the masks
+        imp(bipkernels.convert(tiny_model(), 0.5), tiny_task(), 0.5, epochs_per_round=0)
     imp(model, tiny_task(), 0.5, rewind_state=rewind, epochs_per_round=1, rate=0.5)
     assert bipkernels.sparsity(model) == pytest.approx(0.5, abs=1e-6)
     assert model.class_scores.detach().abs().sum() > 0

@@ -11,7 +11,7 @@ from torch.nn.utils import prune as torch_prune
 from torch.nn.utils import skip_init
 
 from .. import ops
-from ..nn import _HOOK_DICTS, masked_layers, masks
+from ..nn import _HOOK_DICTS, _keep_forward, masked_layers, masks
 
 
 @torch.no_grad()
@@ -45,8 +45,10 @@ def carry_over(old: nn.Module, new: nn.Module) -> nn.Module:
     for name, parameter in new.named_parameters(recurse=False):
         source = getattr(old, name, None)
         parameter.requires_grad_((source if source is not None else old.weight).requires_grad)
-    for hooks in _HOOK_DICTS:
-        getattr(new, hooks).update(getattr(old, hooks))
+    for hooks in _HOOK_DICTS:  # not bipkernels' own (convert's _keep_forward: an export needs no bipkernels)
+        getattr(new, hooks).update({key: hook for key, hook in getattr(old, hooks).items()
+                                    if hook is not _keep_forward})
+    new._is_full_backward_hook = old._is_full_backward_hook
     return new
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .. import nn as masked_nn
-from .training import check_data, check_settings, train_weights
+from .training import check_data, check_settings, convert_to_reset, train_weights
 
 
 def imp_rounds(sparsity: float, rate: float = 0.2) -> list[float]:
@@ -39,7 +39,7 @@ def imp(model: nn.Module, dataset, sparsity: float, structure="unstructured", sc
     check_data("imp", dataset, epochs_per_round)
     rewind_state = {k: v.clone() if isinstance(v, torch.Tensor) else v
                     for k, v in (rewind_state or model.state_dict()).items()}
-    masked_nn.convert(model, 0.0, structure, scope)
+    convert_to_reset(model, structure, scope)
     passes = 0
     for round_index, target in enumerate(imp_rounds(sparsity, rate)):
         with torch.no_grad():

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .. import nn as masked_nn
-from .training import check_data, check_settings, train_weights
+from .training import check_data, check_settings, convert_to_reset, train_weights
 
 
 def omp(model: nn.Module, dataset, sparsity: float, structure="unstructured", scope: str = "global",
@@ -16,11 +16,14 @@ def omp(model: nn.Module, dataset, sparsity: float, structure="unstructured", sc
     check_settings("omp", sparsity=sparsity, structure=structure, scope=scope, finetune_epochs=finetune_epochs, lr=lr,
                    batch_size=batch_size, seed=seed)
     check_data("omp", dataset, finetune_epochs)
-    masked_nn.convert(model, 0.0, structure, scope)
-    with torch.no_grad():  # by today's |θ|: layers masked before may hold scores of another time
-        for _, layer in masked_nn.masked_layers(model):
-            layer.scores.copy_(layer.weight.abs())
-    masked_nn.project(model, sparsity, scope)
+    if not masked_nn.masked_layers(model):
+        masked_nn.convert(model, sparsity, structure, scope)  # scores |θ| (and convert's warnings)
+    else:  # by today's |θ|: layers masked before hold scores of another time
+        convert_to_reset(model, structure, scope)
+        with torch.no_grad():
+            for _, layer in masked_nn.masked_layers(model):
+                layer.scores.copy_(layer.weight.abs())
+        masked_nn.project(model, sparsity, scope)
     return train_weights(model, dataset, finetune_epochs, lr, batch_size, seed, label="omp finetune")
 
 
@@ -31,7 +34,7 @@ def random_prune(model: nn.Module, dataset, sparsity: float, structure="unstruct
     check_settings("random_prune", sparsity=sparsity, structure=structure, scope=scope,
                    finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size, seed=seed)
     check_data("random_prune", dataset, finetune_epochs)
-    masked_nn.convert(model, 0.0, structure, scope)
+    convert_to_reset(model, structure, scope)
     generator = torch.Generator().manual_seed(seed)
     for _, layer in masked_nn.masked_layers(model):
         layer.scores.copy_(torch.rand(layer.scores.shape, generator=generator).to(layer.scores))

@@ -8,13 +8,14 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..nn import SCOPES, masked_layers
+from ..nn import SCOPES, convert, masked_layers
 from ..ops import check_int, check_number, check_sparsity
 from ..reference import IMPLICIT_FORMS
 from ..structures import parse_structure
@@ -82,6 +83,14 @@ def check_data(owner: str, dataset, epochs: int) -> None:
     calls it before it changes the model)."""
     if epochs and not len(dataset):
         raise ValueError(f"{owner}: the training data are empty: {epochs} epochs would train nothing")
+
+
+def convert_to_reset(model: nn.Module, structure, scope: str) -> None:
+    """bipkernels.convert(model, 0.0, ...) for a solver that sets every mask itself next: convert's warning
+    that the masks of layers already masked changed would only be advice about the solver's own reset."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="bipkernels.convert: the masks of the layers already masked changed")
+        convert(model, 0.0, structure, scope)
 
 
 def schedule_factor(schedule: str, step: int, total: int) -> float:
