@@ -73,14 +73,18 @@ def image_folder(folder: str, size: int = 32) -> dict:
     from pathlib import Path
 
     from torch.utils.data import Subset
-    from torchvision import datasets, transforms
 
     root = Path(folder)
-    transform = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor()])
-    splits = {name: datasets.ImageFolder(str(root / name), transform) for name in ("train", "val", "test")
-              if (root / name).is_dir()}
-    if "train" not in splits or "test" not in splits:
+    names = [name for name in ("train", "val", "test") if (root / name).is_dir()]
+    if "train" not in names or "test" not in names:
         raise FileNotFoundError(f"image_folder: {root} needs train/ and test/ sub-folders")
+    try:
+        from torchvision import datasets, transforms
+    except ImportError as error:
+        raise ImportError(f"image_folder: reading the images of {root} needs torchvision (pip install "
+                          "torchvision)") from error
+    transform = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor()])
+    splits = {name: datasets.ImageFolder(str(root / name), transform) for name in names}
     for name, split in splits.items():  # each split numbers its own class folders: they must be the same
         if split.classes != splits["train"].classes:
             raise ValueError(f"image_folder: {root / name} has the classes {split.classes}, but train/ has "

@@ -64,14 +64,26 @@ class CifarResNet(nn.Module):
 BUILT_IN = ("small-resnet", "resnet20")
 
 
+def torchvision_or_none():
+    """torchvision if it is installed (an optional dependency: only its models and image folders need it)."""
+    try:
+        import torchvision
+    except ImportError:
+        return None
+    return torchvision
+
+
 def check_name(name: str) -> str:
     """``name`` if build() knows it (BUILT_IN or a torchvision classification model), else TypeError /
     ValueError naming it. Imports torchvision only for a name that is not built in."""
     if not isinstance(name, str):
         raise TypeError(f"model: name must be a str, got {type(name).__name__} {name!r}")
     if name not in BUILT_IN:
-        import torchvision
-
+        torchvision = torchvision_or_none()
+        if torchvision is None:
+            raise ValueError(f"model: name {name!r} is neither small-resnet nor resnet20, and the other names are "
+                             "torchvision's classification models: torchvision is not installed (pip install "
+                             "torchvision)")
         if name not in torchvision.models.list_models(module=torchvision.models):
             raise ValueError(f"model: name {name!r} is neither small-resnet, resnet20 nor a torchvision "
                              "classification model")
@@ -89,8 +101,7 @@ def build(name: str, num_classes: int, in_channels: int) -> nn.Module:
         return CifarResNet(3, num_classes, in_channels)
     if in_channels != 3:
         raise ValueError(f"model: torchvision's {name} takes 3-channel images, got in_channels={in_channels}")
-    import torchvision
-
+    torchvision = torchvision_or_none()
     # Auxiliary classifiers make the training-mode output a tuple: the pruning loss wants the logits alone.
     auxiliary = dict(aux_logits=False, init_weights=True) if name in ("googlenet", "inception_v3") else {}
     return torchvision.models.get_model(name, num_classes=num_classes, **auxiliary)

@@ -3,6 +3,7 @@ score generators with ties, NaN and inf, and random batch norms and scores for m
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -14,6 +15,8 @@ from bipkernels.nn import MaskedConv2d, MaskedLinear
 
 HAS_CPU_KERNELS = "CPU" in ops._KERNELS.get("masked_weight", [])
 HAS_CUDA_GPU = torch.cuda.is_available()
+# torchvision is optional (its models and image folders); .ci/setup installs it except beside a CPU torch.
+needs_torchvision = pytest.mark.skipif(importlib.util.find_spec("torchvision") is None, reason="needs torchvision")
 # Weight shapes: sizes 1, primes, 1-D, Linear and Conv2d layouts.
 SHAPES = [(1,), (17,), (1, 1), (7, 5), (13, 12, 3, 3), (5, 8, 1, 1), (11, 4, 3, 1), (3, 12, 2, 5)]
 STRUCTURES = ["unstructured", "filter", "channel", "2:4", "1:3", "tile3x5", "tile1x1", "tile4x4"]

@@ -17,6 +17,8 @@ from bipkernels import data, models
 from bipkernels.cli import main
 from bipkernels.solvers.training import save_atomically
 
+from conftest import needs_torchvision
+
 TINY = ["--pretrain-epochs", "2", "--epochs", "4"]
 
 
@@ -112,7 +114,7 @@ def test_a_fresh_start_does_not_overwrite_an_interrupted_run(tmp_path, command):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--model", "resnet18"], "takes 3-channel images"),  # digits are 1-channel
+    pytest.param(["--model", "resnet18"], "takes 3-channel images", marks=needs_torchvision),  # digits: 1 channel
     (["--structure", "2:4"], "layer 'stem.0' (Conv2d): structure 2:4"),
     (["--data", "folder:/no/such/folder"], "needs train/ and test/"),
     (["--mode", "faithful", "--batch-size", "2000"], "leave no BiP step"),

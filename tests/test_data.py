@@ -11,6 +11,8 @@ import torch
 from bipkernels import data, models
 from bipkernels.cli import main
 
+from conftest import needs_torchvision
+
 
 def write_cifar(folder, per_batch: int = 10):
     root = folder / "cifar-10-batches-py"
@@ -51,6 +53,7 @@ def write_image_folder(root, counts=(("train", 10), ("test", 3)), labels=("cat",
                 Image.new("RGB", (12, 9), (index * 20, 0, 255 if label == "dog" else 0)).save(folder / f"{index}.png")
 
 
+@needs_torchvision
 def test_image_folder_layout(tmp_path):
     write_image_folder(tmp_path)
     splits = data.load(f"folder:{tmp_path}")
@@ -60,6 +63,7 @@ def test_image_folder_layout(tmp_path):
     assert data.describe(splits) == (3, 2)
 
 
+@needs_torchvision
 def test_image_folder_splits_must_have_the_same_classes(tmp_path):
     write_image_folder(tmp_path)
     write_image_folder(tmp_path, counts=(("test", 1),), labels=("emu",))  # test/ numbers emu 1 and dog 2
@@ -67,6 +71,7 @@ def test_image_folder_splits_must_have_the_same_classes(tmp_path):
         data.load(f"folder:{tmp_path}")
 
 
+@needs_torchvision
 def test_too_few_training_images_say_so(tmp_path):
     write_cifar(tmp_path, per_batch=4)
     with pytest.raises(ValueError, match="cifar10: 8 training images"):
@@ -86,10 +91,14 @@ def test_models_build():
     weights = sum(m.weight.numel() for m in resnet20.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
     assert 0.26e6 < weights < 0.28e6
     assert resnet20(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="'no-such-net' is neither small-resnet"):
+        models.build("no-such-net", 10, 3)
+
+
+@needs_torchvision
+def test_models_build_torchvision_models():
     assert models.build("resnet18", 7, 3)(torch.randn(2, 3, 32, 32)).shape == (2, 7)
     assert models.build("googlenet", 3, 3).train()(torch.randn(2, 3, 32, 32)).shape == (2, 3)  # no aux outputs
-    with pytest.raises(ValueError, match="neither small-resnet"):
-        models.build("no-such-net", 10, 3)
 
 
 def test_prune_on_a_local_cifar_folder(tmp_path):

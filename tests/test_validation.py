@@ -20,6 +20,8 @@ from bipkernels.solvers.imp import imp, imp_rounds
 from bipkernels.solvers.omp import omp, random_prune
 from bipkernels.structures import Structure, parse_structure
 
+from conftest import needs_torchvision
+
 F64 = torch.float64
 
 
@@ -212,7 +214,8 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [pytest.param(case, marks=needs_torchvision) if "torchvision" in case else case
+                                  for case in CASES])
 def test_bad_argument_names_itself_and_its_value(seed, case):
     call, error, name, value = CASES[case]
     with pytest.raises(error) as raised:
