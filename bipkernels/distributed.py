@@ -5,6 +5,9 @@ gradient, the scores' included, so every rank takes the same optimiser steps on 
 bipkernels.project computes the same threshold from the same scores: identical masks and the exact global
 kept count on every rank, with no communication of its own. Order: ``convert(model)``, then
 ``DDP(model)``, then ``BiP(ddp_model, ...)`` (DDP registers the parameters it synchronises when built).
+BiP.fit gives each rank its own share of every epoch (solvers.training.epoch_batches). The implicit
+term of the score gradient is the average of the ranks' own (g ⊙ g per rank), not the square of the
+averaged g that one process on the ranks' batches together would use.
 
 Sharded scores, where each rank holds only some of the masked layers (pipeline stages, layers split for
 memory), still need one top-k over every rank's blocks. ``topk_threshold(local_blocks, k, group)`` gives
@@ -58,6 +61,20 @@ def _device(block_scores: list, group) -> torch.device:
     if dist.get_backend(group) == "nccl":  # NCCL communicates CUDA tensors only
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def raise_together(owner: str, error: Exception | None, group=None) -> None:
+    """A collective: raises on every rank of ``group`` if ``error`` is set on any. A rank that failed
+    raises its own ``error``, the others a RuntimeError naming the lowest rank that failed: a rank that
+    raised alone would leave the others waiting forever in the next collective."""
+    world = dist.get_world_size(group)
+    first_failed = torch.tensor(world - dist.get_rank(group) if error is not None else 0, device=_device([], group))
+    dist.all_reduce(first_failed, op=dist.ReduceOp.MAX, group=group)
+    if error is not None:
+        raise error
+    if int(first_failed):
+        raise RuntimeError(f"{owner}: rank {world - int(first_failed)} of the process group failed (its error says "
+                           "why), so this rank stops too")
 
 
 def topk_threshold(block_scores_list, k: int, group=None) -> torch.Tensor:

@@ -134,6 +134,55 @@ def _check_ddp(rank: int, seed: int, device: torch.device) -> None:
     assert changed  # the steps moved the masks, identically on both ranks
 
 
+def _check_ddp_fit(rank: int, seed: int, device: torch.device) -> None:
+    """BiP.fit on a DDP model: each rank its own share of every epoch, the same steps as one process
+    taking the ranks' batches together (DDP averages equal-sized batches' gradients: the union's mean).
+    Without the implicit term: DDP averages the ranks' g ⊙ g, not the square of the averaged g."""
+    torch.manual_seed(seed)
+    inputs, targets = torch.randn(24, 6, dtype=torch.float64), torch.randint(0, 3, (24,))
+    data = torch.utils.data.TensorDataset(inputs, targets)
+    model = bipkernels.convert(nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).double().to(device), 0.5)
+    alone = copy.deepcopy(model)
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[rank] if device.type == "cuda" else None)
+    solver = bipkernels.BiP(ddp, 0.5, score_lr=0.5, inv_gamma=0.0, total_steps=6)
+    reference = bipkernels.BiP(alone, 0.5, score_lr=0.5, inv_gamma=0.0, total_steps=6)
+    assert solver.steps_per_epoch(len(data), 4) == reference.steps_per_epoch(len(data), 4 * WORLD) == 3
+    solver.fit(data, 2, batch_size=4, seed=seed)
+    reference.fit(data, 2, batch_size=4 * WORLD, seed=seed)
+    assert solver.iteration == reference.iteration == 6
+    for (name, layer), (_, single) in zip(bipkernels.masked_layers(model), bipkernels.masked_layers(alone)):
+        assert torch.equal(layer.mask(), single.mask()), name
+        torch.testing.assert_close(layer.weight, single.weight, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(layer.scores, single.scores, rtol=1e-10, atol=1e-12)
+
+
+def _check_group_edges(rank: int, seed: int, device: torch.device) -> None:
+    """BiP under a group: a rank whose shard has nothing to mask still takes part, and an error on one
+    rank's shard raises on every rank instead of leaving the others waiting in the projection."""
+    torch.manual_seed(seed)
+    shard = nn.Sequential(nn.Linear(6, 7), nn.Linear(7, 5)) if rank == 0 else nn.Sequential(nn.LayerNorm(5))
+    solver = bipkernels.BiP(shard.to(device), 0.6, group=dist.group.WORLD, total_steps=5)
+    x = torch.randn(4, 6).to(device)
+
+    def closure():
+        loss = (shard(x) if rank == 0 else shard(torch.randn(4, 5).to(device))).square().mean()
+        loss.backward()
+        return loss
+
+    solver.step(closure)
+    kept = torch.tensor(sum(int(layer.mask().sum()) for _, layer in bipkernels.masked_layers(shard)), device=device)
+    dist.all_reduce(kept)
+    assert int(kept) == bipkernels.keep_count(6 * 7 + 7 * 5, 0.6)
+
+    # Rank 1 asks for a structure its (already masked) shard does not have: both ranks raise.
+    masked = bipkernels.convert(nn.Sequential(nn.Linear(6, 8)).to(device), 0.0, "filter")
+    structure = "filter" if rank == 0 else "channel"
+    expected = (RuntimeError, "BiP: rank 1 of the process group failed") if rank == 0 else \
+        (ValueError, "BiP: structure 'channel', but the model is already masked")
+    with pytest.raises(expected[0], match=expected[1]):
+        bipkernels.BiP(masked, 0.5, structure, group=dist.group.WORLD)
+
+
 def _worker(rank: int, backend: str, init_file: str, seed: int) -> None:
     if backend == "nccl":  # one GPU per rank, chosen before NCCL starts
         torch.cuda.set_device(rank)
@@ -146,6 +195,8 @@ def _worker(rank: int, backend: str, init_file: str, seed: int) -> None:
         _check_sharded_thresholds(rank, seed, device)
         _check_sharded_project_and_bip(rank, seed, device)
         _check_ddp(rank, seed, device)
+        _check_ddp_fit(rank, seed, device)
+        _check_group_edges(rank, seed, device)
         # Both ranks done before either tears down. One CI run (1 in about 30 here) saw rank 1 abort at the
         # end (SIGABRT, "terminate called without an active exception") with no Python error.
         dist.barrier()

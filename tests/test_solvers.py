@@ -17,7 +17,8 @@ from bipkernels import reference
 from bipkernels.structures import parse_structure
 from bipkernels.solvers.imp import imp, imp_rounds
 from bipkernels.solvers.omp import omp
-from bipkernels.solvers.training import batch_count, recalibrate_batchnorm, schedule_factor, split_batches
+from bipkernels.solvers.training import (batch_count, epoch_batches, recalibrate_batchnorm, schedule_factor, shard_size,
+                                         split_batches)
 
 
 def tiny_task(n: int = 96, seed: int = 0):
@@ -275,6 +276,28 @@ def test_split_batches_folds_a_lone_last_example_into_the_batch_before(size, bat
     assert len(batches) == batch_count(size, batch_size)
     assert all(len(batch) > 1 for batch in batches) or size == 1 or batch_size == 1
     assert all(len(batch) == batch_size for batch in batches[:-1])
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 5])
+@pytest.mark.parametrize("size", [0, 1, 2, 7, 12, 13])
+def test_epoch_batches_shard_an_epoch_like_distributed_sampler(size, world_size, seed):
+    """DistributedDataParallel training splits each epoch: rank r takes every world-size-th example of
+    the permutation, padded with its own first examples, so every rank takes the same number of steps and
+    the ranks' batch i together are batch i of the unsharded epoch with world-size times the batch size."""
+    dataset, batch_size = range(size), 2
+    whole = epoch_batches(dataset, batch_size * world_size, seed, 3)
+    shards = [epoch_batches(dataset, batch_size, seed, 3, (rank, world_size)) for rank in range(world_size)]
+    assert {len(shard) for shard in shards} == {batch_count(shard_size(size, world_size), batch_size)}
+    for rank, shard in enumerate(shards):
+        assert sum(len(batch) for batch in shard) == shard_size(size, world_size)
+    order = torch.cat(whole) if whole else torch.empty(0, dtype=torch.int64)
+    padded = order.repeat(world_size)[:shard_size(size, world_size) * world_size]
+    dealt = torch.stack([torch.cat(shard) for shard in shards], 1).reshape(-1) if size else order
+    assert torch.equal(dealt, padded)  # dealt round the ranks in the permutation's order
+    if size % (world_size * batch_size) == 0:  # no padding, no short batch
+        for index, batch in enumerate(whole):
+            together = torch.cat([shard[index] for shard in shards])
+            assert torch.equal(together.sort().values, batch.sort().values)
 
 
 def test_every_training_loop_survives_a_dataset_one_example_past_a_batch(seed):

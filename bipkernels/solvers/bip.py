@@ -34,16 +34,19 @@ from torch import nn
 from .. import distributed
 from .. import nn as masked_nn
 from ..structures import parse_structure
-from .training import (Progress, batch_count, check_settings, epoch_batches, fetch, model_device, random_state,
-                       scheduler, set_random_state)
+from .training import (Progress, batch_count, check_settings, data_shard, epoch_batches, fetch, model_device,
+                       random_state, scheduler, set_random_state, shard_size)
 
 
-def steps_per_epoch(dataset_size: int, batch_size: int, mode: str = "fused", lower_steps: int = 1) -> int:
+def steps_per_epoch(dataset_size: int, batch_size: int, mode: str = "fused", lower_steps: int = 1,
+                    world_size: int = 1) -> int:
     """Iterations in one epoch of BiP.fit: the epoch's batches (epoch_batches: the last may be short) in
     groups of one (fused) or lower_steps + 1 (faithful), a trailing remainder skipped. Use it for
-    ``total_steps``."""
-    check_settings("steps_per_epoch", batch_size=batch_size, mode=mode, lower_steps=lower_steps)
-    return batch_count(dataset_size, batch_size) // (1 if mode == "fused" else lower_steps + 1)
+    ``total_steps``. ``world_size``: the ranks a DistributedDataParallel model splits each epoch over
+    (``batch_size`` is then per rank)."""
+    check_settings("steps_per_epoch", batch_size=batch_size, mode=mode, lower_steps=lower_steps,
+                   world_size=world_size)
+    return batch_count(shard_size(dataset_size, world_size), batch_size) // (1 if mode == "fused" else lower_steps + 1)
 
 
 class BiP:
@@ -87,6 +90,36 @@ class BiP:
         self.step_scores_in_backward = step_scores_in_backward
         self._failure = None  # why the state matches no run, after a step failed halfway
         self.group = group
+        failure = None
+        try:
+            converted = self._mask_layers(structure, to_convert)
+        except Exception as error:
+            if group is None:
+                raise
+            failure = error
+        if group is not None:  # a rank that raised alone would leave the others waiting in the projection
+            distributed.raise_together("BiP", failure, group)
+        if not converted or self.group is not None:  # convert projected this rank's layers alone
+            self._project()
+        layers = [layer for _, layer in masked_nn.masked_layers(model)]
+        for layer in layers:
+            layer.inv_gamma, layer.implicit = float(inv_gamma), implicit
+        score_ids = {id(layer.scores) for layer in layers}
+        scores = [layer.scores for layer in layers]
+        weights = [p for p in model.parameters() if id(p) not in score_ids]
+        # Parameter groups, which may be empty: a rank's shard may hold no scores, or nothing else.
+        self.weight_optimizer = torch.optim.SGD([{"params": weights}], lr=lr, momentum=momentum,
+                                                weight_decay=weight_decay)
+        self.score_optimizer = torch.optim.SGD([{"params": scores}], lr=score_lr, momentum=score_momentum)
+        self.weight_schedule = scheduler(self.weight_optimizer, schedule, total_steps)
+        self.score_schedule = scheduler(self.score_optimizer, score_schedule, total_steps)
+        self.iteration = 0
+        self.passes = 0  # forward+backward passes spent
+
+    def _mask_layers(self, structure, to_convert) -> bool:
+        """Converts the model if it has no masked layers yet (returns whether it did), or checks that its
+        layers' structures are ``structure`` (None: any)."""
+        model, group = self.model, self.group
         converted = not masked_nn.masked_layers(model)
         if not converted and structure is not None:
             wanted = parse_structure(structure)
@@ -100,26 +133,14 @@ class BiP:
                              "converting inside it adds score parameters that DDP never synchronises, so the ranks' "
                              "masks would drift apart; bipkernels.convert the model first, then wrap it in DDP")
         if converted:
-            # Under a group the projection below, over every rank's layers, replaces convert's of this rank's.
-            masked_nn.convert(model, 0.0 if group is not None else sparsity, to_convert, scope)
-            if not masked_nn.masked_layers(model):
+            # Under a group the projection over every rank's layers replaces convert's of this rank's.
+            masked_nn.convert(model, 0.0 if group is not None else self.sparsity, to_convert, self.scope)
+            # A rank's shard may hold no layer to mask (a stage of norms): it still takes part.
+            if not masked_nn.masked_layers(model) and group is None:
                 raise ValueError("BiP: the model has no nn.Conv2d or nn.Linear layer inside it to mask (convert swaps "
                                  "a model's layers, not the model itself; left dense: "
                                  f"{masked_nn.unmasked_layers(model) or 'no layer with a weight'})")
-        if not converted or self.group is not None:  # convert projected this rank's layers alone
-            self._project()
-        layers = [layer for _, layer in masked_nn.masked_layers(model)]
-        for layer in layers:
-            layer.inv_gamma, layer.implicit = float(inv_gamma), implicit
-        score_ids = {id(layer.scores) for layer in layers}
-        scores = [layer.scores for layer in layers]
-        weights = [p for p in model.parameters() if id(p) not in score_ids]
-        self.weight_optimizer = torch.optim.SGD(weights, lr=lr, momentum=momentum, weight_decay=weight_decay)
-        self.score_optimizer = torch.optim.SGD(scores, lr=score_lr, momentum=score_momentum)
-        self.weight_schedule = scheduler(self.weight_optimizer, schedule, total_steps)
-        self.score_schedule = scheduler(self.score_optimizer, score_schedule, total_steps)
-        self.iteration = 0
-        self.passes = 0  # forward+backward passes spent
+        return converted
 
     def _project(self) -> None:
         if self.group is None:
@@ -216,7 +237,8 @@ class BiP:
         return 1 if self.mode == "fused" else self.lower_steps + 1
 
     def steps_per_epoch(self, dataset_size: int, batch_size: int) -> int:
-        return steps_per_epoch(dataset_size, batch_size, self.mode, self.lower_steps)
+        """steps_per_epoch for this solver's mode and its model's data shard (data_shard)."""
+        return steps_per_epoch(dataset_size, batch_size, self.mode, self.lower_steps, data_shard(self.model)[1])
 
     def fit(self, dataset, epochs: int, batch_size: int = 64, seed: int = 0, loss_fn=nn.functional.cross_entropy,
             start=(0, 0), on_step=None, label: str = "bip"):
@@ -224,7 +246,9 @@ class BiP:
 
         Batches follow epoch_batches(seed, epoch); a step consumes batches_per_step() of them (a trailing
         remainder is skipped). ``on_step(epoch, step)`` is called after every step (checkpoints, a stop
-        request: return True to stop there). Returns the (epoch, step) reached.
+        request: return True to stop there). Returns the (epoch, step) reached. A DistributedDataParallel
+        model: every rank steps on its own share of each epoch, ``batch_size`` examples per rank
+        (data_shard), and the loss it reports is its own share's.
         """
         check_settings("BiP.fit", epochs=epochs, batch_size=batch_size, seed=seed)
         if not (isinstance(start, (tuple, list)) and len(start) == 2
@@ -232,13 +256,15 @@ class BiP:
             raise ValueError(f"BiP.fit: start must be (epoch, step), two ints >= 0, got {start!r}")
         per_step, steps = self.batches_per_step(), self.steps_per_epoch(len(dataset), batch_size)
         if epochs > start[0] and steps == 0:
-            raise ValueError(f"BiP.fit: {len(dataset)} examples in batches of batch_size={batch_size} are fewer "
-                             f"batches than the {per_step} that one {self.mode} step takes: nothing would train")
+            shard = data_shard(self.model)
+            raise ValueError(f"BiP.fit: {len(dataset)} examples in batches of batch_size={batch_size}"
+                             f"{f' on each of {shard[1]} ranks' if shard[1] > 1 else ''} are fewer batches than the "
+                             f"{per_step} that one {self.mode} step takes: nothing would train")
         device = model_device(self.model)
         progress = Progress(epochs, label)
         epoch, first = start
         for epoch in range(start[0], epochs):
-            batches = epoch_batches(dataset, batch_size, seed, epoch)
+            batches = epoch_batches(dataset, batch_size, seed, epoch, data_shard(self.model))
             groups = [batches[i:i + per_step] for i in range(0, steps * per_step, per_step)]
             self.model.train()
             total = 0.0

@@ -6,7 +6,7 @@ from __future__ import annotations
 from torch import nn
 
 from .bip import BiP, steps_per_epoch
-from .training import check_data, check_settings, train_weights
+from .training import check_data, check_settings, data_shard, train_weights
 
 
 def hydra(model: nn.Module, dataset, sparsity: float, structure=None, scope: str = "global",
@@ -16,7 +16,7 @@ def hydra(model: nn.Module, dataset, sparsity: float, structure=None, scope: str
     check_settings("hydra", sparsity=sparsity, structure="unstructured" if structure is None else structure,
                    scope=scope, score_epochs=score_epochs, finetune_epochs=finetune_epochs, score_lr=score_lr, lr=lr,
                    batch_size=batch_size, seed=seed)
-    steps = score_epochs * steps_per_epoch(len(dataset), batch_size)
+    steps = score_epochs * steps_per_epoch(len(dataset), batch_size, world_size=data_shard(model)[1])
     check_data("hydra", dataset, score_epochs + finetune_epochs)
     solver = BiP(model, sparsity, structure, scope, mode="fused", lr=0.0, weight_decay=0.0, momentum=0.0,
                  inv_gamma=0.0, score_lr=score_lr, total_steps=max(steps, 1))

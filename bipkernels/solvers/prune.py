@@ -11,7 +11,7 @@ from .bip import BiP, steps_per_epoch
 from .hydra import hydra
 from .imp import imp, imp_rounds
 from .omp import omp, random_prune
-from .training import check_settings, evaluate, recalibrate_batchnorm
+from .training import check_settings, data_shard, evaluate, recalibrate_batchnorm
 
 METHODS = ("bip", "omp", "imp", "hydra", "random")
 
@@ -43,7 +43,7 @@ def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0
     common = dict(structure=structure, scope=scope, batch_size=batch_size, seed=seed)
     if method == "bip":
         steps = epochs * steps_per_epoch(len(train_data), batch_size, options.get("mode", "fused"),
-                                         options.get("lower_steps", 1))
+                                         options.get("lower_steps", 1), data_shard(model)[1])
         if epochs and not steps:  # before BiP converts the model
             raise ValueError(f"prune: {len(train_data)} examples in batches of batch_size={batch_size} give no BiP "
                              f"step ({options.get('mode', 'fused')} mode): nothing would train")

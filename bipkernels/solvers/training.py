@@ -56,7 +56,7 @@ def _number(minimum=0.0, maximum=math.inf, open_low=False, open_high=False):
 SETTINGS = {
     **dict.fromkeys(("epochs", "finetune_epochs", "score_epochs", "epochs_per_round", "pretrain_epochs",
                      "save_every"), _int(0)),
-    **dict.fromkeys(("batch_size", "lower_steps", "total_steps"), _int(1)),
+    **dict.fromkeys(("batch_size", "lower_steps", "total_steps", "world_size"), _int(1)),
     "seed": _int(0, 2**32 - 1),
     **dict.fromkeys(("lr", "score_lr", "weight_decay", "inv_gamma"), _number()),
     **dict.fromkeys(("momentum", "score_momentum"), _number(0.0, 1.0, open_high=True)),
@@ -127,10 +127,35 @@ def batch_count(size: int, batch_size: int) -> int:
     return batches - 1 if batches > 1 and size % batch_size == 1 else batches
 
 
-def epoch_batches(dataset: Dataset, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
+def data_shard(model: nn.Module) -> tuple[int, int]:
+    """(rank, world size) over which the training loops split each epoch's examples: those of the process
+    group of a DistributedDataParallel ``model`` (every rank its own examples, as DistributedSampler), else
+    (0, 1). A model sharded by layers (BiP's ``group``) is not data-parallel: every rank sees every batch."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        group = model.process_group
+        return torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
+    return 0, 1
+
+
+def shard_size(size: int, world_size: int) -> int:
+    """Examples per rank in each epoch when ``size`` are split over ``world_size`` ranks (epoch_batches)."""
+    return -(-size // world_size)
+
+
+def epoch_batches(dataset: Dataset, batch_size: int, seed: int, epoch: int, shard=(0, 1)) -> list[torch.Tensor]:
     """The index batches of one epoch (split_batches): a permutation fixed by (seed, epoch), so an
-    interrupted run can resume in the middle of an epoch and see exactly the batches it would have seen."""
+    interrupted run can resume in the middle of an epoch and see exactly the batches it would have seen.
+
+    ``shard`` = (rank, world size): this rank's examples, every world-size-th of the permutation from
+    ``rank`` on, after it is padded with its own first examples to a multiple of the world size (as
+    DistributedSampler): every rank gets shard_size examples, so all take the same number of steps, and
+    the ranks' batch i together are batch i of the unsharded epoch with world-size times the batch size.
+    """
+    rank, world_size = shard
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    if world_size > 1 and len(order):
+        padded = shard_size(len(order), world_size) * world_size
+        order = order.repeat(shard_size(padded, len(order)))[:padded][rank::world_size]
     return split_batches(order, batch_size)
 
 
@@ -190,8 +215,13 @@ class Progress:
         self.total, self.label, self.stream = total, label, stream or sys.stderr
         self.started = time.perf_counter()
         self.interactive = self.stream.isatty()
+        # Under torch.distributed the ranks run the same loop: one line from rank 0 says it all.
+        self.shown = not (torch.distributed.is_available() and torch.distributed.is_initialized()
+                          and torch.distributed.get_rank() != 0)
 
     def update(self, done: int, **fields) -> None:
+        if not self.shown:
+            return
         width = 24
         filled = int(width * done / max(self.total, 1))
         text = " ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
@@ -285,7 +315,8 @@ def train_weights(model: nn.Module, dataset: Dataset, epochs: int, lr: float = 0
                   seed: int = 0, weight_decay: float = 1e-4, schedule: str = "cosine", label: str = "train",
                   loss_fn=nn.functional.cross_entropy, *, start: dict | None = None, on_epoch=None) -> int:
     """SGD (momentum 0.9) on every parameter but the mask scores, masks fixed; returns the passes spent
-    (those of the call that saved ``start`` included).
+    (those of the call that saved ``start`` included). A DistributedDataParallel ``model`` trains on its
+    rank's share of each epoch (epoch_batches, data_shard).
 
     ``on_epoch(state)`` runs after each epoch with the training state: the model, optimizer and schedule
     state_dicts, ``epoch`` (epochs done), ``passes`` and the RNG states (random_state), in live tensors that later
@@ -306,7 +337,9 @@ def train_weights(model: nn.Module, dataset: Dataset, epochs: int, lr: float = 0
     score_ids = {id(layer.scores) for _, layer in masked_layers(model)}
     weights = [p for p in model.parameters() if id(p) not in score_ids]
     optimizer = torch.optim.SGD(weights, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    schedule_ = scheduler(optimizer, schedule, max(epochs * batch_count(len(dataset), batch_size), 1))
+    shard = data_shard(model)
+    examples = shard_size(len(dataset), shard[1])  # per rank and epoch
+    schedule_ = scheduler(optimizer, schedule, max(epochs * batch_count(examples, batch_size), 1))
     first, passes = 0, 0
     if start is not None:
         model.load_state_dict(start["model"])
@@ -319,7 +352,7 @@ def train_weights(model: nn.Module, dataset: Dataset, epochs: int, lr: float = 0
     for epoch in range(first, epochs):
         model.train()
         total = 0.0
-        for indices in epoch_batches(dataset, batch_size, seed, epoch):
+        for indices in epoch_batches(dataset, batch_size, seed, epoch, shard):
             inputs, targets = fetch(dataset, indices, device)
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(inputs), targets)
@@ -328,7 +361,7 @@ def train_weights(model: nn.Module, dataset: Dataset, epochs: int, lr: float = 0
             schedule_.step()
             total += float(loss.detach()) * len(indices)
             passes += 1
-        progress.update(epoch + 1, loss=total / max(len(dataset), 1))
+        progress.update(epoch + 1, loss=total / max(examples, 1))
         if on_epoch is not None and on_epoch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                               "schedule": schedule_.state_dict(), "epoch": epoch + 1,
                                               "passes": passes, **random_state()}):
