@@ -325,11 +325,13 @@ def test_bip_refuses_to_convert_inside_a_ddp_wrapper(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
     try:
         wrapped = nn.parallel.DistributedDataParallel(tiny_model())
-        with pytest.raises(ValueError, match="convert the model first, then wrap it in DDP"):
-            bipkernels.BiP(wrapped, 0.5)
-        assert not bipkernels.masked_layers(wrapped)
+        for model in (wrapped, nn.Sequential(wrapped)):  # bare, or inside another module (torch.compile's)
+            with pytest.raises(ValueError, match="convert the model first, then wrap it in DDP"):
+                bipkernels.BiP(model, 0.5)
+            assert not bipkernels.masked_layers(model)
         converted = nn.parallel.DistributedDataParallel(bipkernels.convert(tiny_model(), 0.5))
-        bipkernels.BiP(converted, 0.5)  # the documented order
+        solver = bipkernels.BiP(nn.Sequential(converted), 0.5)  # the documented order
+        assert solver.steps_per_epoch(10, 2) == 5  # a world of one: the whole epoch
     finally:
         dist.destroy_process_group()
 

@@ -34,8 +34,8 @@ from torch import nn
 from .. import distributed
 from .. import nn as masked_nn
 from ..structures import parse_structure
-from .training import (Progress, batch_count, check_settings, data_shard, epoch_batches, fetch, model_device,
-                       random_state, scheduler, set_random_state, shard_size)
+from .training import (Progress, batch_count, check_settings, data_shard, ddp_wrapper, epoch_batches, fetch,
+                       model_device, random_state, scheduler, set_random_state, shard_size)
 
 
 def steps_per_epoch(dataset_size: int, batch_size: int, mode: str = "fused", lower_steps: int = 1,
@@ -128,8 +128,8 @@ class BiP:
                     raise ValueError(f"BiP: structure {structure!r}, but the model is already masked and its layer "
                                      f"{name!r} has structure {layer.structure}: pass structure=None to keep the "
                                      "layers' own, or convert an unmasked model")
-        if converted and isinstance(model, nn.parallel.DistributedDataParallel):
-            raise ValueError("BiP: the model is a DistributedDataParallel wrapper of layers not yet masked: "
+        if converted and ddp_wrapper(model) is not None:
+            raise ValueError("BiP: the model is or holds a DistributedDataParallel wrapper of layers not yet masked: "
                              "converting inside it adds score parameters that DDP never synchronises, so the ranks' "
                              "masks would drift apart; bipkernels.convert the model first, then wrap it in DDP")
         if converted:

@@ -127,14 +127,22 @@ def batch_count(size: int, batch_size: int) -> int:
     return batches - 1 if batches > 1 and size % batch_size == 1 else batches
 
 
+def ddp_wrapper(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
+    """The DistributedDataParallel module that is ``model`` or lies inside it (torch.compile's wrapper
+    holds it as a child), or None."""
+    return next((module for module in model.modules() if isinstance(module, nn.parallel.DistributedDataParallel)),
+                None)
+
+
 def data_shard(model: nn.Module) -> tuple[int, int]:
     """(rank, world size) over which the training loops split each epoch's examples: those of the process
-    group of a DistributedDataParallel ``model`` (every rank its own examples, as DistributedSampler), else
-    (0, 1). A model sharded by layers (BiP's ``group``) is not data-parallel: every rank sees every batch."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        group = model.process_group
-        return torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
-    return 0, 1
+    group of a DistributedDataParallel ``model`` (ddp_wrapper: every rank its own examples, as
+    DistributedSampler), else (0, 1). A model sharded by layers (BiP's ``group``) is not data-parallel:
+    every rank sees every batch."""
+    wrapper = ddp_wrapper(model)
+    if wrapper is None:
+        return 0, 1
+    return torch.distributed.get_rank(wrapper.process_group), torch.distributed.get_world_size(wrapper.process_group)
 
 
 def shard_size(size: int, world_size: int) -> int:
