@@ -14,7 +14,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from .test_iteration import METHODS, MODELS, _batches, iteration_step
+from .test_iteration import METHODS, MODELS, _batches, build_model, iteration_step
 
 # First match wins (backward before forward: the names nest): (category, substrings of the operator name).
 CATEGORIES = [
@@ -38,7 +38,7 @@ def profile_method(method: str, model_name: str, batch_size: int, rounds: int) -
     an operator's self time is the calling thread's wall time inside it, its worker threads included)."""
     torch.manual_seed(0)
     batch_a, batch_b, _ = _batches(batch_size)
-    step = iteration_step(method, MODELS[model_name](), batch_a, batch_b)
+    step = iteration_step(method, build_model(model_name), batch_a, batch_b)
     step()  # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
         for _ in range(rounds):

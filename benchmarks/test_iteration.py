@@ -6,6 +6,8 @@ Models: CIFAR ResNet-20 and torchvision's ResNet-18 at 32×32, batch 64 and 128,
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -16,12 +18,13 @@ from bipkernels import models
 from .official import OfficialIteration
 
 MODELS = ["resnet20", "resnet18"]
+# torchvision is optional: .ci/setup leaves it out beside a CPU-only torch.
+MODEL_PARAMS = [name if name == "resnet20" else pytest.param(name, marks=pytest.mark.skipif(
+    importlib.util.find_spec("torchvision") is None, reason="needs torchvision")) for name in MODELS]
 METHODS = ["dense step", "bip fused", "bip faithful", "official iteration"]
 
 
-def _model(name: str) -> torch.nn.Module:
-    if name != "resnet20":
-        pytest.importorskip("torchvision")  # optional: .ci/setup leaves it out beside a CPU-only torch
+def build_model(name: str) -> torch.nn.Module:
     return models.build(name, 10, 3)
 
 
@@ -66,11 +69,11 @@ def iteration_step(method: str, model, batch_a, batch_b):
 
 
 @pytest.mark.parametrize("batch_size", [64, 128])
-@pytest.mark.parametrize("model_name", MODELS)
+@pytest.mark.parametrize("model_name", MODEL_PARAMS)
 @pytest.mark.parametrize("method", METHODS)
 def test_iteration_cpu(benchmark, method, model_name, batch_size):
     torch.manual_seed(0)
-    model = _model(model_name)
+    model = build_model(model_name)
     batch_a, batch_b, _ = _batches(batch_size)
     benchmark.group = f"iteration cpu {model_name} batch {batch_size}"
     benchmark.extra_info["baseline"] = method != "bip fused"
@@ -81,13 +84,13 @@ def test_iteration_cpu(benchmark, method, model_name, batch_size):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("batch_size", [64, 128])
-@pytest.mark.parametrize("model_name", MODELS)
+@pytest.mark.parametrize("model_name", MODEL_PARAMS)
 @pytest.mark.parametrize("method", METHODS)
 def test_iteration_cuda(benchmark, method, model_name, batch_size):
     from .gpu import record
 
     torch.manual_seed(0)
-    model = _model(model_name).cuda()
+    model = build_model(model_name).cuda()
     batch_a, batch_b, _ = _batches(batch_size, device="cuda")
     benchmark.group = f"iteration cuda {model_name} batch {batch_size}"
     benchmark.extra_info["baseline"] = method != "bip fused"

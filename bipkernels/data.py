@@ -80,9 +80,9 @@ def image_folder(folder: str, size: int = 32) -> dict:
         raise FileNotFoundError(f"image_folder: {root} needs train/ and test/ sub-folders")
     try:
         from torchvision import datasets, transforms
-    except ImportError as error:
-        raise ImportError(f"image_folder: reading the images of {root} needs torchvision (pip install "
-                          "torchvision)") from error
+    except (ImportError, RuntimeError) as error:  # RuntimeError: a torchvision built for another torch
+        raise ImportError(f"image_folder: reading the images of {root} needs torchvision, which does not import: "
+                          f"{error} (pip install torchvision)") from error
     transform = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor()])
     splits = {name: datasets.ImageFolder(str(root / name), transform) for name in names}
     for name, split in splits.items():  # each split numbers its own class folders: they must be the same

@@ -55,7 +55,8 @@ def _digit(keys: torch.Tensor, shift: int) -> torch.Tensor:
     return (keys >> shift) + _BINS // 2 if shift == _SHIFTS[0] else (keys >> shift) & (_BINS - 1)
 
 
-def _device(block_scores: list, group) -> torch.device:
+def collective_device(block_scores: list, group) -> torch.device:
+    """Where a collective's tensors go: beside ``block_scores``, or, for none, where the backend takes them."""
     if block_scores:
         return block_scores[0].device
     if dist.get_backend(group) == "nccl":  # NCCL communicates CUDA tensors only
@@ -68,7 +69,8 @@ def raise_together(owner: str, error: Exception | None, group=None) -> None:
     raises its own ``error``, the others a RuntimeError naming the lowest rank that failed: a rank that
     raised alone would leave the others waiting forever in the next collective."""
     world = dist.get_world_size(group)
-    first_failed = torch.tensor(world - dist.get_rank(group) if error is not None else 0, device=_device([], group))
+    first_failed = torch.tensor(world - dist.get_rank(group) if error is not None else 0,
+                                device=collective_device([], group))
     dist.all_reduce(first_failed, op=dist.ReduceOp.MAX, group=group)
     if error is not None:
         raise error
@@ -88,7 +90,7 @@ def topk_threshold(block_scores_list, k: int, group=None) -> torch.Tensor:
     """
     k = ops.check_int("bipkernels.distributed.topk_threshold", "k", k)
     flat = [scores.reshape(-1).double() for scores in block_scores_list]
-    device = _device(flat, group)
+    device = collective_device(flat, group)
     keys = [_keys(scores) for scores in flat]
     valid = [~scores.isnan() for scores in flat]
     count = sum((ok.sum() for ok in valid), torch.zeros((), dtype=torch.int64, device=device))
@@ -150,7 +152,7 @@ def project(model: nn.Module, sparsity: float, scope: str = "global", group=None
     layers = [layer for _, layer in ranked_layers(model)]
     block_scores = [layer.block_scores() for layer in layers]
     total = torch.tensor(sum(scores.numel() for scores in block_scores), dtype=torch.int64,
-                         device=_device(block_scores, group))
+                         device=collective_device(block_scores, group))
     dist.all_reduce(total, group=group)
     thresholds = topk_threshold(block_scores, ops.keep_count(int(total), sparsity), group)
     for layer, threshold in zip(layers, thresholds):

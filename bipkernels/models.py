@@ -65,10 +65,11 @@ BUILT_IN = ("small-resnet", "resnet20")
 
 
 def torchvision_or_none():
-    """torchvision if it is installed (an optional dependency: only its models and image folders need it)."""
+    """torchvision if it imports (an optional dependency: only its models and image folders need it). A
+    torchvision built for another torch raises RuntimeError on import: None as well."""
     try:
         import torchvision
-    except ImportError:
+    except (ImportError, RuntimeError):
         return None
     return torchvision
 
@@ -82,8 +83,8 @@ def check_name(name: str) -> str:
         torchvision = torchvision_or_none()
         if torchvision is None:
             raise ValueError(f"model: name {name!r} is neither small-resnet nor resnet20, and the other names are "
-                             "torchvision's classification models: torchvision is not installed (pip install "
-                             "torchvision)")
+                             "torchvision's classification models: torchvision is not installed or does not import "
+                             "beside this torch (pip install torchvision)")
         if name not in torchvision.models.list_models(module=torchvision.models):
             raise ValueError(f"model: name {name!r} is neither small-resnet, resnet20 nor a torchvision "
                              "classification model")

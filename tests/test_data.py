@@ -95,6 +95,25 @@ def test_models_build():
         models.build("no-such-net", 10, 3)
 
 
+def test_a_torchvision_that_does_not_import_is_named(monkeypatch, tmp_path):
+    """A torchvision built for another torch raises RuntimeError on import ('operator torchvision::nms
+    does not exist'): the model names and image folders say what is missing."""
+    real_import = __import__
+
+    def failing_import(name, *args, **kwargs):
+        if name.startswith("torchvision"):
+            raise RuntimeError("operator torchvision::nms does not exist")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.__import__", failing_import)
+    with pytest.raises(ValueError, match="'resnet18' is neither small-resnet nor resnet20.*does not import"):
+        models.build("resnet18", 10, 3)
+    for split in ("train", "test"):
+        (tmp_path / split / "cat").mkdir(parents=True)
+    with pytest.raises(ImportError, match="needs torchvision, which does not import: operator torchvision::nms"):
+        data.image_folder(str(tmp_path))
+
+
 @needs_torchvision
 def test_models_build_torchvision_models():
     assert models.build("resnet18", 7, 3)(torch.randn(2, 3, 32, 32)).shape == (2, 7)

@@ -181,6 +181,14 @@ def _check_group_edges(rank: int, seed: int, device: torch.device) -> None:
         (ValueError, "BiP: structure 'channel', but the model is already masked")
     with pytest.raises(expected[0], match=expected[1]):
         bipkernels.BiP(masked, 0.5, structure, group=dist.group.WORLD)
+    # Rank 0 passes no model at all.
+    expected = (TypeError, "BiP: model must be a torch.nn.Module, got NoneType") if rank == 0 else \
+        (RuntimeError, "BiP: rank 0 of the process group failed")
+    with pytest.raises(expected[0], match=expected[1]):
+        bipkernels.BiP(None if rank == 0 else masked, 0.5, group=dist.group.WORLD)
+    # No rank holds anything to mask: the same error on both.
+    with pytest.raises(ValueError, match="no rank of the group holds an nn.Conv2d or nn.Linear layer to mask"):
+        bipkernels.BiP(nn.Sequential(nn.LayerNorm(3)).to(device), 0.5, group=dist.group.WORLD)
 
 
 def _worker(rank: int, backend: str, init_file: str, seed: int) -> None:

@@ -77,8 +77,6 @@ class BiP:
                  implicit: str = "paper", lower_steps: int = 1, schedule: str = "cosine",
                  score_schedule: str = "cosine", total_steps: int = 1000, step_scores_in_backward: bool | None = None,
                  group=None):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"BiP: model must be a torch.nn.Module, got {type(model).__name__} {model!r}")
         to_convert = "unstructured" if structure is None else structure  # for a model without masked layers
         check_settings("BiP", sparsity=sparsity, structure=to_convert, scope=scope, mode=mode, lr=lr,
                        score_lr=score_lr, momentum=momentum, score_momentum=score_momentum,
@@ -92,6 +90,8 @@ class BiP:
         self.group = group
         failure = None
         try:
+            if not isinstance(model, nn.Module):
+                raise TypeError(f"BiP: model must be a torch.nn.Module, got {type(model).__name__} {model!r}")
             converted = self._mask_layers(structure, to_convert)
         except Exception as error:
             if group is None:
@@ -99,6 +99,7 @@ class BiP:
             failure = error
         if group is not None:  # a rank that raised alone would leave the others waiting in the projection
             distributed.raise_together("BiP", failure, group)
+            self._check_some_rank_masks()
         if not converted or self.group is not None:  # convert projected this rank's layers alone
             self._project()
         layers = [layer for _, layer in masked_nn.masked_layers(model)]
@@ -141,6 +142,15 @@ class BiP:
                                  "a model's layers, not the model itself; left dense: "
                                  f"{masked_nn.unmasked_layers(model) or 'no layer with a weight'})")
         return converted
+
+    def _check_some_rank_masks(self) -> None:
+        """ValueError on every rank of the group if no rank's shard holds a masked layer."""
+        layers = len(masked_nn.masked_layers(self.model))
+        count = torch.tensor(layers, device=distributed.collective_device([], self.group))
+        torch.distributed.all_reduce(count, group=self.group)
+        if not int(count):
+            raise ValueError("BiP: no rank of the group holds an nn.Conv2d or nn.Linear layer to mask (left dense "
+                             f"on this rank: {masked_nn.unmasked_layers(self.model) or 'no layer with a weight'})")
 
     def _project(self) -> None:
         if self.group is None:
@@ -248,7 +258,8 @@ class BiP:
         remainder is skipped). ``on_step(epoch, step)`` is called after every step (checkpoints, a stop
         request: return True to stop there). Returns the (epoch, step) reached. A DistributedDataParallel
         model: every rank steps on its own share of each epoch, ``batch_size`` examples per rank
-        (data_shard), and the loss it reports is its own share's.
+        (data_shard), and the loss it reports is its own share's; ``on_step`` must answer alike on every
+        rank (a rank that stops alone leaves the others waiting in the next gradient all-reduce).
         """
         check_settings("BiP.fit", epochs=epochs, batch_size=batch_size, seed=seed)
         if not (isinstance(start, (tuple, list)) and len(start) == 2

@@ -156,8 +156,9 @@ def epoch_batches(dataset: Dataset, batch_size: int, seed: int, epoch: int, shar
 
     ``shard`` = (rank, world size): this rank's examples, every world-size-th of the permutation from
     ``rank`` on, after it is padded with its own first examples to a multiple of the world size (as
-    DistributedSampler): every rank gets shard_size examples, so all take the same number of steps, and
-    the ranks' batch i together are batch i of the unsharded epoch with world-size times the batch size.
+    DistributedSampler): every rank gets shard_size examples, so all take the same number of steps. When
+    the size is a multiple of world size × batch size (no padding, no short batch), the ranks' batch i
+    together are batch i of the unsharded epoch with world-size times the batch size.
     """
     rank, world_size = shard
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
