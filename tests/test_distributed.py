@@ -187,7 +187,7 @@ def _check_group_edges(rank: int, seed: int, device: torch.device) -> None:
     with pytest.raises(expected[0], match=expected[1]):
         bipkernels.BiP(None if rank == 0 else masked, 0.5, group=dist.group.WORLD)
     # No rank holds anything to mask: the same error on both.
-    with pytest.raises(ValueError, match="no rank of the group holds an nn.Conv2d or nn.Linear layer to mask"):
+    with pytest.raises(ValueError, match="no nn.Conv2d or nn.Linear layer on any rank of the group to mask"):
         bipkernels.BiP(nn.Sequential(nn.LayerNorm(3)).to(device), 0.5, group=dist.group.WORLD)
 
 

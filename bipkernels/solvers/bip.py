@@ -99,7 +99,7 @@ class BiP:
             failure = error
         if group is not None:  # a rank that raised alone would leave the others waiting in the projection
             distributed.raise_together("BiP", failure, group)
-            self._check_some_rank_masks()
+        self._check_something_to_mask()
         if not converted or self.group is not None:  # convert projected this rank's layers alone
             self._project()
         layers = [layer for _, layer in masked_nn.masked_layers(model)]
@@ -136,21 +136,20 @@ class BiP:
         if converted:
             # Under a group the projection over every rank's layers replaces convert's of this rank's.
             masked_nn.convert(model, 0.0 if group is not None else self.sparsity, to_convert, self.scope)
-            # A rank's shard may hold no layer to mask (a stage of norms): it still takes part.
-            if not masked_nn.masked_layers(model) and group is None:
-                raise ValueError("BiP: the model has no nn.Conv2d or nn.Linear layer inside it to mask (convert swaps "
-                                 "a model's layers, not the model itself; left dense: "
-                                 f"{masked_nn.unmasked_layers(model) or 'no layer with a weight'})")
         return converted
 
-    def _check_some_rank_masks(self) -> None:
-        """ValueError on every rank of the group if no rank's shard holds a masked layer."""
-        layers = len(masked_nn.masked_layers(self.model))
-        count = torch.tensor(layers, device=distributed.collective_device([], self.group))
-        torch.distributed.all_reduce(count, group=self.group)
+    def _check_something_to_mask(self) -> None:
+        """ValueError if the model holds no masked layer; under a group, on every rank if no rank's shard
+        does (one shard may hold none, a stage of norms: it still takes part)."""
+        count = len(masked_nn.masked_layers(self.model))
+        if self.group is not None:
+            count = torch.tensor(count, device=distributed.collective_device([], self.group))
+            torch.distributed.all_reduce(count, group=self.group)
         if not int(count):
-            raise ValueError("BiP: no rank of the group holds an nn.Conv2d or nn.Linear layer to mask (left dense "
-                             f"on this rank: {masked_nn.unmasked_layers(self.model) or 'no layer with a weight'})")
+            where = "inside it" if self.group is None else "on any rank of the group"
+            raise ValueError(f"BiP: the model has no nn.Conv2d or nn.Linear layer {where} to mask (convert swaps "
+                             "a model's layers, not the model itself; left dense here: "
+                             f"{masked_nn.unmasked_layers(self.model) or 'no layer with a weight'})")
 
     def _project(self) -> None:
         if self.group is None:
@@ -265,9 +264,10 @@ class BiP:
         if not (isinstance(start, (tuple, list)) and len(start) == 2
                 and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in start)):
             raise ValueError(f"BiP.fit: start must be (epoch, step), two ints >= 0, got {start!r}")
-        per_step, steps = self.batches_per_step(), self.steps_per_epoch(len(dataset), batch_size)
+        shard = data_shard(self.model)
+        per_step = self.batches_per_step()
+        steps = steps_per_epoch(len(dataset), batch_size, self.mode, self.lower_steps, shard[1])
         if epochs > start[0] and steps == 0:
-            shard = data_shard(self.model)
             raise ValueError(f"BiP.fit: {len(dataset)} examples in batches of batch_size={batch_size}"
                              f"{f' on each of {shard[1]} ranks' if shard[1] > 1 else ''} are fewer batches than the "
                              f"{per_step} that one {self.mode} step takes: nothing would train")
@@ -275,7 +275,7 @@ class BiP:
         progress = Progress(epochs, label)
         epoch, first = start
         for epoch in range(start[0], epochs):
-            batches = epoch_batches(dataset, batch_size, seed, epoch, data_shard(self.model))
+            batches = epoch_batches(dataset, batch_size, seed, epoch, shard)
             groups = [batches[i:i + per_step] for i in range(0, steps * per_step, per_step)]
             self.model.train()
             total = 0.0
