@@ -64,6 +64,19 @@ def collective_device(block_scores: list, group) -> torch.device:
     return torch.device("cpu")
 
 
+def check_devices(owner: str, tensors: list, backend: str) -> None:
+    """ValueError naming ``owner`` unless ``tensors`` (this rank's scores) lie on one device that a
+    ``backend`` collective takes: NCCL communicates CUDA tensors only. Checked before the first collective,
+    so that a rank fails with this message, not inside the all-reduce (where the others would wait)."""
+    devices = sorted({str(tensor.device) for tensor in tensors})
+    if len(devices) > 1:
+        raise ValueError(f"{owner}: this rank's scores lie on several devices {devices}: one top-k over the group "
+                         "needs them on one device per rank")
+    if backend == "nccl" and devices and not devices[0].startswith("cuda"):
+        raise ValueError(f"{owner}: the group's backend is NCCL, which communicates CUDA tensors only, but this "
+                         f"rank's scores lie on {devices[0]}: move the shard to its GPU or use gloo")
+
+
 def raise_together(owner: str, error: Exception | None, group=None) -> None:
     """A collective: raises on every rank of ``group`` if ``error`` is set on any. A rank that failed
     raises its own ``error``, the others a RuntimeError naming the lowest rank that failed: a rank that
@@ -89,6 +102,7 @@ def topk_threshold(block_scores_list, k: int, group=None) -> torch.Tensor:
     float64. No host synchronisation besides the collectives themselves.
     """
     k = ops.check_int("bipkernels.distributed.topk_threshold", "k", k)
+    check_devices("bipkernels.distributed.topk_threshold", block_scores_list, dist.get_backend(group))
     flat = [scores.reshape(-1).double() for scores in block_scores_list]
     device = collective_device(flat, group)
     keys = [_keys(scores) for scores in flat]
@@ -150,6 +164,7 @@ def project(model: nn.Module, sparsity: float, scope: str = "global", group=None
         project_locally(model, sparsity, scope)
         return
     layers = [layer for _, layer in ranked_layers(model)]
+    check_devices("bipkernels.distributed.project", [layer.scores for layer in layers], dist.get_backend(group))
     block_scores = [layer.block_scores() for layer in layers]
     total = torch.tensor(sum(scores.numel() for scores in block_scores), dtype=torch.int64,
                          device=collective_device(block_scores, group))

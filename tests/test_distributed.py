@@ -186,6 +186,14 @@ def _check_group_edges(rank: int, seed: int, device: torch.device) -> None:
         (RuntimeError, "BiP: rank 0 of the process group failed")
     with pytest.raises(expected[0], match=expected[1]):
         bipkernels.BiP(None if rank == 0 else masked, 0.5, group=dist.group.WORLD)
+    # Rank 1's scores lie on two devices (meta stands in for a second GPU): both ranks raise, neither waits.
+    split = bipkernels.convert(nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 3)).to(device), 0.0)
+    if rank == 1:
+        split[1].to("meta")
+    expected = (RuntimeError, "BiP: rank 1 of the process group failed") if rank == 0 else \
+        (ValueError, r"BiP: this rank's scores lie on several devices \['(cpu|cuda:1)', 'meta'\]")
+    with pytest.raises(expected[0], match=expected[1]):
+        bipkernels.BiP(split, 0.5, group=dist.group.WORLD)
     # No rank holds anything to mask: the same error on both.
     with pytest.raises(ValueError, match="no nn.Conv2d or nn.Linear layer on any rank of the group to mask"):
         bipkernels.BiP(nn.Sequential(nn.LayerNorm(3)).to(device), 0.5, group=dist.group.WORLD)
@@ -214,6 +222,17 @@ def _worker(rank: int, backend: str, init_file: str, seed: int) -> None:
 
 _NO_GLOO = not dist.is_available() or not dist.is_gloo_available()
 _NO_NCCL = not dist.is_available() or not dist.is_nccl_available() or torch.cuda.device_count() < WORLD
+
+
+def test_devices_a_collective_takes():
+    """The check each rank makes before the projection's first collective (it needs no process group)."""
+    for backend in ("gloo", "nccl"):
+        distributed.check_devices("op", [], backend)
+    distributed.check_devices("op", [torch.zeros(2), torch.zeros(3)], "gloo")
+    with pytest.raises(ValueError, match=r"op: the group's backend is NCCL, .* this rank's scores lie on cpu"):
+        distributed.check_devices("op", [torch.zeros(2)], "nccl")
+    with pytest.raises(ValueError, match=r"op: this rank's scores lie on several devices \['cpu', 'meta'\]"):
+        distributed.check_devices("op", [torch.zeros(2), torch.zeros(2, device="meta")], "gloo")
 
 
 @pytest.mark.parametrize("backend", [

@@ -17,8 +17,8 @@ from bipkernels import reference
 from bipkernels.structures import parse_structure
 from bipkernels.solvers.imp import imp, imp_rounds
 from bipkernels.solvers.omp import omp
-from bipkernels.solvers.training import (batch_count, epoch_batches, recalibrate_batchnorm, schedule_factor, shard_size,
-                                         split_batches)
+from bipkernels.solvers.training import (batch_count, epoch_batches, evaluate, model_device, recalibrate_batchnorm,
+                                         schedule_factor, shard_size, split_batches)
 
 
 def tiny_task(n: int = 96, seed: int = 0):
@@ -315,6 +315,18 @@ def test_every_training_loop_survives_a_dataset_one_example_past_a_batch(seed):
     solver.fit(data, 1, batch_size=32)
     assert solver.iteration == 1  # batches of 32 and 33: one faithful step
     recalibrate_batchnorm(solver.model, tiny_task(257), batch_size=256)
+    with pytest.raises(ValueError, match=r"BiP.fit: 65 examples in batches of batch_size=64 make 1 batch \(a lone "
+                                         r"last example joins the batch before it\), fewer than the 2 that one"):
+        solver.fit(data, 1, batch_size=64)
+
+
+def test_a_model_without_parameters_evaluates_on_the_cpu():
+    """The training loops put the data where the model's first parameter lies, else its first buffer;
+    a model with neither (a stage of activations) gets the CPU instead of a StopIteration."""
+    data = tiny_task(10)
+    assert model_device(nn.ReLU()) == model_device(nn.BatchNorm1d(3, affine=False)) == torch.device("cpu")
+    constant = nn.Threshold(float("inf"), 0.0)  # every output 0: class 0 everywhere
+    assert evaluate(constant, data) == int((data.tensors[1] == 0).sum()) / len(data)
 
 
 def test_bip_refuses_to_convert_inside_a_ddp_wrapper(tmp_path):

@@ -93,6 +93,9 @@ class BiP:
             if not isinstance(model, nn.Module):
                 raise TypeError(f"BiP: model must be a torch.nn.Module, got {type(model).__name__} {model!r}")
             converted = self._mask_layers(structure, to_convert)
+            if group is not None and scope == "global":  # before the projection's first collective
+                distributed.check_devices("BiP", [layer.scores for _, layer in masked_nn.ranked_layers(model)],
+                                          torch.distributed.get_backend(group))
         except Exception as error:
             if group is None:
                 raise
@@ -268,9 +271,11 @@ class BiP:
         per_step = self.batches_per_step()
         steps = steps_per_epoch(len(dataset), batch_size, self.mode, self.lower_steps, shard[1])
         if epochs > start[0] and steps == 0:
+            batches = batch_count(shard_size(len(dataset), shard[1]), batch_size)
             raise ValueError(f"BiP.fit: {len(dataset)} examples in batches of batch_size={batch_size}"
-                             f"{f' on each of {shard[1]} ranks' if shard[1] > 1 else ''} are fewer batches than the "
-                             f"{per_step} that one {self.mode} step takes: nothing would train")
+                             f"{f' on each of {shard[1]} ranks' if shard[1] > 1 else ''} make {batches} "
+                             f"batch{'es' if batches != 1 else ''} (a lone last example joins the batch before "
+                             f"it), fewer than the {per_step} that one {self.mode} step takes: nothing would train")
         device = model_device(self.model)
         progress = Progress(epochs, label)
         epoch, first = start

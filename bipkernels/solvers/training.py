@@ -180,7 +180,11 @@ def fetch(dataset: Dataset, indices: torch.Tensor, device) -> tuple[torch.Tensor
 
 
 def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    """Where ``model``'s data go: the device of its first parameter, else of its first buffer, else the
+    CPU (a model or shard with neither, e.g. a stage of activations)."""
+    tensor = next(model.parameters(), None)
+    tensor = next(model.buffers(), None) if tensor is None else tensor
+    return torch.device("cpu") if tensor is None else tensor.device
 
 
 @torch.no_grad()

@@ -15,7 +15,9 @@ to the weight's dtype first). Every structure of a 2-D weight: unstructured, fil
 and mixed dtypes, to the unfused path (masked_weight + F.linear).
 
 Tiles: autotuned over common configurations on a GPU, one small configuration under the interpreter.
-Offsets are int64.
+The tuning is keyed on the weight's shape and the row count's power-of-two bucket (row_bucket), not the
+exact rows: a new batch size or sequence length reuses the tiles tuned for its bucket instead of
+benchmarking every configuration again. Offsets are int64.
 """
 
 from __future__ import annotations
@@ -51,6 +53,12 @@ def _configs() -> list[triton.Config]:
         tiles = _GPU_CONFIGS
     return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8), num_warps=warps, num_stages=stages)
             for m, n, k, warps, stages in tiles]
+
+
+def row_bucket(rows: int) -> int:
+    """The autotuning key's stand-in for ``rows`` (M): the next power of two, at least 16 (the smallest
+    tile), so rows 65 to 128 share one tuned configuration."""
+    return max(16, triton.next_power_of_2(rows))
 
 
 @triton.jit
@@ -89,16 +97,17 @@ def _masked_weight_tile(weight_ptr, scores_ptr, block_scores_ptr, value, cut, ti
     return tl.where(keep, weight, tl.zeros_like(weight))
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "KIND", "TRANSPOSED"])
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "KIND", "TRANSPOSED"])
 @triton.jit
 def _times_masked_weight_kernel(scores_ptr, block_scores_ptr, threshold_ptr, cols, inner, tile_cols, a_ptr,
-                                weight_ptr, bias_ptr, out_ptr, M, N, K, KIND: tl.constexpr, A: tl.constexpr,
-                                B: tl.constexpr, F64: tl.constexpr, TRANSPOSED: tl.constexpr,
+                                weight_ptr, bias_ptr, out_ptr, M, M_BUCKET, N, K, KIND: tl.constexpr,
+                                A: tl.constexpr, B: tl.constexpr, F64: tl.constexpr, TRANSPOSED: tl.constexpr,
                                 HAS_BIAS: tl.constexpr, TF32: tl.constexpr, WIDEN: tl.constexpr,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                 GROUP_M: tl.constexpr):
     """out = a (m ⊙ θ)ᵀ (+ bias) with a (M, K) when TRANSPOSED (the forward), else out = a (m ⊙ θ) with
-    a (M, N) (the input gradient). BLOCK_N spans out's columns, BLOCK_K the reduction."""
+    a (M, N) (the input gradient). BLOCK_N spans out's columns, BLOCK_K the reduction. M_BUCKET
+    (row_bucket(M)) only keys the autotuning."""
     if TRANSPOSED:
         out_cols, reduction = N, K
     else:
@@ -123,10 +132,11 @@ def _times_masked_weight_kernel(scores_ptr, block_scores_ptr, threshold_ptr, col
              mask=(rows[:, None] < M) & (cols_out[None, :] < out_cols))
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "KIND"])
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "KIND"])
 @triton.jit
 def _weight_grad_kernel(scores_ptr, block_scores_ptr, threshold_ptr, cols, inner, tile_cols, grad_out_ptr, x_ptr,
-                        weight_ptr, inv_gamma_ptr, grad_weight_ptr, grad_scores_ptr, M, N, K, KIND: tl.constexpr,
+                        weight_ptr, inv_gamma_ptr, grad_weight_ptr, grad_scores_ptr, M, M_BUCKET, N, K,
+                        KIND: tl.constexpr,
                         A: tl.constexpr, B: tl.constexpr, F64: tl.constexpr, RELEASED: tl.constexpr,
                         TF32: tl.constexpr, WIDEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
@@ -192,7 +202,8 @@ def _times_masked_weight(op: str, a: torch.Tensor, weight: torch.Tensor, scores:
         mask = mask_rule.prepare(op, scores.contiguous(), threshold, structure)
         wrap_triton(_times_masked_weight_kernel)[_grid(rows.shape[0], out_cols)](
             *mask.args, rows, weight.contiguous(), weight if bias is None else bias.contiguous(), out, rows.shape[0],
-            N, K, **mask.meta, TRANSPOSED=transposed, HAS_BIAS=bias is not None, **_common(weight))
+            row_bucket(rows.shape[0]), N, K, **mask.meta, TRANSPOSED=transposed, HAS_BIAS=bias is not None,
+            **_common(weight))
     return out.reshape(*a.shape[:-1], out_cols)
 
 
@@ -242,5 +253,5 @@ def masked_linear_grad_weight(grad_output: torch.Tensor, input: torch.Tensor, we
             wrap_triton(_weight_grad_kernel)[_grid(N, K)](
                 *mask.args, grad_rows, input_rows, weight.contiguous(),
                 hypergrad.inv_gamma_tensor(inv_gamma, weight.device), grad_weight, grad_scores, grad_rows.shape[0],
-                N, K, **mask.meta, RELEASED=released, **_common(weight))
+                row_bucket(grad_rows.shape[0]), N, K, **mask.meta, RELEASED=released, **_common(weight))
     return grad_weight, grad_scores

@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
 import bipkernels
 from bipkernels import ops, reference
@@ -147,6 +148,31 @@ def test_float64_and_mixed_dtypes_stay_unfused(triton_backend, seed):
     assert not ops.masked_linear_fused(x, layer.weight)
     assert not ops.masked_linear_fused(x.float(), layer.weight.float().half())
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=0, atol=0)
+
+
+def test_autotuning_is_keyed_on_the_row_bucket(monkeypatch, seed):
+    """Row counts in one power-of-two bucket reuse the tuned tiles (one round of benchmarks per bucket, not
+    per batch size); every call still computes with its own row count. Benchmarks are stubbed: the
+    interpreter has one configuration and nothing to time."""
+    from bipkernels.triton import masked_linear as kernels
+
+    assert [kernels.row_bucket(rows) for rows in (1, 16, 17, 32, 33, 100, 128, 129)] == [16, 16, 32, 32, 64, 128,
+                                                                                          128, 256]
+    structure = parse_structure("unstructured")
+    weight, scores = torch.randn(5, 7), torch.randn(5, 7)
+    threshold = _threshold(scores, structure)
+    benchmarked = []
+    for kernel in (kernels._times_masked_weight_kernel, kernels._weight_grad_kernel):
+        two = [triton.Config({**config.kwargs, "GROUP_M": group}, num_warps=config.num_warps,
+                             num_stages=config.num_stages) for config in kernel.configs[:1] for group in (4, 8)]
+        monkeypatch.setattr(kernel, "configs", two)
+        monkeypatch.setattr(kernel, "cache", {})
+        monkeypatch.setattr(kernel, "_bench", lambda *args, config, **meta: benchmarked.append(config) or [1.0])
+    for rows, rounds in ((40, 1), (64, 1), (33, 1), (65, 2), (20, 3)):  # buckets 64, 64, 64, 128, 32
+        x, grad = torch.randn(rows, 7), torch.randn(rows, 5)
+        _check(x, weight, scores, threshold, structure, None, grad)
+        # forward and input gradient (one kernel, TRANSPOSED in its key) and weight gradient: 3 launches a round
+        assert len(benchmarked) == 2 * 3 * rounds
 
 
 def test_errors_name_the_op(triton_backend):
