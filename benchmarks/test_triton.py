@@ -1,7 +1,8 @@
 """The Triton kernels on a GPU (skipped without one): what bipkernels.triton.AUTO_ON_CUDA is to be filled from.
 
 - MaskedLinear forward + backward with the hypergradient (inv_gamma 1e-4), bfloat16, 4096 tokens, at a
-  4096×4096 and an 11008×4096 weight (LLaMA-7B's attention and MLP projections): the fused masked matmul
+  4096×4096 and an 11008×4096 weight (LLaMA-7B's attention and MLP projections) and a 768×768 one (BERT-base
+  attention: too few tiles to fill the GPU, so its weight gradient is split over the rows): the fused masked matmul
   (BIPKERNELS_BACKEND=triton) against the unfused layer (cuda masked_weight + cuBLAS + cuda hypergrad)
   and against dense nn.Linear.
 - Every elementwise op and topk_threshold: the triton kernel against the cuda kernel, at the shapes of
@@ -27,7 +28,7 @@ from .test_masked_ops import SHAPES as MASKED_SHAPES
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 SPARSITY = 0.5
 TOKENS = 4096
-LINEAR_SHAPES = {"4096x4096": (4096, 4096), "11008x4096": (11008, 4096)}  # (out, in)
+LINEAR_SHAPES = {"4096x4096": (4096, 4096), "11008x4096": (11008, 4096), "768x768": (768, 768)}  # (out, in)
 BACKENDS = ["triton", "cuda"]
 
 

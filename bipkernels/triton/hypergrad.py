@@ -46,18 +46,33 @@ def implicit_is_released(op: str, implicit: int) -> bool:
 
 @triton.jit
 def _hypergrad_kernel(scores_ptr, block_scores_ptr, threshold_ptr, cols, inner, tile_cols, grad_ptr, weight_ptr,
-                      inv_gamma_ptr, grad_weight_ptr, grad_scores_ptr, n, KIND: tl.constexpr, A: tl.constexpr,
+                      inv_gamma_ptr, grad_weight_ptr, grad_scores_ptr, n, parts, KIND: tl.constexpr, A: tl.constexpr,
                       B: tl.constexpr, F64: tl.constexpr, RELEASED: tl.constexpr, BLOCK: tl.constexpr):
+    """g is the sum of the ``parts`` slices (each n long) at grad_ptr, added in slice order."""
     flat = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = flat < n
     keep = mask_rule.kept_flat(scores_ptr, block_scores_ptr, threshold_ptr, flat, valid, cols, inner, tile_cols,
                                KIND, A, B, F64)
     grad = mask_rule.to_score(tl.load(grad_ptr + flat, mask=valid), F64)
+    offsets = flat
+    for _ in range(1, parts):
+        offsets += n  # int64, as flat
+        grad += mask_rule.to_score(tl.load(grad_ptr + offsets, mask=valid), F64)
     theta = mask_rule.to_score(tl.load(weight_ptr + flat, mask=valid), F64)
     inv_gamma = mask_rule.to_score(tl.load(inv_gamma_ptr), F64)
     grad_weight, grad_scores = values(grad, theta, keep, inv_gamma, RELEASED)
     tl.store(grad_weight_ptr + flat, grad_weight.to(grad_weight_ptr.dtype.element_ty), mask=valid)
     tl.store(grad_scores_ptr + flat, grad_scores.to(grad_scores_ptr.dtype.element_ty), mask=valid)
+
+
+def launch(mask: mask_rule.Mask, grad: torch.Tensor, weight: torch.Tensor, inv_gamma: float, released: bool,
+           grad_weight: torch.Tensor, grad_scores: torch.Tensor) -> None:
+    """Writes grad_θ and grad_s (contiguous, like ``weight``: contiguous and not empty) from g = the sum of
+    grad's slices of weight's size in order (grad (slices, *weight.shape) or weight.shape, contiguous, any
+    float dtype); ``mask`` from mask_rule.prepare for weight's scores."""
+    wrap_triton(_hypergrad_kernel)[(triton.cdiv(weight.numel(), _BLOCK),)](
+        *mask.args, grad, weight, inv_gamma_tensor(inv_gamma, weight.device), grad_weight, grad_scores,
+        weight.numel(), grad.numel() // weight.numel(), **mask.meta, RELEASED=released, BLOCK=_BLOCK)
 
 
 @triton_op("bipkernels_triton::hypergrad", mutates_args=())
@@ -75,7 +90,5 @@ def hypergrad(grad: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, th
     if weight.numel():
         with on_device(weight):
             mask = mask_rule.prepare(op, scores.contiguous(), threshold, structure)
-            wrap_triton(_hypergrad_kernel)[(triton.cdiv(weight.numel(), _BLOCK),)](
-                *mask.args, grad.contiguous(), weight.contiguous(), inv_gamma_tensor(inv_gamma, weight.device),
-                grad_weight, grad_scores, weight.numel(), **mask.meta, RELEASED=released, BLOCK=_BLOCK)
+            launch(mask, grad.contiguous(), weight.contiguous(), inv_gamma, released, grad_weight, grad_scores)
     return grad_weight, grad_scores

@@ -14,6 +14,11 @@ to the weight's dtype first). Every structure of a 2-D weight: unstructured, fil
 (mask_rule.kept). float64 has no matmul here: bipkernels.ops.masked_linear_fused sends it, like autocast
 and mixed dtypes, to the unfused path (masked_weight + F.linear).
 
+The weight gradient's tiles cover the (N, K) weight and each reduces over all M rows: a small weight
+(few tiles) with many rows would leave most of the GPU idle, so its rows are split (split-K over M,
+weight_grad_slices): each slice writes its float32 partial G, and the hypergradient kernel sums the
+partials in slice order (deterministic, no atomics) before its epilogue.
+
 Tiles: autotuned over common configurations on a GPU, one small configuration under the interpreter.
 The tuning is keyed on the weight's shape and the row count's power-of-two bucket (row_bucket), not the
 exact rows: a new batch size or sequence length reuses the tiles tuned for its bucket instead of
@@ -32,7 +37,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from . import hypergrad, mask_rule
-from .layout import INTERPRETING, check_float, check_like, on_device, structure_of, widen
+from .layout import INTERPRETING, check_float, check_like, launch_size, on_device, structure_of, widen
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -53,6 +58,34 @@ def _configs() -> list[triton.Config]:
         tiles = _GPU_CONFIGS
     return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8), num_warps=warps, num_stages=stages)
             for m, n, k, warps, stages in tiles]
+
+
+# Split-K of the weight gradient (weight_grad_slices): tiles of about _SPLIT_TILE² are counted against the
+# processors. The interpreter's small values (8 "processors") send the
+# tests' small inputs down the split path too.
+_SPLIT_TILE = launch_size(128, 16)
+_MIN_SPLIT_ROWS = launch_size(1024, 32)
+_SPLIT_ROW_ALIGN = launch_size(64, 16)
+_MAX_SPLITS = 16
+
+
+def processors(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (a CUDA GPU); 8 under the interpreter."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+
+
+def weight_grad_slices(rows: int, N: int, K: int, processor_count: int) -> tuple[int, int]:
+    """(slices, rows per slice): how the (N, K) weight gradient splits its reduction over M = ``rows``.
+    One slice of all rows when the weight's tiles already fill the ``processor_count`` processors or the
+    rows are few; else enough slices to fill them, at most 16, each of at least _MIN_SPLIT_ROWS rows and a
+    multiple of _SPLIT_ROW_ALIGN (the widest BLOCK_K), the last one shorter."""
+    tiles = triton.cdiv(N, _SPLIT_TILE) * triton.cdiv(K, _SPLIT_TILE)
+    wanted = 1 if tiles >= processor_count else \
+        min(triton.cdiv(processor_count, tiles), rows // _MIN_SPLIT_ROWS, _MAX_SPLITS)
+    if wanted <= 1:
+        return 1, rows
+    rows_per_slice = triton.cdiv(triton.cdiv(rows, wanted), _SPLIT_ROW_ALIGN) * _SPLIT_ROW_ALIGN
+    return triton.cdiv(rows, rows_per_slice), rows_per_slice
 
 
 def row_bucket(rows: int) -> int:
@@ -132,32 +165,41 @@ def _times_masked_weight_kernel(scores_ptr, block_scores_ptr, threshold_ptr, col
              mask=(rows[:, None] < M) & (cols_out[None, :] < out_cols))
 
 
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "KIND"])
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "KIND", "PARTIAL"])
 @triton.jit
 def _weight_grad_kernel(scores_ptr, block_scores_ptr, threshold_ptr, cols, inner, tile_cols, grad_out_ptr, x_ptr,
-                        weight_ptr, inv_gamma_ptr, grad_weight_ptr, grad_scores_ptr, M, M_BUCKET, N, K,
-                        KIND: tl.constexpr,
-                        A: tl.constexpr, B: tl.constexpr, F64: tl.constexpr, RELEASED: tl.constexpr,
-                        TF32: tl.constexpr, WIDEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """G = gᵀ x over the M rows, tile by tile of the (N, K) weight (BLOCK_M × BLOCK_N), then grad_θ and
-    grad_s straight from the float32 accumulator."""
+                        weight_ptr, inv_gamma_ptr, grad_weight_ptr, grad_scores_ptr, partial_ptr, rows_per_slice, M,
+                        M_BUCKET, N, K, KIND: tl.constexpr, A: tl.constexpr, B: tl.constexpr, F64: tl.constexpr,
+                        RELEASED: tl.constexpr, PARTIAL: tl.constexpr, TF32: tl.constexpr, WIDEN: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        GROUP_M: tl.constexpr):
+    """G = gᵀ x over rows [s·rows_per_slice, (s + 1)·rows_per_slice) ∩ [0, M) for slice s = program_id(1),
+    tile by tile of the (N, K) weight (BLOCK_M × BLOCK_N). PARTIAL: the float32 G of the slice goes to
+    partial_ptr's (slices, N, K); else (one slice over all rows) grad_θ and grad_s straight from the float32
+    accumulator."""
     n, k = _tile(N, K, BLOCK_M, BLOCK_N, GROUP_M)
+    first_row = tl.program_id(1).to(tl.int64) * rows_per_slice
+    end_row = tl.minimum(first_row + rows_per_slice, M)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for start in range(0, M, BLOCK_K):
+    for start in range(first_row, end_row, BLOCK_K):
         m = start + tl.arange(0, BLOCK_K).to(tl.int64)
-        grad_t = tl.load(grad_out_ptr + m[None, :] * N + n[:, None], mask=(m[None, :] < M) & (n[:, None] < N),
-                         other=0.0)
-        x = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=(m[:, None] < M) & (k[None, :] < K), other=0.0)
+        grad_t = tl.load(grad_out_ptr + m[None, :] * N + n[:, None],
+                         mask=(m[None, :] < end_row) & (n[:, None] < N), other=0.0)
+        x = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=(m[:, None] < end_row) & (k[None, :] < K), other=0.0)
         acc = _dot(grad_t, x, acc, TF32, WIDEN)
     n, k = n[:, None], k[None, :]
     valid = (n < N) & (k < K)
-    value, cut = mask_rule.load_threshold(threshold_ptr, F64)
-    keep = mask_rule.kept(scores_ptr, block_scores_ptr, value, cut, n, k, valid, K, 1, tile_cols, KIND, A, B, F64)
-    theta = widen(tl.load(weight_ptr + n * K + k, mask=valid, other=0.0))
-    grad_weight, grad_scores = hypergrad.values(acc, theta, keep, tl.load(inv_gamma_ptr).to(tl.float32), RELEASED)
-    tl.store(grad_weight_ptr + n * K + k, grad_weight.to(grad_weight_ptr.dtype.element_ty), mask=valid)
-    tl.store(grad_scores_ptr + n * K + k, grad_scores.to(grad_scores_ptr.dtype.element_ty), mask=valid)
+    if PARTIAL:
+        tl.store(partial_ptr + tl.program_id(1).to(tl.int64) * N * K + n * K + k, acc, mask=valid)
+    else:
+        value, cut = mask_rule.load_threshold(threshold_ptr, F64)
+        keep = mask_rule.kept(scores_ptr, block_scores_ptr, value, cut, n, k, valid, K, 1, tile_cols, KIND, A, B,
+                              F64)
+        theta = widen(tl.load(weight_ptr + n * K + k, mask=valid, other=0.0))
+        grad_weight, grad_scores = hypergrad.values(acc, theta, keep, tl.load(inv_gamma_ptr).to(tl.float32),
+                                                    RELEASED)
+        tl.store(grad_weight_ptr + n * K + k, grad_weight.to(grad_weight_ptr.dtype.element_ty), mask=valid)
+        tl.store(grad_scores_ptr + n * K + k, grad_scores.to(grad_scores_ptr.dtype.element_ty), mask=valid)
 
 
 def _check(op: str, weight: torch.Tensor, scores: torch.Tensor, threshold: torch.Tensor, kind, a, b, p, **others):
@@ -182,9 +224,10 @@ def _common(weight: torch.Tensor) -> dict:
                 WIDEN=INTERPRETING and weight.dtype == torch.bfloat16)
 
 
-def _grid(rows: int, cols: int):
-    """The launch grid of a matmul over a (rows, cols) output: one program per tile of the chosen config."""
-    return lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),)
+def _grid(rows: int, cols: int, slices: int = 1):
+    """The launch grid of a matmul over a (rows, cols) output: one program per tile of the chosen config
+    (and per slice of the reduction)."""
+    return lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]), slices)
 
 
 def _rows(tensor: torch.Tensor) -> torch.Tensor:
@@ -248,10 +291,17 @@ def masked_linear_grad_weight(grad_output: torch.Tensor, input: torch.Tensor, we
     grad_weight = torch.empty(N, K, dtype=weight.dtype, device=weight.device)
     grad_scores = torch.empty_like(grad_weight)
     if grad_weight.numel():
+        rows = grad_rows.shape[0]
+        slices, rows_per_slice = weight_grad_slices(rows, N, K, processors(weight.device))
         with on_device(weight):
             mask = mask_rule.prepare(op, scores.contiguous(), threshold, structure)
-            wrap_triton(_weight_grad_kernel)[_grid(N, K)](
-                *mask.args, grad_rows, input_rows, weight.contiguous(),
-                hypergrad.inv_gamma_tensor(inv_gamma, weight.device), grad_weight, grad_scores, grad_rows.shape[0],
-                row_bucket(grad_rows.shape[0]), N, K, **mask.meta, RELEASED=released, **_common(weight))
+            weight = weight.contiguous()
+            partials = torch.empty(slices, N, K, dtype=torch.float32, device=weight.device) if slices > 1 \
+                else grad_weight  # not written
+            wrap_triton(_weight_grad_kernel)[_grid(N, K, slices)](
+                *mask.args, grad_rows, input_rows, weight, hypergrad.inv_gamma_tensor(inv_gamma, weight.device),
+                grad_weight, grad_scores, partials, rows_per_slice, rows, row_bucket(rows), N, K, **mask.meta,
+                RELEASED=released, PARTIAL=slices > 1, **_common(weight))
+            if slices > 1:
+                hypergrad.launch(mask, partials, weight, inv_gamma, released, grad_weight, grad_scores)
     return grad_weight, grad_scores

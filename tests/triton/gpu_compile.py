@@ -7,10 +7,11 @@ launch becomes a compilation for the target. Nothing is computed.
 
 Default (tests/triton/test_gpu_compile.py, about a minute): every kernel on every code path (structure
 kind, float32 / float64 scores, implicit form, select pass), the matmuls for every structure in
-bfloat16 and unstructured in float32 and float16, each autotuned kernel in its smallest configuration;
-every kernel must fit the target's shared memory. ``--all-configs`` compiles every autotune
-configuration too (minutes) and requires at least one configuration of each autotuned launch to fit
-(the autotuner skips the others, as it does configurations that run out of resources).
+bfloat16 and unstructured in float32 and float16, the weight gradient split over rows, each autotuned
+kernel in its smallest configuration; every kernel must fit the target's shared memory.
+``--all-configs`` compiles every autotune configuration too (minutes) and requires at least one
+configuration of each autotuned launch to fit (the autotuner skips the others, as it does
+configurations that run out of resources).
 
     python tests/triton/gpu_compile.py [--all-configs] [capability]
 """
@@ -103,6 +104,9 @@ def run_every_op() -> None:
             ops.masked_linear(x, weight, weight, threshold, weight[:, 0], *args)
             ops.masked_linear_grad_input(grad, weight, weight, threshold, *args)
             ops.masked_linear_grad_weight(grad, x, weight, weight, threshold, *args, 0.1, 0)
+    # Enough rows for the weight gradient's split over them (partials, then the hypergradient's sum).
+    weight, x, grad = (torch.rand(*shape, dtype=torch.bfloat16) for shape in ((8, 16), (2048, 16), (2048, 8)))
+    ops.masked_linear_grad_weight(grad, x, weight, weight, threshold, *kinds[0], 0.1, 0)
 
 
 def main(argv: list[str]) -> int:

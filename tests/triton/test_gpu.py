@@ -107,12 +107,16 @@ def ieee_float32():
     torch.set_float32_matmul_precision(before)
 
 
+@pytest.mark.parametrize("N, K, M", [(2752, 1024, 4096), (256, 384, 8192)])
 @pytest.mark.parametrize("name, dtype", [(name, dtype) for name, dtype in CASES if dtype != torch.float64])
-def test_masked_linear_at_full_size(ieee_float32, seed, name, dtype):
+def test_masked_linear_at_full_size(ieee_float32, seed, name, dtype, N, K, M):
     """4096 tokens through a 2752×1024 weight (a quarter of a LLaMA MLP projection, to keep the float64
-    reference quick): forward, grad_input, grad_θ, grad_s against float64."""
+    reference quick), and 8192 through a 256×384 one, whose few tiles make the weight gradient split over
+    the rows: forward, grad_input, grad_θ, grad_s against float64."""
+    from bipkernels.triton.masked_linear import processors, weight_grad_slices
+
+    assert (weight_grad_slices(M, N, K, processors(torch.device("cuda")))[0] > 1) == (N == 256)
     structure = parse_structure(name)
-    N, K, M = 2752, 1024, 4096
     weight = torch.randn(N, K, device="cuda").to(dtype)
     scores = tied_scores((N, K), dtype, levels=64, device="cuda")
     threshold = None

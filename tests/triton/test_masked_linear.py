@@ -80,6 +80,42 @@ def test_leading_and_empty_sizes(seed, leading, N, K):
     _check(x, weight, scores, _threshold(scores, structure), structure, None, grad)
 
 
+def test_weight_grad_slices_cover_the_rows(monkeypatch):
+    from bipkernels.triton import masked_linear as kernels
+
+    for rows in range(0, 400, 7):  # the interpreter's sizes
+        for N, K in ((5, 7), (23, 28), (40, 40)):
+            slices, per_slice = kernels.weight_grad_slices(rows, N, K, 8)
+            assert 1 <= slices <= 16 and (slices - 1) * per_slice < max(rows, 1) and slices * per_slice >= rows
+            assert slices == 1 or (per_slice >= 32 and per_slice % 16 == 0)
+    for name, gpu_size in (("_SPLIT_TILE", 128), ("_MIN_SPLIT_ROWS", 1024), ("_SPLIT_ROW_ALIGN", 64)):
+        monkeypatch.setattr(kernels, name, gpu_size)
+    assert kernels.weight_grad_slices(4096, 768, 768, 132) == (4, 1024)  # 36 tiles of 128²: 4 slices fill 132 SMs
+    assert kernels.weight_grad_slices(4096, 4096, 4096, 132) == (1, 4096)  # 1024 tiles fill them already
+    assert kernels.weight_grad_slices(1500, 768, 768, 132) == (1, 1500)  # too few rows for two slices
+    assert kernels.weight_grad_slices(10**6, 64, 64, 132) == (16, 62528)  # at most 16
+
+
+@pytest.mark.parametrize("rows, N, K", [(100, 5, 8), (150, 23, 28), (64, 8, 12), (97, 3, 8)])  # 2:4: K % 4 == 0
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", STRUCTURES)
+def test_weight_gradient_split_over_rows(monkeypatch, seed, name, dtype, rows, N, K):
+    """A small weight with many rows takes the split-K path (partial G per slice of rows, summed in the
+    hypergradient kernel): the same gradients as the reference."""
+    from bipkernels.triton import masked_linear as kernels
+
+    structure = parse_structure(name, p=int(torch.randint(1, 3, ())))
+    launches = []
+    launch = kernels.hypergrad.launch
+    monkeypatch.setattr(kernels.hypergrad, "launch", lambda *args: launches.append(args[1].shape) or launch(*args))
+    weight = torch.randn(N, K, dtype=torch.float64).to(dtype)
+    scores = tied_scores((N, K), dtype)
+    x, grad = torch.randn(rows, K, dtype=torch.float64).to(dtype), torch.randn(rows, N, dtype=torch.float64).to(dtype)
+    _check(x, weight, scores, _threshold(scores, structure), structure, None, grad)
+    slices = kernels.weight_grad_slices(rows, N, K, 8)[0]
+    assert slices > 1 and launches == [(slices, N, K)] * len(IMPLICIT_FORMS)
+
+
 def test_pruned_nan_and_inf_weights_contribute_zero(seed):
     """A select, not a multiply: the output and the input's gradient stay finite, grad_θ is 0 there."""
     structure = parse_structure("unstructured")
@@ -159,7 +195,7 @@ def test_autotuning_is_keyed_on_the_row_bucket(monkeypatch, seed):
     assert [kernels.row_bucket(rows) for rows in (1, 16, 17, 32, 33, 100, 128, 129)] == [16, 16, 32, 32, 64, 128,
                                                                                           128, 256]
     structure = parse_structure("unstructured")
-    weight, scores = torch.randn(5, 7), torch.randn(5, 7)
+    weight, scores = torch.randn(33, 65), torch.randn(33, 65)  # 15 tiles: enough for 8 "processors", no split
     threshold = _threshold(scores, structure)
     benchmarked = []
     for kernel in (kernels._times_masked_weight_kernel, kernels._weight_grad_kernel):
@@ -169,7 +205,7 @@ def test_autotuning_is_keyed_on_the_row_bucket(monkeypatch, seed):
         monkeypatch.setattr(kernel, "cache", {})
         monkeypatch.setattr(kernel, "_bench", lambda *args, config, **meta: benchmarked.append(config) or [1.0])
     for rows, rounds in ((40, 1), (64, 1), (33, 1), (65, 2), (20, 3)):  # buckets 64, 64, 64, 128, 32
-        x, grad = torch.randn(rows, 7), torch.randn(rows, 5)
+        x, grad = torch.randn(rows, 65), torch.randn(rows, 33)
         _check(x, weight, scores, threshold, structure, None, grad)
         # forward and input gradient (one kernel, TRANSPOSED in its key) and weight gradient: 3 launches a round
         assert len(benchmarked) == 2 * 3 * rounds
