@@ -67,7 +67,8 @@ def collective_device(block_scores: list, group) -> torch.device:
 def check_devices(owner: str, tensors: list, backend: str) -> None:
     """ValueError naming ``owner`` unless ``tensors`` (this rank's scores) lie on one device that a
     ``backend`` collective takes: NCCL communicates CUDA tensors only. Checked before the first collective,
-    so that a rank fails with this message, not inside the all-reduce (where the others would wait)."""
+    so that a rank fails with this message rather than inside the all-reduce. The others still wait in
+    that all-reduce unless the check runs under raise_together, as BiP's set-up runs it."""
     devices = sorted({str(tensor.device) for tensor in tensors})
     if len(devices) > 1:
         raise ValueError(f"{owner}: this rank's scores lie on several devices {devices}: one top-k over the group "
@@ -102,6 +103,7 @@ def topk_threshold(block_scores_list, k: int, group=None) -> torch.Tensor:
     float64. No host synchronisation besides the collectives themselves.
     """
     k = ops.check_int("bipkernels.distributed.topk_threshold", "k", k)
+    block_scores_list = list(block_scores_list)  # read twice: a generator would be empty the second time
     check_devices("bipkernels.distributed.topk_threshold", block_scores_list, dist.get_backend(group))
     flat = [scores.reshape(-1).double() for scores in block_scores_list]
     device = collective_device(flat, group)

@@ -374,8 +374,9 @@ def masked_linear_backward(grad_output: torch.Tensor, input: torch.Tensor, weigh
     """(grad_input or None, grad_θ, grad_s) of masked_linear from grad_output = ∂l/∂y (..., out).
 
     grad_input = grad_output (m ⊙ θ) (None unless ``input_grad``); grad_θ and grad_s are hypergrad's for
-    G = grad_outputᵀ input (over all leading dimensions), written by the epilogue of the matmul that
-    computes G, from its float32 accumulator. grad_θ, grad_s: (out, in) in weight's dtype.
+    G = grad_outputᵀ input (over all leading dimensions), computed from the float32 G: by the epilogue of
+    the matmul that computes G, or, where a small weight's G is summed from slices of the rows, by the
+    hypergradient kernel that sums them. grad_θ, grad_s: (out, in) in weight's dtype.
     """
     op = "masked_linear_backward"
     _check_float(op, "weight", weight)

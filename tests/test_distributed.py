@@ -53,7 +53,8 @@ def _check_sharded_thresholds(rank: int, seed: int, device: torch.device) -> Non
         everything = [scores for shard in shards for scores in shard]
         total = sum(scores.numel() for scores in everything)
         for k in (0, 1, int(torch.randint(0, total + 1, (), generator=generator)), total, total + 3):
-            got = distributed.topk_threshold([scores.to(device) for scores in shards[rank]], k)
+            # A generator of tensors, as a list (the function reads its argument twice).
+            got = distributed.topk_threshold((scores.to(device) for scores in shards[rank]), k)
             start = sum(len(shard) for shard in shards[:rank])
             rows = slice(start, start + len(shards[rank]))
             expected = bipkernels.topk_threshold([s.double() for s in everything], k)[rows] if everything else \

@@ -318,13 +318,17 @@ def test_every_training_loop_survives_a_dataset_one_example_past_a_batch(seed):
     with pytest.raises(ValueError, match=r"BiP.fit: 65 examples in batches of batch_size=64 make 1 batch \(a lone "
                                          r"last example joins the batch before it\), fewer than the 2 that one"):
         solver.fit(data, 1, batch_size=64)
+    with pytest.raises(ValueError, match=r"BiP.fit: 10 examples in batches of batch_size=64 make 1 batch, fewer"):
+        solver.fit(tiny_task(10), 1, batch_size=64)
 
 
 def test_a_model_without_parameters_evaluates_on_the_cpu():
     """The training loops put the data where the model's first parameter lies, else its first buffer;
     a model with neither (a stage of activations) gets the CPU instead of a StopIteration."""
     data = tiny_task(10)
-    assert model_device(nn.ReLU()) == model_device(nn.BatchNorm1d(3, affine=False)) == torch.device("cpu")
+    assert model_device(nn.ReLU()) == torch.device("cpu")
+    assert model_device(nn.BatchNorm1d(3, affine=False).to("meta")) == torch.device("meta")  # its buffers'
+    assert model_device(nn.Sequential(nn.BatchNorm1d(3, affine=False), nn.Linear(3, 2).to("meta"))).type == "meta"
     constant = nn.Threshold(float("inf"), 0.0)  # every output 0: class 0 everywhere
     assert evaluate(constant, data) == int((data.tensors[1] == 0).sum()) / len(data)
 

@@ -271,11 +271,13 @@ class BiP:
         per_step = self.batches_per_step()
         steps = steps_per_epoch(len(dataset), batch_size, self.mode, self.lower_steps, shard[1])
         if epochs > start[0] and steps == 0:
-            batches = batch_count(shard_size(len(dataset), shard[1]), batch_size)
+            examples = shard_size(len(dataset), shard[1])
+            batches = batch_count(examples, batch_size)
+            folded = " (a lone last example joins the batch before it)" if batches < -(-examples // batch_size) else ""
             raise ValueError(f"BiP.fit: {len(dataset)} examples in batches of batch_size={batch_size}"
                              f"{f' on each of {shard[1]} ranks' if shard[1] > 1 else ''} make {batches} "
-                             f"batch{'es' if batches != 1 else ''} (a lone last example joins the batch before "
-                             f"it), fewer than the {per_step} that one {self.mode} step takes: nothing would train")
+                             f"batch{'es' if batches != 1 else ''}{folded}, fewer than the {per_step} that one "
+                             f"{self.mode} step takes: nothing would train")
         device = model_device(self.model)
         progress = Progress(epochs, label)
         epoch, first = start

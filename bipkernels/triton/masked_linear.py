@@ -61,8 +61,8 @@ def _configs() -> list[triton.Config]:
 
 
 # Split-K of the weight gradient (weight_grad_slices): tiles of about _SPLIT_TILE² are counted against the
-# processors. The interpreter's small values (8 "processors") send the
-# tests' small inputs down the split path too.
+# processors. The interpreter's small values (8 "processors") send the tests' small inputs down the split
+# path too.
 _SPLIT_TILE = launch_size(128, 16)
 _MIN_SPLIT_ROWS = launch_size(1024, 32)
 _SPLIT_ROW_ALIGN = launch_size(64, 16)
@@ -70,7 +70,8 @@ _MAX_SPLITS = 16
 
 
 def processors(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (a CUDA GPU); 8 under the interpreter."""
+    """Streaming multiprocessors of ``device`` (a CUDA GPU); 8 for any other device (the interpreter's CPU
+    tensors, and tests/triton/gpu_compile.py's)."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
 
@@ -78,7 +79,10 @@ def weight_grad_slices(rows: int, N: int, K: int, processor_count: int) -> tuple
     """(slices, rows per slice): how the (N, K) weight gradient splits its reduction over M = ``rows``.
     One slice of all rows when the weight's tiles already fill the ``processor_count`` processors or the
     rows are few; else enough slices to fill them, at most 16, each of at least _MIN_SPLIT_ROWS rows and a
-    multiple of _SPLIT_ROW_ALIGN (the widest BLOCK_K), the last one shorter."""
+    multiple of _SPLIT_ROW_ALIGN (the widest BLOCK_K), the last one shorter. A symbolic row count (traced
+    by torch.compile with dynamic shapes) takes one slice: deciding would add guards on it."""
+    if isinstance(rows, torch.SymInt):
+        return 1, rows
     tiles = triton.cdiv(N, _SPLIT_TILE) * triton.cdiv(K, _SPLIT_TILE)
     wanted = 1 if tiles >= processor_count else \
         min(triton.cdiv(processor_count, tiles), rows // _MIN_SPLIT_ROWS, _MAX_SPLITS)
@@ -90,8 +94,9 @@ def weight_grad_slices(rows: int, N: int, K: int, processor_count: int) -> tuple
 
 def row_bucket(rows: int) -> int:
     """The autotuning key's stand-in for ``rows`` (M): the next power of two, at least 16 (the smallest
-    tile), so rows 65 to 128 share one tuned configuration."""
-    return max(16, triton.next_power_of_2(rows))
+    tile), so rows 65 to 128 share one tuned configuration. A symbolic row count passes through (no
+    guards on it): a compiled graph tunes its kernels itself, not by Triton's key."""
+    return rows if isinstance(rows, torch.SymInt) else max(16, triton.next_power_of_2(rows))
 
 
 @triton.jit
@@ -295,13 +300,13 @@ def masked_linear_grad_weight(grad_output: torch.Tensor, input: torch.Tensor, we
         slices, rows_per_slice = weight_grad_slices(rows, N, K, processors(weight.device))
         with on_device(weight):
             mask = mask_rule.prepare(op, scores.contiguous(), threshold, structure)
-            weight = weight.contiguous()
-            partials = torch.empty(slices, N, K, dtype=torch.float32, device=weight.device) if slices > 1 \
-                else grad_weight  # not written
+            dense_weight = weight.contiguous()
+            # One slice writes no partials: a buffer of its own stands in (never an output's memory).
+            partials = torch.empty(slices if slices > 1 else 0, N, K, dtype=torch.float32, device=weight.device)
             wrap_triton(_weight_grad_kernel)[_grid(N, K, slices)](
-                *mask.args, grad_rows, input_rows, weight, hypergrad.inv_gamma_tensor(inv_gamma, weight.device),
+                *mask.args, grad_rows, input_rows, dense_weight, hypergrad.inv_gamma_tensor(inv_gamma, weight.device),
                 grad_weight, grad_scores, partials, rows_per_slice, rows, row_bucket(rows), N, K, **mask.meta,
                 RELEASED=released, PARTIAL=slices > 1, **_common(weight))
             if slices > 1:
-                hypergrad.launch(mask, partials, weight, inv_gamma, released, grad_weight, grad_scores)
+                hypergrad.launch(mask, partials, dense_weight, inv_gamma, released, grad_weight, grad_scores)
     return grad_weight, grad_scores

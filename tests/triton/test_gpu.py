@@ -115,7 +115,8 @@ def test_masked_linear_at_full_size(ieee_float32, seed, name, dtype, N, K, M):
     the rows: forward, grad_input, grad_θ, grad_s against float64."""
     from bipkernels.triton.masked_linear import processors, weight_grad_slices
 
-    assert (weight_grad_slices(M, N, K, processors(torch.device("cuda")))[0] > 1) == (N == 256)
+    if N == 256:  # 6 tiles of 128²: every GPU has more processors
+        assert weight_grad_slices(M, N, K, processors(torch.device("cuda")))[0] > 1
     structure = parse_structure(name)
     weight = torch.randn(N, K, device="cuda").to(dtype)
     scores = tied_scores((N, K), dtype, levels=64, device="cuda")

@@ -96,13 +96,31 @@ def test_weight_grad_slices_cover_the_rows(monkeypatch):
     assert kernels.weight_grad_slices(10**6, 64, 64, 132) == (16, 62528)  # at most 16
 
 
+def test_a_symbolic_row_count_adds_no_guards():
+    """Traced with dynamic shapes (torch.compile), the row count stays symbolic: one slice, the count
+    itself as the tuning key, and no guard that would recompile the graph at other batch sizes."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from bipkernels.triton import masked_linear as kernels
+
+    shapes = ShapeEnv()
+    rows = shapes.create_symintnode(shapes.create_symbol(100, ConstantSource("rows")), hint=100)
+    assert kernels.weight_grad_slices(rows, 5, 7, 8) == (1, rows) and kernels.row_bucket(rows) is rows
+    assert not shapes.guards
+    assert kernels.weight_grad_slices(100, 5, 7, 8)[0] > 1  # the same count, concrete, splits
+
+
 @pytest.mark.parametrize("rows, N, K", [(100, 5, 8), (150, 23, 28), (64, 8, 12), (97, 3, 8)])  # 2:4: K % 4 == 0
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", STRUCTURES)
-def test_weight_gradient_split_over_rows(monkeypatch, seed, name, dtype, rows, N, K):
+@pytest.mark.parametrize("align", [16, 5])  # 5: slices end inside a BLOCK_K step of rows
+def test_weight_gradient_split_over_rows(monkeypatch, seed, name, dtype, rows, N, K, align):
     """A small weight with many rows takes the split-K path (partial G per slice of rows, summed in the
     hypergradient kernel): the same gradients as the reference."""
     from bipkernels.triton import masked_linear as kernels
+
+    monkeypatch.setattr(kernels, "_SPLIT_ROW_ALIGN", align)
 
     structure = parse_structure(name, p=int(torch.randint(1, 3, ())))
     launches = []
@@ -116,7 +134,8 @@ def test_weight_gradient_split_over_rows(monkeypatch, seed, name, dtype, rows, N
     assert slices > 1 and launches == [(slices, N, K)] * len(IMPLICIT_FORMS)
 
 
-def test_pruned_nan_and_inf_weights_contribute_zero(seed):
+@pytest.mark.parametrize("rows", [5, 100])  # 100: the weight gradient splits over the rows
+def test_pruned_nan_and_inf_weights_contribute_zero(seed, rows):
     """A select, not a multiply: the output and the input's gradient stay finite, grad_θ is 0 there."""
     structure = parse_structure("unstructured")
     weight, scores = torch.randn(9, 17), torch.rand(9, 17) + 1
@@ -124,7 +143,7 @@ def test_pruned_nan_and_inf_weights_contribute_zero(seed):
     weight.view(-1)[places] = torch.tensor([float("nan"), float("inf"), float("-inf")])
     scores.view(-1)[places] = 0.0  # the lowest scores: pruned
     threshold = _threshold(scores, structure, keep=0.7)
-    x, grad = torch.randn(5, 17), torch.randn(5, 9)
+    x, grad = torch.randn(rows, 17), torch.randn(rows, 9)
     assert ops.masked_linear(x, weight, scores, threshold, structure).isfinite().all()
     grad_input, grad_weight, _ = ops.masked_linear_backward(grad, x, weight, scores, threshold, structure)
     assert grad_input.isfinite().all() and bool((grad_weight.view(-1)[places] == 0).all())
