@@ -14,6 +14,7 @@ import json
 import pickle
 import signal
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -50,25 +51,37 @@ class StopRequest:
             signal.signal(number, handler)
 
 
-def _resumable(args) -> tuple[argparse.Namespace, dict, dict]:
+def _load(what: str, path: Path, command: str):
+    """torch.load of ``path`` (a file this command or an earlier run wrote), or exit naming ``what`` and
+    the path when it cannot be read (garbage, a truncated file, another program's pickle)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, EOFError, OSError, RuntimeError, ValueError, AttributeError, ImportError) as error:
+        sys.exit(f"bipkernels {command}: {what} {path} cannot be read ({type(error).__name__}: {error})")
+
+
+def _resumable(args, typed: set[str]) -> tuple[argparse.Namespace, dict, dict]:
     """The arguments, the state to start from and the data splits. With --resume: the arguments saved in
-    OUT/resume.pt (--out as given) and its state; exits naming the file if there is none or it is another
-    command's. Otherwise the arguments as given, saved there as the state {"args": ...} once _setup has
-    checked them; exits if OUT holds an interrupted run, which that would overwrite. Either way it first
-    deletes the temporary files that a killed write left in OUT."""
+    OUT/resume.pt (--out as given) and its state; exits naming the file if there is none, it cannot be
+    read or it is another command's; the options ``typed`` on the command line (argparse dests) that
+    differ from the saved ones are named as ignored. Otherwise the arguments as given, saved there as the
+    state {"args": ...} once _setup has checked them; exits if OUT holds an interrupted run, which that
+    would overwrite. Either way it first deletes the temporary files that a killed write left in OUT."""
     out = Path(args.out)
     resume_path = out / "resume.pt"
     state = {}
     if args.resume:
         if not resume_path.exists():
             sys.exit(f"bipkernels {args.command}: --resume but there is no {resume_path}")
-        state = torch.load(resume_path, map_location="cpu", weights_only=False)
+        state = _load("--resume", resume_path, args.command)
+        if not (isinstance(state, dict) and isinstance(state.get("args"), dict)):
+            sys.exit(f"bipkernels {args.command}: {resume_path} is not the state of a bipkernels run (no saved "
+                     "arguments): delete it, or choose another --out, to start afresh")
         saved_command = state["args"].get("command", "prune")
         if saved_command != args.command:
             sys.exit(f"bipkernels {args.command}: {resume_path} is the state of a `bipkernels {saved_command}` run")
-        defaults = vars(_parser().parse_args([args.command]))
         ignored = [f"--{key.replace('_', '-')} {value}" for key, value in vars(args).items()
-                   if key in state["args"] and key != "out" and value not in (defaults.get(key), state["args"][key])]
+                   if key in typed and key in state["args"] and key != "out" and value != state["args"][key]]
         if ignored:
             print(f"bipkernels {args.command} --resume: ignored {', '.join(ignored)}: the interrupted run goes on with "
                   f"its own arguments", file=sys.stderr)
@@ -91,17 +104,22 @@ def _setup(args) -> dict:
     is written (a resume.pt left by it would block the corrected command). The model is built, loaded,
     converted and run on two training images in training mode (it must return logits) as a throwaway,
     with the RNG state restored after."""
+    checkpoint = _checkpoint(args) if args.checkpoint else None
     try:
         splits = data.load(args.data)
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # convert's list of dense layers comes later, once
             model = _model(args, splits)
-            if args.checkpoint:
-                model.load_state_dict(torch.load(args.checkpoint, map_location="cpu")["model"])
+            if checkpoint is not None:
+                model.load_state_dict(checkpoint["model"])
             masked_nn.convert(model, 0.0, args.structure, args.scope)
-            inputs, _ = fetch(splits["train"], torch.arange(min(2, len(splits["train"]))), "cpu")
+            # As many images as a batch holds, up to two: a batch of one fails here as it would in training
+            # (batch norm over a 1×1 map).
+            trial = min(2, args.batch_size, len(splits["train"]))
+            inputs, _ = fetch(splits["train"], torch.arange(trial), "cpu")
             logits = model.train()(inputs)
-    except (ValueError, TypeError, RuntimeError, OSError, KeyError, AssertionError, pickle.UnpicklingError) as error:
+    except (ValueError, TypeError, RuntimeError, OSError, KeyError, AssertionError, ImportError,
+            pickle.UnpicklingError) as error:
         sys.exit(f"bipkernels {args.command}: {args.data} with --model {args.model}: {type(error).__name__}: {error}")
     classes = data.describe(splits)[1]
     if not (isinstance(logits, torch.Tensor) and logits.shape == (len(inputs), classes)):
@@ -115,9 +133,21 @@ def _setup(args) -> dict:
                  "a step)")
     try:
         Path(args.out).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=args.out):  # the folder takes files (not a read-only mount)
+            pass
     except OSError as error:
         sys.exit(f"bipkernels {args.command}: --out {args.out}: {error}")
     return splits
+
+
+def _checkpoint(args) -> dict:
+    """The --checkpoint file's {"model": state_dict, "rewind": ...} (a dense.pt), or exit naming it."""
+    checkpoint = _load("--checkpoint", Path(args.checkpoint), args.command)
+    if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict)):
+        sys.exit(f"bipkernels {args.command}: --checkpoint {args.checkpoint} is not a dense.pt (a dict with the "
+                 f"model's state_dict under 'model'), got "
+                 f"{sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__}")
+    return checkpoint
 
 
 def _interrupted(args) -> None:
@@ -138,7 +168,7 @@ def _pretrained(args, splits, state: dict, stop: StopRequest):
     torch.manual_seed(args.seed)
     model = _model(args, splits)
     if args.checkpoint:
-        checkpoint = torch.load(args.checkpoint, map_location="cpu")
+        checkpoint = _checkpoint(args)
         model.load_state_dict(checkpoint["model"])
         return model, checkpoint.get("rewind", checkpoint["model"])
     out = Path(args.out)
@@ -171,7 +201,7 @@ def _bip_options(args) -> dict:
     return {key: vars(args)[key] for key in _BIP_OPTIONS}
 
 
-def prune(args) -> dict:
+def prune(args, typed: set[str] = frozenset()) -> dict:
     """The main job: BiP to --sparsity, resumable; prints the per-layer table and writes the results.
 
     OUT/resume.pt, written atomically, holds the arguments from the start, then the pretraining state after
@@ -180,9 +210,9 @@ def prune(args) -> dict:
     deleted once pruned.pt and results.json are written. ``--resume`` continues bit-exactly from the last
     state saved (from the start if none was), with the saved arguments. A run killed outright (SIGKILL,
     power loss) thus loses at most the work since the last save, and the temporary files its last write
-    left are deleted on resume.
+    left are deleted on resume. ``typed``: the options given on the command line (see _resumable).
     """
-    args, state, splits = _resumable(args)
+    args, state, splits = _resumable(args, typed)
     out = Path(args.out)
     resume_path = out / "resume.pt"
     with StopRequest() as stop:
@@ -217,8 +247,16 @@ def prune(args) -> dict:
             return False
 
         reached = solver.fit(splits["train"], args.epochs, args.batch_size, args.seed, start=start, on_step=on_step)
-    if reached[0] < args.epochs:
-        _interrupted(args)
+        if reached[0] < args.epochs:
+            _interrupted(args)
+        # Still under the stop request: a SIGINT from here on lets the last seconds of work finish.
+        return _finish_prune(args, model, solver, splits, dense_accuracy)
+
+
+def _finish_prune(args, model, solver: BiP, splits: dict, dense_accuracy: float) -> dict:
+    """After the last BiP step: batch norms recalibrated, the results evaluated and written (pruned.pt,
+    results.json), resume.pt deleted, the per-layer table printed; returns the results."""
+    out = Path(args.out)
     recalibrate_batchnorm(model, splits["train"])
     result = {
         "method": "bip", **_bip_options(args), "structure": args.structure, "scope": args.scope,
@@ -234,7 +272,7 @@ def prune(args) -> dict:
     }
     save_atomically({"model": model.state_dict(), "result": result}, out / "pruned.pt")
     write_text_atomically(json.dumps(result, indent=2), out / "results.json")
-    resume_path.unlink(missing_ok=True)
+    (out / "resume.pt").unlink(missing_ok=True)
     print(f"\n{'layer':<24} {'shape':<18} {'sparsity':>8}")
     for name, layer in result["layers"].items():
         print(f"{name:<24} {tuple(layer['shape'])!s:<18} {layer['sparsity']:>8.3f}")
@@ -245,7 +283,7 @@ def prune(args) -> dict:
     return result
 
 
-def compare(args) -> list[dict]:
+def compare(args, typed: set[str] = frozenset()) -> list[dict]:
     """Every method at every sparsity from the same pretrained model: a table, a JSON file and plots.
 
     Resumable per (sparsity, method) run: OUT/resume.pt, written atomically, holds the arguments, then the
@@ -254,7 +292,7 @@ def compare(args) -> list[dict]:
     short starts again, so the final compare.json has the results of a run never stopped (wall times
     aside). SIGINT / SIGTERM stop at the end of the current pretraining epoch or run, with the state saved.
     """
-    args, state, splits = _resumable(args)
+    args, state, splits = _resumable(args, typed)
     out = Path(args.out)
     with StopRequest() as stop:
         dense, rewind = _pretrained(args, splits, state, stop)
@@ -277,13 +315,14 @@ def compare(args) -> list[dict]:
             save_atomically(state, out / "resume.pt")
             write_text_atomically(json.dumps({"dense_test_accuracy": dense_accuracy, "results": results}, indent=2),
                                   out / "compare.json")
-    header = f"{'method':<8}" + "".join(f"{f'{s:.0%} acc':>10}{'time':>7}" for s in args.sparsities)
-    print(f"\ntest accuracy and wall time (s) on {args.data}; dense {dense_accuracy:.4f}\n{header}")
-    for method in args.methods:
-        row = [r for r in results if r["method"] == method]
-        print(f"{method:<8}" + "".join(f"{r['test_accuracy']:>10.4f}{r['wall_time_s']:>7.1f}" for r in row))
-    _plot(results, args, out)
-    (out / "resume.pt").unlink()
+        # Still under the stop request: a SIGINT from here on lets the table and plots finish.
+        header = f"{'method':<8}" + "".join(f"{f'{s:.0%} acc':>10}{'time':>7}" for s in args.sparsities)
+        print(f"\ntest accuracy and wall time (s) on {args.data}; dense {dense_accuracy:.4f}\n{header}")
+        for method in args.methods:
+            row = [r for r in results if r["method"] == method]
+            print(f"{method:<8}" + "".join(f"{r['test_accuracy']:>10.4f}{r['wall_time_s']:>7.1f}" for r in row))
+        _plot(results, args, out)
+        (out / "resume.pt").unlink()
     return results
 
 
@@ -373,7 +412,10 @@ def _add_common(parser, out: str) -> None:
 
 def main(argv=None) -> int:
     parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    # The options typed (no abbreviations: the subcommands' parsers take whole names), as argparse dests.
+    typed = {token[2:].split("=", 1)[0].replace("-", "_") for token in argv if token.startswith("--")}
     for option in ("sparsities", "methods"):
         values = getattr(args, option, [])
         if len(set(values)) < len(values):
@@ -381,9 +423,9 @@ def main(argv=None) -> int:
     if args.command == "info":
         print(format_info(build_info()))
     elif args.command == "prune":
-        prune(args)
+        prune(args, typed)
     else:
-        compare(args)
+        compare(args, typed)
     return 0
 
 
@@ -392,7 +434,7 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="print the build facts")
-    run = commands.add_parser("prune", help="BiP on the built-in digits data (the main job)")
+    run = commands.add_parser("prune", help="BiP on the built-in digits data (the main job)", allow_abbrev=False)
     _add_common(run, "runs/prune")
     run.add_argument("--sparsity", type=_setting("sparsity"), default=0.9, help="pruned fraction (default 0.9)")
     run.add_argument("--save-every", type=_setting("save_every", int), default=0, metavar="STEPS",
@@ -400,7 +442,8 @@ def _parser() -> argparse.ArgumentParser:
                           "a run killed outright loses at most the work since the last save")
     run.add_argument("--resume", action="store_true",
                      help="continue an interrupted run from OUT/resume.pt, with the arguments saved there")
-    versus = commands.add_parser("compare", help="BiP against IMP, OMP, HYDRA and random pruning")
+    versus = commands.add_parser("compare", help="BiP against IMP, OMP, HYDRA and random pruning",
+                                 allow_abbrev=False)
     _add_common(versus, "runs/compare")
     versus.add_argument("--sparsities", type=_setting("sparsity"), nargs="+", default=[0.5, 0.8, 0.9, 0.95, 0.98])
     versus.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)

@@ -147,7 +147,9 @@ class _Masked:
             result = super()._apply(fn, recurse)
         finally:
             self._buffers["threshold"] = threshold
-        self._buffers["threshold"] = threshold.to(self.weight.device)
+        # A threshold on the meta device has no values to move (to_empty): keep-all, as a new layer starts.
+        self._buffers["threshold"] = keep_all_threshold(self.weight.device) if threshold.is_meta else \
+            threshold.to(self.weight.device)
         return result
 
     def extra_repr(self) -> str:
@@ -254,12 +256,14 @@ def _masked_copy(layer: nn.Module, structure: Structure) -> nn.Module:
     return masked.train(layer.training)
 
 
-def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure = "unstructured",
+def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure | None = None,
             scope: str = "global", exclude=()) -> nn.Module:
     """Swap every nn.Conv2d and nn.Linear of ``model`` (in place) for its masked twin and prune it.
 
     Weights, biases, device, dtype and training mode are kept; scores start as |θ|; the thresholds are then
-    set so that exactly keep_count(blocks, sparsity) blocks are kept (see ``project``). ``exclude`` names
+    set so that exactly keep_count(blocks, sparsity) blocks are kept (see ``project``). ``structure``
+    (None: unstructured) is the new layers'; layers already masked keep theirs (a warning names those
+    whose structure differs from one given). ``exclude`` names
     modules (qualified names, a str for one) to leave dense, each with everything inside it. Subclasses of
     Conv2d / Linear (e.g. attention's output projection), attention's raw projection weights and other
     layer types stay dense, and a warning lists them (``unmasked_layers``, less the excluded ones).
@@ -277,9 +281,11 @@ def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure 
     if scope not in SCOPES:
         raise ValueError(f"{op}: scope must be one of {SCOPES}, got {scope!r}")
     try:
-        parsed = parse_structure(structure)
+        parsed = parse_structure("unstructured" if structure is None else structure)
     except (ValueError, TypeError) as error:
         raise type(error)(f"{op}: {error}") from None
+    other_structures = {} if structure is None else \
+        {name: layer.structure for name, layer in masked_layers(model) if layer.structure != parsed}
     excluded = _excluded(model, exclude)
     # Every place a layer sits, shared layers included (one object under two names or two parents gets one
     # masked twin, set in every place), unless one of its names is excluded.
@@ -313,8 +319,13 @@ def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure 
     if meta and sparsity > 0:
         raise ValueError(f"{op}: the model's weights are on the meta device, with no values to rank: convert at "
                          f"sparsity 0, load the weights, then call bipkernels.project(model, {sparsity})")
+    if other_structures:
+        warnings.warn(f"{op}: layers already masked keep their structure, not {parsed}: "
+                      f"{', '.join(f'{name} ({kept})' for name, kept in other_structures.items())}; convert swaps "
+                      "plain layers only (export_dense, then convert, to change a layer's structure)", stacklevel=2)
     nm_sparsity = 1 - parsed.a / parsed.b if parsed.kind == "nm" else None
-    if swaps and nm_sparsity is not None and sparsity != 0 and not math.isclose(sparsity, nm_sparsity):
+    nm_layers = swaps or any(layer.structure == parsed for _, layer in masked_layers(model))
+    if nm_layers and nm_sparsity is not None and sparsity != 0 and not math.isclose(sparsity, nm_sparsity):
         warnings.warn(f"{op}: structure {parsed} keeps {parsed.a} of every {parsed.b} weights (sparsity "
                       f"{nm_sparsity:g}) whatever the sparsity asked ({sparsity:g}), which only layers with a "
                       "threshold follow", stacklevel=2)

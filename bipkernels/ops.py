@@ -20,7 +20,7 @@ import warnings
 
 import torch
 
-from . import reference
+from . import op_autograd, reference
 from . import triton as _triton
 from .reference import IMPLICIT_FORMS
 from .structures import KINDS, Structure, parse_structure
@@ -36,6 +36,10 @@ BACKENDS = ("torch", "cpu", "cuda", "triton")
 OP_NAMES = ("block_scores", "topk_threshold", "block_mask", "masked_weight", "hypergrad")
 _FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _warned: set[tuple[str, str]] = set()
+
+
+if _C is not None:
+    op_autograd.register("bipkernels")
 
 
 def _registered_kernels() -> dict[str, list[str]]:
@@ -108,10 +112,13 @@ def check_number(owner: str, name: str, value, minimum: float = 0.0, maximum: fl
                  open_low: bool = False, open_high: bool = False) -> float:
     """``value`` as a float if it is a finite real (not a bool) between ``minimum`` and ``maximum``, each
     included unless ``open_low`` / ``open_high``; else ValueError naming ``owner`` (left out when empty),
-    ``name`` and the value. NaN and ±inf always fail. Under torch.compile the value passes unchecked: a
-    setting that changed after the first compilation is traced as a symbolic float, on which the checks
-    would break the graph (it was checked where it was set, and eager calls check it)."""
-    if torch.compiler.is_compiling():
+    ``name`` and the value. NaN and ±inf always fail. Under torch.compile the value (a symbolic float once
+    a setting changed after the first compilation) is checked by the comparisons alone, which become
+    guards of the graph (math.isfinite and repr would break it): NaN fails them, ±inf too unless a bound
+    is infinite."""
+    within = lambda: ((minimum < value if open_low else minimum <= value)  # noqa: E731
+                      and (value < maximum if open_high else value <= maximum))
+    if torch.compiler.is_compiling() and within():
         return value
     low = f"{'(' if open_low else '['}{minimum:g}"
     bounds = f"{'>' if open_low else '>='} {minimum:g}" if maximum == math.inf else \
@@ -214,6 +221,7 @@ def block_scores(scores: torch.Tensor, structure: str | Structure = "unstructure
     return _kernels(backend).block_scores(scores, *parsed.op_args())
 
 
+@torch.no_grad()  # a threshold has no useful derivative: none on any backend (op_autograd)
 def topk_threshold(block_scores_list, k: int, *, absolute: bool = False) -> torch.Tensor:
     """Thresholds (L, 2) float64 that keep the top ``k`` of all block scores of the list together.
 
@@ -294,6 +302,7 @@ def masked_weight(weight: torch.Tensor, scores: torch.Tensor, threshold: torch.T
     return _kernels(backend).masked_weight(weight, scores, threshold, *parsed.op_args())
 
 
+@torch.no_grad()  # gradients, not differentiated again: on every backend (op_autograd)
 def hypergrad(grad: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, threshold: torch.Tensor | None,
               structure: str | Structure = "unstructured", p: int | None = None, inv_gamma: float = 0.0,
               implicit: str = "paper"):

@@ -47,20 +47,24 @@ def block_scores(scores: torch.Tensor, structure: Structure) -> torch.Tensor:
     out_dtype = score_dtype(scores.dtype)
     if structure.kind in ("unstructured", "nm"):
         return scores.to(out_dtype).abs()
-    # Contiguous first: torch orders a sum by the memory layout, and float64 sums round by their order.
-    magnitude = scores.contiguous().double().abs()
+    magnitude = scores.double().abs()
     if structure.p == 2:
         magnitude = magnitude * magnitude
     rows, cols, channels, inner = structure.matrix_shape(scores.shape)
+    # Each block's elements in a row of their own, in increasing flat index: the canonical order of
+    # math.h, which the C++ kernels sum in. cumsum adds them in that order on the CPU (float64 sums round
+    # by their order, so a boundary block of float64 scores keeps its rank across the two backends).
     if structure.kind == "filter":
-        summed = magnitude.reshape(rows, cols).sum(1)
+        blocks = magnitude.reshape(rows, cols)
     elif structure.kind == "channel":
-        summed = magnitude.reshape(rows, channels, inner).sum((0, 2))
+        blocks = magnitude.reshape(rows, channels, inner).transpose(0, 1).reshape(channels, rows * inner)
     else:  # tile: pad with zeros to whole tiles, which leaves every sum unchanged
         tile_rows, tile_cols = structure.block_scores_shape(scores.shape)
         padded = torch.nn.functional.pad(
             magnitude.reshape(rows, cols), (0, tile_cols * structure.b - cols, 0, tile_rows * structure.a - rows))
-        summed = padded.reshape(tile_rows, structure.a, tile_cols, structure.b).sum((1, 3))
+        blocks = padded.reshape(tile_rows, structure.a, tile_cols, structure.b).transpose(1, 2) \
+            .reshape(tile_rows, tile_cols, structure.a * structure.b)
+    summed = blocks.cumsum(-1)[..., -1] if blocks.shape[-1] else blocks.sum(-1)
     return summed.to(out_dtype)
 
 
@@ -76,8 +80,9 @@ def topk_threshold(block_scores_list: list[torch.Tensor], k: int, absolute: bool
     nan = values.isnan()
     kept = torch.clamp((~nan).sum(), max=k)
     ordered = torch.sort(values.masked_fill(nan, float("-inf")), descending=True).values
-    value = torch.where(kept > 0, ordered[torch.clamp(kept - 1, min=0)] if len(ordered) else kept.double(),
-                        torch.tensor(float("inf"), dtype=torch.float64, device=device))
+    # gather, not indexing by a tensor: that would read the index on the host (a sync, and no torch.compile).
+    kth = ordered.gather(0, torch.clamp(kept - 1, min=0).reshape(1)).reshape(()) if len(ordered) else kept.double()
+    value = torch.where(kept > 0, kth, torch.tensor(float("inf"), dtype=torch.float64, device=device))
     ties_kept = kept - (values > value).sum()
     rows, ties_before = [], torch.zeros((), dtype=torch.int64, device=device)
     for scores in flat:

@@ -47,6 +47,8 @@ class Structure:
         for name, value in (("a", self.a), ("b", self.b)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"structure: {name} must be an int, got {value!r}")
+            if not -2**63 <= value < 2**63:  # the compiled ops take int64
+                raise ValueError(f"structure: {name} must fit in 64 bits, got {value!r}")
         if self.kind == "nm" and not (self.b >= 1 and 0 <= self.a <= self.b):
             raise ValueError(f"structure: N:M needs 0 <= N <= M and M >= 1, got {self.a}:{self.b}")
         if self.kind == "tile" and not (self.a >= 1 and self.b >= 1):

@@ -97,11 +97,74 @@ def test_resume_of_another_commands_state_says_so(tmp_path):
 
 
 def test_resume_names_the_options_it_ignores(tmp_path, capsys):
-    save_atomically({"args": {"command": "prune", "epochs": 0, "pretrain_epochs": 0, "sparsity": 0.5}},
+    """Every option typed that differs from the saved run's, also one typed at its default (--sparsity 0.9
+    here) which comparing values with the defaults missed."""
+    save_atomically({"args": {"command": "prune", "epochs": 0, "pretrain_epochs": 0, "sparsity": 0.5, "lr": 0.1}},
                     tmp_path / "resume.pt")
-    main(["prune", "--resume", "--epochs", "3", "--sparsity", "0.5", "--lr", "0.1", "--out", str(tmp_path)])
-    assert "bipkernels prune --resume: ignored --epochs 3: the interrupted run goes on" in capsys.readouterr().err
+    main(["prune", "--resume", "--epochs", "3", "--sparsity=0.9", "--lr", "0.1", "--out", str(tmp_path)])
+    assert "bipkernels prune --resume: ignored --epochs 3, --sparsity 0.9: the interrupted run goes on" in \
+        capsys.readouterr().err
     assert json.loads((tmp_path / "results.json").read_text())["epochs"] == 0
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"not a pickle", "--resume .*resume.pt cannot be read"),
+    (b"", "--resume .*resume.pt cannot be read"),
+    (None, ".*resume.pt is not the state of a bipkernels run"),
+])
+def test_an_unreadable_resume_file_is_named(tmp_path, content, message):
+    if content is None:
+        torch.save(torch.zeros(3), tmp_path / "resume.pt")  # a file of another program, such as a tensor
+    else:
+        (tmp_path / "resume.pt").write_bytes(content)
+    with pytest.raises(SystemExit, match=f"bipkernels prune: {message}"):
+        main(["prune", "--resume", "--out", str(tmp_path)])
+
+
+def test_a_checkpoint_that_is_not_a_dense_file_is_named(tmp_path):
+    garbage, tensor = tmp_path / "garbage.pt", tmp_path / "tensor.pt"
+    garbage.write_bytes(b"\x80\x04not a pickle")
+    torch.save(torch.zeros(3), tensor)
+    with pytest.raises(SystemExit, match=r"bipkernels prune: --checkpoint .*garbage.pt cannot be read"):
+        main(["prune", "--checkpoint", str(garbage), "--out", str(tmp_path / "a")])
+    with pytest.raises(SystemExit, match=r"bipkernels prune: --checkpoint .*tensor.pt is not a dense.pt .* got Tensor"):
+        main(["prune", "--checkpoint", str(tensor), "--out", str(tmp_path / "b")])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_an_output_folder_that_takes_no_files_stops_the_setup(tmp_path, monkeypatch):
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr("tempfile.TemporaryFile", read_only)
+    with pytest.raises(SystemExit, match=r"bipkernels prune: --out .*: \[Errno 30\] Read-only file system"):
+        main(["prune", "--pretrain-epochs", "0", "--epochs", "0", "--out", str(tmp_path)])
+    assert not (tmp_path / "resume.pt").exists()
+
+
+def test_missing_torchvision_for_image_folders_is_a_message(tmp_path, monkeypatch):
+    def load(spec):
+        raise ImportError("image_folder: reading image folders needs torchvision")
+
+    monkeypatch.setattr(data, "load", load)
+    with pytest.raises(SystemExit, match=r"bipkernels prune: folder:.* ImportError: image_folder: .* torchvision"):
+        main(["prune", "--data", f"folder:{tmp_path}", "--out", str(tmp_path / "out")])
+
+
+def test_a_stop_request_after_the_last_step_lets_the_run_finish(tmp_path, monkeypatch):
+    """SIGINT while the batch norms recalibrate (after the last BiP step): no KeyboardInterrupt, the
+    results are written and resume.pt is gone."""
+    from bipkernels import cli
+
+    recalibrate = cli.recalibrate_batchnorm
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return recalibrate(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "recalibrate_batchnorm", interrupted)
+    main(["prune", "--pretrain-epochs", "0", "--epochs", "1", "--out", str(tmp_path)])
+    assert (tmp_path / "results.json").exists() and not (tmp_path / "resume.pt").exists()
 
 
 @pytest.mark.parametrize("command", ["prune", "compare"])

@@ -89,6 +89,26 @@ def test_compiled_model_survives_a_new_inv_gamma(seed):
     _loss(compiled, x, y).backward()
 
 
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_compiled_calls_refuse_bad_settings(seed, fullgraph):
+    """A bad sparsity reaching a compiled projection, as its first value (a constant) or a later one (a
+    symbolic float), fails and leaves the masks alone: a ValueError where the graph may break (the call
+    falls back to eager), torch's refusal to trace the raise under fullgraph."""
+    model = _model()
+    project = torch.compile(bipkernels.project, fullgraph=fullgraph, backend="eager")
+    error = Exception if fullgraph else ValueError
+    with pytest.raises(error, match=None if fullgraph else r"bipkernels.project: sparsity must be .* got 1.5"):
+        project(model, 1.5)
+    project(model, 0.6)
+    project(model, 0.9)  # a symbolic float from here on
+    kept = bipkernels.masks(model)
+    for bad in (1.5, -0.5, float("nan")):
+        with pytest.raises(error, match=None if fullgraph else r"bipkernels.project: sparsity must be a"):
+            project(model, bad)
+        for name, mask in bipkernels.masks(model).items():
+            assert torch.equal(mask, kept[name]), (bad, name)
+
+
 @needs_compiler
 def test_fused_bip_step_through_a_compiled_model_and_compiled_projection_equal_eager(seed):
     eager = _model()

@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import bipkernels
+from bipkernels.nn import keep_all_threshold
 
 
 def _masked_linear(layer, x):
@@ -196,6 +197,18 @@ def test_a_model_built_on_the_meta_device_converts_then_loads_its_weights(seed):
     torch.testing.assert_close(model[0].scores, plain[0].weight.abs(), rtol=0, atol=0)
 
 
+def test_masked_layers_on_the_meta_device_move_with_to_empty(seed):
+    """to_empty gives storage without values: the thresholds (meta has none to copy) start keep-all,
+    float64, beside the weights, as a new layer's do; an initialisation or a state_dict follows."""
+    with torch.device("meta"):
+        model = bipkernels.convert(nn.Sequential(nn.Linear(6, 5), nn.Conv2d(3, 4, 3)), 0.0)
+    model.to_empty(device="cpu")
+    for _, layer in bipkernels.masked_layers(model):
+        assert layer.weight.device.type == layer.threshold.device.type == "cpu"
+        assert torch.equal(layer.threshold, keep_all_threshold())
+    assert bipkernels.MaskedLinear(4, 3, device="meta").to_empty(device="cpu").threshold.dtype == torch.float64
+
+
 def test_an_nm_structure_says_when_it_cannot_follow_the_sparsity(seed):
     with pytest.warns(UserWarning, match=r"structure 2:4 keeps 2 of every 4 weights \(sparsity 0.5\) whatever the "
                                          r"sparsity asked \(0.9\)"):
@@ -204,6 +217,24 @@ def test_an_nm_structure_says_when_it_cannot_follow_the_sparsity(seed):
         warnings.simplefilter("error")
         for sparsity in (0.0, 0.5):
             bipkernels.convert(nn.Sequential(nn.Linear(8, 4)), sparsity, "2:4")
+
+
+def test_converting_again_says_which_layers_keep_another_structure(seed):
+    """convert swaps plain layers: masked ones keep their structure, and a structure given that differs
+    is named with them (it used to pass in silence); None (the default) asks nothing of them."""
+    model = bipkernels.convert(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4)), 0.5, "2:4")
+    model.append(nn.Linear(4, 4))
+    with pytest.warns(UserWarning, match=r"layers already masked keep their structure, not unstructured: 0 \(2:4\), "
+                                         r"1 \(2:4\); convert swaps plain layers only"):
+        bipkernels.convert(model, 0.0, "unstructured")
+    assert [layer.structure.kind for _, layer in bipkernels.masked_layers(model)] == ["nm", "nm", "unstructured"]
+    with pytest.warns(UserWarning, match=r"structure 2:4 keeps 2 of every 4 weights \(sparsity 0.5\) whatever the "
+                                         r"sparsity asked \(0.75\)"):  # no new layer: the masked ones are 2:4
+        bipkernels.convert(bipkernels.convert(nn.Sequential(nn.Linear(8, 4)), 0.0, "2:4"), 0.75, "2:4")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bipkernels.convert(model, 0.0)
+        bipkernels.convert(model[:2], 0.5, "2:4")
 
 
 def test_a_layer_scope_projection_does_not_report_emptied_layers(seed):

@@ -153,6 +153,22 @@ def test_prune_masks_are_the_exact_masks(seed):
     assert torch.equal(plain.conv1.weight_mask.bool(), masks["conv1"])
     with pytest.raises(ValueError, match="conv2 has weight shape"):
         bipkernels.apply_prune_masks(Net(), {"conv2": masks["head"]})
+    # Every entry is checked before any mask is attached: the model stays unpruned.
+    target = Net()
+    bad = [({"conv1": masks["conv1"], "7": masks["conv1"]}, ValueError, "the model has no module '7'"),
+           ({"conv1": masks["conv1"], "": masks["conv1"]}, ValueError, "the model has no weight in module ''"),
+           ({"conv1": masks["conv1"].float() / 2}, TypeError, "the mask of 'conv1' must be a bool tensor, got torch."),
+           ([("conv1", masks["conv1"])], TypeError, "layer_masks must be a dict"),
+           ]
+    for layer_masks, error, message in bad:
+        with pytest.raises(error, match=rf"bipkernels.apply_prune_masks: {message}"):
+            bipkernels.apply_prune_masks(target, layer_masks)
+        assert not torch_prune.is_pruned(target)
+    for export in (bipkernels.apply_prune_masks, bipkernels.export_dense, bipkernels.export_semi_structured):
+        with pytest.raises(TypeError, match=rf"bipkernels.{export.__name__}: model must be a torch.nn.Module"):
+            export("x", {}) if export is bipkernels.apply_prune_masks else export("x")
+    with pytest.raises(TypeError, match=r"bipkernels.export_shrunk: model must be a torch.nn.Module"):
+        bipkernels.export_shrunk("x", torch.zeros(1))
 
 
 # -------------------------------------------------------------------------------------- semi-structured

@@ -37,10 +37,7 @@ def test_block_scores(monkeypatch, seed, structure_name, shape, p):
     for scores in (tied_scores(shape), torch.randn(shape, dtype=torch.float64), torch.randn(shape).mT if len(shape) == 2 else torch.randn(shape)):
         got, want = ops.block_scores(scores, structure), reference.block_scores(scores, structure)
         assert got.dtype == want.dtype and got.shape == want.shape
-        if scores is not None and scores.dtype == torch.float64 and (scores * 8).frac().eq(0).all():
-            assert torch.equal(got, want)  # sums of multiples of 1/8 are exact in any order
-        else:
-            torch.testing.assert_close(got, want, rtol=1e-12 if got.dtype == torch.float64 else 1e-6, atol=0)
+        assert torch.equal(got, want)  # both sum in math.h's canonical order
 
 
 @needs_cpu_kernels
@@ -301,6 +298,37 @@ def test_automatic_backend_choice(monkeypatch):
     assert ops.backend_for("masked_weight", torch.device("meta")) == "torch"
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_cpu_kernels)])
+@pytest.mark.parametrize("structure_name", ["unstructured", "filter", "channel", "2:4", "tile3x5"])
+def test_the_ops_differentiate_alike_on_every_backend(monkeypatch, seed, backend, structure_name):
+    """masked_weight passes m ⊙ g to the weight and nothing to the scores; block_scores has the derivative
+    of Σ|s| (sign(s) · g of the block) or Σs² (2s · g); thresholds and hypergradients carry none."""
+    force_backend(monkeypatch, backend)
+    for p in (1, 2):
+        structure = parse_structure(structure_name, p)
+        weight = torch.randn(6, 8, 3, 3, dtype=torch.float64, requires_grad=True)
+        scores = torch.randn(6, 8, 3, 3, dtype=torch.float64, requires_grad=True)
+        threshold = backend_threshold(scores.detach(), structure)
+        grad = torch.randn(6, 8, 3, 3, dtype=torch.float64)
+        ops.masked_weight(weight, scores, threshold, structure).backward(grad)
+        mask = reference.block_mask(scores.detach(), threshold, structure)
+        assert torch.equal(weight.grad, torch.where(mask, grad, 0.0)) and scores.grad is None
+        blocks = ops.block_scores(scores, structure)
+        block_grad = torch.randn_like(blocks)
+        blocks.backward(block_grad)
+        # g of each element's block: the derivative of Σ|x| at x = 1 (p = 1) spreads the blocks' g over them.
+        ones = torch.ones_like(scores, requires_grad=True)
+        spread = torch.autograd.grad(reference.block_scores(ones, parse_structure(structure_name, 1)), ones,
+                                     block_grad)[0]
+        # |s| itself for unstructured and N:M, whatever p
+        derivative = 2 * scores.detach() if p == 2 and structure.kind in ("filter", "channel", "tile") else \
+            scores.detach().sign()
+        torch.testing.assert_close(scores.grad, derivative * spread, rtol=1e-12, atol=0)
+        assert not ops.topk_threshold([scores], 5).requires_grad
+        assert not any(t.requires_grad for t in ops.hypergrad(grad.requires_grad_(), weight, scores, threshold,
+                                                               structure, inv_gamma=0.1))
+
+
 @needs_cpu_kernels
 @pytest.mark.parametrize("structure_name", ["unstructured", "filter", "channel", "2:4", "tile3x5"])
 def test_opcheck(seed, structure_name):
@@ -325,6 +353,12 @@ def test_opcheck(seed, structure_name):
         (torch.ops.bipkernels.masked_weight.default, (last[1], scores, threshold, kind, a, b, p)),
         (torch.ops.bipkernels.hypergrad.default, (last[2], last[1], last[0], threshold, kind, a, b, p, 0.1, 1)),
         (torch.ops.bipkernels.hypergrad.default, (grad, last[1], last[0], threshold, kind, a, b, p, 0.1, 1)),
+    ]
+    # Inputs that require grad: the registered derivatives (op_autograd) under autograd and AOT dispatch.
+    cases += [
+        (torch.ops.bipkernels.block_scores.default, (scores.clone().requires_grad_(), kind, a, b, p)),
+        (torch.ops.bipkernels.masked_weight.default,
+         (weight.clone().requires_grad_(), scores, threshold, kind, a, b, p)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)

@@ -382,6 +382,12 @@ def test_imp_and_train_weights_on_masked_models_and_parameters_named_scores(seed
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nor does convert advise the user about IMP's own reset of the masks
         imp(bipkernels.convert(tiny_model(), 0.5), tiny_task(), 0.5, epochs_per_round=0)
+    # A whole checkpoint, or a DDP model's keys, used to rewind nothing without a word.
+    for wrong in ({"model": rewind, "rewind": rewind}, {f"module.{key}": value for key, value in rewind.items()}):
+        with pytest.raises(ValueError, match=r"imp: rewind_state lacks \d+ of the model's \d+ parameters"):
+            imp(model, tiny_task(), 0.5, rewind_state=wrong, epochs_per_round=1, rate=0.5)
+    with pytest.raises(TypeError, match=r"imp: rewind_state must be a state_dict \(a dict\) or None, got list"):
+        imp(model, tiny_task(), 0.5, rewind_state=list(rewind.items()), epochs_per_round=1, rate=0.5)
     imp(model, tiny_task(), 0.5, rewind_state=rewind, epochs_per_round=1, rate=0.5)
     assert bipkernels.sparsity(model) == pytest.approx(0.5, abs=1e-6)
     assert model.class_scores.detach().abs().sum() > 0

@@ -120,6 +120,8 @@ CASES = {
     "keep_count sparsity str": (lambda: ops.keep_count(10, "0.5"), ValueError, "sparsity", "'0.5'"),
     "Structure unknown kind": (lambda: Structure("diagonal"), ValueError, "kind", "'diagonal'"),
     "Structure non-int N": (lambda: Structure("nm", 2.5, 4), ValueError, "a", "2.5"),
+    "Structure M past int64": (lambda: parse_structure("1:99999999999999999999"), ValueError, "b",
+                               "99999999999999999999"),
     "parse_structure p = 0": (lambda: parse_structure("filter", p=0), ValueError, "p", "0"),
     # nn
     "MaskedLinear int dtype": (lambda: bipkernels.MaskedLinear(3, 4, dtype=torch.int32), TypeError, "dtype",

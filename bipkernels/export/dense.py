@@ -11,7 +11,7 @@ from torch.nn.utils import prune as torch_prune
 from torch.nn.utils import skip_init
 
 from .. import ops
-from ..nn import _HOOK_DICTS, _keep_forward, masked_layers, masks
+from ..nn import _HOOK_DICTS, _check_model, _keep_forward, masked_layers, masks
 
 
 @torch.no_grad()
@@ -83,6 +83,7 @@ def export_dense(model: nn.Module, *, prune_masks: bool = False) -> nn.Module:
     attaches each exact mask with torch.nn.utils.prune (``apply_prune_masks``): the state_dict then holds
     ``weight_orig`` and ``weight_mask`` until ``torch.nn.utils.prune.remove``.
     """
+    _check_model("export_dense", model)
     # Seeding deepcopy's memo swaps each masked layer for its twin wherever the model refers to it,
     # without copying scores that the export throws away. A bias, and a weight nothing prunes, that
     # other modules also hold stay shared with them through the twin's copy.
@@ -107,13 +108,28 @@ def apply_prune_masks(model: nn.Module, layer_masks: dict[str, torch.Tensor]) ->
     the plain layers of ``model`` with torch.nn.utils.prune.custom_from_mask, in place; returns ``model``.
 
     Tools that read torch's pruning state (prune.is_pruned, ``weight_mask`` buffers, prune.remove) then
-    see the exact masks. An empty dict changes nothing. ValueError names a layer whose weight has
-    another shape than its mask.
+    see the exact masks. An empty dict changes nothing. Every entry is checked before any is attached:
+    ValueError names a layer that is missing or has no weight, or whose weight has another shape than
+    its mask; TypeError a mask that is not a bool tensor (a float one would scale the weights).
     """
+    op = "bipkernels.apply_prune_masks"
+    _check_model("apply_prune_masks", model)
+    if not isinstance(layer_masks, dict):
+        raise TypeError(f"{op}: layer_masks must be a dict {{module name: bool mask}}, got "
+                        f"{type(layer_masks).__name__}")
+    modules = dict(model.named_modules())
     for name, mask in layer_masks.items():
-        module = model.get_submodule(name)
+        module = modules.get(name)
+        if module is None or not isinstance(getattr(module, "weight", None), torch.Tensor):
+            raise ValueError(f"{op}: the model has no {'module' if module is None else 'weight in module'} "
+                             f"{name!r}")
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"{op}: the mask of {name!r} must be a bool tensor, got "
+                            f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}")
         if tuple(mask.shape) != tuple(module.weight.shape):
-            raise ValueError(f"apply_prune_masks: {name} has weight shape {tuple(module.weight.shape)} "
+            raise ValueError(f"{op}: {name} has weight shape {tuple(module.weight.shape)} "
                              f"but its mask has shape {tuple(mask.shape)}")
+    for name, mask in layer_masks.items():
+        module = modules[name]
         torch_prune.custom_from_mask(module, "weight", mask.to(module.weight.device))
     return model

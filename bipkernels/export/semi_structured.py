@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..nn import MaskedConv2d, masked_layers
+from ..nn import MaskedConv2d, _check_model, masked_layers
 from .dense import export_dense
 
 
@@ -22,6 +22,7 @@ def export_semi_structured(model: nn.Module) -> tuple[nn.Module, dict[str, str]]
     """
     from torch.sparse import to_sparse_semi_structured
 
+    _check_model("export_semi_structured", model)
     dense = export_dense(model)
     left = {}
     for name, layer in masked_layers(model):

@@ -9,6 +9,7 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
+from ..nn import _check_model
 from .dense import carry_over, export_dense, plain_layer
 from .spaces import ChannelGraph, Recorder, group_view, is_depthwise, pads_with_zeros, zero_columns
 
@@ -226,10 +227,11 @@ def export_shrunk(model: nn.Module, example_inputs, *, warn: bool = True) -> tup
     model's outputs there differ from the model's by more than rounding (2·√eps relative), a guard that
     no model should reach.
     """
+    _check_model("export_shrunk", model)
     meta = next((name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta), None)
     if meta is not None:
-        raise ValueError(f"export_shrunk: {meta} is on the meta device: finding zero filters needs the values "
-                         "(load the weights first)")
+        raise ValueError(f"bipkernels.export_shrunk: {meta} is on the meta device: finding zero filters needs the "
+                         "values (load the weights first)")
     dense = export_dense(model).eval()
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     report = ShrinkReport()

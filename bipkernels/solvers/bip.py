@@ -285,8 +285,8 @@ class BiP:
             batches = epoch_batches(dataset, batch_size, seed, epoch, shard)
             groups = [batches[i:i + per_step] for i in range(0, steps * per_step, per_step)]
             self.model.train()
-            total = 0.0
-            for index in range(first if epoch == start[0] else 0, len(groups)):
+            total, first_step = 0.0, first if epoch == start[0] else 0
+            for index in range(first_step, len(groups)):
                 closures = [self._closure(dataset, indices, device, loss_fn) for indices in groups[index]]
                 if self.mode == "fused":
                     loss = self._iterate(closures[0], None, own_closures=True)
@@ -296,7 +296,10 @@ class BiP:
                 total += float(loss.detach())
                 if on_step is not None and on_step(epoch, index + 1):
                     return epoch, index + 1
-            progress.update(epoch + 1, loss=total / max(len(groups), 1), sparsity=masked_nn.sparsity(self.model))
+            # The mean over the steps this call ran (a resumed epoch's first ones ran before the stop).
+            ran = len(groups) - first_step
+            loss_field = {"loss": total / ran} if ran else {}
+            progress.update(epoch + 1, **loss_field, sparsity=masked_nn.sparsity(self.model))
         return epochs, 0
 
     def _closure(self, dataset, indices, device, loss_fn):

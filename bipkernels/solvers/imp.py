@@ -37,6 +37,7 @@ def imp(model: nn.Module, dataset, sparsity: float, structure="unstructured", sc
     check_settings("imp", sparsity=sparsity, structure=structure, scope=scope, epochs_per_round=epochs_per_round,
                    lr=lr, rate=rate, batch_size=batch_size, seed=seed)
     check_data("imp", dataset, epochs_per_round)
+    _check_rewind_state(model, rewind_state)
     rewind_state = {k: v.clone() if isinstance(v, torch.Tensor) else v
                     for k, v in (rewind_state or model.state_dict()).items()}
     convert_to_reset(model, structure, scope)
@@ -51,6 +52,23 @@ def imp(model: nn.Module, dataset, sparsity: float, structure="unstructured", sc
         passes += train_weights(model, dataset, epochs_per_round, lr, batch_size, seed + round_index,
                                 label=f"imp round {round_index + 1} ({target:.3f})")
     return passes
+
+
+def _check_rewind_state(model: nn.Module, rewind_state) -> None:
+    """TypeError unless ``rewind_state`` is None or a dict; ValueError naming what is missing unless it
+    holds every parameter of ``model`` but the scores (a whole checkpoint, or keys with another prefix,
+    would otherwise rewind nothing, in silence)."""
+    if rewind_state is None:
+        return
+    if not isinstance(rewind_state, dict):
+        raise TypeError(f"imp: rewind_state must be a state_dict (a dict) or None, got {type(rewind_state).__name__}")
+    scores = {f"{name}.scores" for name, _ in masked_nn.masked_layers(model)}
+    parameters = [name for name, _ in model.named_parameters() if name not in scores]
+    missing = [name for name in parameters if name not in rewind_state]
+    if missing:
+        raise ValueError(f"imp: rewind_state lacks {len(missing)} of the model's {len(parameters)} parameters "
+                         f"(first {missing[0]!r}; its keys begin {sorted(map(str, rewind_state))[:3]}): give a "
+                         "state_dict of this model, such as the 'rewind' entry of the command line's dense.pt")
 
 
 def _masked_rewind(model: nn.Module, rewind_state: dict) -> dict:

@@ -88,6 +88,9 @@ def unavailable(op: str, device: torch.device) -> str | None:
 def _import_kernels() -> None:
     for module in ("block_scores", "topk_threshold", "masked_weight", "hypergrad", "masked_linear"):
         importlib.import_module(f"{__name__}.{module}")
+    from .. import op_autograd
+
+    op_autograd.register("bipkernels_triton")
 
 
 @_constant_to_torch_compile

@@ -133,3 +133,25 @@ def test_compiled_ops_name_the_op_in_errors():
         kernels.hypergrad(torch.ones(3), torch.ones(3), torch.ones(3), KEEP_ALL, 0, 0, 0, 1, 0.0, 2)
     with pytest.raises(TypeError, match="bipkernels.block_mask: scores must be one of"):
         kernels.block_mask(torch.ones(3, dtype=torch.int32), KEEP_ALL, 0, 0, 0, 1)
+
+
+@pytest.mark.parametrize("name", ["unstructured", "filter", "channel", "2:4", "tile3x5"])
+def test_gradients_through_the_ops_equal_the_torch_backends(monkeypatch, seed, name):
+    """The triton ops' registered derivatives (bipkernels.op_autograd): masked_weight gives m ⊙ g to the
+    weight, block_scores the reference's derivative, as the torch backend does."""
+    structure = parse_structure(name, p=2)
+    scores = tied_scores((5, 8, 3, 1), torch.float64)  # block sums exact in any order: the same masks
+    threshold = reference.topk_threshold([reference.block_scores(scores, structure)], 7)[0] \
+        if structure.uses_threshold else None
+    grad = torch.randn(5, 8, 3, 1, dtype=torch.float64)
+    weight = torch.randn(5, 8, 3, 1, dtype=torch.float64)
+    gradients = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("BIPKERNELS_BACKEND", backend)
+        leaf_weight, leaf_scores = weight.clone().requires_grad_(), scores.clone().requires_grad_()
+        ops.masked_weight(leaf_weight, leaf_scores, threshold, structure).backward(grad)
+        blocks = ops.block_scores(leaf_scores, structure)
+        blocks.backward(torch.arange(blocks.numel(), dtype=torch.float64).reshape(blocks.shape))
+        gradients[backend] = (leaf_weight.grad, leaf_scores.grad)
+    assert torch.equal(gradients["triton"][0], gradients["torch"][0])
+    torch.testing.assert_close(gradients["triton"][1], gradients["torch"][1], rtol=1e-12, atol=0)

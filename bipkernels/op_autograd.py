@@ -1,0 +1,58 @@
+"""Autograd of the compiled ops that have a derivative, so that calling them on tensors that require grad
+gives the gradients the torch backend (bipkernels.reference) gives:
+
+- ``masked_weight``: ∂(m ⊙ θ)/∂θ = m, so grad_θ = m ⊙ g (masked_weight applied to g: a select, exact);
+  the mask is piecewise constant in the scores, which get no gradient (as torch.where gives none).
+- ``block_scores``: the reference's own derivative (sign(s) · g of the block for p = 1, 2s · g for
+  p = 2; 0 at s = 0), by differentiating reference.block_scores in the backward.
+
+topk_threshold, block_mask and hypergrad have none (a threshold, a bool mask, gradients): bipkernels.ops
+runs them without grad on every backend. The masked layers never reach these: they call the ops inside
+their own autograd.Functions (bipkernels.autograd), whose backward is the fused hypergradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from .structures import KINDS, Structure
+
+
+def _structure(kind: int, a: int, b: int, p: int) -> Structure:
+    return Structure(KINDS[kind], a, b, p)
+
+
+def _save_masked_weight(ctx, inputs, output) -> None:
+    _, scores, threshold, *ctx.structure = inputs
+    ctx.save_for_backward(scores, threshold)
+
+
+def _save_block_scores(ctx, inputs, output) -> None:
+    scores, *ctx.structure = inputs
+    ctx.save_for_backward(scores)
+
+
+def _block_scores_backward(ctx, grad):
+    (scores,) = ctx.saved_tensors
+    with torch.enable_grad():
+        leaf = scores.detach().requires_grad_()
+        summed = reference.block_scores(leaf, _structure(*ctx.structure))
+        (grad_scores,) = torch.autograd.grad(summed, leaf, grad)
+    return grad_scores, None, None, None, None
+
+
+def register(namespace: str) -> None:
+    """Registers the derivatives of ``namespace``'s masked_weight and block_scores ("bipkernels" for the
+    C++ ops, "bipkernels_triton" for the triton ones, once they are defined)."""
+    ops = getattr(torch.ops, namespace)
+
+    def masked_weight_backward(ctx, grad):
+        scores, threshold = ctx.saved_tensors
+        return ops.masked_weight(grad.contiguous(), scores, threshold, *ctx.structure), None, None, None, None, \
+            None, None
+
+    torch.library.register_autograd(f"{namespace}::masked_weight", masked_weight_backward,
+                                    setup_context=_save_masked_weight)
+    torch.library.register_autograd(f"{namespace}::block_scores", _block_scores_backward,
+                                    setup_context=_save_block_scores)
