@@ -32,7 +32,8 @@ _BIP_OPTIONS = ("mode", "implicit", "inv_gamma", "lr", "score_lr", "score_moment
 
 
 class StopRequest:
-    """Turns SIGINT / SIGTERM into a flag that the training loop checks after every step."""
+    """Turns SIGINT / SIGTERM into a flag that the training loop checks after every step. A second one
+    stops at once (KeyboardInterrupt; the atomic writes leave no half-written file)."""
 
     def __init__(self):
         self.signal = None
@@ -44,7 +45,11 @@ class StopRequest:
         return self
 
     def _handle(self, number, _frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
         self.signal = number
+        print(f"\n{signal.Signals(number).name}: stopping once the state is saved (a run past its last step "
+              "finishes first); again to stop at once", file=sys.stderr)
 
     def __exit__(self, *_):
         for number, handler in self._previous.items():
@@ -210,7 +215,8 @@ def prune(args, typed: set[str] = frozenset()) -> dict:
     deleted once pruned.pt and results.json are written. ``--resume`` continues bit-exactly from the last
     state saved (from the start if none was), with the saved arguments. A run killed outright (SIGKILL,
     power loss) thus loses at most the work since the last save, and the temporary files its last write
-    left are deleted on resume. ``typed``: the options given on the command line (see _resumable).
+    left are deleted on resume. ``typed``: the options given on the command line (see _resumable; none
+    when called from Python).
     """
     args, state, splits = _resumable(args, typed)
     out = Path(args.out)
@@ -414,8 +420,7 @@ def main(argv=None) -> int:
     parser = _parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    # The options typed (no abbreviations: the subcommands' parsers take whole names), as argparse dests.
-    typed = {token[2:].split("=", 1)[0].replace("-", "_") for token in argv if token.startswith("--")}
+    typed = _typed_options(argv)
     for option in ("sparsities", "methods"):
         values = getattr(args, option, [])
         if len(set(values)) < len(values):
@@ -429,12 +434,23 @@ def main(argv=None) -> int:
     return 0
 
 
+def _typed_options(argv: list[str]) -> set[str]:
+    """The options given in ``argv`` (argparse dests, abbreviations resolved): its parse by a parser whose
+    defaults are all suppressed (argparse has no other way to tell a default from a value typed)."""
+    parser = _parser()
+    subcommands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    for subcommand in subcommands.choices.values():
+        for action in subcommand._actions:
+            action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) - {"command"}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bipkernels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="print the build facts")
-    run = commands.add_parser("prune", help="BiP on the built-in digits data (the main job)", allow_abbrev=False)
+    run = commands.add_parser("prune", help="BiP on the built-in digits data (the main job)")
     _add_common(run, "runs/prune")
     run.add_argument("--sparsity", type=_setting("sparsity"), default=0.9, help="pruned fraction (default 0.9)")
     run.add_argument("--save-every", type=_setting("save_every", int), default=0, metavar="STEPS",
@@ -442,8 +458,7 @@ def _parser() -> argparse.ArgumentParser:
                           "a run killed outright loses at most the work since the last save")
     run.add_argument("--resume", action="store_true",
                      help="continue an interrupted run from OUT/resume.pt, with the arguments saved there")
-    versus = commands.add_parser("compare", help="BiP against IMP, OMP, HYDRA and random pruning",
-                                 allow_abbrev=False)
+    versus = commands.add_parser("compare", help="BiP against IMP, OMP, HYDRA and random pruning")
     _add_common(versus, "runs/compare")
     versus.add_argument("--sparsities", type=_setting("sparsity"), nargs="+", default=[0.5, 0.8, 0.9, 0.95, 0.98])
     versus.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)

@@ -284,9 +284,10 @@ def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure 
         parsed = parse_structure("unstructured" if structure is None else structure)
     except (ValueError, TypeError) as error:
         raise type(error)(f"{op}: {error}") from None
-    other_structures = {} if structure is None else \
-        {name: layer.structure for name, layer in masked_layers(model) if layer.structure != parsed}
     excluded = _excluded(model, exclude)
+    other_structures = {} if structure is None else \
+        {name: layer.structure for name, layer in masked_layers(model) if layer.structure != parsed
+         and name not in excluded}
     # Every place a layer sits, shared layers included (one object under two names or two parents gets one
     # masked twin, set in every place), unless one of its names is excluded.
     places, names = {}, {}  # (parent, name in it): the place; id(child): every qualified name of the child

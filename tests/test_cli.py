@@ -98,10 +98,10 @@ def test_resume_of_another_commands_state_says_so(tmp_path):
 
 def test_resume_names_the_options_it_ignores(tmp_path, capsys):
     """Every option typed that differs from the saved run's, also one typed at its default (--sparsity 0.9
-    here) which comparing values with the defaults missed."""
+    here, abbreviated) which comparing values with the defaults missed."""
     save_atomically({"args": {"command": "prune", "epochs": 0, "pretrain_epochs": 0, "sparsity": 0.5, "lr": 0.1}},
                     tmp_path / "resume.pt")
-    main(["prune", "--resume", "--epochs", "3", "--sparsity=0.9", "--lr", "0.1", "--out", str(tmp_path)])
+    main(["prune", "--resume", "--epochs", "3", "--spars=0.9", "--lr", "0.1", "--out", str(tmp_path)])
     assert "bipkernels prune --resume: ignored --epochs 3, --sparsity 0.9: the interrupted run goes on" in \
         capsys.readouterr().err
     assert json.loads((tmp_path / "results.json").read_text())["epochs"] == 0
@@ -198,6 +198,13 @@ def test_output_files_follow_the_umask(tmp_path):
     os.umask(umask)
     for name in ("dense.pt", "pruned.pt", "results.json"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_compare_without_pretraining_runs_imp_from_the_model_itself(tmp_path):
+    """No pretraining epoch leaves no rewind point: IMP rewinds to the weights it starts from."""
+    main(["compare", "--pretrain-epochs", "0", "--methods", "imp", "--sparsities", "0.5", "--finetune-epochs", "1",
+          "--epochs", "1", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "compare.json").read_text())["results"][0]["method"] == "imp"
 
 
 def test_compare_uses_its_batch_size_and_checks_bip_steps_only_for_bip(tmp_path):

@@ -235,6 +235,14 @@ def test_converting_again_says_which_layers_keep_another_structure(seed):
         warnings.simplefilter("error")
         bipkernels.convert(model, 0.0)
         bipkernels.convert(model[:2], 0.5, "2:4")
+        bipkernels.convert(model, 0.0, "unstructured", exclude=["0", "1"])  # excluded layers: not asked
+    # The solvers prune a masked model in its layers' structures: no advice about their own reset.
+    data = torch.utils.data.TensorDataset(torch.randn(16, 8), torch.randint(0, 4, (16,)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for method in ("omp", "imp", "random"):
+            bipkernels.prune(model, data, method, 0.5, epochs=0, finetune_epochs=0, batch_size=8)
+    assert not [w for w in caught if "keep their structure" in str(w.message)]
 
 
 def test_a_layer_scope_projection_does_not_report_emptied_layers(seed):

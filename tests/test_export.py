@@ -157,13 +157,19 @@ def test_prune_masks_are_the_exact_masks(seed):
     target = Net()
     bad = [({"conv1": masks["conv1"], "7": masks["conv1"]}, ValueError, "the model has no module '7'"),
            ({"conv1": masks["conv1"], "": masks["conv1"]}, ValueError, "the model has no weight in module ''"),
-           ({"conv1": masks["conv1"].float() / 2}, TypeError, "the mask of 'conv1' must be a bool tensor, got torch."),
+           ({"conv1": masks["conv1"].float() / 2}, ValueError, "the mask of 'conv1' must hold only 0 and 1"),
+           ({"conv1": masks["conv1"].tolist()}, TypeError, "the mask of 'conv1' must be a tensor, got list"),
            ([("conv1", masks["conv1"])], TypeError, "layer_masks must be a dict"),
            ]
     for layer_masks, error, message in bad:
         with pytest.raises(error, match=rf"bipkernels.apply_prune_masks: {message}"):
             bipkernels.apply_prune_masks(target, layer_masks)
         assert not torch_prune.is_pruned(target)
+    # torch's own float 0/1 masks, and a module shared under two names, are accepted.
+    shared = nn.Linear(3, 3)
+    twice = nn.Sequential(shared, nn.ReLU(), shared)
+    bipkernels.apply_prune_masks(twice, {"2": (torch.rand(3, 3) > 0.5).float()})
+    assert torch_prune.is_pruned(twice) and twice[0].weight_mask.dtype == torch.float32
     for export in (bipkernels.apply_prune_masks, bipkernels.export_dense, bipkernels.export_semi_structured):
         with pytest.raises(TypeError, match=rf"bipkernels.{export.__name__}: model must be a torch.nn.Module"):
             export("x", {}) if export is bipkernels.apply_prune_masks else export("x")

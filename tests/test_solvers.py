@@ -388,6 +388,7 @@ def test_imp_and_train_weights_on_masked_models_and_parameters_named_scores(seed
             imp(model, tiny_task(), 0.5, rewind_state=wrong, epochs_per_round=1, rate=0.5)
     with pytest.raises(TypeError, match=r"imp: rewind_state must be a state_dict \(a dict\) or None, got list"):
         imp(model, tiny_task(), 0.5, rewind_state=list(rewind.items()), epochs_per_round=1, rate=0.5)
+    imp(model, tiny_task(), 0.5, rewind_state={}, epochs_per_round=1, rate=0.5)  # {}: the model's own weights
     imp(model, tiny_task(), 0.5, rewind_state=rewind, epochs_per_round=1, rate=0.5)
     assert bipkernels.sparsity(model) == pytest.approx(0.5, abs=1e-6)
     assert model.class_scores.detach().abs().sum() > 0

@@ -108,28 +108,31 @@ def apply_prune_masks(model: nn.Module, layer_masks: dict[str, torch.Tensor]) ->
     the plain layers of ``model`` with torch.nn.utils.prune.custom_from_mask, in place; returns ``model``.
 
     Tools that read torch's pruning state (prune.is_pruned, ``weight_mask`` buffers, prune.remove) then
-    see the exact masks. An empty dict changes nothing. Every entry is checked before any is attached:
-    ValueError names a layer that is missing or has no weight, or whose weight has another shape than
-    its mask; TypeError a mask that is not a bool tensor (a float one would scale the weights).
+    see the exact masks. An empty dict changes nothing. A mask may also hold 0 and 1 in another dtype
+    (torch's own ``weight_mask`` buffers are float). Every entry is checked before any is attached:
+    ValueError names a layer that is missing or has no weight, a mask of another shape than its weight, or
+    one with values other than 0 and 1 (it would scale the weights); TypeError a mask that is no tensor.
     """
     op = "bipkernels.apply_prune_masks"
     _check_model("apply_prune_masks", model)
     if not isinstance(layer_masks, dict):
         raise TypeError(f"{op}: layer_masks must be a dict {{module name: bool mask}}, got "
                         f"{type(layer_masks).__name__}")
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))  # a shared module under each of its names
     for name, mask in layer_masks.items():
         module = modules.get(name)
         if module is None or not isinstance(getattr(module, "weight", None), torch.Tensor):
             raise ValueError(f"{op}: the model has no {'module' if module is None else 'weight in module'} "
                              f"{name!r}")
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            raise TypeError(f"{op}: the mask of {name!r} must be a bool tensor, got "
-                            f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"{op}: the mask of {name!r} must be a tensor, got {type(mask).__name__}")
         if tuple(mask.shape) != tuple(module.weight.shape):
             raise ValueError(f"{op}: {name} has weight shape {tuple(module.weight.shape)} "
                              f"but its mask has shape {tuple(mask.shape)}")
+        if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
+            raise ValueError(f"{op}: the mask of {name!r} must hold only 0 and 1 (or be bool), got {mask.dtype} "
+                             f"values such as {mask[(mask != 0) & (mask != 1)].flatten()[0].item()!r}")
     for name, mask in layer_masks.items():
         module = modules[name]
-        torch_prune.custom_from_mask(module, "weight", mask.to(module.weight.device))
+        torch_prune.custom_from_mask(module, "weight", mask.to(module.weight.device, torch.bool))
     return model

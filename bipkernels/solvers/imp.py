@@ -55,16 +55,23 @@ def imp(model: nn.Module, dataset, sparsity: float, structure="unstructured", sc
 
 
 def _check_rewind_state(model: nn.Module, rewind_state) -> None:
-    """TypeError unless ``rewind_state`` is None or a dict; ValueError naming what is missing unless it
-    holds every parameter of ``model`` but the scores (a whole checkpoint, or keys with another prefix,
-    would otherwise rewind nothing, in silence)."""
+    """TypeError unless ``rewind_state`` is None or a dict; ValueError naming what is missing unless it is
+    empty (None and {}: the model's own weights) or holds every parameter of ``model`` but the scores, under
+    one of its names (a whole checkpoint, or keys with another prefix, would otherwise rewind nothing, in
+    silence)."""
     if rewind_state is None:
         return
     if not isinstance(rewind_state, dict):
         raise TypeError(f"imp: rewind_state must be a state_dict (a dict) or None, got {type(rewind_state).__name__}")
+    if not rewind_state:
+        return
     scores = {f"{name}.scores" for name, _ in masked_nn.masked_layers(model)}
-    parameters = [name for name, _ in model.named_parameters() if name not in scores]
-    missing = [name for name in parameters if name not in rewind_state]
+    names: dict[int, list[str]] = {}  # a tied parameter goes by several names: any one will do
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if name not in scores:
+            names.setdefault(id(parameter), []).append(name)
+    parameters = [every[0] for every in names.values()]
+    missing = [every[0] for every in names.values() if not any(name in rewind_state for name in every)]
     if missing:
         raise ValueError(f"imp: rewind_state lacks {len(missing)} of the model's {len(parameters)} parameters "
                          f"(first {missing[0]!r}; its keys begin {sorted(map(str, rewind_state))[:3]}): give a "

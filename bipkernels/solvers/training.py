@@ -86,10 +86,12 @@ def check_data(owner: str, dataset, epochs: int) -> None:
 
 
 def convert_to_reset(model: nn.Module, structure, scope: str) -> None:
-    """bipkernels.convert(model, 0.0, ...) for a solver that sets every mask itself next: convert's warning
-    that the masks of layers already masked changed would only be advice about the solver's own reset."""
+    """bipkernels.convert(model, 0.0, ...) for a solver that sets every mask itself next: convert's warnings
+    that the masks of layers already masked changed, or that they keep their own structure (the solvers
+    prune a masked model in its layers' structures), would only be advice about the solver's own reset."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="bipkernels.convert: the masks of the layers already masked changed")
+        warnings.filterwarnings("ignore", message="bipkernels.convert: layers already masked keep their structure")
         convert(model, 0.0, structure, scope)
 
 
