@@ -438,10 +438,14 @@ def masks(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def sparsity(model: nn.Module) -> float:
-    """Pruned fraction of the masked layers' weights, all layers together (0.0 without masked layers)."""
+    """Pruned fraction of the masked layers' weights, all layers together (0.0 without masked layers).
+    ValueError for scores on the meta device, which hold no values to count."""
     _check_model("sparsity", model)
     kept = total = 0
-    for _, layer in masked_layers(model):
+    for name, layer in masked_layers(model):
+        if layer.scores.is_meta:
+            raise ValueError(f"bipkernels.sparsity: the scores of {name!r} are on the meta device, with no values: "
+                             "load the weights (and project) first")
         kept += int(layer.mask().sum())
         total += layer.weight.numel()
     return 1.0 - kept / total if total else 0.0

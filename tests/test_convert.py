@@ -187,6 +187,8 @@ def test_a_model_built_on_the_meta_device_converts_then_loads_its_weights(seed):
         bipkernels.convert(model, 0.5)
     assert type(model[0]) is nn.Linear
     bipkernels.convert(model, 0.0)
+    with pytest.raises(ValueError, match=r"bipkernels.sparsity: the scores of '0' are on the meta device"):
+        bipkernels.sparsity(model)
     plain = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
     model.load_state_dict(plain.state_dict(), assign=True)
     bipkernels.project(model, 0.5)
