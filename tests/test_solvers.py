@@ -4,6 +4,7 @@ bit-exact resume, and `prune` end to end."""
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 
 import pytest
@@ -17,8 +18,8 @@ from bipkernels import reference
 from bipkernels.structures import parse_structure
 from bipkernels.solvers.imp import imp, imp_rounds
 from bipkernels.solvers.omp import omp
-from bipkernels.solvers.training import (batch_count, epoch_batches, evaluate, model_device, recalibrate_batchnorm,
-                                         schedule_factor, shard_size, split_batches)
+from bipkernels.solvers.training import (batch_count, epoch_batches, evaluate, fetch, model_device,
+                                         recalibrate_batchnorm, schedule_factor, shard_size, split_batches)
 
 
 def tiny_task(n: int = 96, seed: int = 0):
@@ -407,3 +408,104 @@ def test_prune_leaves_the_model_plain_when_the_data_cannot_train(seed, method):
             bipkernels.prune(model, tiny_task(6), "bip", 0.5, epochs=1, batch_size=4, mode="faithful",
                              lower_steps=2)
         assert not bipkernels.masked_layers(model)
+
+
+def test_data_that_is_not_a_map_style_dataset_is_refused_before_the_model_changes(seed):
+    loader = torch.utils.data.DataLoader(tiny_task(), batch_size=8)
+    for method in ("bip", "omp", "imp", "hydra", "random"):
+        model = tiny_model()
+        with pytest.raises(TypeError, match=r"prune: train_data must be a map-style dataset .* got DataLoader: "
+                                            r"pass its .dataset"):
+            bipkernels.prune(model, loader, method, 0.5, epochs=1, finetune_epochs=1)
+        assert not bipkernels.masked_layers(model)
+    with pytest.raises(TypeError, match=r"prune: test_data must be a map-style dataset"):
+        bipkernels.prune(tiny_model(), tiny_task(), "omp", 0.5, finetune_epochs=0, test_data=loader)
+    with pytest.raises(TypeError, match=r"evaluate: dataset must be a map-style dataset"):
+        evaluate(tiny_model(), loader)
+    with pytest.raises(ValueError, match=r"prune: total_steps=3: prune computes it"):
+        bipkernels.prune(tiny_model(), tiny_task(), "bip", 0.5, epochs=1, total_steps=3)
+    with pytest.raises(ValueError, match=r"steps_per_epoch: dataset_size must be an int >= 0, got -5"):
+        bipkernels.BiP(tiny_model(), 0.5).steps_per_epoch(-5, 16)
+
+
+def test_examples_keep_their_targets_as_they_come(seed):
+    """Float and vector targets are stacked as they are (int() truncated them), a TensorDataset subclass's
+    own examples are used, and an example that is no (input, target) pair is named."""
+    inputs = torch.randn(4, 3)
+    floats = [(x, float(y)) for x, y in zip(inputs, [2.03, 2.10, 0.002, -1.5])]
+    assert fetch(floats, torch.arange(4), "cpu")[1].tolist() == pytest.approx([2.03, 2.10, 0.002, -1.5])
+    vectors = [(x, torch.tensor([i, 2.0 * i])) for i, x in enumerate(inputs)]
+    assert fetch(vectors, torch.arange(4), "cpu")[1].shape == (4, 2)
+
+    class Doubled(TensorDataset):
+        def __getitem__(self, index):
+            x, y = super().__getitem__(index)
+            return 2 * x, y
+
+    batch = fetch(Doubled(inputs, torch.arange(4)), torch.tensor([1, 3]), "cpu")[0]
+    assert torch.equal(batch, 2 * inputs[[1, 3]])
+    with pytest.raises(ValueError, match=r"examples must be \(input, target\) pairs, got 3 items"):
+        fetch(TensorDataset(inputs, inputs, inputs), torch.arange(2), "cpu")
+    column = TensorDataset(tiny_task().tensors[0], tiny_task().tensors[1][:, None])  # (N, 1) class indices
+    assert evaluate(tiny_model(), column) == evaluate(tiny_model(), tiny_task()) <= 1.0
+
+
+def test_fit_checks_its_position_and_callback_and_warns_past_total_steps(seed):
+    solver = bipkernels.BiP(tiny_model(), 0.5, total_steps=5)
+    for start in ((0, 100), (5, 3), (2, 1)):
+        with pytest.raises(ValueError, match=rf"BiP.fit: start {re.escape(str(start))} lies past the run: 2 epochs"):
+            solver.fit(tiny_task(), 2, batch_size=32, start=start)
+    with pytest.raises(TypeError, match=r"BiP.fit: on_step must be callable or None, got int 5"):
+        solver.fit(tiny_task(), 1, batch_size=32, on_step=5)
+    with pytest.raises(TypeError, match=r"BiP.step: closure must be callable, got NoneType None"):
+        solver.step(None)
+    assert solver.iteration == 0
+    with pytest.warns(UserWarning, match=r"BiP.fit: 6 steps from iteration 0 run past total_steps=5"):
+        solver.fit(tiny_task(), 2, batch_size=32)
+
+
+def test_load_state_dict_checks_the_state_before_changing_anything(seed):
+    solver = bipkernels.BiP(tiny_model(), 0.5, total_steps=10)
+    solver.fit(tiny_task(), 1, batch_size=32)
+    before = copy.deepcopy(solver.state_dict())
+    wider = bipkernels.BiP(nn.Sequential(nn.Linear(12, 30), nn.ReLU(), nn.Linear(30, 3)), 0.8, total_steps=10)
+    filters = bipkernels.BiP(tiny_model(), 0.5, "filter", total_steps=10)
+    cases = [(wider.state_dict(), r"the state is of another model: \d+ entries"),
+             (filters.state_dict(), r"layer '0' is unstructured here but filter in the state"),
+             ({"model": before["model"]}, "not a BiP state")]
+    for state, message in cases:
+        with pytest.raises(ValueError, match=rf"BiP.load_state_dict: {message}"):
+            solver.load_state_dict(state)
+        for key, value in solver.state_dict()["model"].items():
+            assert torch.equal(value, before["model"][key]) if isinstance(value, torch.Tensor) else True, key
+
+
+def test_a_faithful_step_cut_short_after_a_lower_step_is_refused_until_reloaded(seed):
+    solver = bipkernels.BiP(tiny_model(), 0.5, mode="faithful", lower_steps=2, total_steps=10)
+    inputs, targets = tiny_task().tensors
+    lower = closure_on(solver.model, inputs, targets)
+    calls = []
+
+    def lower_then_fail():
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return lower()
+
+    saved = copy.deepcopy(solver.state_dict())
+    with pytest.raises(KeyboardInterrupt):
+        solver.step(lower_then_fail, closure_on(solver.model, inputs, targets))
+    with pytest.raises(RuntimeError, match=r"BiP.state_dict: a faithful step failed after 1 of its lower-level steps"):
+        solver.state_dict()
+    solver.load_state_dict(saved)
+    solver.step(lower, closure_on(solver.model, inputs, targets))
+
+
+def test_recalibration_keeps_every_modules_mode_and_fine_tuning_keeps_no_score_gradient(seed):
+    model = nn.Sequential(nn.Linear(12, 24), nn.BatchNorm1d(24), nn.Dropout(0.5), nn.Linear(24, 3))
+    model.train()
+    model[2].eval()  # a user's choice inside a model in training mode
+    recalibrate_batchnorm(model, tiny_task())
+    assert model.training and model[1].training and not model[2].training
+    bipkernels.prune(model, tiny_task(), "omp", 0.5, finetune_epochs=1)
+    assert all(layer.scores.grad is None for _, layer in bipkernels.masked_layers(model))

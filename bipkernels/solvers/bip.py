@@ -28,14 +28,17 @@ code has them.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
 from .. import distributed
 from .. import nn as masked_nn
-from ..structures import parse_structure
-from .training import (Progress, batch_count, check_settings, data_shard, ddp_wrapper, epoch_batches, fetch,
-                       model_device, random_state, scheduler, set_random_state, shard_size)
+from ..ops import check_int
+from ..structures import Structure, parse_structure
+from .training import (Progress, batch_count, check_dataset, check_settings, data_shard, ddp_wrapper, epoch_batches,
+                       fetch, model_device, random_state, scheduler, set_random_state, shard_size)
 
 
 def steps_per_epoch(dataset_size: int, batch_size: int, mode: str = "fused", lower_steps: int = 1,
@@ -46,6 +49,7 @@ def steps_per_epoch(dataset_size: int, batch_size: int, mode: str = "fused", low
     (``batch_size`` is then per rank)."""
     check_settings("steps_per_epoch", batch_size=batch_size, mode=mode, lower_steps=lower_steps,
                    world_size=world_size)
+    check_int("steps_per_epoch", "dataset_size", dataset_size)
     return batch_count(shard_size(dataset_size, world_size), batch_size) // (1 if mode == "fused" else lower_steps + 1)
 
 
@@ -115,6 +119,7 @@ class BiP:
         self.weight_optimizer = torch.optim.SGD([{"params": weights}], lr=lr, momentum=momentum,
                                                 weight_decay=weight_decay)
         self.score_optimizer = torch.optim.SGD([{"params": scores}], lr=score_lr, momentum=score_momentum)
+        self.total_steps, self._schedules = total_steps, {schedule, score_schedule}
         self.weight_schedule = scheduler(self.weight_optimizer, schedule, total_steps)
         self.score_schedule = scheduler(self.score_optimizer, score_schedule, total_steps)
         self.iteration = 0
@@ -218,7 +223,7 @@ class BiP:
     def step(self, closure, upper_closure=None) -> torch.Tensor:
         """One BiP iteration; returns the (upper-level) loss."""
         for name, value in (("closure", closure), ("upper_closure", upper_closure)):
-            if value is not None and not callable(value):
+            if (value is not None or name == "closure") and not callable(value):
                 raise TypeError(f"BiP.step: {name} must be callable, got {type(value).__name__} {value!r}")
         return self._iterate(closure, upper_closure, own_closures=False)
 
@@ -233,10 +238,17 @@ class BiP:
         else:
             if upper_closure is None:
                 raise ValueError("BiP.step: faithful mode takes a lower-level and an upper-level closure")
-            for _ in range(self.lower_steps):
-                self._backward(closure, score_step=False, in_backward=in_backward)
-                self.weight_optimizer.step()
-            loss = self._backward(upper_closure, score_step=True, in_backward=in_backward)
+            lower_done = 0
+            try:
+                for _ in range(self.lower_steps):
+                    self._backward(closure, score_step=False, in_backward=in_backward)
+                    self.weight_optimizer.step()
+                    lower_done += 1
+                loss = self._backward(upper_closure, score_step=True, in_backward=in_backward)
+            except BaseException:
+                if lower_done and self._failure is None:  # the weights moved: a resume would not be this run
+                    self._failure = f"a faithful step failed after {lower_done} of its lower-level steps"
+                raise
         if not in_backward:
             self.score_optimizer.step()
         self._project()
@@ -267,9 +279,20 @@ class BiP:
         if not (isinstance(start, (tuple, list)) and len(start) == 2
                 and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in start)):
             raise ValueError(f"BiP.fit: start must be (epoch, step), two ints >= 0, got {start!r}")
+        if on_step is not None and not callable(on_step):
+            raise TypeError(f"BiP.fit: on_step must be callable or None, got {type(on_step).__name__} {on_step!r}")
+        check_dataset("BiP.fit", "dataset", dataset)
         shard = data_shard(self.model)
         per_step = self.batches_per_step()
         steps = steps_per_epoch(len(dataset), batch_size, self.mode, self.lower_steps, shard[1])
+        if start[0] > epochs or start[1] > steps or (start[0] == epochs and start[1]):
+            raise ValueError(f"BiP.fit: start {tuple(start)} lies past the run: {epochs} epochs of {steps} steps "
+                             "(a position fit returned, or one on_step was given)")
+        planned = max(epochs - start[0], 0) * steps - start[1]
+        if self.iteration + planned > self.total_steps and self._schedules != {"constant"}:
+            warnings.warn(f"BiP.fit: {planned} steps from iteration {self.iteration} run past total_steps="
+                          f"{self.total_steps}: the schedules stay at their last factor from there (cosine: learning "
+                          "rate 0); build the solver with total_steps=epochs * steps_per_epoch(...)", stacklevel=2)
         if epochs > start[0] and steps == 0:
             examples = shard_size(len(dataset), shard[1])
             batches = batch_count(examples, batch_size)
@@ -324,11 +347,34 @@ class BiP:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+        """Everything ``state_dict`` saved. The state is checked against the solver first (its keys, the
+        model's keys, shapes and layer structures), and the optimisers load before the model, so a state of
+        another run raises with the solver as it was."""
+        self._check_state(state)
         self.weight_optimizer.load_state_dict(state["weight_optimizer"])
         self.score_optimizer.load_state_dict(state["score_optimizer"])
+        self.model.load_state_dict(state["model"])
         self.weight_schedule.load_state_dict(state["weight_schedule"])
         self.score_schedule.load_state_dict(state["score_schedule"])
         self.iteration, self.passes = state["iteration"], state["passes"]
         self._failure = None
         set_random_state(state)
+
+    def _check_state(self, state) -> None:
+        owner = "BiP.load_state_dict"
+        keys = ("model", "weight_optimizer", "score_optimizer", "weight_schedule", "score_schedule", "iteration",
+                "passes", "rng")
+        if not isinstance(state, dict) or any(key not in state for key in keys):
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"{owner}: not a BiP state (BiP.state_dict has {list(keys)}), got {got}")
+        own, saved = self.model.state_dict(), state["model"]
+        differ = [key for key in own.keys() | saved.keys() if key not in own or key not in saved
+                  or (isinstance(own[key], torch.Tensor) and getattr(saved[key], "shape", None) != own[key].shape)]
+        if differ:
+            raise ValueError(f"{owner}: the state is of another model: {len(differ)} entries missing, extra or of "
+                             f"another shape (first {sorted(differ)[0]!r})")
+        for name, layer in masked_nn.masked_layers(self.model):
+            extra = saved.get(f"{name}._extra_state" if name else "_extra_state")
+            if isinstance(extra, dict) and Structure(*extra["structure"]) != layer.structure:
+                raise ValueError(f"{owner}: layer {name!r} is {layer.structure} here but "
+                                 f"{Structure(*extra['structure'])} in the state")

@@ -11,7 +11,7 @@ from .bip import BiP, steps_per_epoch
 from .hydra import hydra
 from .imp import imp, imp_rounds
 from .omp import omp, random_prune
-from .training import check_settings, data_shard, evaluate, recalibrate_batchnorm
+from .training import check_dataset, check_settings, data_shard, evaluate, recalibrate_batchnorm
 
 METHODS = ("bip", "omp", "imp", "hydra", "random")
 
@@ -39,6 +39,12 @@ def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0
         structure = "unstructured"
     check_settings("prune", sparsity=sparsity, structure=structure, scope=scope, epochs=epochs,
                    finetune_epochs=finetune_epochs, batch_size=batch_size, seed=seed)
+    for name, data in (("train_data", train_data), ("val_data", val_data), ("test_data", test_data)):
+        if data is not None or name == "train_data":  # before the model changes, not after the run
+            check_dataset("prune", name, data)
+    if method == "bip" and "total_steps" in options:
+        raise ValueError(f"prune: total_steps={options['total_steps']!r}: prune computes it from epochs and the data "
+                         "(build a bipkernels.BiP to set it)")
     started = time.perf_counter()
     common = dict(structure=structure, scope=scope, batch_size=batch_size, seed=seed)
     if method == "bip":

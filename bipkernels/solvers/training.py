@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from ..nn import SCOPES, convert, masked_layers
 from ..ops import check_int, check_number, check_sparsity
@@ -78,9 +78,21 @@ def check_settings(owner: str, **settings) -> None:
         SETTINGS[name](owner, name, value)
 
 
+def check_dataset(owner: str, name: str, dataset) -> None:
+    """TypeError naming ``owner`` and ``name`` unless ``dataset`` is map-style: a length and examples by
+    index (a torch Dataset, a TensorDataset, a list of (input, target) pairs). The solvers batch the
+    examples themselves, so a DataLoader is not one: its .dataset is."""
+    if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        hint = ": pass its .dataset (the solvers batch the examples themselves)" if isinstance(dataset, DataLoader) \
+            else ""
+        raise TypeError(f"{owner}: {name} must be a map-style dataset (len() and examples by index), got "
+                        f"{type(dataset).__name__}{hint}")
+
+
 def check_data(owner: str, dataset, epochs: int) -> None:
-    """ValueError naming ``owner`` if ``epochs`` of training would run over an empty ``dataset`` (a solver
-    calls it before it changes the model)."""
+    """check_dataset, and ValueError naming ``owner`` if ``epochs`` of training would run over an empty
+    ``dataset`` (a solver calls it before it changes the model)."""
+    check_dataset(owner, "the training data", dataset)
     if epochs and not len(dataset):
         raise ValueError(f"{owner}: the training data are empty: {epochs} epochs would train nothing")
 
@@ -171,13 +183,19 @@ def epoch_batches(dataset: Dataset, batch_size: int, seed: int, epoch: int, shar
 
 
 def fetch(dataset: Dataset, indices: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch (inputs, targets) of ``dataset`` at ``indices`` on ``device``."""
-    if hasattr(dataset, "tensors"):
+    """A batch (inputs, targets) of ``dataset`` at ``indices`` on ``device``: each example an (input, target)
+    pair, stacked as they come (targets keep their dtype and shape: class indices, floats, vectors). A
+    TensorDataset of two tensors whose examples are its own (not a subclass's) is sliced directly."""
+    if type(dataset).__getitem__ is TensorDataset.__getitem__ and len(dataset.tensors) == 2:
         inputs, targets = (t[indices] for t in dataset.tensors)
     else:
         samples = [dataset[int(i)] for i in indices]
+        odd = next((s for s in samples if not isinstance(s, (tuple, list)) or len(s) != 2), None)
+        if odd is not None:
+            got = f"{len(odd)} items" if isinstance(odd, (tuple, list)) else type(odd).__name__
+            raise ValueError(f"the data's examples must be (input, target) pairs, got {got}")
         inputs = torch.stack([torch.as_tensor(s[0]) for s in samples])
-        targets = torch.as_tensor([int(s[1]) for s in samples])
+        targets = torch.stack([torch.as_tensor(s[1]) for s in samples])
     return inputs.to(device), targets.to(device)
 
 
@@ -191,13 +209,19 @@ def model_device(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256) -> float:
-    """Top-1 accuracy of ``model`` on ``dataset`` (eval mode)."""
+    """Top-1 accuracy of ``model`` on ``dataset`` (eval mode): targets are class indices, one per example
+    ((N,) or (N, 1))."""
+    check_dataset("evaluate", "dataset", dataset)
     model.eval()
     device = model_device(model)
     correct = 0
     for indices in torch.arange(len(dataset)).split(batch_size):
         inputs, targets = fetch(dataset, indices, device)
-        correct += int((model(inputs).argmax(1) == targets).sum())
+        predicted = model(inputs).argmax(1)
+        if targets.numel() != predicted.numel():
+            raise ValueError(f"evaluate: the targets of a batch have shape {tuple(targets.shape)}, not one class "
+                             f"index per example ({predicted.numel()})")
+        correct += int((predicted == targets.reshape(predicted.shape)).sum())
     return correct / max(len(dataset), 1)
 
 
@@ -205,22 +229,23 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256) -> float
 def recalibrate_batchnorm(model: nn.Module, dataset: Dataset, batch_size: int = 256) -> None:
     """Recompute every batch norm's running statistics under the current masks (a pass over ``dataset``
     in train mode, cumulative averages): without it a pruned network can fall to chance accuracy."""
+    check_dataset("recalibrate_batchnorm", "dataset", dataset)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return
-    saved = [(m.momentum, m.training) for m in norms]
+    momenta = [m.momentum for m in norms]
+    modes = [(module, module.training) for module in model.modules()]  # each its own (a Dropout left in eval)
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None
-    training = model.training
     model.train()
     device = model_device(model)
     for indices in split_batches(torch.arange(len(dataset)), batch_size):
         model(fetch(dataset, indices, device)[0])
-    model.train(training)
-    for norm, (momentum, was_training) in zip(norms, saved):
+    for module, training in modes:
+        module.training = training
+    for norm, momentum in zip(norms, momenta):
         norm.momentum = momentum
-        norm.train(was_training)
 
 
 class Progress:
@@ -369,7 +394,7 @@ def train_weights(model: nn.Module, dataset: Dataset, epochs: int, lr: float = 0
         total = 0.0
         for indices in epoch_batches(dataset, batch_size, seed, epoch, shard):
             inputs, targets = fetch(dataset, indices, device)
-            optimizer.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)  # the scores' gradients too: no optimiser here clears them
             loss = loss_fn(model(inputs), targets)
             loss.backward()
             optimizer.step()
@@ -381,4 +406,6 @@ def train_weights(model: nn.Module, dataset: Dataset, epochs: int, lr: float = 0
                                               "schedule": schedule_.state_dict(), "epoch": epoch + 1,
                                               "passes": passes, **random_state()}):
             break
+    for _, layer in masked_layers(model):  # no optimiser here reads them: nothing to keep after training
+        layer.scores.grad = None
     return passes
