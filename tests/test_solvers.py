@@ -7,6 +7,7 @@ import copy
 import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -436,6 +437,13 @@ def test_examples_keep_their_targets_as_they_come(seed):
     assert fetch(floats, torch.arange(4), "cpu")[1].tolist() == pytest.approx([2.03, 2.10, 0.002, -1.5])
     vectors = [(x, torch.tensor([i, 2.0 * i])) for i, x in enumerate(inputs)]
     assert fetch(vectors, torch.arange(4), "cpu")[1].shape == (4, 2)
+    # Class indices of any integer kind come out as cross_entropy takes them: int64, one per example.
+    labels = torch.tensor([2, 0, 1, 1])
+    for indices in ([(x, np.int32(y)) for x, y in zip(inputs, labels)],
+                    torch.utils.data.Subset(TensorDataset(inputs, labels.int()), range(4)),
+                    [(x, y.reshape(1)) for x, y in zip(inputs, labels)], TensorDataset(inputs, labels[:, None])):
+        targets = fetch(indices, torch.arange(4), "cpu")[1]
+        assert targets.dtype == torch.int64 and torch.equal(targets, labels)
 
     class Doubled(TensorDataset):
         def __getitem__(self, index):

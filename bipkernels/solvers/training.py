@@ -184,8 +184,9 @@ def epoch_batches(dataset: Dataset, batch_size: int, seed: int, epoch: int, shar
 
 def fetch(dataset: Dataset, indices: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch (inputs, targets) of ``dataset`` at ``indices`` on ``device``: each example an (input, target)
-    pair, stacked as they come (targets keep their dtype and shape: class indices, floats, vectors). A
-    TensorDataset of two tensors whose examples are its own (not a subclass's) is sliced directly."""
+    pair, stacked as they come. Float targets keep their dtype and shape; integer or bool ones are class
+    indices: int64, one per example (a (1,)-shaped one included). A TensorDataset of two tensors whose
+    examples are its own (not a subclass's) is sliced directly."""
     if type(dataset).__getitem__ is TensorDataset.__getitem__ and len(dataset.tensors) == 2:
         inputs, targets = (t[indices] for t in dataset.tensors)
     else:
@@ -196,6 +197,10 @@ def fetch(dataset: Dataset, indices: torch.Tensor, device) -> tuple[torch.Tensor
             raise ValueError(f"the data's examples must be (input, target) pairs, got {got}")
         inputs = torch.stack([torch.as_tensor(s[0]) for s in samples])
         targets = torch.stack([torch.as_tensor(s[1]) for s in samples])
+    if not (targets.is_floating_point() or targets.is_complex()):  # class indices, as cross_entropy takes them
+        targets = targets.long()
+        if targets.dim() == 2 and targets.shape[1] == 1:
+            targets = targets.squeeze(1)
     return inputs.to(device), targets.to(device)
 
 
