@@ -65,15 +65,14 @@ def _check_rewind_state(model: nn.Module, rewind_state) -> None:
         raise TypeError(f"imp: rewind_state must be a state_dict (a dict) or None, got {type(rewind_state).__name__}")
     if not rewind_state:
         return
-    scores = {f"{name}.scores" for name, _ in masked_nn.masked_layers(model)}
+    score_ids = {id(layer.scores) for _, layer in masked_nn.masked_layers(model)}
     names: dict[int, list[str]] = {}  # a tied parameter goes by several names: any one will do
     for name, parameter in model.named_parameters(remove_duplicate=False):
-        if name not in scores:
+        if id(parameter) not in score_ids:
             names.setdefault(id(parameter), []).append(name)
-    parameters = [every[0] for every in names.values()]
     missing = [every[0] for every in names.values() if not any(name in rewind_state for name in every)]
     if missing:
-        raise ValueError(f"imp: rewind_state lacks {len(missing)} of the model's {len(parameters)} parameters "
+        raise ValueError(f"imp: rewind_state lacks {len(missing)} of the model's {len(names)} parameters "
                          f"(first {missing[0]!r}; its keys begin {sorted(map(str, rewind_state))[:3]}): give a "
                          "state_dict of this model, such as the 'rewind' entry of the command line's dense.pt")
 
