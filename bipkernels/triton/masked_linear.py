@@ -78,14 +78,15 @@ def processors(device: torch.device) -> int:
 def weight_grad_slices(rows: int, N: int, K: int, processor_count: int) -> tuple[int, int]:
     """(slices, rows per slice): how the (N, K) weight gradient splits its reduction over M = ``rows``.
     One slice of all rows when the weight's tiles already fill the ``processor_count`` processors or the
-    rows are few; else enough slices to fill them, at most 16, each of at least _MIN_SPLIT_ROWS rows and a
+    rows are few; else as many slices as fit the processors in one wave (rounded down: a second, partly
+    filled wave would cost a whole slice's time), at most 16, each of at least _MIN_SPLIT_ROWS rows and a
     multiple of _SPLIT_ROW_ALIGN (the widest BLOCK_K), the last one shorter. A symbolic row count (traced
     by torch.compile with dynamic shapes) takes one slice: deciding would add guards on it."""
     if isinstance(rows, torch.SymInt):
         return 1, rows
     tiles = triton.cdiv(N, _SPLIT_TILE) * triton.cdiv(K, _SPLIT_TILE)
     wanted = 1 if tiles >= processor_count else \
-        min(triton.cdiv(processor_count, tiles), rows // _MIN_SPLIT_ROWS, _MAX_SPLITS)
+        min(processor_count // tiles, rows // _MIN_SPLIT_ROWS, _MAX_SPLITS)
     if wanted <= 1:
         return 1, rows
     rows_per_slice = triton.cdiv(triton.cdiv(rows, wanted), _SPLIT_ROW_ALIGN) * _SPLIT_ROW_ALIGN

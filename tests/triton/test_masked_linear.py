@@ -90,7 +90,8 @@ def test_weight_grad_slices_cover_the_rows(monkeypatch):
             assert slices == 1 or (per_slice >= 32 and per_slice % 16 == 0)
     for name, gpu_size in (("_SPLIT_TILE", 128), ("_MIN_SPLIT_ROWS", 1024), ("_SPLIT_ROW_ALIGN", 64)):
         monkeypatch.setattr(kernels, name, gpu_size)
-    assert kernels.weight_grad_slices(4096, 768, 768, 132) == (4, 1024)  # 36 tiles of 128²: 4 slices fill 132 SMs
+    assert kernels.weight_grad_slices(4096, 768, 768, 132) == (3, 1408)  # 36 tiles of 128²: 3 × 36 fit 132 SMs
+    assert kernels.weight_grad_slices(4096, 1024, 1088, 132) == (1, 4096)  # 72 tiles: two slices overfill
     assert kernels.weight_grad_slices(4096, 4096, 4096, 132) == (1, 4096)  # 1024 tiles fill them already
     assert kernels.weight_grad_slices(1500, 768, 768, 132) == (1, 1500)  # too few rows for two slices
     assert kernels.weight_grad_slices(10**6, 64, 64, 132) == (16, 62528)  # at most 16
