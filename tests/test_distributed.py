@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.data import TensorDataset
 
 import bipkernels
 from bipkernels import distributed
@@ -174,6 +175,15 @@ def _check_group_edges(rank: int, seed: int, device: torch.device) -> None:
     kept = torch.tensor(sum(int(layer.mask().sum()) for _, layer in bipkernels.masked_layers(shard)), device=device)
     dist.all_reduce(kept)
     assert int(kept) == bipkernels.keep_count(6 * 7 + 7 * 5, 0.6)
+    # A shard without parameters trains nothing but goes through fit with the others (its loss has no
+    # gradient: a backward would raise on that rank alone).
+    shard = nn.Sequential(nn.Linear(6, 3)) if rank == 0 else nn.Sequential(nn.ReLU())
+    solver = bipkernels.BiP(shard.to(device), 0.6, group=dist.group.WORLD, mode="faithful", total_steps=2)
+    data = TensorDataset(torch.randn(16, 6 if rank == 0 else 3), torch.randint(0, 3, (16,)))
+    assert solver.fit(data, epochs=1, batch_size=4) == (1, 0) and solver.iteration == 2
+    kept = torch.tensor(sum(int(layer.mask().sum()) for _, layer in bipkernels.masked_layers(shard)), device=device)
+    dist.all_reduce(kept)
+    assert int(kept) == bipkernels.keep_count(6 * 3, 0.6)
 
     # Rank 1 asks for a structure its (already masked) shard does not have: both ranks raise.
     masked = bipkernels.convert(nn.Sequential(nn.Linear(6, 8)).to(device), 0.0, "filter")

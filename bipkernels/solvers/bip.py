@@ -329,7 +329,9 @@ class BiP:
         def closure():
             inputs, targets = fetch(dataset, indices, device)
             loss = loss_fn(self.model(inputs), targets)
-            loss.backward()
+            # Under a group, a shard without parameters has nothing to train but still steps with the others.
+            if loss.requires_grad or any(p.requires_grad for p in self.model.parameters()):
+                loss.backward()
             return loss
         return closure
 
