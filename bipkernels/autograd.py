@@ -36,14 +36,15 @@ class _MaskedWeight(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         weight, scores, threshold = ctx.saved_tensors
-        grad_weight, grad_scores = ops.hypergrad(grad, weight, scores, threshold, ctx.structure,
-                                                 inv_gamma=ctx.inv_gamma, implicit=ctx.implicit)
+        grad_weight, grad_scores = ops.hypergrad_checked(grad, weight, scores, threshold, ctx.structure, None,
+                                                         ctx.inv_gamma, ctx.implicit)
         return grad_weight, grad_scores, None, None, None, None
 
 
 def masked_weight(weight: torch.Tensor, scores: torch.Tensor, threshold: torch.Tensor | None,
                   structure: Structure, inv_gamma: float = 0.0, implicit: str = "paper") -> torch.Tensor:
     """Differentiable θ ⊙ m (same shape as ``weight``), gradients to both ``weight`` and ``scores``."""
+    inv_gamma = ops.check_implicit_term("bipkernels.autograd.masked_weight", inv_gamma, implicit)
     return _MaskedWeight.apply(weight, scores, threshold, structure, inv_gamma, implicit)
 
 
@@ -63,9 +64,9 @@ class _MaskedLinear(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         input, weight, scores, threshold = ctx.saved_tensors
-        grad_input, grad_weight, grad_scores = ops.masked_linear_backward(
-            grad, input, weight, scores, threshold, ctx.structure, inv_gamma=ctx.inv_gamma, implicit=ctx.implicit,
-            input_grad=ctx.needs_input_grad[0])
+        grad_input, grad_weight, grad_scores = ops.masked_linear_backward_checked(
+            grad, input, weight, scores, threshold, ctx.structure, None, ctx.inv_gamma, ctx.implicit,
+            ctx.needs_input_grad[0])
         grad_bias = grad.reshape(math.prod(grad.shape[:-1]), grad.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
         return grad_input, grad_weight, grad_bias, grad_scores, None, None, None, None
 
@@ -75,4 +76,5 @@ def masked_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
                   implicit: str = "paper") -> torch.Tensor:
     """Differentiable input (m ⊙ θ)ᵀ + bias by the fused masked matmul (ops.masked_linear), gradients to
     input, weight, bias and scores: (..., in) -> (..., out)."""
+    inv_gamma = ops.check_implicit_term("bipkernels.autograd.masked_linear", inv_gamma, implicit)
     return _MaskedLinear.apply(input, weight, bias, scores, threshold, structure, inv_gamma, implicit)

@@ -66,10 +66,21 @@ class _Masked:
         self.inv_gamma = 0.0
         self.implicit = "paper"
 
+    def reset_parameters(self) -> None:
+        """The torch layer's initialisation of weight and bias, then scores |θ| and the keep-all threshold, as
+        a new layer starts (to_empty, then reset_parameters, is deferred initialisation)."""
+        super().reset_parameters()
+        if "scores" in self._parameters:  # not yet while the torch layer's constructor calls this
+            with torch.no_grad():
+                self.scores.copy_(self.weight.abs())
+                self.threshold.copy_(keep_all_threshold())
+
+    def _masked_weight_inputs(self) -> tuple:
+        return self.weight, self.scores, self.threshold, self.structure, self.inv_gamma, self.implicit
+
     def masked_weight(self) -> torch.Tensor:
         """θ ⊙ m, differentiable with respect to both ``weight`` and ``scores``."""
-        return autograd.masked_weight(self.weight, self.scores, self.threshold, self.structure, self.inv_gamma,
-                                      self.implicit)
+        return autograd.masked_weight(*self._masked_weight_inputs())
 
     def _with_masked_weight(self, function, input: torch.Tensor) -> torch.Tensor:
         """function(input, θ ⊙ m, bias), keeping no θ ⊙ m for the backward.
@@ -82,14 +93,17 @@ class _Masked:
         Compiled graphs choose what to save themselves, tensor subclasses (fake tensors of a trace,
         quantised types) and torch.func transforms (their wrapped tensors have no storage) keep autograd's
         default, and so does a forward under the caller's own saved-tensor hooks (activation
-        checkpointing, offloading): inner hooks would replace them.
+        checkpointing, offloading): inner hooks would replace them. The backward recomputes from the
+        forward's own tensors and settings, not from the layer's at that time (torch.func.functional_call
+        swaps them in for the forward only).
         """
-        masked = self.masked_weight()
+        inputs = self._masked_weight_inputs()
+        masked = autograd.masked_weight(*inputs)
         if (not torch.is_grad_enabled() or torch.compiler.is_compiling() or type(masked) is not torch.Tensor
                 or torch._C._are_functorch_transforms_active()
                 or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None):
             return function(input, masked, self.bias)
-        sources = (self.weight, self.scores, self.threshold)
+        sources = inputs[:3]
         versions = [source._version for source in sources]
         # pack lives as long as what it saved: it must not hold θ ⊙ m itself.
         device, storage = masked.device, masked.untyped_storage().data_ptr()
@@ -107,7 +121,7 @@ class _Masked:
                 raise RuntimeError(f"{type(self).__name__}: weight, scores or threshold changed in place between "
                                    "the forward and the backward, so θ ⊙ m cannot be recomputed (a second backward "
                                    "through a BiP step with step_scores_in_backward=True does this)")
-            return self.masked_weight().as_strided(saved.size, saved.stride, saved.storage_offset)
+            return autograd.masked_weight(*inputs).as_strided(saved.size, saved.stride, saved.storage_offset)
 
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             return function(input, masked, self.bias)
@@ -253,6 +267,9 @@ def _masked_copy(layer: nn.Module, structure: Structure) -> nn.Module:
         if hasattr(layer, hooks):
             setattr(masked, hooks, getattr(layer, hooks))
     masked._is_full_backward_hook = getattr(layer, "_is_full_backward_hook", None)
+    for name, value in vars(layer).items():  # the user's own attributes (a tag, a flag)
+        if name not in vars(masked):
+            setattr(masked, name, value)
     return masked.train(layer.training)
 
 
@@ -270,7 +287,8 @@ def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure 
     Grouped and depthwise convolutions are converted (their weight is (out, in / groups, kh, kw): a
     channel block is an input channel of every group). The Linear layers of an nn.TransformerEncoderLayer
     get a no-op forward pre-hook, which keeps the layer off its inference fast path (that path reads their
-    weights directly, unmasked). Returns ``model``.
+    weights directly, unmasked). Returns ``model``; a bare nn.Conv2d / nn.Linear cannot be swapped in
+    place, so for one the masked twin is returned (holding the same Parameter objects): assign the result.
 
     Every argument is checked before the model is touched: a bad one (or a structure that does not fit
     one of the layers, named in the error) leaves ``model`` as it was.
@@ -284,6 +302,13 @@ def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure 
         parsed = parse_structure("unstructured" if structure is None else structure)
     except (ValueError, TypeError) as error:
         raise type(error)(f"{op}: {error}") from None
+    lazy = [name for name, tensor in (*model.named_parameters(), *model.named_buffers())
+            if nn.parameter.is_lazy(tensor)]
+    if lazy:
+        raise ValueError(f"{op}: {lazy} are not initialised yet (a lazy module's): run one forward pass first, so "
+                         "that their shapes are known")
+    if type(model) in (nn.Conv2d, nn.Linear):
+        return convert(nn.ModuleDict({"model": model}), sparsity, structure, scope, exclude)["model"]
     excluded = _excluded(model, exclude)
     other_structures = {} if structure is None else \
         {name: layer.structure for name, layer in masked_layers(model) if layer.structure != parsed
@@ -313,6 +338,13 @@ def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure 
             parsed.check_shape(child.weight.shape, "weight")
         except ValueError as error:
             raise ValueError(f"{op}: layer {qualified!r} ({type(child).__name__}): {error}") from None
+    tied = {}
+    for _, _, child in swaps:
+        tied.setdefault(id(child.weight), {})[id(child)] = names[id(child)][0]
+    tied = [sorted(layers.values()) for layers in tied.values() if len(layers) > 1]
+    if tied:
+        warnings.warn(f"{op}: {'; '.join(' and '.join(layers) for layers in tied)} share one weight: each gets its "
+                      "own scores and mask, and the weight counts once per layer", stacklevel=2)
     # A model built on the meta device has no values to rank: it is converted keeping everything, to be
     # projected once its weights are loaded (a plain state_dict loads into the masked layers).
     meta = any(child.weight.is_meta for _, _, child in swaps) or \

@@ -302,7 +302,16 @@ def masked_weight(weight: torch.Tensor, scores: torch.Tensor, threshold: torch.T
     return _kernels(backend).masked_weight(weight, scores, threshold, *parsed.op_args())
 
 
-@torch.no_grad()  # gradients, not differentiated again: on every backend (op_autograd)
+def check_implicit_term(owner: str, inv_gamma, implicit) -> float:
+    """inv_gamma as a float >= 0 and ``implicit`` one of IMPLICIT_FORMS, else ValueError naming ``owner``.
+    The autograd functions check them in the forward and their backwards run the ops' *_checked forms:
+    dynamo cannot compare a float it traces as a graph input (torch.compile(dynamic=True)) inside a
+    backward, so a check there would break the compiled graph."""
+    if implicit not in IMPLICIT_FORMS:
+        raise ValueError(f"{owner}: implicit must be one of {IMPLICIT_FORMS}, got {implicit!r}")
+    return check_number(owner, "inv_gamma", inv_gamma)
+
+
 def hypergrad(grad: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, threshold: torch.Tensor | None,
               structure: str | Structure = "unstructured", p: int | None = None, inv_gamma: float = 0.0,
               implicit: str = "paper"):
@@ -312,13 +321,19 @@ def hypergrad(grad: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, th
     (θ ⊙ g)² (``"released"``, the official code's G1 ⊙ G2). inv_gamma = 0 is HYDRA's straight-through
     score gradient. Shapes and dtype of ``weight``; half types compute in float32.
     """
+    inv_gamma = check_implicit_term("bipkernels.hypergrad", inv_gamma, implicit)
+    return hypergrad_checked(grad, weight, scores, threshold, structure, p, inv_gamma, implicit)
+
+
+@torch.no_grad()  # gradients, not differentiated again: on every backend (op_autograd)
+def hypergrad_checked(grad: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, threshold: torch.Tensor | None,
+                      structure: str | Structure, p: int | None, inv_gamma: float, implicit: str):
+    """hypergrad of an ``inv_gamma`` and ``implicit`` that check_implicit_term passed (the tensors and
+    the structure are checked here)."""
     op = "hypergrad"
     _check_float(op, "weight", weight)
     _check_like(op, "grad", grad, "weight", weight)
     _check_like(op, "scores", scores, "weight", weight)
-    if implicit not in IMPLICIT_FORMS:
-        raise ValueError(f"bipkernels.{op}: implicit must be one of {IMPLICIT_FORMS}, got {implicit!r}")
-    inv_gamma = check_number(f"bipkernels.{op}", "inv_gamma", inv_gamma)
     parsed = _structure(op, structure, p, scores)
     threshold = _check_threshold(op, threshold, scores, parsed)
     backend = backend_for(op, weight.device)
@@ -387,12 +402,18 @@ def masked_linear_backward(grad_output: torch.Tensor, input: torch.Tensor, weigh
     the matmul that computes G, or, where a small weight's G is summed from slices of the rows, by the
     hypergradient kernel that sums them. grad_θ, grad_s: (out, in) in weight's dtype.
     """
+    inv_gamma = check_implicit_term("bipkernels.masked_linear_backward", inv_gamma, implicit)
+    return masked_linear_backward_checked(grad_output, input, weight, scores, threshold, structure, p, inv_gamma,
+                                          implicit, input_grad)
+
+
+def masked_linear_backward_checked(grad_output: torch.Tensor, input: torch.Tensor, weight: torch.Tensor,
+                                   scores: torch.Tensor, threshold: torch.Tensor | None, structure: str | Structure,
+                                   p: int | None, inv_gamma: float, implicit: str, input_grad: bool):
+    """masked_linear_backward of an ``inv_gamma`` and ``implicit`` that check_implicit_term passed."""
     op = "masked_linear_backward"
     _check_float(op, "weight", weight)
     _check_like(op, "scores", scores, "weight", weight)
-    if implicit not in IMPLICIT_FORMS:
-        raise ValueError(f"bipkernels.{op}: implicit must be one of {IMPLICIT_FORMS}, got {implicit!r}")
-    inv_gamma = check_number(f"bipkernels.{op}", "inv_gamma", inv_gamma)
     parsed = _structure(op, structure, p, scores)
     threshold = _check_threshold(op, threshold, scores, parsed)
     kernels = _masked_linear_kernels(op, weight.device)

@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 import bipkernels
 from bipkernels.nn import keep_all_threshold
+from bipkernels.structures import parse_structure
 
 
 def _masked_linear(layer, x):
@@ -255,3 +256,32 @@ def test_a_layer_scope_projection_does_not_report_emptied_layers(seed):
     with pytest.warns(UserWarning) as caught:
         bipkernels.convert(model, 0.95, "filter", "layer")
     assert not [w for w in caught if "keeps no block" in str(w.message)]
+
+
+def test_a_lazy_module_is_named_and_nothing_changes():
+    model = nn.Sequential(nn.LazyLinear(3), nn.Linear(3, 2))
+    with pytest.raises(ValueError, match=r"bipkernels.convert: \['0.weight', '0.bias'\] are not initialised yet"):
+        bipkernels.convert(model, 0.5)
+    assert [type(layer) for layer in model] == [nn.LazyLinear, nn.Linear]
+
+
+@pytest.mark.parametrize("make", [lambda: nn.Linear(8, 4), lambda: nn.Conv2d(2, 3, 3, bias=False)])
+def test_a_bare_layer_converts_to_its_masked_twin(seed, make):
+    """A layer alone (a new head) cannot be swapped in place: convert returns its twin, pruned, holding the
+    same parameters and the user's attributes (it warned and pruned nothing)."""
+    layer = make()
+    layer.tag = "head"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        twin = bipkernels.convert(layer, 0.75, "filter")
+    assert isinstance(twin, (bipkernels.MaskedLinear, bipkernels.MaskedConv2d))
+    assert twin.weight is layer.weight and twin.tag == "head"
+    kept_filters = twin.mask().flatten(1).any(1)
+    assert twin.structure == parse_structure("filter") and int(kept_filters.sum()) == 1
+
+
+def test_two_layers_sharing_one_weight_are_named(seed):
+    first, second = nn.Linear(4, 4), nn.Linear(4, 4)
+    second.weight = first.weight
+    with pytest.warns(UserWarning, match="0 and 1 share one weight: each gets its own scores and mask"):
+        bipkernels.convert(nn.Sequential(first, second), 0.5)

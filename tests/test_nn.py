@@ -11,6 +11,7 @@ from torch.nn import functional as F
 
 import bipkernels
 from bipkernels import autograd, reference
+from bipkernels.nn import keep_all_threshold
 from bipkernels.structures import parse_structure
 
 from conftest import tied_scores
@@ -79,7 +80,7 @@ def test_fused_backward_equals_autograd_through_the_reference(seed, structure, i
     (lambda: bipkernels.MaskedConv2d(4, 6, 3, padding=1, dtype=torch.float64), (2, 4, 5, 5)),
     (lambda: bipkernels.MaskedLinear(7, 5, dtype=torch.float64), (3, 2, 7)),  # saves a view of θ ⊙ m
 ])
-def test_forward_keeps_no_masked_weight_and_the_backward_recomputes_it(seed, make, input_shape):
+def test_forward_keeps_no_masked_weight_and_the_backward_recomputes_it(monkeypatch, seed, make, input_shape):
     """θ ⊙ m is not kept from the forward to the backward (one weight-sized tensor per layer less); the
     gradients from the recomputed one equal autograd through the reference; an in-place change of a
     source in between is refused, as autograd refuses it for a saved tensor."""
@@ -89,8 +90,9 @@ def test_forward_keeps_no_masked_weight_and_the_backward_recomputes_it(seed, mak
     bipkernels.project(layer, 0.5)
     layer.inv_gamma = 0.3
     produced = []
-    masked_weight = layer.masked_weight
-    layer.masked_weight = lambda: produced.append(weakref.ref(result := masked_weight())) or result
+    masked_weight = autograd.masked_weight
+    monkeypatch.setattr(autograd, "masked_weight",
+                        lambda *inputs: produced.append(weakref.ref(result := masked_weight(*inputs))) or result)
     x = torch.randn(*input_shape, dtype=torch.float64, requires_grad=True)
     loss = layer(x).square().sum()
     assert produced[0]() is None  # freed after the forward, although the graph is alive
@@ -272,3 +274,39 @@ def test_project_rejects_bad_arguments():
         bipkernels.project(model, 1.5)
     with pytest.raises(ValueError, match="not a multiple of M = 4"):
         bipkernels.MaskedLinear(6, 3, structure="2:4")
+
+
+@pytest.mark.parametrize("make, input_shape", [
+    (lambda: bipkernels.MaskedConv2d(3, 4, 3, dtype=torch.float64), (3, 5, 5)),
+    (lambda: bipkernels.MaskedLinear(6, 4, dtype=torch.float64, structure="filter"), (6,)),
+])
+def test_a_functional_call_backward_uses_the_tensors_it_was_given(seed, make, input_shape):
+    """functional_call swaps other weights and scores in for the forward only (MAML's fast weights, EMA
+    weights): the backward recomputes θ ⊙ m from those, not from the layer's own (it used the layer's)."""
+    layer = make()
+    params = {name: torch.randn_like(value) for name, value in layer.named_parameters()}
+    threshold = bipkernels.topk_threshold([bipkernels.block_scores(params["scores"], layer.structure)], 2)[0]
+    inputs = torch.randn(2, *input_shape, dtype=torch.float64, requires_grad=True)
+    params = {name: value.requires_grad_() for name, value in params.items()}
+    torch.func.functional_call(layer, {**params, "threshold": threshold}, (inputs,)).sin().sum().backward()
+    expected_inputs = inputs.detach().clone().requires_grad_()
+    expected_weight = params["weight"].detach().clone().requires_grad_()
+    masked = torch.where(bipkernels.block_mask(params["scores"], threshold, layer.structure), expected_weight, 0.0)
+    forward = F.conv2d if isinstance(layer, nn.Conv2d) else F.linear
+    forward(expected_inputs, masked, params["bias"].detach()).sin().sum().backward()
+    torch.testing.assert_close(inputs.grad, expected_inputs.grad, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(params["weight"].grad, expected_weight.grad, rtol=1e-12, atol=1e-14)
+    assert layer.weight.grad is None and layer.scores.grad is None
+
+
+def test_reset_parameters_restarts_the_scores_and_threshold(seed):
+    """Deferred initialisation (meta, to_empty, reset_parameters) gives a layer as a new one starts:
+    scores |θ| and keep-all (the scores held whatever to_empty's memory held)."""
+    for layer in (bipkernels.MaskedLinear(16, 8, device="meta"), bipkernels.MaskedConv2d(3, 4, 3, device="meta")):
+        layer.to_empty(device="cpu")
+        layer.reset_parameters()
+        assert torch.equal(layer.scores, layer.weight.abs()) and torch.equal(layer.threshold, keep_all_threshold())
+        bipkernels.project(layer, 0.5)
+        weight = layer.weight.clone()
+        layer.reset_parameters()
+        assert not torch.equal(layer.weight, weight) and layer.mask().all()
