@@ -322,8 +322,10 @@ def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure 
                 places[id(parent), child_name] = (parent, child_name, child)
                 names.setdefault(id(child), []).append(f"{parent_name}.{child_name}" if parent_name else child_name)
     kept_dense = {key for key, qualified in names.items() if excluded.intersection(qualified)}
-    swaps = [(parent, child_name, child) for parent, child_name, child in places.values()
-             if type(child) in (nn.Conv2d, nn.Linear) and id(child) not in kept_dense]
+    candidates = [(parent, child_name, child) for parent, child_name, child in places.values()
+                  if type(child) in (nn.Conv2d, nn.Linear) and id(child) not in kept_dense]
+    read_directly = _read_directly(model, {id(child) for _, _, child in candidates})
+    swaps = [place for place in candidates if id(place[2]) not in read_directly]
     for parent, child_name, child in swaps:
         qualified = names[id(child)][0]
         if "weight" not in child._parameters:
@@ -394,10 +396,35 @@ def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure 
                       "or channel, or small weights) can lose all of them and cut the network; scope='layer' keeps "
                       "the fraction in every layer", stacklevel=2)
     skipped = [f"{name or 'the model itself'} ({kind})" for name, kind in unmasked_layers(model).items()
-               if name not in excluded and id(model.get_submodule(name)) not in kept_dense]
+               if name not in excluded and id(model.get_submodule(name)) not in kept_dense | read_directly]
     if skipped:
         warnings.warn("bipkernels.convert: left dense (not handled): " + ", ".join(skipped), stacklevel=2)
+    if read_directly:
+        direct = [names[key][0] for key in read_directly]
+        warnings.warn(f"bipkernels.convert: left dense, as the model reads their weights directly, not through "
+                      f"their forward (a mask would not apply): {', '.join(sorted(direct))}", stacklevel=2)
     return model
+
+
+def _read_directly(model: nn.Module, layers: set[int]) -> set[int]:
+    """The ids among ``layers`` (module ids) of the layers whose parameters ``model``'s forward reads
+    directly, e.g. F.linear(x, self.qkv.weight) or torchvision's shifted window attention, as a torch.fx
+    trace shows: a mask there would never apply, so they stay dense. None found where the forward does
+    not trace (data-dependent control flow, an nn.TransformerEncoderLayer's fast path checks): such reads
+    go unseen, and export_shrunk's own trace refuses to shrink them."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # noqa: BLE001 - any failure to trace means nothing is known
+        return set()
+    def metadata(user: torch.fx.Node) -> bool:  # weight.shape, weight.dtype, weight.size(0): no values read
+        return (user.op == "call_function" and user.target is getattr) or \
+            (user.op == "call_method" and user.target in ("size", "dim"))
+
+    owners = {node.target.rpartition(".")[0] for node in graph.nodes
+              if node.op == "get_attr" and not all(metadata(user) for user in node.users)}
+    return {id(model.get_submodule(owner)) for owner in owners} & layers
 
 
 def _keep_forward(module: nn.Module, args) -> None:

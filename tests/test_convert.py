@@ -285,3 +285,39 @@ def test_two_layers_sharing_one_weight_are_named(seed):
     second.weight = first.weight
     with pytest.warns(UserWarning, match="0 and 1 share one weight: each gets its own scores and mask"):
         bipkernels.convert(nn.Sequential(first, second), 0.5)
+
+
+class ReadsWeightDirectly(nn.Module):
+    """Attention as torchvision's Swin writes it: the parent hands its Linear's weight to a function."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.out(F.linear(x, self.qkv.weight, self.qkv.bias))
+
+
+def test_a_layer_whose_weight_the_model_reads_directly_stays_dense_and_is_named(seed):
+    """A mask on qkv would never apply (its forward is not called): it stays dense and a warning says
+    why; before, it was masked, counted as pruned, and export_dense changed the outputs."""
+    model = ReadsWeightDirectly().double()
+    with pytest.warns(UserWarning, match=r"left dense, as the model reads their weights directly.*: qkv$"):
+        bipkernels.convert(model, 0.5)
+    assert type(model.qkv) is nn.Linear and isinstance(model.out, bipkernels.MaskedLinear)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    torch.testing.assert_close(bipkernels.export_dense(model)(x), model(x), rtol=0, atol=0)
+
+
+class ReadsWeightShape(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+
+    def forward(self, x):
+        return self.fc(x) + torch.zeros(self.fc.weight.shape[0], dtype=self.fc.weight.dtype)
+
+
+def test_a_layer_whose_weight_shape_only_is_read_converts():
+    model = bipkernels.convert(ReadsWeightShape(), 0.5)
+    assert isinstance(model.fc, bipkernels.MaskedLinear)
