@@ -70,6 +70,9 @@ def check_devices(owner: str, tensors: list, backend: str) -> None:
     so that a rank fails with this message rather than inside the all-reduce. The others still wait in
     that all-reduce unless the check runs under raise_together, as BiP's set-up runs it."""
     devices = sorted({str(tensor.device) for tensor in tensors})
+    if devices == ["meta"]:
+        raise ValueError(f"{owner}: this rank's scores lie on the meta device, with no values to rank: load the "
+                         "weights first")
     if len(devices) > 1:
         raise ValueError(f"{owner}: this rank's scores lie on several devices {devices}: one top-k over the group "
                          "needs them on one device per rank")
@@ -94,7 +97,8 @@ def raise_together(owner: str, error: Exception | None, group=None) -> None:
 
 
 def topk_threshold(block_scores_list, k: int, group=None) -> torch.Tensor:
-    """(L, 2) float64 thresholds for this rank's L tensors keeping the top ``k`` blocks of all ranks.
+    """(L, 2) float64 thresholds for this rank's L tensors keeping the top ``k`` blocks of all ranks (a
+    single tensor instead of a list: its one threshold of shape (2,)).
 
     Equal, bit for bit, to rows [offset, offset + L) of bipkernels.topk_threshold(all ranks' lists
     concatenated in rank order, k), offset = the number of tensors of lower ranks: exactly min(k, non-NaN
@@ -102,9 +106,18 @@ def topk_threshold(block_scores_list, k: int, group=None) -> torch.Tensor:
     (0, 2) result and still takes part). Tensors of any floating dtype, even mixed: they are ranked as
     float64. No host synchronisation besides the collectives themselves.
     """
-    k = ops.check_int("bipkernels.distributed.topk_threshold", "k", k)
-    block_scores_list = list(block_scores_list)  # read twice: a generator would be empty the second time
-    check_devices("bipkernels.distributed.topk_threshold", block_scores_list, dist.get_backend(group))
+    owner = "bipkernels.distributed.topk_threshold"
+    if isinstance(block_scores_list, torch.Tensor):  # the per-tensor form, as bipkernels.topk_threshold's
+        return topk_threshold([block_scores_list], k, group)[0]
+    k = ops.check_int(owner, "k", k)
+    try:
+        block_scores_list = list(block_scores_list)  # read twice: a generator would be empty the second time
+    except TypeError:
+        raise TypeError(f"{owner}: block_scores_list must be a tensor or an iterable of tensors, got "
+                        f"{type(block_scores_list).__name__} {block_scores_list!r}") from None
+    for index, scores in enumerate(block_scores_list):
+        ops.check_float("distributed.topk_threshold", f"block_scores[{index}]", scores)
+    check_devices(owner, block_scores_list, dist.get_backend(group))
     flat = [scores.reshape(-1).double() for scores in block_scores_list]
     device = collective_device(flat, group)
     keys = [_keys(scores) for scores in flat]

@@ -160,7 +160,8 @@ def keep_count(n: int, sparsity: float) -> int:
 # ----------------------------------------------------------------------------------------------- checks
 
 
-def _check_float(op: str, name: str, tensor) -> None:
+def check_float(op: str, name: str, tensor) -> None:
+    """TypeError naming bipkernels.``op`` and ``name`` unless ``tensor`` is a dense floating tensor."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"bipkernels.{op}: {name} must be a tensor, got {type(tensor).__name__}")
     if tensor.dtype not in _FLOATING:
@@ -171,7 +172,7 @@ def _check_float(op: str, name: str, tensor) -> None:
 
 
 def _check_like(op: str, name: str, tensor, like_name: str, like: torch.Tensor) -> None:
-    _check_float(op, name, tensor)
+    check_float(op, name, tensor)
     for what, mine, theirs in (("shape", tuple(tensor.shape), tuple(like.shape)), ("dtype", tensor.dtype, like.dtype),
                                ("device", tensor.device, like.device)):
         if mine != theirs:
@@ -213,7 +214,7 @@ def block_scores(scores: torch.Tensor, structure: str | Structure = "unstructure
     Shapes: unstructured and N:M keep the shape of ``scores``; filter gives (out,), channel (in,), tile
     (ceil(rows/h), ceil(cols/w)). dtype: float32 (float64 for float64 scores). Empty in, empty out.
     """
-    _check_float("block_scores", "scores", scores)
+    check_float("block_scores", "scores", scores)
     parsed = _structure("block_scores", structure, p, scores)
     backend = backend_for("block_scores", scores.device)
     if backend == "torch":
@@ -246,7 +247,7 @@ def topk_threshold(block_scores_list, k: int, *, absolute: bool = False) -> torc
     k = min(check_int(f"bipkernels.{op}", "k", k), sum(t.numel() for t in block_scores_list
                                                          if isinstance(t, torch.Tensor)))
     for i, tensor in enumerate(block_scores_list):
-        _check_float(op, f"block_scores[{i}]", tensor)
+        check_float(op, f"block_scores[{i}]", tensor)
         first = block_scores_list[0]
         if tensor.dtype != first.dtype or tensor.device != first.device:
             raise ValueError(f"bipkernels.{op}: block_scores[{i}] is {tensor.dtype} on {tensor.device} but "
@@ -262,7 +263,7 @@ def topk_threshold(block_scores_list, k: int, *, absolute: bool = False) -> torc
 def block_mask(scores: torch.Tensor, threshold: torch.Tensor | None, structure: str | Structure = "unstructured",
                p: int | None = None) -> torch.Tensor:
     """Bool mask shaped like ``scores``: the elements whose block is kept under ``threshold``."""
-    _check_float("block_mask", "scores", scores)
+    check_float("block_mask", "scores", scores)
     parsed = _structure("block_mask", structure, p, scores)
     threshold = _check_threshold("block_mask", threshold, scores, parsed)
     backend = backend_for("block_mask", scores.device)
@@ -292,7 +293,7 @@ def topk_masks(scores_list, k: int | None, structure: str | Structure = "unstruc
 def masked_weight(weight: torch.Tensor, scores: torch.Tensor, threshold: torch.Tensor | None,
                   structure: str | Structure = "unstructured", p: int | None = None) -> torch.Tensor:
     """θ ⊙ m with m recomputed from ``scores`` and ``threshold``; pruned entries are exactly 0 (a select)."""
-    _check_float("masked_weight", "weight", weight)
+    check_float("masked_weight", "weight", weight)
     _check_like("masked_weight", "scores", scores, "weight", weight)
     parsed = _structure("masked_weight", structure, p, scores)
     threshold = _check_threshold("masked_weight", threshold, scores, parsed)
@@ -331,7 +332,7 @@ def hypergrad_checked(grad: torch.Tensor, weight: torch.Tensor, scores: torch.Te
     """hypergrad of an ``inv_gamma`` and ``implicit`` that check_implicit_term passed (the tensors and
     the structure are checked here)."""
     op = "hypergrad"
-    _check_float(op, "weight", weight)
+    check_float(op, "weight", weight)
     _check_like(op, "grad", grad, "weight", weight)
     _check_like(op, "scores", scores, "weight", weight)
     parsed = _structure(op, structure, p, scores)
@@ -383,8 +384,11 @@ def masked_linear(input: torch.Tensor, weight: torch.Tensor, scores: torch.Tenso
     structure. Not differentiable by itself: bipkernels.autograd.masked_linear is.
     """
     op = "masked_linear"
-    _check_float(op, "weight", weight)
+    check_float(op, "weight", weight)
     _check_like(op, "scores", scores, "weight", weight)
+    check_float(op, "input", input)
+    if bias is not None:
+        check_float(op, "bias", bias)
     parsed = _structure(op, structure, p, scores)
     threshold = _check_threshold(op, threshold, scores, parsed)
     return _masked_linear_kernels(op, weight.device).masked_linear(input, weight, scores, threshold, bias,
@@ -412,7 +416,7 @@ def masked_linear_backward_checked(grad_output: torch.Tensor, input: torch.Tenso
                                    p: int | None, inv_gamma: float, implicit: str, input_grad: bool):
     """masked_linear_backward of an ``inv_gamma`` and ``implicit`` that check_implicit_term passed."""
     op = "masked_linear_backward"
-    _check_float(op, "weight", weight)
+    check_float(op, "weight", weight)
     _check_like(op, "scores", scores, "weight", weight)
     parsed = _structure(op, structure, p, scores)
     threshold = _check_threshold(op, threshold, scores, parsed)
@@ -435,7 +439,7 @@ if _C is not None:
 
     @torch.library.register_fake("bipkernels::block_scores")
     def _block_scores_fake(scores, kind, a, b, p):
-        _check_float("block_scores", "scores", scores)
+        check_float("block_scores", "scores", scores)
         shape = _structure_of(kind, a, b, p).block_scores_shape(scores.shape)
         return scores.new_empty(shape, dtype=reference.score_dtype(scores.dtype))
 

@@ -131,7 +131,8 @@ def block_mask(scores: torch.Tensor, threshold: torch.Tensor | None, structure: 
         tile_rows, tile_cols = structure.block_scores_shape(scores.shape)
         tiles = kept.reshape(tile_rows, tile_cols)
         expanded = tiles.repeat_interleave(structure.a, 0).repeat_interleave(structure.b, 1)[:rows, :cols]
-    return expanded.reshape(scores.shape)
+    # A copy, as the kernels give: an expanded view shares one element's memory among a block's.
+    return expanded.reshape(scores.shape).contiguous()
 
 
 def _dense(tensor: torch.Tensor) -> bool:

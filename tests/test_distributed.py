@@ -62,6 +62,10 @@ def _check_sharded_thresholds(rank: int, seed: int, device: torch.device) -> Non
                 torch.empty(0, 2, dtype=torch.float64)
             assert got.device == device, (case, k, got.device)
             assert torch.equal(got.cpu(), expected), (case, k, got, expected)
+    # One tensor is the per-tensor form, as bipkernels.topk_threshold's (it was read as a list of elements).
+    scores = torch.tensor([1.0, 1.0, 1.0, 4.0 + rank], device=device)
+    expected = bipkernels.topk_threshold([torch.tensor([1.0, 1.0, 1.0, 4.0]), torch.tensor([1.0, 1.0, 1.0, 5.0])], 3)
+    assert torch.equal(distributed.topk_threshold(scores, 3).cpu(), expected[rank])
 
 
 def _layers() -> nn.Sequential:
@@ -233,6 +237,18 @@ def _worker(rank: int, backend: str, init_file: str, seed: int) -> None:
 
 _NO_GLOO = not dist.is_available() or not dist.is_gloo_available()
 _NO_NCCL = not dist.is_available() or not dist.is_nccl_available() or torch.cuda.device_count() < WORLD
+
+
+def test_bad_block_scores_are_named_before_any_collective():
+    topk = distributed.topk_threshold
+    for bad, error in (([torch.tensor([3, 1])], "block_scores\\[0\\] must be float32, float64, float16 or bfloat16, got "
+                                              "torch.int64"),
+                       ([torch.zeros(2), [0.5, 0.2]], "block_scores\\[1\\] must be a tensor, got list"),
+                       (3.0, "block_scores_list must be a tensor or an iterable of tensors, got float 3.0")):
+        with pytest.raises(TypeError, match=f"bipkernels.distributed.topk_threshold: {error}"):
+            topk(bad, 1)
+    with pytest.raises(ValueError, match="op: this rank's scores lie on the meta device, with no values to rank"):
+        distributed.check_devices("op", [torch.zeros(2, device="meta")], "gloo")
 
 
 def test_devices_a_collective_takes():

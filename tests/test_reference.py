@@ -136,3 +136,18 @@ def test_hypergrad_matches_formula(seed, implicit):
         implicit_term = (theta * g) ** 2 if implicit == "released" else (g * g if m else 0.0)
         assert gw == (g if m else 0.0)
         assert gs == pytest.approx(theta * g - 0.25 * implicit_term, rel=1e-15, abs=1e-300)
+
+
+@pytest.mark.parametrize("structure_name", ["filter", "channel", "tile2x3"])
+def test_block_mask_owns_its_memory(seed, structure_name):
+    """A structured mask is a tensor of its own, as the kernels give: it was an expanded view of the
+    kept blocks, so writing one element wrote its whole block, and in-place ops refused it."""
+    structure = parse_structure(structure_name).fitted((6, 4, 3, 3))
+    scores = torch.rand(6, 4, 3, 3)
+    block_scores = reference.block_scores(scores, structure)
+    mask = reference.block_mask(scores, reference.topk_threshold([block_scores], 3)[0], structure)
+    assert mask.is_contiguous()
+    before = mask.clone()
+    mask[0, 0, 0, 0] = ~mask[0, 0, 0, 0]
+    assert int((mask != before).sum()) == 1
+    mask &= torch.ones_like(mask)

@@ -265,6 +265,8 @@ def masked_linear(input: torch.Tensor, weight: torch.Tensor, scores: torch.Tenso
     if bias is not None:
         others["bias"] = (bias, weight.shape[0])
     structure = _check(op, weight, scores, threshold, kind, a, b, p, **others)
+    if bias is not None and bias.dim() != 1:  # the kernel reads N values: a (r, N) bias would lose its rows
+        raise ValueError(f"bipkernels.{op}: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     with on_device(weight):
         return _times_masked_weight(op, input, weight, scores, threshold, structure, bias, transposed=True)
 

@@ -240,6 +240,12 @@ def test_errors_name_the_op(triton_backend):
         ops.masked_linear(torch.randn(3, 6), weight, weight, keep_all, structure, torch.randn(4).half())
     with pytest.raises(TypeError, match=r"bipkernels.masked_linear: weight must be one of .*got torch.float64"):
         ops.masked_linear(torch.randn(3, 6).double(), weight.double(), weight.double(), keep_all, structure)
+    with pytest.raises(ValueError, match=r"bipkernels.masked_linear: bias must have shape \(4,\), got \(3, 4\)"):
+        ops.masked_linear(torch.randn(3, 6), weight, weight, keep_all, structure, torch.randn(3, 4))  # read 1 row
+    for name, value in (("input", [[0.0] * 6]), ("bias", [0.0] * 4)):
+        arguments = dict(input=torch.randn(3, 6), bias=None) | {name: value}
+        with pytest.raises(TypeError, match=f"bipkernels.masked_linear: {name} must be a tensor, got list"):
+            ops.masked_linear(arguments["input"], weight, weight, keep_all, structure, arguments["bias"])
     with pytest.raises(ValueError, match=r"bipkernels.masked_linear_grad_weight: grad_output has 2 rows but input"):
         ops.masked_linear_backward(torch.randn(2, 4), torch.randn(3, 6), weight, weight, keep_all, structure)
     assert EPS[torch.float32] == torch.finfo(torch.float32).eps  # the written tolerance table is torch's
