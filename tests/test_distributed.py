@@ -64,7 +64,7 @@ def _check_sharded_thresholds(rank: int, seed: int, device: torch.device) -> Non
             assert torch.equal(got.cpu(), expected), (case, k, got, expected)
     # One tensor is the per-tensor form, as bipkernels.topk_threshold's (it was read as a list of elements).
     scores = torch.tensor([1.0, 1.0, 1.0, 4.0 + rank], device=device)
-    expected = bipkernels.topk_threshold([torch.tensor([1.0, 1.0, 1.0, 4.0]), torch.tensor([1.0, 1.0, 1.0, 5.0])], 3)
+    expected = bipkernels.topk_threshold([torch.tensor([1.0, 1.0, 1.0, 4.0 + r]) for r in range(WORLD)], 3)
     assert torch.equal(distributed.topk_threshold(scores, 3).cpu(), expected[rank])
 
 
