@@ -134,6 +134,25 @@ def test_export_dense_keeps_what_ties_it_can_and_names_the_rest(seed):
         torch.testing.assert_close(dense(tokens), model(tokens), rtol=0, atol=0)
 
 
+def test_export_dense_keeps_ties_between_masked_layers(seed):
+    """Two masked layers sharing weight and bias (a siamese pair): their plain twins share the copies
+    (each twin held its own); a weight that one of them prunes comes apart, with the warning."""
+    first, second = nn.Linear(4, 4), nn.Linear(4, 4)
+    second.weight, second.bias = first.weight, first.bias
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # convert names the shared weight
+        model = bipkernels.convert(nn.Sequential(first, second).double(), 0.0)
+    dense = bipkernels.export_dense(model)
+    assert dense[0].weight is dense[1].weight and dense[0].bias is dense[1].bias
+    assert len(list(dense.parameters())) == 2
+    bipkernels.project(model, 0.5)
+    with pytest.warns(UserWarning, match="0.weight and 1.weight"):
+        dense = bipkernels.export_dense(model)
+    assert dense[0].weight is not dense[1].weight and dense[0].bias is dense[1].bias
+    x = torch.randn(3, 4, dtype=torch.float64)
+    torch.testing.assert_close(dense(x), model(x), rtol=0, atol=0)
+
+
 def test_prune_masks_are_the_exact_masks(seed):
     model = randomize_masked(bipkernels.convert(Net(), 0.0, "filter"))
     bipkernels.project(model, 0.5)

@@ -59,16 +59,15 @@ def _plain_twin(layer) -> nn.Module:
     return carry_over(layer, plain_layer(layer, masked, layer.bias))
 
 
-def _tied(model: nn.Module, kept: dict) -> list[str]:
-    """'NAME and NAME' for each masked layer's weight that other modules also hold and the export cannot
-    keep shared (``kept``: deepcopy's memo, where the parameters it can keep shared map to their copies)."""
+def _tied(model: nn.Module, untied: set[int]) -> list[str]:
+    """'NAME and NAME' for each parameter of ``untied`` (ids: the masked weights the export cannot keep
+    shared) that several modules hold."""
     holders: dict[int, list[str]] = {}
     for name, module in model.named_modules():  # a module shared under two names counts once
         for key, parameter in module._parameters.items():
             if parameter is not None:
                 holders.setdefault(id(parameter), []).append(f"{name}.{key}" if name else key)
-    weights = {id(layer.weight) for _, layer in masked_layers(model)} - kept.keys()
-    return [" and ".join(names) for key, names in holders.items() if key in weights and len(names) > 1]
+    return [" and ".join(names) for key, names in holders.items() if key in untied and len(names) > 1]
 
 
 def export_dense(model: nn.Module, *, prune_masks: bool = False) -> nn.Module:
@@ -87,14 +86,17 @@ def export_dense(model: nn.Module, *, prune_masks: bool = False) -> nn.Module:
     # Seeding deepcopy's memo swaps each masked layer for its twin wherever the model refers to it,
     # without copying scores that the export throws away. A bias, and a weight nothing prunes, that
     # other modules also hold stay shared with them through the twin's copy.
-    twins = {}
+    # Twins of masked layers that share a parameter share its copy too.
+    twins, untied = {}, set()
     for _, layer in masked_layers(model):
         twin = twins[id(layer)] = _plain_twin(layer)
         if layer.bias is not None:
-            twins.setdefault(id(layer.bias), twin.bias)
+            twin.bias = twins.setdefault(id(layer.bias), twin.bias)
         if not layer.weight.is_meta and torch.equal(twin.weight, layer.weight):
-            twins.setdefault(id(layer.weight), twin.weight)
-    tied = _tied(model, twins)
+            twin.weight = twins.setdefault(id(layer.weight), twin.weight)
+        else:
+            untied.add(id(layer.weight))
+    tied = _tied(model, untied)
     if tied:
         warnings.warn(f"bipkernels.export_dense: weights tied in the model come apart ({'; '.join(tied)}): the "
                       "masked layer computed with θ ⊙ m and the others with θ, and so does the export, but its "
