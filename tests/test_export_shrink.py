@@ -228,6 +228,69 @@ def test_shrink_keeps_and_names_what_it_cannot_remove(seed):
     assert "conv1: kept" in str(report)
 
 
+class TwoNames(nn.Module):
+    """A layer under two names (self.mid = self.body[1]); the forward calls it by one or the other."""
+
+    def __init__(self, by_alias: bool):
+        super().__init__()
+        self.body = nn.ModuleList([nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 4, 1)])
+        self.mid, self.by_alias = self.body[1], by_alias
+
+    def forward(self, x):
+        x = torch.relu(self.body[0](x))
+        x = torch.relu(self.mid(x) if self.by_alias else self.body[1](x))
+        return self.body[2](x)
+
+
+@pytest.mark.parametrize("by_alias", [False, True])
+def test_a_layer_under_two_names_shrinks_under_both(seed, by_alias):
+    """The trace names the layer once: the smaller layer goes in under each name (the other name kept
+    the whole layer: a stale copy, or a shape error when the forward called it)."""
+    model = randomize_masked(bipkernels.convert(TwoNames(by_alias), 0.0, "filter")).eval()
+    bipkernels.project(model, 0.5, scope="layer")
+    x = torch.randn(2, 3, 4, 4)
+    small, report = bipkernels.export_shrunk(model, x, warn=False)
+    assert small.mid is small.body[1] and small.mid.weight.shape == (4, 4, 1, 1)
+    assert len(small.state_dict()) == len(bipkernels.export_dense(model).state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x))
+
+
+def test_a_layer_with_hooks_stays_whole(seed):
+    """A forward hook runs on the layer's output, which the trace does not show: shrinking it would break
+    a hook that fits its channels (a per-channel scale)."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    scale = torch.rand(8, 1, 1) + 0.5
+    model[0].register_forward_hook(lambda module, args, output: output * scale)
+    report = _report_of_nothing_shrinking(model, ["0"], torch.randn(2, 3, 4, 4))
+    assert "0 (it has hooks)" in report.kept["0"]
+
+
+class InPlaceThroughAlias(nn.Module):
+    """An in-place ReLU behind an nn.Identity (a norm left out) rewrites the Identity's input itself,
+    which conv3 also reads."""
+
+    def __init__(self, alias: nn.Module):
+        super().__init__()
+        self.conv1, self.conv2, self.conv3 = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1)
+        self.alias, self.act = alias, nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        a = self.conv1(x)
+        return self.conv2(self.act(self.alias(a))) + self.conv3(a)
+
+
+@pytest.mark.parametrize("alias", [nn.Identity(), nn.Dropout()])  # dropout: in eval mode
+def test_an_in_place_op_behind_an_alias_keeps_what_it_overwrites(seed, alias):
+    """conv3 reads conv1's output after the ReLU rewrote it (negative values 0): a pruned filter of conv1
+    with bias -1 reads as 0 there, not -1, so it must not fold (a 0.7 difference, the guard's error)."""
+    model = InPlaceThroughAlias(alias)
+    with torch.no_grad():
+        model.conv1.bias.fill_(-1.0)
+    report = _report_of_nothing_shrinking(model, ["conv1"], torch.randn(2, 3, 4, 4))
+    assert "it overwrites in place a tensor that other ops read" in report.kept["conv1"]
+
+
 class Entangled(nn.Module):
     """A layer called twice, two layers sharing a weight, a dropout that stays on in eval mode."""
 

@@ -389,8 +389,12 @@ def _zero_parts(module: nn.Module) -> str:
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module, report: ShrinkReport) -> None:
+    """``new`` in the place of the module ``name``, and under every other name of that module (an alias,
+    such as self.head = self.layers[-1]: the trace names one of them)."""
     old = model.get_submodule(name)
-    model.set_submodule(name, carry_over(old, new))
+    new = carry_over(old, new)
+    for alias in [alias for alias, module in model.named_modules(remove_duplicate=False) if module is old]:
+        model.set_submodule(alias, new)
     report.shapes[name] = (_channels_shape(old), _channels_shape(new))
 
 

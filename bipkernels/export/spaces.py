@@ -30,6 +30,8 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
+from ..nn import _HOOK_DICTS, _keep_forward
+
 # One input, channel-wise: elementwise (same shape, channels in any dim), or over dims 2 and up (channels
 # in dim 1 only).
 _ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh,
@@ -82,6 +84,12 @@ def pads_with_zeros(module) -> bool:
     return False
 
 
+def has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has hooks of the user's (forward, forward pre-, backward): not convert's
+    _keep_forward, which an export drops."""
+    return any(hook is not _keep_forward for hooks in _HOOK_DICTS for hook in getattr(module, hooks, {}).values())
+
+
 def _in_place(node: fx.Node, module) -> bool:
     """Whether ``node`` overwrites its first input: a module or function with inplace=True, or a method
     ending in _ (relu_, add_)."""
@@ -118,14 +126,18 @@ def zero_columns(module, channels: int) -> torch.Tensor:
 
 class Recorder(fx.Interpreter):
     """Runs the graph once; keeps each tensor's shape and its values at the first position of the first
-    sample (the values of constant channels): ``first`` per dim-1 index, ``last`` per last-dim index."""
+    sample (the values of constant channels): ``first`` per dim-1 index, ``last`` per last-dim index; and
+    the storage each tensor lies in (``storage``: an nn.Identity or an eval-mode dropout returns its input
+    itself, so an in-place op after it also rewrites that input)."""
 
     def __init__(self, module):
         super().__init__(module)
-        self.shapes, self.first, self.last = {}, {}, {}
+        self.shapes, self.first, self.last, self.storage = {}, {}, {}, {}
 
     def run_node(self, node):
         out = super().run_node(node)
+        if isinstance(out, torch.Tensor) and out.layout == torch.strided:
+            self.storage[node] = out.untyped_storage().data_ptr()
         if isinstance(out, torch.Tensor) and out.dim() >= 2 and out.numel():
             self.shapes[node] = tuple(out.shape)
             # Copies: a later in-place op would rewrite a view of the activation.
@@ -139,6 +151,7 @@ class ChannelGraph:
 
     def __init__(self, graph_module: fx.GraphModule, recorder: Recorder):
         self.gm, self.shapes, self.first, self.last = graph_module, recorder.shapes, recorder.first, recorder.last
+        self.storage, self.order = recorder.storage, {node: index for index, node in enumerate(graph_module.graph.nodes)}
         self.parent, self.expansion, self.frozen = {}, {}, {}
         self.placed: dict[fx.Node, int] = {}  # space root -> its channel dim, 1 or -1, once an op decides it
         # Joined space (a torch.cat's node, its root) -> its segments: (a node of the space, its channels).
@@ -159,6 +172,9 @@ class ChannelGraph:
                                and any(True for _ in graph_module.get_submodule(target).parameters(recurse=False))})
         self.entangled.update({node.target.rpartition(".")[0]: "its weights are also read directly"
                                for node in graph_module.graph.nodes if node.op == "get_attr"})
+        # The trace does not show what a hook does (a per-channel scale would no longer fit a shrunk output).
+        self.entangled.update({target: "it has hooks" for target in calls
+                               if has_hooks(graph_module.get_submodule(target))})
         for node in graph_module.graph.nodes:
             self._analyse(node)
 
@@ -247,6 +263,15 @@ class ChannelGraph:
         for _, count in segments:
             offsets.append(offsets[-1] + count)
         return [(self.root(part), offset) for (part, _), offset in zip(segments, offsets)]
+
+    def _read_after(self, node, source) -> bool:
+        """Whether an op after ``node`` reads a tensor made before it in the storage of ``source``, which
+        ``node`` overwrites (``source`` returned its input itself: nn.Identity, eval-mode dropout). A
+        storage that an earlier, freed tensor used shows no such reader: all of its read before ``node``."""
+        storage = self.storage.get(source)
+        return storage is not None and any(
+            self.order[user] > self.order[node] for earlier in self.order if self.order[earlier] < self.order[node]
+            and self.storage.get(earlier) == storage for user in earlier.users if user is not node)
 
     def _place(self, node, axis: int):
         if len(self.shapes[node]) > 2:
@@ -355,7 +380,7 @@ class ChannelGraph:
         op = node.target if node.op in ("call_function", "call_method") else None  # a function or method
         source = inputs[0] if inputs else None
         rank = len(self.shapes[source]) if inputs else 0
-        if inputs and _in_place(node, module) and len(source.users) > 1:
+        if inputs and _in_place(node, module) and (len(source.users) > 1 or self._read_after(node, source)):
             return "unknown", "it overwrites in place a tensor that other ops read"
         across = "its input's channels lie in the last dim" if inputs and not self._fits(source, 1) else ""
         if isinstance(module, nn.Conv2d):
