@@ -151,7 +151,8 @@ class ChannelGraph:
 
     def __init__(self, graph_module: fx.GraphModule, recorder: Recorder):
         self.gm, self.shapes, self.first, self.last = graph_module, recorder.shapes, recorder.first, recorder.last
-        self.storage, self.order = recorder.storage, {node: index for index, node in enumerate(graph_module.graph.nodes)}
+        self.storage = recorder.storage
+        self.order = {node: index for index, node in enumerate(graph_module.graph.nodes)}
         self.parent, self.expansion, self.frozen = {}, {}, {}
         self.placed: dict[fx.Node, int] = {}  # space root -> its channel dim, 1 or -1, once an op decides it
         # Joined space (a torch.cat's node, its root) -> its segments: (a node of the space, its channels).
