@@ -347,6 +347,10 @@ def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure 
     if tied:
         warnings.warn(f"{op}: {'; '.join(' and '.join(layers) for layers in tied)} share one weight: each gets its "
                       "own scores and mask, and the weight counts once per layer", stacklevel=2)
+    if scope == "global":
+        _check_one_ranking_dtype(op, [(name, layer.scores.dtype) for name, layer in ranked_layers(model)] +
+                                 [(names[id(child)][0], child.weight.dtype) for _, _, child in swaps
+                                  if parsed.uses_threshold and child.weight.numel()])
     # A model built on the meta device has no values to rank: it is converted keeping everything, to be
     # projected once its weights are loaded (a plain state_dict loads into the masked layers).
     meta = any(child.weight.is_meta for _, _, child in swaps) or \
@@ -448,6 +452,19 @@ def _excluded(model: nn.Module, exclude) -> set[str]:
     return {module for module in modules for name in names if module == name or module.startswith(name + ".")}
 
 
+def _check_one_ranking_dtype(op: str, layers: list[tuple[str, torch.dtype]]) -> None:
+    """ValueError naming ``op`` unless the (name, scores dtype) ``layers`` rank their block scores in one
+    dtype, as a global projection does."""
+    ranked_as = {}  # block-score dtype: the first layer ranking in it
+    for name, dtype in layers:
+        ranked_as.setdefault(score_dtype(dtype), name)
+    if len(ranked_as) > 1:
+        raise ValueError(f"{op}: a global projection ranks the block scores of all layers together in one dtype, "
+                         "but " + " and ".join(f"layer {name!r} ranks in {dtype}" for dtype, name in ranked_as.items())
+                         + ": give the masked layers one dtype (float16, bfloat16 and float32 rank together, as "
+                           "float32) or use scope='layer'")
+
+
 @torch.no_grad()
 def project(model: nn.Module, sparsity: float, scope: str = "global") -> None:
     """Set every masked layer's threshold so exactly keep_count(blocks, sparsity) blocks stay (Proj_k).
@@ -463,15 +480,7 @@ def project(model: nn.Module, sparsity: float, scope: str = "global") -> None:
     if not named:
         return
     if scope == "global":
-        ranked_as = {}  # block-score dtype: the first layer ranking in it
-        for name, layer in named:
-            ranked_as.setdefault(score_dtype(layer.scores.dtype), name)
-        if len(ranked_as) > 1:
-            raise ValueError("bipkernels.project: a global projection ranks the block scores of all layers together "
-                             "in one dtype, but " + " and ".join(f"layer {name!r} ranks in {dtype}" for dtype, name
-                                                                 in ranked_as.items())
-                             + ": give the masked layers one dtype (float16, bfloat16 and float32 rank together, "
-                               "as float32) or use scope='layer'")
+        _check_one_ranking_dtype("bipkernels.project", [(name, layer.scores.dtype) for name, layer in named])
     layers = [layer for _, layer in named]
     # Unstructured block scores are |s|: the select then reads the scores themselves (absolute=True),
     # which saves writing |s| out and reading it back.
