@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import autograd, ops
+from .fx_reads import weights_read_directly
 from .reference import score_dtype
 from .structures import Structure, parse_structure
 
@@ -267,8 +268,10 @@ def _masked_copy(layer: nn.Module, structure: Structure) -> nn.Module:
         if hasattr(layer, hooks):
             setattr(masked, hooks, getattr(layer, hooks))
     masked._is_full_backward_hook = getattr(layer, "_is_full_backward_hook", None)
-    for name, value in vars(layer).items():  # the user's own attributes (a tag, a flag)
-        if name not in vars(masked):
+    for name, value in vars(layer).items():  # the user's own attributes (a tag, a flag), not torch's or
+        # what is bound to the plain layer (its compiled call, a forward wrapped by accelerate's hooks)
+        bound = getattr(value, "__self__", None) is layer or name == "forward"
+        if name not in vars(masked) and not name.startswith("_") and not bound:
             setattr(masked, name, value)
     return masked.train(layer.training)
 
@@ -308,6 +311,9 @@ def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure 
         raise ValueError(f"{op}: {lazy} are not initialised yet (a lazy module's): run one forward pass first, so "
                          "that their shapes are known")
     if type(model) in (nn.Conv2d, nn.Linear):
+        if exclude:
+            raise ValueError(f"{op}: exclude names modules inside the model, but a bare {type(model).__name__} holds "
+                             f"none: {exclude!r}")
         return convert(nn.ModuleDict({"model": model}), sparsity, structure, scope, exclude)["model"]
     excluded = _excluded(model, exclude)
     other_structures = {} if structure is None else \
@@ -324,7 +330,7 @@ def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure 
     kept_dense = {key for key, qualified in names.items() if excluded.intersection(qualified)}
     candidates = [(parent, child_name, child) for parent, child_name, child in places.values()
                   if type(child) in (nn.Conv2d, nn.Linear) and id(child) not in kept_dense]
-    read_directly = _read_directly(model, {id(child) for _, _, child in candidates})
+    read_directly = weights_read_directly(model, {id(child) for _, _, child in candidates}, MASKED_LAYERS)
     swaps = [place for place in candidates if id(place[2]) not in read_directly]
     for parent, child_name, child in swaps:
         qualified = names[id(child)][0]
@@ -408,27 +414,6 @@ def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure 
         warnings.warn(f"bipkernels.convert: left dense, as the model reads their weights directly, not through "
                       f"their forward (a mask would not apply): {', '.join(sorted(direct))}", stacklevel=2)
     return model
-
-
-def _read_directly(model: nn.Module, layers: set[int]) -> set[int]:
-    """The ids among ``layers`` (module ids) of the layers whose parameters ``model``'s forward reads
-    directly, e.g. F.linear(x, self.qkv.weight) or torchvision's shifted window attention, as a torch.fx
-    trace shows: a mask there would never apply, so they stay dense. None found where the forward does
-    not trace (data-dependent control flow, an nn.TransformerEncoderLayer's fast path checks): such reads
-    go unseen, and export_shrunk's own trace refuses to shrink them."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            graph = torch.fx.symbolic_trace(model).graph
-    except Exception:  # noqa: BLE001 - any failure to trace means nothing is known
-        return set()
-    def metadata(user: torch.fx.Node) -> bool:  # weight.shape, weight.dtype, weight.size(0): no values read
-        return (user.op == "call_function" and user.target is getattr) or \
-            (user.op == "call_method" and user.target in ("size", "dim"))
-
-    owners = {node.target.rpartition(".")[0] for node in graph.nodes
-              if node.op == "get_attr" and not all(metadata(user) for user in node.users)}
-    return {id(model.get_submodule(owner)) for owner in owners} & layers
 
 
 def _keep_forward(module: nn.Module, args) -> None:

@@ -281,6 +281,11 @@ def test_a_bare_layer_converts_to_its_masked_twin(seed, make):
     assert twin.structure == parse_structure("filter") and int(kept_filters.sum()) == 1
 
 
+def test_a_bare_layer_has_nothing_to_exclude():
+    with pytest.raises(ValueError, match=r"exclude names modules inside the model, but a bare Linear holds none"):
+        bipkernels.convert(nn.Linear(4, 4), 0.5, exclude=["model"])
+
+
 def test_two_layers_sharing_one_weight_are_named(seed):
     first, second = nn.Linear(4, 4), nn.Linear(4, 4)
     second.weight = first.weight
@@ -310,15 +315,50 @@ def test_a_layer_whose_weight_the_model_reads_directly_stays_dense_and_is_named(
     torch.testing.assert_close(bipkernels.export_dense(model)(x), model(x), rtol=0, atol=0)
 
 
-class ReadsWeightShape(nn.Module):
+class ReadsAttributes(nn.Module):
+    """Reads of fc's weight metadata and bias (no values of the weight: fc masks), and of proj's weight
+    values through an attribute (h @ proj.weight.T: proj stays dense)."""
+
     def __init__(self):
         super().__init__()
-        self.fc = nn.Linear(4, 6)
+        self.fc, self.proj, self.calls = nn.Linear(4, 6), nn.Linear(6, 6, bias=False), 0
 
     def forward(self, x):
-        return self.fc(x) + torch.zeros(self.fc.weight.shape[0], dtype=self.fc.weight.dtype)
+        self.calls += 1
+        self.cached = hidden = self.fc(x) - self.fc.bias  # stored on the module: a trace must not leave a proxy
+        hidden = hidden + self.fc.weight.new_zeros(self.fc.weight.shape[0]) * self.fc.weight.numel()
+        return hidden @ self.proj.weight.T
 
 
-def test_a_layer_whose_weight_shape_only_is_read_converts():
-    model = bipkernels.convert(ReadsWeightShape(), 0.5)
-    assert isinstance(model.fc, bipkernels.MaskedLinear)
+def test_weight_reads_through_attributes_and_metadata_are_told_apart(seed):
+    model = ReadsAttributes()
+    model(torch.randn(2, 4))
+    cached = model.cached
+    with pytest.warns(UserWarning, match=r"reads their weights directly.*: proj$"):
+        bipkernels.convert(model, 0.5)
+    assert isinstance(model.fc, bipkernels.MaskedLinear) and type(model.proj) is nn.Linear
+    assert model.calls == 1 and model.cached is cached  # the trace's changes put back
+
+
+def test_converting_again_still_sees_direct_reads(seed):
+    """The masked layers of a model converted once are traced as single calls (their forward does not
+    trace): a layer left dense for a direct read stays dense when the model is converted again."""
+    model = nn.Sequential(ReadsWeightDirectly(), nn.Linear(8, 3))
+    with pytest.warns(UserWarning, match="qkv"):
+        bipkernels.convert(model, 0.5, exclude="1")
+    with pytest.warns(UserWarning, match="qkv"):
+        bipkernels.convert(model, 0.5)
+    assert type(model[0].qkv) is nn.Linear and isinstance(model[1], bipkernels.MaskedLinear)
+
+
+def test_what_is_bound_to_the_plain_layer_stays_behind(seed):
+    """A compiled call (Module.compile) or a forward wrapped on the instance run the plain layer: carried
+    over, the masked layer computed without its mask."""
+    compiled, wrapped = nn.Linear(8, 4), nn.Linear(8, 4)
+    compiled.compile()
+    original = wrapped.forward
+    wrapped.forward = lambda x: original(x)
+    model = bipkernels.convert(nn.Sequential(compiled, wrapped), 0.9, scope="layer")
+    x = torch.randn(3, 8)
+    for layer in model:
+        torch.testing.assert_close(layer(x), F.linear(x, layer.masked_weight(), layer.bias))
