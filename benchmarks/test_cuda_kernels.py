@@ -73,9 +73,8 @@ def test_masked_op_cuda(benchmark, monkeypatch, op, shape, method):
     weight = torch.randn(MASKED_SHAPES[shape], device="cuda", generator=generator)
     grad = torch.randn_like(weight)
     scores = weight.abs()
-    monkeypatch.setenv("BIPKERNELS_BACKEND", "cuda")
+    monkeypatch.setenv("BIPKERNELS_BACKEND", "cuda")  # ours: the cuda kernels or an error, never the reference
     threshold = bipkernels.topk_threshold(scores, bipkernels.keep_count(scores.numel(), SPARSITY))
-    monkeypatch.delenv("BIPKERNELS_BACKEND")
     ours = method == "bipkernels cuda"
     if op == "masked_weight":  # reads θ and s, writes θ ⊙ m
         call = bipkernels.masked_weight if ours else reference.masked_weight

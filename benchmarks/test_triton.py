@@ -29,7 +29,8 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 SPARSITY = 0.5
 TOKENS = 4096
 LINEAR_SHAPES = {"4096x4096": (4096, 4096), "11008x4096": (11008, 4096), "768x768": (768, 768)}  # (out, in)
-BACKENDS = ["triton", "cuda"]
+# The triton kernels against the cuda ones, in groups of their own ("ours": triton).
+METHODS = ["bipkernels triton", "bipkernels cuda"]
 
 
 def _needs(monkeypatch, backend: str, op: str) -> None:
@@ -73,12 +74,12 @@ def _masked_inputs(shape):
 
 @pytest.mark.parametrize("shape", list(MASKED_SHAPES))
 @pytest.mark.parametrize("op", ["block_scores", "masked_weight", "hypergrad"])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_elementwise_triton_vs_cuda(benchmark, monkeypatch, backend, op, shape):
+@pytest.mark.parametrize("method", METHODS)
+def test_elementwise_triton_vs_cuda(benchmark, monkeypatch, method, op, shape):
     structure = parse_structure("filter" if op == "block_scores" else "unstructured")
     weight, grad, scores = _masked_inputs(MASKED_SHAPES[shape])
     threshold = torch.tensor([1.0, float("inf")], dtype=torch.float64, device="cuda")
-    _needs(monkeypatch, backend, op)
+    _needs(monkeypatch, method.split()[-1], op)
     if op == "block_scores":  # reads s, writes one score per filter
         call, args, tensors_moved = ops.block_scores, (scores, structure), 1
     elif op == "masked_weight":  # reads θ and s, writes θ ⊙ m
@@ -86,18 +87,18 @@ def test_elementwise_triton_vs_cuda(benchmark, monkeypatch, backend, op, shape):
     else:  # reads g, θ and s, writes grad_θ and grad_s
         call, args, tensors_moved = (lambda *a: ops.hypergrad(*a, inv_gamma=1e-4)), \
             (grad, weight, scores, threshold, structure), 5
-    benchmark.group = f"{op} cuda {shape}"
-    benchmark.extra_info["baseline"] = backend != "triton"
+    benchmark.group = f"{op} triton vs cuda {shape}"
+    benchmark.extra_info["baseline"] = method != METHODS[0]
     record(benchmark, call, args, tensors_moved * weight.numel() * weight.element_size())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_topk_threshold_triton_vs_cuda(benchmark, monkeypatch, backend):
+@pytest.mark.parametrize("method", METHODS)
+def test_topk_threshold_triton_vs_cuda(benchmark, monkeypatch, method):
     scores = [s.cuda() for s in model_scores("ResNet-50")]
     n = sum(s.numel() for s in scores)
     k = bipkernels.keep_count(n, 0.9)
-    _needs(monkeypatch, backend, "topk_threshold")
-    benchmark.group = f"topk_threshold cuda ResNet-50 {n / 1e6:.1f}M"
-    benchmark.extra_info["baseline"] = backend != "triton"
+    _needs(monkeypatch, method.split()[-1], "topk_threshold")
+    benchmark.group = f"topk_threshold triton vs cuda ResNet-50 {n / 1e6:.1f}M"
+    benchmark.extra_info["baseline"] = method != METHODS[0]
     thresholds = record(benchmark, ops.topk_threshold, (scores, k), n * scores[0].element_size())
     assert sum(int(ops.block_mask(s, t).sum()) for s, t in zip(scores, thresholds)) == k

@@ -64,8 +64,12 @@ def test_interrupted_prune_resumes_to_the_same_masks(tmp_path):
     process.stderr.read()
     assert process.wait(timeout=600) == 130
     assert (interrupted / "resume.pt").exists() and not (interrupted / "pruned.pt").exists()
-    subprocess.run([sys.executable, "-m", "bipkernels", "prune", "--resume", "--out", str(interrupted)], check=True,
-                   capture_output=True, timeout=600)
+    epoch, step = torch.load(interrupted / "resume.pt", weights_only=False)["position"]
+    assert (epoch, step) != (0, 0), "stopped before any BiP step: nothing to resume"
+    resumed = subprocess.run([sys.executable, "-m", "bipkernels", "prune", "--resume", "--out", str(interrupted)],
+                             check=True, capture_output=True, text=True, timeout=600)
+    # From the saved position on, not from the start (which would also end with the same masks).
+    assert f"resuming at epoch {epoch + 1}, step {step}" in resumed.stderr, resumed.stderr[-2000:]
 
     expected, resumed = _masked_state(straight / "pruned.pt"), _masked_state(interrupted / "pruned.pt")
     for key, value in expected.state_dict().items():

@@ -80,9 +80,14 @@ def _finish(out, fresh: list[str]) -> int:
     """Resume until the run completes (a fresh run, with ``fresh`` options, if it was killed before its
     first save); returns the number of runs it took."""
     for attempt in range(1, 4):
-        extra = ["--resume"] if (out / "resume.pt").exists() else fresh
-        done = subprocess.run(_prune(out, *extra), capture_output=True, text=True, timeout=TIMEOUT)
+        resuming = (out / "resume.pt").exists()
+        saved = torch.load(out / "resume.pt", weights_only=False) if resuming else {}
+        done = subprocess.run(_prune(out, *(["--resume"] if resuming else fresh)), capture_output=True, text=True,
+                              timeout=TIMEOUT)
         if done.returncode == 0:
+            if "position" in saved:  # a BiP state: the run goes on from there (starting over ends the same)
+                epoch, step = saved["position"]
+                assert f"resuming at epoch {epoch + 1}, step {step}" in done.stderr, done.stderr[-2000:]
             return attempt
     raise AssertionError(f"the run did not finish: {done.stderr[-2000:]}")
 
@@ -159,9 +164,10 @@ def _assert_pretraining_was_stopped(out) -> None:
 
 
 def _resume_and_assert_same_as(expected: dict, out) -> None:
+    done = torch.load(out / "resume.pt", weights_only=False)["pretraining"]["training"]["epoch"]
     resumed = subprocess.run(_prune(out, "--resume"), capture_output=True, text=True, timeout=TIMEOUT)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming pretraining after epoch " in resumed.stderr
+    assert f"resuming pretraining after epoch {done} of " in resumed.stderr  # not from the start
     _assert_same_as(expected, out)
     dense = torch.load(out / "dense.pt")
     for part in ("model", "rewind"):

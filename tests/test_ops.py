@@ -178,26 +178,29 @@ def test_dense_layouts(monkeypatch, seed, layout, structure_name, mixed):
 
 @pytest.mark.parametrize("structure_name", STRUCTURES)
 def test_topk_masks_exact_count_and_order(seed, structure_name):
+    """The masks of topk_masks are the reference's (a top-k of the reference's block scores): k blocks
+    kept over both tensors, each kept block scoring at least every pruned one; N:M keeps N of every M."""
     structure = parse_structure(structure_name)
     scores_list = [tied_scores((8, 12, 3, 3), levels=4), tied_scores((10, 24), levels=4)]
     if not structure.uses_threshold:
-        masks = bipkernels.topk_masks(scores_list, None, structure)
-        for scores, mask in zip(scores_list, masks):
-            assert mask.shape == scores.shape and mask.dtype == torch.bool
+        for scores, mask in zip(scores_list, bipkernels.topk_masks(scores_list, None, structure)):
+            assert torch.equal(mask, reference.block_mask(scores, None, structure.fitted(scores.shape)))
             assert int(mask.sum()) == scores.numel() * structure.a // structure.b
         return
-    block_scores = [reference.block_scores(s, structure) for s in scores_list]
+    fitted = [structure.fitted(s.shape) for s in scores_list]
+    block_scores = [reference.block_scores(s, f) for s, f in zip(scores_list, fitted)]
     total = sum(b.numel() for b in block_scores)
     for k in (0, 1, total // 3, total):
-        masks = bipkernels.topk_masks(scores_list, k, structure)
-        kept_blocks = [reference._kept_blocks(b, t) for b, t in zip(block_scores, ops.topk_threshold(block_scores, k))]
+        thresholds = reference.topk_threshold(block_scores, k)
+        kept_blocks = [reference._kept_blocks(b, t) for b, t in zip(block_scores, thresholds)]
         assert sum(int(kb.sum()) for kb in kept_blocks) == k
         kept_values = torch.cat([b.reshape(-1)[kb] for b, kb in zip(block_scores, kept_blocks)])
         pruned_values = torch.cat([b.reshape(-1)[~kb] for b, kb in zip(block_scores, kept_blocks)])
         if len(kept_values) and len(pruned_values):
             assert kept_values.min() >= pruned_values.max()
-        for scores, mask in zip(scores_list, masks):
-            assert mask.shape == scores.shape
+        masks = bipkernels.topk_masks(scores_list, k, structure)
+        for scores, mask, threshold, f in zip(scores_list, masks, thresholds, fitted):
+            assert torch.equal(mask, reference.block_mask(scores, threshold, f)), k
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_cpu_kernels)])
