@@ -6,26 +6,25 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/abs.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 namespace bipkernels::cpu {
 
 at::Tensor reduce_blocks(const at::Tensor& scores, const BlockLayout& layout, int64_t p) {
-  const bool per_element = layout.kind == kUnstructured || layout.kind == kNM;
-  const int64_t num_blocks = per_element ? scores.numel() : layout.num_blocks();
+  if (layout.kind == kUnstructured || layout.kind == kNM) {
+    // |s| in the score type: ATen's vectorised abs, then the widening, both exact (a loop of its own ran at
+    // half the speed).
+    return at::abs(scores).to(at::toOpMathType(scores.scalar_type())).reshape({-1});
+  }
+  const int64_t num_blocks = layout.num_blocks();
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "block_scores", [&] {
     using score_t = at::opmath_type<scalar_t>;
     out = at::empty({num_blocks}, scores.options().dtype(c10::CppTypeToScalarType<score_t>::value));
     const scalar_t* source = scores.const_data_ptr<scalar_t>();
     score_t* target = out.mutable_data_ptr<score_t>();
-    if (per_element) {
-      at::parallel_for(0, num_blocks, kGrain, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) target[i] = std::abs(static_cast<score_t>(source[i]));
-      });
-      return;
-    }
     const int64_t block_grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, layout.block_size(0)));
     at::parallel_for(0, num_blocks, block_grain, [&](int64_t begin, int64_t end) {
       for (int64_t block = begin; block < end; ++block) {
