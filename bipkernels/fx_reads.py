@@ -7,14 +7,20 @@ counted it as pruned.
 
 from __future__ import annotations
 
+import copy
+import itertools
 import warnings
 
+import torch
 from torch import fx, nn
 
 # Uses of a weight that read no values: its metadata, or a new tensor shaped like it.
-_METADATA_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "layout", "requires_grad", "is_cuda", "is_meta"}
-_METADATA_METHODS = {"size", "dim", "numel", "nelement", "element_size", "new_zeros", "new_ones", "new_empty",
-                     "new_full"}
+_METADATA_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "layout", "requires_grad", "is_cuda", "is_meta", "grad"}
+_METADATA_METHODS = {"size", "dim", "numel", "nelement", "element_size", "stride", "is_contiguous",
+                     "is_floating_point", "get_device", "new_zeros", "new_ones", "new_empty", "new_full"}
+_METADATA_FUNCTIONS = {torch.numel, torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like}
+_PASSED_ON = {"detach"}  # a view whose uses are the weight's
+_TAKE_METADATA = {"type_as", "to"}  # x.type_as(weight), x.to(weight): the weight's dtype (and device) only
 
 
 class _Tracer(fx.Tracer):
@@ -29,42 +35,90 @@ class _Tracer(fx.Tracer):
         return isinstance(module, self.leaves) or super().is_leaf_module(module, qualified_name)
 
 
-def _reads_values(node: fx.Node) -> bool:
-    """Whether a use of a traced tensor reads its values: anything but metadata, directly or through an
-    attribute (weight.T reads them, weight.shape does not)."""
-    if node.op == "call_method" and node.target in _METADATA_METHODS:
+def _reads_values(tensor: fx.Node, user: fx.Node) -> bool:
+    """Whether ``user`` reads the values of the traced ``tensor``: anything but metadata, directly or
+    through an attribute or a detached view (weight.T reads them, weight.shape does not)."""
+    method = user.target if user.op == "call_method" else None
+    if method in _METADATA_METHODS or (user.op == "call_function" and user.target in _METADATA_FUNCTIONS):
         return False
-    if node.op == "call_function" and node.target is getattr:
-        return node.args[1] not in _METADATA_ATTRIBUTES and any(_reads_values(user) for user in node.users)
+    if method in _TAKE_METADATA and user.args[0] is not tensor:
+        return False
+    if method in _PASSED_ON or (user.op == "call_function" and user.target is getattr):
+        if user.op == "call_function" and user.args[1] in _METADATA_ATTRIBUTES:
+            return False
+        return any(_reads_values(user, further) for further in user.users)
     return True
 
 
-def _module_states(model: nn.Module) -> list[tuple[dict, dict]]:
-    """(dict, a shallow copy) of every module's attribute, parameter, buffer and child dicts."""
-    return [(state, dict(state)) for module in model.modules()
-            for state in (module.__dict__, module._parameters, module._buffers, module._modules)]
+def _stand_in(model: nn.Module) -> tuple[nn.Module, dict[int, int]]:
+    """A copy of ``model`` to trace, with its parameters and buffers on the meta device (nothing
+    allocated, nothing of the model's changed by what its forward does to them) and no hooks (a user's
+    hook would run on the trace's proxies); and {id of each copied tensor: id of its original}."""
+    memo, originals = {}, {}
+    # Also the tensors kept as plain attributes (a cached activation: a non-leaf tensor, which deepcopy
+    # refuses), in lists and dicts too.
+    kept = [value for module in model.modules() for value in vars(module).values()]
+    for tensor in itertools.chain(model.parameters(), model.buffers(), _tensors_in(kept)):
+        if id(tensor) in memo:
+            continue
+        meta = torch.empty_like(tensor, device="meta")
+        stand_in = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
+        memo[id(tensor)], originals[id(stand_in)] = stand_in, id(tensor)
+    stand_in_model = copy.deepcopy(model, memo)
+    for module in stand_in_model.modules():
+        for name, value in vars(module).items():
+            if "hooks" in name and isinstance(value, dict):
+                value.clear()
+    return stand_in_model, originals
+
+
+def _tensors_in(values, depth: int = 3):
+    """The tensors among ``values``, and inside their lists, tuples and dicts (``depth`` levels deep)."""
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif depth and isinstance(value, (list, tuple, dict)):
+            yield from _tensors_in(value.values() if isinstance(value, dict) else value, depth - 1)
 
 
 def weights_read_directly(model: nn.Module, layers: set[int], leaves: tuple) -> set[int]:
     """The ids among ``layers`` (module ids) of the layers whose ``weight`` the forward of ``model`` reads
-    directly, as a torch.fx trace shows. Modules of the types ``leaves`` are traced as single calls.
+    directly, as a torch.fx trace of a stand-in shows (the model's structure, parameters on the meta
+    device, no hooks). Modules of the types ``leaves`` are traced as single calls. A layer counts when
+    its weight is read under any name (a tie, an alias such as self.w = self.fc.weight) or when the layer
+    itself is handed to a function.
 
-    Empty where the forward does not trace (data-dependent control flow, nn.TransformerEncoderLayer's
-    fast-path checks), so such reads go unseen; export_shrunk's own trace refuses to shrink those layers.
-    The trace runs the forward's Python code on proxies: whatever it stores on the modules is put back
-    afterwards (a cached activation, a call counter).
+    Empty where the model does not copy or trace (data-dependent control flow, nn.TransformerEncoderLayer's
+    fast-path checks, TorchScript parts), so such reads go unseen; export_shrunk's own trace refuses to
+    shrink those layers. The forward's Python code runs once on proxies: what it does outside the model
+    (a global list it appends to) stays done.
     """
-    states = _module_states(model)
     try:
+        stand_in, originals = _stand_in(model)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            graph = _Tracer(leaves).trace(model)
-    except Exception:  # noqa: BLE001 - any failure to trace means nothing is known
+            graph = _Tracer(leaves).trace(stand_in)
+    except Exception:  # noqa: BLE001 - any failure to copy or trace means nothing is known
         return set()
-    finally:
-        for state, saved in states:
-            state.clear()
-            state.update(saved)
-    owners = {node.target.removesuffix(".weight") for node in graph.nodes
-              if node.op == "get_attr" and node.target.endswith(".weight") and any(map(_reads_values, node.users))}
-    return {key for key in (id(model.get_submodule(owner)) for owner in owners) if key in layers}
+    holders: dict[int, set[int]] = {}  # id of a weight: the ids of the layers holding it (ties)
+    for module in model.modules():
+        if id(module) in layers:
+            holders.setdefault(id(module.weight), set()).add(id(module))
+    read = set()
+    for node in graph.nodes:
+        if node.op != "get_attr":
+            continue
+        value = _attribute(stand_in, node.target)
+        if isinstance(value, nn.Module):  # a layer handed to a function, which may read its weight
+            name = next((name for name, module in stand_in.named_modules() if module is value), None)
+            read.update({id(model.get_submodule(name))} & layers if name is not None else set())
+        elif isinstance(value, torch.Tensor) and any(_reads_values(node, user) for user in node.users):
+            read.update(holders.get(originals.get(id(value)), set()))
+    return read
+
+
+def _attribute(module: nn.Module, target: str):
+    """The attribute at the dotted ``target`` (a get_attr node's) of ``module``."""
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module

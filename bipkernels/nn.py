@@ -234,14 +234,18 @@ def ranked_layers(model: nn.Module) -> list[tuple[str, _Masked]]:
 
 
 def unmasked_layers(model: nn.Module) -> dict[str, str]:
-    """{name: type name} of every module that owns a weight of 2+ dimensions (a matrix or a kernel) and is
-    not masked: what pruning leaves dense. For example nn.MultiheadAttention (its raw in_proj_weight), its
-    out_proj (a Linear subclass that attention reads directly, never through its forward, so a mask
-    there would be silently ignored), nn.Embedding, nn.Conv1d, and layers excluded from ``convert``.
-    Norms and biases (1-D) are not listed. Empty when every such weight is masked."""
+    """{name: type name} of every module that owns a weight of 2+ dimensions (a matrix or a kernel; a
+    parameter not named weight counts with 2+ dimensions of size > 1: a per-channel scale shaped
+    (C, 1, 1) or a (1, 1, C) token does not) and is not masked: what pruning leaves dense. For example
+    nn.MultiheadAttention (its raw in_proj_weight), its out_proj (a Linear subclass that attention reads
+    directly, never through its forward, so a mask there would be silently ignored), nn.Embedding,
+    nn.Conv1d, and layers excluded from ``convert``. Norms and biases (1-D) are not listed. Empty when
+    every such weight is masked."""
     _check_model("unmasked_layers", model)
     return {name: type(module).__name__ for name, module in model.named_modules()
-            if not isinstance(module, MASKED_LAYERS) and any(p.dim() >= 2 for p in module.parameters(recurse=False))}
+            if not isinstance(module, MASKED_LAYERS) and any(
+                p.dim() >= 2 if key == "weight" else sum(size > 1 for size in p.shape) >= 2
+                for key, p in module.named_parameters(recurse=False))}
 
 
 # Module hooks travel with the layer: the twin takes over these dicts themselves, so the handles that
@@ -268,11 +272,20 @@ def _masked_copy(layer: nn.Module, structure: Structure) -> nn.Module:
         if hasattr(layer, hooks):
             setattr(masked, hooks, getattr(layer, hooks))
     masked._is_full_backward_hook = getattr(layer, "_is_full_backward_hook", None)
-    for name, value in vars(layer).items():  # the user's own attributes (a tag, a flag), not torch's or
-        # what is bound to the plain layer (its compiled call, a forward wrapped by accelerate's hooks)
-        bound = getattr(value, "__self__", None) is layer or name == "forward"
-        if name not in vars(masked) and not name.startswith("_") and not bound:
-            setattr(masked, name, value)
+    # The user's own attributes (a tag, a flag; a reference to the layer itself becomes one to the twin),
+    # not torch's, what is bound to the plain layer (its compiled call, a forward wrapped by accelerate's
+    # hooks), nor those whose names the masked layer uses itself (a warning names them).
+    own = {name: masked if value is layer else value for name, value in vars(layer).items()
+           if not name.startswith("_") and name != "forward" and getattr(value, "__self__", None) is not layer}
+    own = {name: value for name, value in own.items() if name not in vars(masked)}  # torch's settings
+    taken = sorted(name for name in own if hasattr(type(masked), name) or name in masked._parameters
+                   or name in masked._buffers)
+    for name, value in own.items():
+        if name not in taken:
+            masked.__dict__[name] = value  # as the layer held it (setattr would register a module)
+    if taken:
+        warnings.warn(f"bipkernels.convert: the attributes {taken} of a {type(layer).__name__} are not carried "
+                      "over to its masked twin, which uses those names itself", stacklevel=3)
     return masked.train(layer.training)
 
 
@@ -311,7 +324,7 @@ def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure 
         raise ValueError(f"{op}: {lazy} are not initialised yet (a lazy module's): run one forward pass first, so "
                          "that their shapes are known")
     if type(model) in (nn.Conv2d, nn.Linear):
-        if exclude:
+        if isinstance(exclude, str) or exclude:
             raise ValueError(f"{op}: exclude names modules inside the model, but a bare {type(model).__name__} holds "
                              f"none: {exclude!r}")
         return convert(nn.ModuleDict({"model": model}), sparsity, structure, scope, exclude)["model"]

@@ -284,6 +284,8 @@ def test_a_bare_layer_converts_to_its_masked_twin(seed, make):
 def test_a_bare_layer_has_nothing_to_exclude():
     with pytest.raises(ValueError, match=r"exclude names modules inside the model, but a bare Linear holds none"):
         bipkernels.convert(nn.Linear(4, 4), 0.5, exclude=["model"])
+    with pytest.raises(ValueError, match=r"exclude names modules inside the model, but a bare Linear holds none"):
+        bipkernels.convert(nn.Linear(4, 4), 0.5, exclude="")
 
 
 def test_two_layers_sharing_one_weight_are_named(seed):
@@ -362,3 +364,60 @@ def test_what_is_bound_to_the_plain_layer_stays_behind(seed):
     x = torch.randn(3, 8)
     for layer in model:
         torch.testing.assert_close(layer(x), F.linear(x, layer.masked_weight(), layer.bias))
+
+
+class SideEffects(nn.Module):
+    """A forward that updates a buffer in place, appends to a list, runs a TorchScript part and reads
+    a tied weight under an alias: the direct-read trace must change none of it and still see the read."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.other = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.other.weight = self.fc.weight  # tied: the trace names it fc.weight
+        self.alias = self.other.weight
+        self.scripted = torch.jit.script(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+        self.head = nn.Linear(4, 2)
+        self.register_buffer("running", torch.ones(4))
+        self.history = []
+
+    def forward(self, x):
+        hidden = self.scripted(x)
+        self.running.mul_(0.5)
+        self.history.append(hidden)
+        return self.head(F.linear(hidden, self.alias).type_as(self.head.weight))
+
+
+def test_the_direct_read_trace_changes_nothing_and_sees_ties_and_aliases(seed):
+    model, seen = SideEffects(), []
+    model.register_forward_hook(lambda module, args, output: seen.append(output))
+    with pytest.warns(UserWarning, match=r"reads their weights directly.*: fc, other$"):
+        bipkernels.convert(model, 0.5)
+    assert type(model.fc) is type(model.other) is nn.Linear and isinstance(model.head, bipkernels.MaskedLinear)
+    assert torch.equal(model.running, torch.ones(4)) and model.history == [] and seen == []
+    assert isinstance(model.scripted, torch.jit.ScriptModule)
+
+
+def test_attributes_the_masked_layer_uses_itself_are_named(seed):
+    layer = nn.Linear(4, 4)
+    layer.mask, layer.me = torch.ones(4, 4), None
+    layer.__dict__["me"] = layer  # a reference to itself, kept out of its modules
+    model = nn.Sequential(layer)
+    with pytest.warns(UserWarning, match=r"the attributes \['mask'\] of a Linear are not carried over"):
+        bipkernels.convert(model, 0.5)
+    assert model[0].me is model[0] and model[0].mask().dtype == torch.bool
+
+
+def test_per_channel_scales_are_not_listed_as_layers_left_dense():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.scale, self.token = nn.Parameter(torch.ones(4, 1, 1)), nn.Parameter(torch.zeros(1, 1, 4))
+
+        def forward(self, x):
+            return self.conv(x) * self.scale
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bipkernels.convert(Scaled(), 0.5)
+    assert bipkernels.unmasked_layers(nn.Sequential(nn.Conv1d(1, 8, 1))) == {"0": "Conv1d"}
