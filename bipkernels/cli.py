@@ -123,7 +123,7 @@ def _setup(args) -> dict:
             trial = min(2, args.batch_size, len(splits["train"]))
             inputs, _ = fetch(splits["train"], torch.arange(trial), "cpu")
             logits = model.train()(inputs)
-    except (ValueError, TypeError, RuntimeError, OSError, KeyError, AssertionError, ImportError,
+    except (ValueError, TypeError, RuntimeError, OSError, KeyError, AssertionError, ImportError, EOFError,
             pickle.UnpicklingError) as error:
         sys.exit(f"bipkernels {args.command}: {args.data} with --model {args.model}: {type(error).__name__}: {error}")
     classes = data.describe(splits)[1]
@@ -318,9 +318,10 @@ def compare(args, typed: set[str] = frozenset()) -> list[dict]:
                                    batch_size=args.batch_size, seed=args.seed, rewind_state=rewind, **options)
             results.append(result)
             state.update(random_state())
-            save_atomically(state, out / "resume.pt")
+            # compare.json first: a run killed between the two writes redoes this result rather than lose it.
             write_text_atomically(json.dumps({"dense_test_accuracy": dense_accuracy, "results": results}, indent=2),
                                   out / "compare.json")
+            save_atomically(state, out / "resume.pt")
         # Still under the stop request: a SIGINT from here on lets the table and plots finish.
         header = f"{'method':<8}" + "".join(f"{f'{s:.0%} acc':>10}{'time':>7}" for s in args.sparsities)
         print(f"\ntest accuracy and wall time (s) on {args.data}; dense {dense_accuracy:.4f}\n{header}")

@@ -40,7 +40,10 @@ def cifar10(folder: str) -> dict[str, TensorDataset]:
     root = Path(folder)
     if (root / "cifar-10-batches-py").is_dir():
         root = root / "cifar-10-batches-py"
-    train_files = sorted(root.glob("data_batch_*"))
+    # data_batch_1, data_batch_2, ... in numeric order; not copies such as data_batch_1.bak, which would
+    # put training images into the validation tenth.
+    train_files = sorted((path for path in root.glob("data_batch_*") if path.name[11:].isdigit()),
+                         key=lambda path: int(path.name[11:]))
     if not train_files or not (root / "test_batch").exists():
         raise FileNotFoundError(f"cifar10: no data_batch_* and test_batch files in {root}")
 
@@ -55,6 +58,10 @@ def cifar10(folder: str) -> dict[str, TensorDataset]:
 
     train_images, train_labels = load(train_files)
     test_images, test_labels = load([root / "test_batch"])
+    for name, labels in (("training", train_labels), ("test", test_labels)):
+        outside = labels[(labels < 0) | (labels >= len(CIFAR10_CLASSES))]
+        if len(outside):
+            raise ValueError(f"cifar10: the {name} labels in {root} must lie in [0, 9], got {int(outside[0])}")
     if len(train_labels) < 10:
         raise ValueError(f"cifar10: {len(train_labels)} training images in {root}; the validation tenth needs 10 "
                          "or more")

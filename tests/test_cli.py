@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import bipkernels
-from bipkernels import data, models
+from bipkernels import cli, data, models
 from bipkernels.cli import main
 from bipkernels.solvers.training import save_atomically
 
@@ -88,6 +88,33 @@ def test_compare_writes_table_json_and_plots(tmp_path, capsys):
     assert (tmp_path / "accuracy.png").stat().st_size > 0 and (tmp_path / "time.png").stat().st_size > 0
 
 
+def test_compare_killed_between_its_two_writes_loses_no_result(tmp_path, monkeypatch):
+    """After each run compare writes compare.json and resume.pt: a kill right after the first of the two
+    (a stand-in exception on the second), after the last run, loses nothing on --resume. With resume.pt
+    written first, the resumed run found nothing left to do and left compare.json one result short."""
+    arguments = ["compare", "--pretrain-epochs", "1", "--epochs", "1", "--finetune-epochs", "1", "--sparsities",
+                 "0.5", "--methods", "omp", "random", "--out", str(tmp_path)]
+    killed = []
+
+    def dying_after_the_last_result(write):
+        def dying(content, path):
+            if killed:
+                raise KeyboardInterrupt
+            write(content, path)
+            results = content.get("results", []) if isinstance(content, dict) else json.loads(content)["results"]
+            killed.extend([path.name] if path.name in ("resume.pt", "compare.json") and len(results) == 2 else [])
+        return dying
+
+    for name in ("save_atomically", "write_text_atomically"):
+        monkeypatch.setattr(cli, name, dying_after_the_last_result(getattr(cli, name)))
+    with pytest.raises(KeyboardInterrupt):
+        main(arguments)
+    monkeypatch.undo()
+    main(arguments[:1] + ["--resume", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "compare.json").read_text())["results"]
+    assert [r["method"] for r in results] == ["omp", "random"] and not (tmp_path / "resume.pt").exists()
+
+
 @pytest.mark.parametrize("command", ["prune", "compare"])
 def test_resume_without_a_checkpoint_says_so(tmp_path, command):
     with pytest.raises(SystemExit, match=re.escape(f"bipkernels {command}: --resume but there is no {tmp_path}")):
@@ -158,7 +185,6 @@ def test_missing_torchvision_for_image_folders_is_a_message(tmp_path, monkeypatc
 def test_a_stop_request_after_the_last_step_lets_the_run_finish(tmp_path, monkeypatch):
     """SIGINT while the batch norms recalibrate (after the last BiP step): no KeyboardInterrupt, the
     results are written and resume.pt is gone."""
-    from bipkernels import cli
 
     recalibrate = cli.recalibrate_batchnorm
 

@@ -42,6 +42,27 @@ def test_cifar10_pickle_layout(tmp_path):
         data.cifar10(str(tmp_path / "missing"))
 
 
+def test_cifar10_reads_only_its_numbered_batches_and_checks_labels(tmp_path):
+    """A stray copy (data_batch_1.bak) is not read: it put training images into the validation tenth;
+    data_batch_10 comes after data_batch_2; labels outside 0-9 are named (training failed on them late)."""
+    write_cifar(tmp_path)
+    root = tmp_path / "cifar-10-batches-py"
+    (root / "data_batch_1.bak").write_bytes((root / "data_batch_1").read_bytes())
+    (root / "data_batch_2").rename(root / "data_batch_10")
+    (root / "data_batch_2").write_bytes((root / "test_batch").read_bytes())
+    splits = data.cifar10(str(tmp_path))
+    assert len(splits["train"]) + len(splits["val"]) == 30
+    test_images = splits["test"].tensors[0]
+    assert torch.equal(splits["train"].tensors[0][10:20], test_images)  # data_batch_2 second, 10 last
+    with open(root / "test_batch", "rb") as file:
+        batch = pickle.load(file)
+    batch[b"labels"][3] = 12
+    with open(root / "test_batch", "wb") as file:
+        pickle.dump(batch, file)
+    with pytest.raises(ValueError, match=r"cifar10: the test labels in .* must lie in \[0, 9\], got 12"):
+        data.cifar10(str(tmp_path))
+
+
 def write_image_folder(root, counts=(("train", 10), ("test", 3)), labels=("cat", "dog")):
     from PIL import Image
 

@@ -517,3 +517,44 @@ def test_recalibration_keeps_every_modules_mode_and_fine_tuning_keeps_no_score_g
     assert model.training and model[1].training and not model[2].training
     bipkernels.prune(model, tiny_task(), "omp", 0.5, finetune_epochs=1)
     assert all(layer.scores.grad is None for _, layer in bipkernels.masked_layers(model))
+
+
+def test_random_pruning_draws_one_number_per_block(seed):
+    """Global structured random pruning keeps a wide layer's filters as often as a narrow layer's: with a
+    uniform score per weight a block ranked by the sum of its draws, so every filter of the 100-input
+    layer stayed and every filter of the 4-input one went."""
+    from bipkernels.solvers.omp import random_prune
+
+    kept = torch.zeros(2)
+    for trial in range(40):
+        model = nn.Sequential(nn.Linear(100, 10), nn.Linear(4, 10))
+        random_prune(model, tiny_task(), 0.5, "filter", finetune_epochs=0, seed=trial)
+        kept += torch.tensor([float(model[0].mask().any(1).sum()), float(model[1].mask().any(1).sum())])
+        assert kept_blocks(model) == 10
+    assert 3.5 < kept[0] / 40 < 6.5 and 3.5 < kept[1] / 40 < 6.5, kept / 40
+    for structure in ("channel", "tile3x5", parse_structure("filter", p=2)):  # each block score one uniform draw
+        model = nn.Sequential(nn.Linear(100, 10), nn.Linear(4, 10))
+        random_prune(model, tiny_task(), 0.0, structure, finetune_epochs=0, seed=seed)
+        for _, layer in bipkernels.masked_layers(model):
+            block_scores = layer.block_scores()
+            assert bool(((block_scores > 0) & (block_scores < 1)).all()), (structure, block_scores)
+
+
+def test_imp_takes_the_largest_seed_and_checks_rewind_shapes(seed):
+    model = tiny_model()
+    rewind = {key: value.clone() for key, value in model.state_dict().items()}
+    bipkernels.prune(copy.deepcopy(model), tiny_task(), "imp", 0.4, finetune_epochs=1, seed=2**32 - 1)  # 2 rounds
+    rewind["0.weight"] = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match=r"imp: rewind_state\['0.weight'\] has shape \(3, 3\) but the model's "
+                                         r"parameter has shape \(24, 12\)"):
+        imp(model, tiny_task(), 0.4, rewind_state=rewind)
+    assert not bipkernels.masked_layers(model)  # refused before converting
+
+
+def test_recalibration_on_empty_data_keeps_the_statistics(seed):
+    model = nn.Sequential(nn.Linear(12, 24), nn.BatchNorm1d(24), nn.Linear(24, 3))
+    model(torch.randn(32, 12))
+    before = {key: value.clone() for key, value in model[1].state_dict().items()}
+    recalibrate_batchnorm(model, TensorDataset(torch.empty(0, 12), torch.empty(0, dtype=torch.int64)))
+    for key, value in model[1].state_dict().items():
+        assert torch.equal(value, before[key]), key

@@ -49,7 +49,8 @@ def imp(model: nn.Module, dataset, sparsity: float, structure="unstructured", sc
                 layer.scores.copy_(torch.where(kept, layer.weight.abs(), torch.full_like(layer.weight, float("nan"))))
             masked_nn.project(model, target, scope)
             model.load_state_dict({**model.state_dict(), **_masked_rewind(model, rewind_state)})
-        passes += train_weights(model, dataset, epochs_per_round, lr, batch_size, seed + round_index,
+        # Wrapped: a seed of 2^32 - 1, which prune takes, would pass train_weights' range in round 2.
+        passes += train_weights(model, dataset, epochs_per_round, lr, batch_size, (seed + round_index) % 2**32,
                                 label=f"imp round {round_index + 1} ({target:.3f})")
     return passes
 
@@ -75,6 +76,13 @@ def _check_rewind_state(model: nn.Module, rewind_state) -> None:
         raise ValueError(f"imp: rewind_state lacks {len(missing)} of the model's {len(names)} parameters "
                          f"(first {missing[0]!r}; its keys begin {sorted(map(str, rewind_state))[:3]}): give a "
                          "state_dict of this model, such as the 'rewind' entry of the command line's dense.pt")
+    shapes = dict(model.named_parameters(remove_duplicate=False))
+    for name, value in rewind_state.items():
+        if name in shapes and id(shapes[name]) not in score_ids and (
+                not isinstance(value, torch.Tensor) or value.shape != shapes[name].shape):
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"imp: rewind_state[{name!r}] has shape {got} but the model's parameter has shape "
+                             f"{tuple(shapes[name].shape)}")
 
 
 def _masked_rewind(model: nn.Module, rewind_state: dict) -> dict:

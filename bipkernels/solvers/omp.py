@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .. import nn as masked_nn
+from .. import ops
 from .training import check_data, check_settings, convert_to_reset, train_weights
 
 
@@ -27,17 +28,36 @@ def omp(model: nn.Module, dataset, sparsity: float, structure="unstructured", sc
     return train_weights(model, dataset, finetune_epochs, lr, batch_size, seed, label="omp finetune")
 
 
+def _random_scores(scores: torch.Tensor, structure, generator: torch.Generator) -> torch.Tensor:
+    """Scores (like ``scores``) whose block scores are uniform draws, one per block: each element of a
+    block of n holds draw / n (p = 1: the block's Σ|s| is the draw) or √(draw / n) (p = 2: its Σs² is).
+    Uniform scores per element would rank a block by the sum of its n draws, so the biggest blocks (a wide
+    layer's filters, whole tiles against edge tiles) would always stay. The block's value reaches its
+    elements through the block scores' derivative at all-ones scores: 1 (p = 1) or 2 (p = 2) each."""
+    if structure.kind in ("unstructured", "nm"):  # a block is an element, its score |s|
+        return torch.rand(scores.shape, generator=generator).to(scores)
+    structure = structure.fitted(scores.shape)
+    draws = torch.rand(structure.block_scores_shape(scores.shape), generator=generator).double()
+    ones = torch.ones(scores.shape, dtype=torch.float64, requires_grad=True)
+    with torch.enable_grad():
+        sizes = ops.block_scores(ones, structure)  # n per block
+        values = draws / sizes.detach() if structure.p == 1 else (draws / sizes.detach()).sqrt() / 2
+        (spread,) = torch.autograd.grad((sizes * values).sum(), ones)
+    return spread.to(scores)
+
+
 @torch.no_grad()
 def random_prune(model: nn.Module, dataset, sparsity: float, structure="unstructured", scope: str = "global",
                  finetune_epochs: int = 10, lr: float = 0.1, batch_size: int = 64, seed: int = 0) -> int:
-    """The floor: a uniformly random mask with exactly k kept blocks, then fine-tuning; returns passes."""
+    """The floor: a uniformly random mask with exactly k kept blocks, then fine-tuning; returns passes.
+    One uniform draw per block (_random_scores), so blocks of every size are equally likely to stay."""
     check_settings("random_prune", sparsity=sparsity, structure=structure, scope=scope,
                    finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size, seed=seed)
     check_data("random_prune", dataset, finetune_epochs)
     convert_to_reset(model, structure, scope)
     generator = torch.Generator().manual_seed(seed)
     for _, layer in masked_nn.masked_layers(model):
-        layer.scores.copy_(torch.rand(layer.scores.shape, generator=generator).to(layer.scores))
+        layer.scores.copy_(_random_scores(layer.scores, layer.structure, generator))
     masked_nn.project(model, sparsity, scope)
     with torch.enable_grad():
         return train_weights(model, dataset, finetune_epochs, lr, batch_size, seed, label="random finetune")

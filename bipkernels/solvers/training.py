@@ -233,10 +233,11 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256) -> float
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, dataset: Dataset, batch_size: int = 256) -> None:
     """Recompute every batch norm's running statistics under the current masks (a pass over ``dataset``
-    in train mode, cumulative averages): without it a pruned network can fall to chance accuracy."""
+    in train mode, cumulative averages): without it a pruned network can fall to chance accuracy. Empty
+    data leave the statistics as they are (reset, they would be 0 and 1: chance accuracy again)."""
     check_dataset("recalibrate_batchnorm", "dataset", dataset)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms:
+    if not norms or not len(dataset):
         return
     momenta = [m.momentum for m in norms]
     modes = [(module, module.training) for module in model.modules()]  # each its own (a Dropout left in eval)
