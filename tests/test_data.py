@@ -148,3 +148,12 @@ def test_prune_on_a_local_cifar_folder(tmp_path):
           "--epochs", "1", "--batch-size", "8", "--out", str(out)])
     result = json.loads((out / "results.json").read_text())
     assert result["sparsity"] == pytest.approx(0.9, abs=1e-4)
+
+
+def test_an_empty_cifar_batch_is_named_before_anything_is_written(tmp_path):
+    write_cifar(tmp_path / "cifar")
+    (tmp_path / "cifar" / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=r"bipkernels prune: cifar10:.* EOFError"):
+        main(["prune", "--data", f"cifar10:{tmp_path / 'cifar'}", "--model", "resnet20", "--out", str(out)])
+    assert not (out / "resume.pt").exists()
