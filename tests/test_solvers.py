@@ -558,3 +558,12 @@ def test_recalibration_on_empty_data_keeps_the_statistics(seed):
     recalibrate_batchnorm(model, TensorDataset(torch.empty(0, 12), torch.empty(0, dtype=torch.int64)))
     for key, value in model[1].state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def test_prune_checks_every_split_and_the_mode_before_the_model_changes(seed):
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"prune: val_data: .*\(input, target\) pairs, got int"):
+        bipkernels.prune(model, tiny_task(), "omp", 0.5, val_data=[1, 2, 3], finetune_epochs=0)
+    with pytest.raises(ValueError, match=r"prune: mode must be"):
+        bipkernels.prune(model, tiny_task(), "bip", 0.5, epochs=1, mode="x")
+    assert not bipkernels.masked_layers(model)

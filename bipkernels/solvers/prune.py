@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import torch
 from torch import nn
 
 from .. import nn as masked_nn
@@ -11,7 +12,7 @@ from .bip import BiP, steps_per_epoch
 from .hydra import hydra
 from .imp import imp, imp_rounds
 from .omp import omp, random_prune
-from .training import check_dataset, check_settings, data_shard, evaluate, recalibrate_batchnorm
+from .training import check_dataset, check_settings, data_shard, evaluate, fetch, recalibrate_batchnorm
 
 METHODS = ("bip", "omp", "imp", "hydra", "random")
 
@@ -42,6 +43,12 @@ def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0
     for name, data in (("train_data", train_data), ("val_data", val_data), ("test_data", test_data)):
         if data is not None or name == "train_data":  # before the model changes, not after the run
             check_dataset("prune", name, data)
+            try:  # one example: (input, target) pairs
+                fetch(data, torch.arange(min(len(data), 1)), "cpu")
+            except (ValueError, TypeError, IndexError) as error:
+                raise type(error)(f"prune: {name}: {error}") from None
+    if method == "bip" and "mode" in options:
+        check_settings("prune", mode=options["mode"])
     if method == "bip" and "total_steps" in options:
         raise ValueError(f"prune: total_steps={options['total_steps']!r}: prune computes it from epochs and the data "
                          "(build a bipkernels.BiP to set it)")
