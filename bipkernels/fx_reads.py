@@ -8,7 +8,6 @@ counted it as pruned.
 from __future__ import annotations
 
 import copy
-import itertools
 import warnings
 
 import torch
@@ -24,12 +23,12 @@ _TAKE_METADATA = {"type_as", "to"}  # x.type_as(weight), x.to(weight): the weigh
 
 
 class _Tracer(fx.Tracer):
-    """fx's tracer, with ``leaves`` (module types) kept as single calls: the masked layers' forward has
-    control flow that a trace cannot follow."""
+    """fx's tracer, with ``leaves`` (module types) and TorchScript modules kept as single calls: the
+    masked layers' forward has control flow that a trace cannot follow."""
 
     def __init__(self, leaves: tuple):
         super().__init__()
-        self.leaves = leaves
+        self.leaves = leaves + (torch.jit.ScriptModule,)
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         return isinstance(module, self.leaves) or super().is_leaf_module(module, qualified_name)
@@ -51,47 +50,59 @@ def _reads_values(tensor: fx.Node, user: fx.Node) -> bool:
 
 
 def _stand_in(model: nn.Module) -> tuple[nn.Module, dict[int, int]]:
-    """A copy of ``model`` to trace, with its parameters and buffers on the meta device (nothing
-    allocated, nothing of the model's changed by what its forward does to them) and no hooks (a user's
-    hook would run on the trace's proxies); and {id of each copied tensor: id of its original}."""
-    memo, originals = {}, {}
-    # Also the tensors kept as plain attributes (a cached activation: a non-leaf tensor, which deepcopy
-    # refuses), in lists and dicts too.
-    kept = [value for module in model.modules() for value in vars(module).values()]
-    for tensor in itertools.chain(model.parameters(), model.buffers(), _tensors_in(kept)):
-        if id(tensor) in memo:
-            continue
-        meta = torch.empty_like(tensor, device="meta")
-        stand_in = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
-        memo[id(tensor)], originals[id(stand_in)] = stand_in, id(tensor)
-    stand_in_model = copy.deepcopy(model, memo)
-    for module in stand_in_model.modules():
-        for name, value in vars(module).items():
-            if "hooks" in name and isinstance(value, dict):
-                value.clear()
-    return stand_in_model, originals
+    """A copy of ``model``'s module tree to trace, and {id of each stand-in tensor: id of its original}.
 
+    Parameters and buffers are meta tensors (nothing allocated; what the forward does to them changes
+    nothing of the model's), tensors kept as plain attributes are copies (a forward may read their values:
+    int(self.repeats)), lists, dicts and sets are shallow copies (a forward appending to self.history), and
+    every other attribute is shared, not copied (a dataset, a lock, a file). No hooks: a user's hook would
+    run on the trace's proxies. TorchScript modules are shared whole (the trace keeps them as one call).
+    """
+    copies, originals = {}, {}
 
-def _tensors_in(values, depth: int = 3):
-    """The tensors among ``values``, and inside their lists, tuples and dicts (``depth`` levels deep)."""
-    for value in values:
-        if isinstance(value, torch.Tensor):
-            yield value
-        elif depth and isinstance(value, (list, tuple, dict)):
-            yield from _tensors_in(value.values() if isinstance(value, dict) else value, depth - 1)
+    def tensor(original: torch.Tensor) -> torch.Tensor:
+        if id(original) not in copies:
+            meta = torch.empty_like(original, device="meta")
+            copies[id(original)] = nn.Parameter(meta, original.requires_grad) \
+                if isinstance(original, nn.Parameter) else meta
+            originals[id(copies[id(original)])] = id(original)
+        return copies[id(original)]
+
+    def module(original: nn.Module) -> nn.Module:
+        if isinstance(original, torch.jit.ScriptModule):
+            return original
+        if id(original) not in copies:
+            # A bare instance of the class, its attributes set below (copy.copy would pickle, which a
+            # parametrized module refuses).
+            stand_in = copies[id(original)] = object.__new__(type(original))
+            for name, value in vars(original).items():
+                if name in ("_parameters", "_buffers"):
+                    value = {key: None if item is None else tensor(item) for key, item in value.items()}
+                elif name == "_modules":
+                    value = {key: None if item is None else module(item) for key, item in value.items()}
+                elif "hooks" in name and isinstance(value, dict):
+                    value = type(value)()
+                elif isinstance(value, torch.Tensor):
+                    value = value.detach().clone()
+                elif isinstance(value, (list, dict, set)):
+                    value = copy.copy(value)
+                stand_in.__dict__[name] = value
+        return copies[id(original)]
+
+    return module(model), originals
 
 
 def weights_read_directly(model: nn.Module, layers: set[int], leaves: tuple) -> set[int]:
     """The ids among ``layers`` (module ids) of the layers whose ``weight`` the forward of ``model`` reads
-    directly, as a torch.fx trace of a stand-in shows (the model's structure, parameters on the meta
-    device, no hooks). Modules of the types ``leaves`` are traced as single calls. A layer counts when
-    its weight is read under any name (a tie, an alias such as self.w = self.fc.weight) or when the layer
-    itself is handed to a function.
+    directly, as a torch.fx trace of a stand-in shows (_stand_in: the model's structure, parameters on
+    the meta device, no hooks, so weights read inside a hook go unseen). Modules of the types ``leaves``
+    are traced as single calls. A layer counts when its weight is read under any name (a tie, an alias
+    such as self.w = self.fc.weight) or when the layer itself is handed to a function.
 
-    Empty where the model does not copy or trace (data-dependent control flow, nn.TransformerEncoderLayer's
-    fast-path checks, TorchScript parts), so such reads go unseen; export_shrunk's own trace refuses to
-    shrink those layers. The forward's Python code runs once on proxies: what it does outside the model
-    (a global list it appends to) stays done.
+    Empty where the model does not trace (data-dependent control flow, nn.TransformerEncoderLayer's
+    fast-path checks), so such reads go unseen; export_shrunk's own trace refuses to shrink those layers.
+    The forward's Python code runs once on proxies: what it does outside the model (a global list it
+    appends to) stays done.
     """
     try:
         stand_in, originals = _stand_in(model)

@@ -421,3 +421,29 @@ def test_per_channel_scales_are_not_listed_as_layers_left_dense():
         warnings.simplefilter("error")
         bipkernels.convert(Scaled(), 0.5)
     assert bipkernels.unmasked_layers(nn.Sequential(nn.Conv1d(1, 8, 1))) == {"0": "Conv1d"}
+
+
+class ReadsOwnTensorAttribute(nn.Module):
+    """A forward that reads a plain tensor attribute's value, beside a lock and a parametrized sibling:
+    the stand-in keeps the tensor's values, shares the lock and builds the parametrized module without
+    pickling it (each of these stopped the trace, so qkv was masked)."""
+
+    def __init__(self):
+        import threading
+
+        super().__init__()
+        self.qkv, self.out = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.norm = torch.nn.utils.parametrizations.weight_norm(nn.Linear(4, 4))
+        self.repeats, self.lock = torch.tensor([2]), threading.Lock()
+
+    def forward(self, x):
+        for _ in range(int(self.repeats)):
+            x = F.linear(x, self.qkv.weight)
+        return self.out(self.norm(x))
+
+
+def test_the_stand_in_keeps_what_the_forward_needs(seed):
+    model = ReadsOwnTensorAttribute()
+    with pytest.warns(UserWarning, match=r"reads their weights directly.*: qkv$"):
+        bipkernels.convert(model, 0.5, exclude="norm")
+    assert type(model.qkv) is nn.Linear and isinstance(model.out, bipkernels.MaskedLinear)

@@ -546,9 +546,13 @@ def test_imp_takes_the_largest_seed_and_checks_rewind_shapes(seed):
     bipkernels.prune(copy.deepcopy(model), tiny_task(), "imp", 0.4, finetune_epochs=1, seed=2**32 - 1)  # 2 rounds
     rewind["0.weight"] = torch.zeros(3, 3)
     with pytest.raises(ValueError, match=r"imp: rewind_state\['0.weight'\] has shape \(3, 3\) but the model's "
-                                         r"parameter has shape \(24, 12\)"):
+                                         r"tensor has shape \(24, 12\)"):
         imp(model, tiny_task(), 0.4, rewind_state=rewind)
     assert not bipkernels.masked_layers(model)  # refused before converting
+    normed = nn.Sequential(nn.Linear(12, 24), nn.BatchNorm1d(24), nn.Linear(24, 3))
+    rewind = {**normed.state_dict(), "1.running_mean": torch.zeros(5)}
+    with pytest.raises(ValueError, match=r"imp: rewind_state\['1.running_mean'\] has shape \(5,\)"):
+        imp(normed, tiny_task(), 0.4, rewind_state=rewind)
 
 
 def test_recalibration_on_empty_data_keeps_the_statistics(seed):
@@ -562,8 +566,16 @@ def test_recalibration_on_empty_data_keeps_the_statistics(seed):
 
 def test_prune_checks_every_split_and_the_mode_before_the_model_changes(seed):
     model = tiny_model()
-    with pytest.raises(ValueError, match=r"prune: val_data: .*\(input, target\) pairs, got int"):
+    with pytest.raises(ValueError, match=r"prune: val_data: ValueError: .*\(input, target\) pairs, got int"):
         bipkernels.prune(model, tiny_task(), "omp", 0.5, val_data=[1, 2, 3], finetune_epochs=0)
+
+    class Undecodable(TensorDataset):
+        def __getitem__(self, index):
+            import json
+            return json.loads("{")
+
+    with pytest.raises(ValueError, match=r"prune: test_data: JSONDecodeError: Expecting property name"):
+        bipkernels.prune(model, tiny_task(), "omp", 0.5, test_data=Undecodable(torch.zeros(2)), finetune_epochs=0)
     with pytest.raises(ValueError, match=r"prune: mode must be"):
         bipkernels.prune(model, tiny_task(), "bip", 0.5, epochs=1, mode="x")
     assert not bipkernels.masked_layers(model)

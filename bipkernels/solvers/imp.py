@@ -76,13 +76,14 @@ def _check_rewind_state(model: nn.Module, rewind_state) -> None:
         raise ValueError(f"imp: rewind_state lacks {len(missing)} of the model's {len(names)} parameters "
                          f"(first {missing[0]!r}; its keys begin {sorted(map(str, rewind_state))[:3]}): give a "
                          "state_dict of this model, such as the 'rewind' entry of the command line's dense.pt")
-    shapes = dict(model.named_parameters(remove_duplicate=False))
+    own = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
+    masks = {f"{name}.threshold" for name, _ in masked_nn.masked_layers(model)}  # kept as they are on rewind
     for name, value in rewind_state.items():
-        if name in shapes and id(shapes[name]) not in score_ids and (
-                not isinstance(value, torch.Tensor) or value.shape != shapes[name].shape):
+        if name in own and id(own[name]) not in score_ids and name not in masks and (
+                not isinstance(value, torch.Tensor) or value.shape != own[name].shape):
             got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise ValueError(f"imp: rewind_state[{name!r}] has shape {got} but the model's parameter has shape "
-                             f"{tuple(shapes[name].shape)}")
+            raise ValueError(f"imp: rewind_state[{name!r}] has shape {got} but the model's tensor has shape "
+                             f"{tuple(own[name].shape)}")
 
 
 def _masked_rewind(model: nn.Module, rewind_state: dict) -> dict:

@@ -38,11 +38,12 @@ def _random_scores(scores: torch.Tensor, structure, generator: torch.Generator) 
         return torch.rand(scores.shape, generator=generator).to(scores)
     structure = structure.fitted(scores.shape)
     draws = torch.rand(structure.block_scores_shape(scores.shape), generator=generator).double()
-    ones = torch.ones(scores.shape, dtype=torch.float64, requires_grad=True)
+    ones = torch.ones(scores.shape, requires_grad=True)  # float32: the derivative (1 or 2) is exact
     with torch.enable_grad():
         sizes = ops.block_scores(ones, structure)  # n per block
-        values = draws / sizes.detach() if structure.p == 1 else (draws / sizes.detach()).sqrt() / 2
-        (spread,) = torch.autograd.grad((sizes * values).sum(), ones)
+        sizes_of_blocks = sizes.detach().double()
+        values = draws / sizes_of_blocks if structure.p == 1 else (draws / sizes_of_blocks).sqrt() / 2
+        (spread,) = torch.autograd.grad((sizes * values.float()).sum(), ones)
     return spread.to(scores)
 
 

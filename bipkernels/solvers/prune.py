@@ -45,8 +45,9 @@ def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0
             check_dataset("prune", name, data)
             try:  # one example: (input, target) pairs
                 fetch(data, torch.arange(min(len(data), 1)), "cpu")
-            except (ValueError, TypeError, IndexError) as error:
-                raise type(error)(f"prune: {name}: {error}") from None
+            except (ValueError, TypeError, IndexError) as error:  # an exception's own type where it rebuilds so
+                kind = type(error) if type(error) in (ValueError, TypeError, IndexError) else ValueError
+                raise kind(f"prune: {name}: {type(error).__name__}: {error}") from error
     if method == "bip" and "mode" in options:
         check_settings("prune", mode=options["mode"])
     if method == "bip" and "total_steps" in options:
