@@ -121,8 +121,7 @@ def weights_read_directly(model: nn.Module, layers: set[int], leaves: tuple) -> 
             continue
         value = _attribute(stand_in, node.target)
         if isinstance(value, nn.Module):  # a layer handed to a function, which may read its weight
-            name = next((name for name, module in stand_in.named_modules() if module is value), None)
-            read.update({id(model.get_submodule(name))} & layers if name is not None else set())
+            read.update({id(model.get_submodule(node.target))} & layers)  # the stand-in's names are the model's
         elif isinstance(value, torch.Tensor) and any(_reads_values(node, user) for user in node.users):
             read.update(holders.get(originals.get(id(value)), set()))
     return read

@@ -276,8 +276,8 @@ def _masked_copy(layer: nn.Module, structure: Structure) -> nn.Module:
     # not torch's, what is bound to the plain layer (its compiled call, a forward wrapped by accelerate's
     # hooks), nor those whose names the masked layer uses itself (a warning names them).
     own = {name: masked if value is layer else value for name, value in vars(layer).items()
-           if not name.startswith("_") and name != "forward" and getattr(value, "__self__", None) is not layer}
-    own = {name: value for name, value in own.items() if name not in vars(masked)}  # torch's settings
+           if not name.startswith("_") and name not in vars(masked)  # not torch's settings either
+           and name != "forward" and getattr(value, "__self__", None) is not layer}
     taken = sorted(name for name in own if hasattr(type(masked), name) or name in masked._parameters
                    or name in masked._buffers)
     for name, value in own.items():
