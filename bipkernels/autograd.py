@@ -1,7 +1,8 @@
 """The masked weight as a differentiable function: forward z = m ⊙ θ, backward the fused hypergradient.
 
 One backward yields both levels' gradients in one pass (bipkernels.ops.hypergrad):
-weight.grad = m ⊙ g and scores.grad = θ ⊙ g − inv_gamma · I (straight-through for the scores).
+weight.grad = m ⊙ g and scores.grad = sign(s) ⊙ (θ ⊙ g − inv_gamma · I) (straight-through for the
+scores, through the |s| the mask ranks).
 ``masked_linear`` is the same for a linear layer with the mask inside the matmuls (ops.masked_linear):
 the gradients are those of F.linear(input, masked_weight(...), bias).
 

@@ -24,9 +24,8 @@ from . import data, models, nn as masked_nn
 from .info import build_info, format_info
 from .solvers import BiP, METHODS, prune as prune_with
 from .solvers.bip import steps_per_epoch
-from .solvers.training import (check_settings, evaluate, fetch, random_state, recalibrate_batchnorm,
-                                remove_temporaries, save_atomically, set_random_state, train_weights,
-                                write_text_atomically)
+from .solvers.training import (check_settings, evaluate, fetch, recalibrate_batchnorm, remove_temporaries,
+                                save_atomically, train_weights, write_text_atomically)
 
 _BIP_OPTIONS = ("mode", "implicit", "inv_gamma", "lr", "score_lr", "score_momentum")  # the options BiP takes
 
@@ -293,10 +292,11 @@ def compare(args, typed: set[str] = frozenset()) -> list[dict]:
     """Every method at every sparsity from the same pretrained model: a table, a JSON file and plots.
 
     Resumable per (sparsity, method) run: OUT/resume.pt, written atomically, holds the arguments, then the
-    pretraining state after every pretraining epoch, then every finished result (and the RNG state after
-    it). ``--resume`` continues pretraining from its last saved epoch and skips the finished runs; a run cut
-    short starts again, so the final compare.json has the results of a run never stopped (wall times
-    aside). SIGINT / SIGTERM stop at the end of the current pretraining epoch or run, with the state saved.
+    pretraining state after every pretraining epoch, then every finished result (each run seeds its own
+    generators: bipkernels.prune). ``--resume`` continues pretraining from its last saved epoch and skips
+    the finished runs; a run cut short starts again, so the final compare.json has the results of a run
+    never stopped (wall times aside). SIGINT / SIGTERM stop at the end of the current pretraining epoch or
+    run, with the state saved.
     """
     args, state, splits = _resumable(args, typed)
     out = Path(args.out)
@@ -306,7 +306,6 @@ def compare(args, typed: set[str] = frozenset()) -> list[dict]:
         runs = [(sparsity, method) for sparsity in args.sparsities for method in args.methods]
         results = state.setdefault("results", [])
         if results:
-            set_random_state(state)
             print(f"resuming after {len(results)} of {len(runs)} (sparsity, method) runs", file=sys.stderr)
         for sparsity, method in runs[len(results):]:
             if stop.signal is not None:
@@ -317,7 +316,6 @@ def compare(args, typed: set[str] = frozenset()) -> list[dict]:
                                    epochs=args.epochs, finetune_epochs=args.finetune_epochs,
                                    batch_size=args.batch_size, seed=args.seed, rewind_state=rewind, **options)
             results.append(result)
-            state.update(random_state())
             # compare.json first: a run killed between the two writes redoes this result rather than lose it.
             write_text_atomically(json.dumps({"dense_test_accuracy": dense_accuracy, "results": results}, indent=2),
                                   out / "compare.json")

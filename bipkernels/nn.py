@@ -4,10 +4,11 @@ A masked layer holds ``weight`` (θ), ``scores`` (s, initialised from |θ|) and 
 (float64 (value, cut), see bipkernels.reference). Its forward uses θ ⊙ m with m recomputed from s, and
 its backward gives both levels' gradients in one fused pass:
 
-    weight.grad = m ⊙ g          scores.grad = θ ⊙ g − inv_gamma · I
+    weight.grad = m ⊙ g          scores.grad = sign(s) ⊙ (θ ⊙ g − inv_gamma · I)
 
 with g the gradient of the effective weight and I the implicit term (``implicit="paper"``: m ⊙ g ⊙ g,
-``"released"``: (θ ⊙ g)²). ``inv_gamma`` (default 0: the straight-through score gradient) and
+``"released"``: (θ ⊙ g)²). The mask ranks |s|, so the straight-through gradient carries sign(s) (-1 for
+s < 0, else +1): a score that a step took below zero still moves its magnitude the way the loss asks. ``inv_gamma`` (default 0: the straight-through score gradient) and
 ``implicit`` are plain attributes that the solver sets.
 
 NaN and ±inf, on every backend:

@@ -318,9 +318,9 @@ def hypergrad(grad: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, th
               implicit: str = "paper"):
     """Both levels' gradients of z = m ⊙ θ from g = ∂l/∂z in one pass: (grad_θ, grad_s).
 
-    grad_θ = m ⊙ g; grad_s = θ ⊙ g − inv_gamma · I with I = m ⊙ g ⊙ g (``implicit="paper"``) or
-    (θ ⊙ g)² (``"released"``, the official code's G1 ⊙ G2). inv_gamma = 0 is HYDRA's straight-through
-    score gradient. Shapes and dtype of ``weight``; half types compute in float32.
+    grad_θ = m ⊙ g; grad_s = sign(s) ⊙ (θ ⊙ g − inv_gamma · I) with I = m ⊙ g ⊙ g (``implicit="paper"``)
+    or (θ ⊙ g)² (``"released"``, the official code's G1 ⊙ G2); sign(s) = -1 for s < 0, else +1 (the mask
+    ranks |s|). inv_gamma = 0 is HYDRA's straight-through score gradient. Shapes and dtype of ``weight``; half types compute in float32.
     """
     inv_gamma = check_implicit_term("bipkernels.hypergrad", inv_gamma, implicit)
     return hypergrad_checked(grad, weight, scores, threshold, structure, p, inv_gamma, implicit)

@@ -13,8 +13,9 @@ The contracts (shared with csrc/include/bipkernels/math.h):
   cut per tensor is canonical: (+inf, 0) for every tensor when nothing is kept; else the tensor's numel
   where every one of its scores equal to the value is kept (also where it has none), 0 where none of them
   is, else 1 + the flat index of its last kept one.
-- hypergrad: grad_θ = m ⊙ g (a select) and grad_s = θ ⊙ g − inv_gamma · I, with I = m ⊙ g ⊙ g (paper)
-  or (θ ⊙ g)² (released), computed in float32 for half types.
+- hypergrad: grad_θ = m ⊙ g (a select) and grad_s = sign(s) ⊙ (θ ⊙ g − inv_gamma · I), with
+  I = m ⊙ g ⊙ g (paper) or (θ ⊙ g)² (released), sign(s) = -1 for s < 0 and +1 otherwise, computed in
+  float32 for half types; inv_gamma = 0 gives sign(s) ⊙ θ ⊙ g even where g ⊙ g overflows.
 - Result layout of masked_weight and hypergrad: the weight's own (channels_last stays channels_last) for
   an unstructured mask over dense tensors of one layout (keeps_weight_layout), contiguous otherwise;
   the kernels then run over memory order, with no copies (math.h: MemoryOrder). The flat index of the
@@ -112,7 +113,7 @@ def _nm_mask(scores: torch.Tensor, structure: Structure) -> torch.Tensor:
     mine, other = grouped.unsqueeze(3), grouped.unsqueeze(2)  # (.., i, 1, ..) against (.., 1, j, ..)
     lower = torch.ones(m, m, dtype=torch.bool, device=scores.device).tril(-1).reshape(m, m, 1)  # j < i
     beaten_by = ((other > mine) | ((other == mine) & lower)).sum(3)
-    return (~grouped.isnan() & (beaten_by < n)).reshape(scores.shape)
+    return (~grouped.isnan() & (beaten_by < n)).reshape(scores.shape).contiguous()  # as the kernels return it
 
 
 def block_mask(scores: torch.Tensor, threshold: torch.Tensor | None, structure: Structure) -> torch.Tensor:
@@ -178,6 +179,10 @@ def hypergrad(grad: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, th
     direct = theta * g
     implicit_term = direct * direct if implicit == "released" else torch.where(mask, g * g, zero)
     grad_weight = torch.where(mask, g, zero)
-    grad_scores = direct - inv_gamma * implicit_term
+    # inv_gamma 0 is the plain straight-through gradient, even where g * g overflows (0 * inf is NaN).
+    grad_mask = direct - inv_gamma * implicit_term if inv_gamma else direct
+    # The mask ranks |s|: straight-through, grad_s = sign(s) ⊙ grad_m (+1 at 0, -0.0 and NaN), so a step
+    # moves |s| the way the loss asks whatever the sign of s (autograd through |s| in the released code).
+    grad_scores = torch.where(scores < 0, -grad_mask, grad_mask)
     keep_layout = keeps_weight_layout(structure, weight, scores, grad)
     return tuple(_in_result_layout(result.to(weight.dtype), keep_layout, weight) for result in (grad_weight, grad_scores))

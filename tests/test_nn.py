@@ -55,25 +55,28 @@ def test_linear_keep_all_equals_dense_and_loads_plain_state(seed, bias):
 def test_fused_backward_equals_autograd_through_the_reference(seed, structure, implicit):
     layer = bipkernels.MaskedConv2d(4, 6, 3, padding=1, dtype=torch.float64, structure=structure)
     with torch.no_grad():
-        layer.scores.copy_(tied_scores(layer.scores.shape).abs())
+        layer.scores.copy_(tied_scores(layer.scores.shape))  # signed: the mask ranks |s|
+        layer.scores[layer.scores == 0] = 0.5  # |s|'s derivative, which autograd takes as 0 at 0, is +1 here
     bipkernels.project(layer, 0.6)
     layer.inv_gamma, layer.implicit = 0.37, implicit
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
     target = torch.randn(2, 6, 5, 5, dtype=torch.float64)
     F.mse_loss(layer(x), target).backward()
 
-    # The same loss through the reference mask with a straight-through estimator for the scores.
+    # The same loss through the reference mask with a straight-through estimator for |s|, which the mask ranks
+    # (the released code's autograd through popup_scores.abs()).
     weight = layer.weight.detach().clone().requires_grad_()
     scores = layer.scores.detach().clone().requires_grad_()
     parsed = parse_structure(structure)
     mask = reference.block_mask(scores.detach(), layer.threshold, parsed).to(torch.float64)
-    effective = weight * (mask + scores - scores.detach())
+    effective = weight * (mask + scores.abs() - scores.abs().detach())
     effective.retain_grad()
     F.mse_loss(F.conv2d(x, effective, layer.bias, padding=1), target).backward()
     g = effective.grad
     implicit_term = (weight.detach() * g) ** 2 if implicit == "released" else mask * g * g
     torch.testing.assert_close(layer.weight.grad, mask * g, rtol=1e-12, atol=1e-15)
-    torch.testing.assert_close(layer.scores.grad, scores.grad - 0.37 * implicit_term, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(layer.scores.grad, scores.grad - 0.37 * implicit_term * scores.detach().sign(),
+                               rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize("make, input_shape", [
@@ -310,3 +313,15 @@ def test_reset_parameters_restarts_the_scores_and_threshold(seed):
         weight = layer.weight.clone()
         layer.reset_parameters()
         assert not torch.equal(layer.weight, weight) and layer.mask().all()
+
+
+def test_a_negative_score_moves_its_magnitude_the_way_the_loss_asks():
+    """The mask ranks |s|: where the loss wants every weight smaller (∂l/∂m = θ ⊙ g = 1 > 0), one SGD step
+    shrinks every |s|, the negative score's too (without sign(s) it grew: kept against the gradient)."""
+    layer = bipkernels.MaskedLinear(3, 1, bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+        layer.scores.copy_(torch.tensor([[-0.5, 0.6, 0.4]], dtype=torch.float64))
+    layer(torch.ones(1, 3, dtype=torch.float64)).sum().backward()
+    torch.optim.SGD([layer.scores], lr=0.1).step()
+    torch.testing.assert_close(layer.scores.detach().abs(), torch.tensor([[0.4, 0.5, 0.3]], dtype=torch.float64))

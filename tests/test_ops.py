@@ -123,6 +123,23 @@ def test_pruned_nan_and_inf_weights_give_zero(monkeypatch, seed):
     assert torch.equal(grad_weight, torch.zeros(6, 7))
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_cpu_kernels)])
+@pytest.mark.parametrize("implicit", ["paper", "released"])
+def test_hypergrad_without_the_implicit_term_is_the_direct_one_where_g_squared_overflows(monkeypatch, seed, backend,
+                                                                                          implicit):
+    """inv_gamma = 0 (HYDRA) gives θ ⊙ g even where g ⊙ g overflows float32 (0 · inf would be NaN); with
+    inv_gamma > 0 the overflowed term dominates as -inf, never NaN."""
+    force_backend(monkeypatch, backend)
+    grad = (torch.rand(6, 7, dtype=torch.float64) + 1).mul(2e19).float()  # g ⊙ g past float32's 3.4e38
+    weight = torch.randn(6, 7, dtype=torch.float64).mul(1e-20).float()
+    scores, threshold = torch.rand(6, 7), torch.tensor([float("-inf"), float("inf")], dtype=torch.float64)
+    direct = (weight.double() * grad.double()).float()
+    _, grad_scores = ops.hypergrad(grad, weight, scores, threshold, inv_gamma=0.0, implicit=implicit)
+    torch.testing.assert_close(grad_scores, direct, rtol=1e-6, atol=0)
+    _, grad_scores = ops.hypergrad(grad, weight, scores, threshold, inv_gamma=1e-4, implicit="paper")
+    assert bool((grad_scores == float("-inf")).all()), grad_scores
+
+
 @needs_cpu_kernels
 @pytest.mark.parametrize("structure_name", ["unstructured", "filter", "2:4", "tile3x5"])
 def test_non_contiguous_inputs(monkeypatch, seed, structure_name):

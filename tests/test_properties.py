@@ -89,12 +89,15 @@ def oracle_masks(scores_list: list[torch.Tensor], structure: Structure, k: int |
     return [blocks[oracle_block_index(structure, scores.shape)] for scores, blocks in zip(scores_list, kept)]
 
 
-def oracle_hypergrad(grad, weight, mask, inv_gamma, implicit):
-    """(grad_θ, grad_s) in float64 from the formula; grad_θ is a select of g."""
+def oracle_hypergrad(grad, weight, scores, mask, inv_gamma, implicit):
+    """(grad_θ, grad_s, the terms' magnitude) in float64 from the formula; grad_θ is a select of g, grad_s
+    changes sign where s < 0 (the mask ranks |s|)."""
     g, theta = grad.double(), weight.double()
     direct = theta * g
     implicit_term = direct * direct if implicit == "released" else torch.where(mask, g * g, 0.0)
-    return torch.where(mask, g, 0.0), direct - inv_gamma * implicit_term, direct.abs() + inv_gamma * implicit_term.abs()
+    sign = torch.where(scores < 0, -1.0, 1.0).double()
+    return (torch.where(mask, g, 0.0), sign * (direct - inv_gamma * implicit_term),
+            direct.abs() + inv_gamma * implicit_term.abs())
 
 
 # ---------------------------------------------------------------------------------------------- problems
@@ -218,7 +221,7 @@ def test_masked_weight_and_hypergrad_match_their_formulas(monkeypatch, backend, 
 
     grad_weight, grad_scores = ops.hypergrad(grad, weight, scores, threshold, structure, inv_gamma=inv_gamma,
                                              implicit=implicit)
-    want_weight, want_scores, magnitude = oracle_hypergrad(grad, weight, mask, inv_gamma, implicit)
+    want_weight, want_scores, magnitude = oracle_hypergrad(grad, weight, scores, mask, inv_gamma, implicit)
     assert grad_weight.dtype == grad_scores.dtype == dtype
     assert grad_weight.stride() == grad_scores.stride() == strides
     assert torch.equal(grad_weight.double(), want_weight), "grad_θ is a select of g"

@@ -127,15 +127,18 @@ def test_nm_mask_matches_definition(seed, shape, nm):
 def test_hypergrad_matches_formula(seed, implicit):
     structure = parse_structure("unstructured")
     weight, grad = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
-    scores = weight.abs()
-    threshold = reference.topk_threshold([scores], 11)[0]
+    scores = torch.randn(6, 5, dtype=torch.float64)  # signed: grad_s carries sign(s), the mask ranks |s|
+    scores[0, :3] = torch.tensor([0.0, -0.0, float("nan")], dtype=torch.float64)  # sign +1
+    threshold = reference.topk_threshold([scores.abs()], 11)[0]
     mask = reference.block_mask(scores, threshold, structure)
     grad_weight, grad_scores = reference.hypergrad(grad, weight, scores, threshold, structure, 0.25, implicit)
-    for g, theta, m, gw, gs in zip(grad.reshape(-1).tolist(), weight.reshape(-1).tolist(), mask.reshape(-1).tolist(),
-                                   grad_weight.reshape(-1).tolist(), grad_scores.reshape(-1).tolist()):
+    for g, theta, s, m, gw, gs in zip(grad.reshape(-1).tolist(), weight.reshape(-1).tolist(),
+                                      scores.reshape(-1).tolist(), mask.reshape(-1).tolist(),
+                                      grad_weight.reshape(-1).tolist(), grad_scores.reshape(-1).tolist()):
         implicit_term = (theta * g) ** 2 if implicit == "released" else (g * g if m else 0.0)
         assert gw == (g if m else 0.0)
-        assert gs == pytest.approx(theta * g - 0.25 * implicit_term, rel=1e-15, abs=1e-300)
+        sign = -1.0 if s < 0 else 1.0
+        assert gs == pytest.approx(sign * (theta * g - 0.25 * implicit_term), rel=1e-15, abs=1e-300)
 
 
 @pytest.mark.parametrize("structure_name", ["filter", "channel", "tile2x3"])

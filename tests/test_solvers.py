@@ -54,7 +54,8 @@ def closure_on(model, inputs, targets):
 def test_bip_keeps_exactly_k_and_lowers_the_loss(seed, mode, structure):
     data = tiny_task()
     model = tiny_model()
-    solver = bipkernels.BiP(model, 0.7, structure, mode=mode, lr=0.05, score_lr=0.05, lower_steps=2, total_steps=200)
+    solver = bipkernels.BiP(model, 0.7, structure, mode=mode, lr=0.05, score_lr=0.05,
+                            lower_steps=2 if mode == "faithful" else 1, total_steps=200)
     blocks = sum(layer.block_scores().numel() for _, layer in bipkernels.masked_layers(model))
     inputs, targets = data.tensors
 
@@ -211,6 +212,7 @@ def test_imp_rounds_and_schedules():
     (dict(implicit="neither"), "implicit must be one of"),
     (dict(lr=-1.0), "lr must be a number >= 0"),
     (dict(lower_steps=0), "lower_steps must be an int >= 1"),
+    (dict(lower_steps=3), r"lower_steps=3 needs mode='faithful'"),
     (dict(schedule="linear"), "schedule must be one of"),
 ])
 def test_bip_rejects_bad_settings(kwargs, message):
@@ -579,3 +581,20 @@ def test_prune_checks_every_split_and_the_mode_before_the_model_changes(seed):
     with pytest.raises(ValueError, match=r"prune: mode must be"):
         bipkernels.prune(model, tiny_task(), "bip", 0.5, epochs=1, mode="x")
     assert not bipkernels.masked_layers(model)
+
+
+@pytest.mark.parametrize("method", ["bip", "hydra"])
+def test_prune_seeds_dropout_on_generators_of_its_own(seed, method):
+    data = tiny_task()
+    dense = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Dropout(0.5), nn.Linear(24, 3))
+    runs = []
+    for caller_seed in (1, 2):  # the caller's stream differs between the two calls
+        torch.manual_seed(caller_seed)
+        caller_state = torch.get_rng_state()
+        pruned, _ = bipkernels.prune(copy.deepcopy(dense), data, method, 0.7, epochs=2, finetune_epochs=1,
+                                     batch_size=16, seed=5)
+        assert torch.equal(torch.get_rng_state(), caller_state)
+        runs.append(pruned.state_dict())
+    assert runs[0].keys() == runs[1].keys()
+    for key, value in runs[0].items():
+        assert torch.equal(value, runs[1][key]) if torch.is_tensor(value) else value == runs[1][key], key

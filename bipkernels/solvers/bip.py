@@ -4,8 +4,9 @@
     lower:  θ*(m) = argmin_θ l(m ⊙ θ) + (γ/2)‖θ‖²
 
 One backward of the masked layers gives both gradients (bipkernels.ops.hypergrad):
-weight.grad = m ⊙ g and scores.grad = θ ⊙ g − inv_gamma · I, with I = m ⊙ g ⊙ g (``implicit="paper"``)
-or (θ ⊙ g)² (``"released"``, the official code's G1 ⊙ G2). After every score step the scores are
+weight.grad = m ⊙ g and scores.grad = sign(s) ⊙ (θ ⊙ g − inv_gamma · I), with I = m ⊙ g ⊙ g
+(``implicit="paper"``) or (θ ⊙ g)² (``"released"``, the official code's G1 ⊙ G2); sign(s) because the
+mask ranks |s|. After every score step the scores are
 projected back to exactly k kept blocks.
 
 Modes: ``"faithful"`` alternates as the paper does: ``lower_steps`` SGD steps on the weights, each on its
@@ -87,6 +88,9 @@ class BiP:
                        weight_decay=weight_decay, inv_gamma=inv_gamma, implicit=implicit, lower_steps=lower_steps,
                        schedule=schedule, score_schedule=score_schedule, total_steps=total_steps,
                        step_scores_in_backward=step_scores_in_backward)
+        if mode == "fused" and lower_steps != 1:
+            raise ValueError(f"BiP: lower_steps={lower_steps} needs mode='faithful': fused mode takes both levels' "
+                             "steps from one backward")
         self.model, self.sparsity, self.scope = model, sparsity, scope
         self.mode, self.lower_steps = mode, lower_steps
         self.step_scores_in_backward = step_scores_in_backward
@@ -193,7 +197,9 @@ class BiP:
                 raise RuntimeError("BiP.step: the closure ran backward twice through the same scores; with "
                                    "step_scores_in_backward=True every score steps as soon as its gradient is "
                                    "complete, so gradients cannot accumulate over several backward calls: "
-                                   "pass step_scores_in_backward=False to BiP")
+                                   "pass step_scores_in_backward=False to BiP (each backward then adds its own "
+                                   "implicit term, the sum of m ⊙ g ⊙ g over the backward calls rather than that "
+                                   "of their summed g, as under DistributedDataParallel)")
             if score_step:  # every other score's .grad is None here: the step moves this one alone
                 self.score_optimizer.step()
                 stepped.add(id(score))
@@ -221,7 +227,9 @@ class BiP:
                                "checkpoint with load_state_dict before going on")
 
     def step(self, closure, upper_closure=None) -> torch.Tensor:
-        """One BiP iteration; returns the (upper-level) loss."""
+        """One BiP iteration; returns the (upper-level) loss. A closure may call backward more than once
+        (gradient accumulation) only with step_scores_in_backward=False; the implicit term is then the sum
+        of each backward's own (m ⊙ g_i ⊙ g_i, not m ⊙ (Σ g_i)²)."""
         for name, value in (("closure", closure), ("upper_closure", upper_closure)):
             if (value is not None or name == "closure") and not callable(value):
                 raise TypeError(f"BiP.step: {name} must be callable, got {type(value).__name__} {value!r}")

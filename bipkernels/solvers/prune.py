@@ -26,6 +26,8 @@ def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0
     omp, random: one shot, then ``finetune_epochs``. hydra: ``epochs`` of score search, then
     ``finetune_epochs``. imp: rounds of 20% with ``finetune_epochs`` each, rewinding to ``rewind_state``.
     Before evaluation the batch-norm statistics are recalibrated on ``train_data`` under the final masks.
+    ``seed`` fixes the batches and every draw from torch's generators (dropout): the run draws from
+    generators of its own, seeded with it, so one call gives one model and the caller's stream is untouched.
     ``structure``: None is unstructured for a model without masked layers and the layers' own otherwise.
 
     result: method, target and reached global sparsity, per-layer sparsity, validation and test accuracy
@@ -53,30 +55,36 @@ def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0
     if method == "bip" and "total_steps" in options:
         raise ValueError(f"prune: total_steps={options['total_steps']!r}: prune computes it from epochs and the data "
                          "(build a bipkernels.BiP to set it)")
-    started = time.perf_counter()
-    common = dict(structure=structure, scope=scope, batch_size=batch_size, seed=seed)
     if method == "bip":
         steps = epochs * steps_per_epoch(len(train_data), batch_size, options.get("mode", "fused"),
                                          options.get("lower_steps", 1), data_shard(model)[1])
         if epochs and not steps:  # before BiP converts the model
             raise ValueError(f"prune: {len(train_data)} examples in batches of batch_size={batch_size} give no BiP "
                              f"step ({options.get('mode', 'fused')} mode): nothing would train")
-        solver = BiP(model, sparsity, given, scope, total_steps=max(steps, 1), **options)
-        solver.fit(train_data, epochs, batch_size, seed)
-        passes, spent = solver.passes, epochs
-    elif method in ("omp", "random"):
-        run = omp if method == "omp" else random_prune
-        passes, spent = run(model, train_data, sparsity, finetune_epochs=finetune_epochs, **common, **options), \
-            finetune_epochs
-    elif method == "hydra":
-        passes = hydra(model, train_data, sparsity, score_epochs=epochs, finetune_epochs=finetune_epochs,
-                       **{**common, "structure": given}, **options)
-        spent = epochs + finetune_epochs
-    else:
-        passes = imp(model, train_data, sparsity, rewind_state=rewind_state, epochs_per_round=finetune_epochs,
-                     **common, **options)
-        spent = len(imp_rounds(sparsity, options.get("rate", 0.2))) * finetune_epochs
-    recalibrate_batchnorm(model, train_data)
+    # The model's CUDA devices forked too: dropout there draws from each device's own generator.
+    devices = sorted({parameter.device for parameter in model.parameters() if parameter.device.type == "cuda"},
+                     key=str)
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        started = time.perf_counter()
+        common = dict(structure=structure, scope=scope, batch_size=batch_size, seed=seed)
+        if method == "bip":
+            solver = BiP(model, sparsity, given, scope, total_steps=max(steps, 1), **options)
+            solver.fit(train_data, epochs, batch_size, seed)
+            passes, spent = solver.passes, epochs
+        elif method in ("omp", "random"):
+            run = omp if method == "omp" else random_prune
+            passes, spent = run(model, train_data, sparsity, finetune_epochs=finetune_epochs, **common, **options), \
+                finetune_epochs
+        elif method == "hydra":
+            passes = hydra(model, train_data, sparsity, score_epochs=epochs, finetune_epochs=finetune_epochs,
+                           **{**common, "structure": given}, **options)
+            spent = epochs + finetune_epochs
+        else:
+            passes = imp(model, train_data, sparsity, rewind_state=rewind_state, epochs_per_round=finetune_epochs,
+                         **common, **options)
+            spent = len(imp_rounds(sparsity, options.get("rate", 0.2))) * finetune_epochs
+        recalibrate_batchnorm(model, train_data)
     result = {
         "method": method,
         "structure": ", ".join(sorted({str(layer.structure) for _, layer in masked_nn.masked_layers(model)})),

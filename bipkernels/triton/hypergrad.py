@@ -1,6 +1,6 @@
 """The fused backward of z = m ⊙ θ in Triton (bipkernels.reference.hypergrad), in one elementwise pass:
 
-    grad_θ = m ⊙ g      grad_s = θ ⊙ g − inv_gamma · I,  I = m ⊙ g ⊙ g (paper) or (θ ⊙ g)² (released)
+    grad_θ = m ⊙ g      grad_s = sign(s) ⊙ (θ ⊙ g − inv_gamma · I),  I = m ⊙ g ⊙ g (paper) or (θ ⊙ g)² (released)
 
 computed in the score type (float32 for half types). ``values`` is the arithmetic alone; the masked
 matmul's weight-gradient epilogue applies it too.
@@ -21,15 +21,17 @@ _BLOCK = launch_size(1024, 64)
 
 
 @triton.jit
-def values(grad, theta, keep, inv_gamma, RELEASED: tl.constexpr):
+def values(grad, theta, keep, negative, inv_gamma, RELEASED: tl.constexpr):
     """(grad_θ, grad_s) of one element from g and θ in the accumulation type (math.h hypergrad_element).
-    grad_θ is a select: g may be inf or NaN where pruned."""
+    grad_θ is a select: g may be inf or NaN where pruned. ``negative``: s < 0, where grad_s changes sign."""
     direct = theta * grad
     if RELEASED:
         implicit = direct * direct
     else:
         implicit = tl.where(keep, grad * grad, tl.zeros_like(grad))
-    return tl.where(keep, grad, tl.zeros_like(grad)), direct - inv_gamma * implicit
+    # inv_gamma 0 is the plain straight-through gradient, even where g * g overflows (0 * inf is NaN).
+    grad_mask = tl.where(inv_gamma == 0, direct, direct - inv_gamma * implicit)
+    return tl.where(keep, grad, tl.zeros_like(grad)), tl.where(negative, -grad_mask, grad_mask)
 
 
 def inv_gamma_tensor(inv_gamma: float, device: torch.device) -> torch.Tensor:
@@ -60,7 +62,8 @@ def _hypergrad_kernel(scores_ptr, block_scores_ptr, threshold_ptr, cols, inner, 
         grad += mask_rule.to_score(tl.load(grad_ptr + offsets, mask=valid), F64)
     theta = mask_rule.to_score(tl.load(weight_ptr + flat, mask=valid), F64)
     inv_gamma = mask_rule.to_score(tl.load(inv_gamma_ptr), F64)
-    grad_weight, grad_scores = values(grad, theta, keep, inv_gamma, RELEASED)
+    negative = tl.load(scores_ptr + flat, mask=valid, other=0.0) < 0
+    grad_weight, grad_scores = values(grad, theta, keep, negative, inv_gamma, RELEASED)
     tl.store(grad_weight_ptr + flat, grad_weight.to(grad_weight_ptr.dtype.element_ty), mask=valid)
     tl.store(grad_scores_ptr + flat, grad_scores.to(grad_scores_ptr.dtype.element_ty), mask=valid)
 

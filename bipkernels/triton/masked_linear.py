@@ -202,7 +202,8 @@ def _weight_grad_kernel(scores_ptr, block_scores_ptr, threshold_ptr, cols, inner
         keep = mask_rule.kept(scores_ptr, block_scores_ptr, value, cut, n, k, valid, K, 1, tile_cols, KIND, A, B,
                               F64)
         theta = widen(tl.load(weight_ptr + n * K + k, mask=valid, other=0.0))
-        grad_weight, grad_scores = hypergrad.values(acc, theta, keep, tl.load(inv_gamma_ptr).to(tl.float32),
+        negative = tl.load(scores_ptr + n * K + k, mask=valid, other=0.0) < 0
+        grad_weight, grad_scores = hypergrad.values(acc, theta, keep, negative, tl.load(inv_gamma_ptr).to(tl.float32),
                                                     RELEASED)
         tl.store(grad_weight_ptr + n * K + k, grad_weight.to(grad_weight_ptr.dtype.element_ty), mask=valid)
         tl.store(grad_scores_ptr + n * K + k, grad_scores.to(grad_scores_ptr.dtype.element_ty), mask=valid)

@@ -26,6 +26,7 @@ std::tuple<at::Tensor, at::Tensor> hypergrad(const at::Tensor& grad, const at::T
     const auto rule = prepared.rule<scalar_t>().loaded();
     const scalar_t* g = grad_ordered.const_data_ptr<scalar_t>();
     const scalar_t* theta = weight_ordered.const_data_ptr<scalar_t>();
+    const scalar_t* s = prepared.scores.const_data_ptr<scalar_t>();  // in the order of g and θ
     scalar_t* out_theta = grad_weight.mutable_data_ptr<scalar_t>();
     scalar_t* out_score = grad_scores.mutable_data_ptr<scalar_t>();
     const acc_t inv_gamma_acc = static_cast<acc_t>(inv_gamma);
@@ -34,7 +35,7 @@ std::tuple<at::Tensor, at::Tensor> hypergrad(const at::Tensor& grad, const at::T
         for_each_decision<decltype(kind)::value>(rule, begin, end, [&](int64_t first, int64_t stop, bool kept) {
           for (int64_t i = first; i < stop; ++i) {
             const auto element = hypergrad_element<acc_t>(static_cast<acc_t>(g[i]), static_cast<acc_t>(theta[i]),
-                                                          kept, inv_gamma_acc, implicit);
+                                                          kept, s[i] < scalar_t(0), inv_gamma_acc, implicit);
             out_theta[i] = static_cast<scalar_t>(element.grad_theta);
             out_score[i] = static_cast<scalar_t>(element.grad_score);
           }

@@ -13,19 +13,21 @@ namespace {
 
 template <int64_t Kind, int Width, typename scalar_t, typename score_t>
 __global__ void hypergrad_kernel(MaskRule<scalar_t, score_t> unloaded, const scalar_t* grad, const scalar_t* theta,
-                                 scalar_t* grad_theta, scalar_t* grad_score, at::opmath_type<scalar_t> inv_gamma,
-                                 int64_t implicit, int64_t n) {
+                                 const scalar_t* scores, scalar_t* grad_theta, scalar_t* grad_score,
+                                 at::opmath_type<scalar_t> inv_gamma, int64_t implicit, int64_t n) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto rule = unloaded.loaded();
   for_each_run<Width>(n, [&](int64_t first, auto width) {
     constexpr int W = decltype(width)::value;
     const auto g = *reinterpret_cast<const Vector<scalar_t, W>*>(grad + first);
     const auto t = *reinterpret_cast<const Vector<scalar_t, W>*>(theta + first);
+    const auto s = *reinterpret_cast<const Vector<scalar_t, W>*>(scores + first);
     Vector<scalar_t, W> out_theta, out_score;
 #pragma unroll
     for (int j = 0; j < W; ++j) {
       const auto element = hypergrad_element<acc_t>(static_cast<acc_t>(g.lane[j]), static_cast<acc_t>(t.lane[j]),
-                                                    rule.template kept<Kind>(first + j), inv_gamma, implicit);
+                                                    rule.template kept<Kind>(first + j), s.lane[j] < scalar_t(0),
+                                                    inv_gamma, implicit);
       out_theta.lane[j] = static_cast<scalar_t>(element.grad_theta);
       out_score.lane[j] = static_cast<scalar_t>(element.grad_score);
     }
@@ -49,14 +51,15 @@ std::tuple<at::Tensor, at::Tensor> hypergrad(const at::Tensor& grad, const at::T
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "hypergrad", [&] {
     const scalar_t* g = grad_ordered.const_data_ptr<scalar_t>();
     const scalar_t* theta = weight_ordered.const_data_ptr<scalar_t>();
+    const scalar_t* s = prepared.scores.const_data_ptr<scalar_t>();  // in the order of g and θ
     scalar_t* out_theta = grad_weight.mutable_data_ptr<scalar_t>();
     scalar_t* out_score = grad_scores.mutable_data_ptr<scalar_t>();
     with_kind(prepared.layout.kind, [&](auto kind) {
-      with_vector_width<scalar_t>(vector_width<scalar_t>({g, theta, out_theta, out_score}), [&](auto width) {
+      with_vector_width<scalar_t>(vector_width<scalar_t>({g, theta, s, out_theta, out_score}), [&](auto width) {
         constexpr int W = decltype(width)::value;
         hypergrad_kernel<decltype(kind)::value, W><<<grid_for(ceil_div(n, W)), kThreads, 0,
                                                     c10::cuda::getCurrentCUDAStream()>>>(
-            prepared.rule<scalar_t>(), g, theta, out_theta, out_score,
+            prepared.rule<scalar_t>(), g, theta, s, out_theta, out_score,
             static_cast<at::opmath_type<scalar_t>>(inv_gamma), implicit, n);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });

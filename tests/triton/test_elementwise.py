@@ -155,3 +155,16 @@ def test_gradients_through_the_ops_equal_the_torch_backends(monkeypatch, seed, n
         gradients[backend] = (leaf_weight.grad, leaf_scores.grad)
     assert torch.equal(gradients["triton"][0], gradients["torch"][0])
     torch.testing.assert_close(gradients["triton"][1], gradients["torch"][1], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("implicit", IMPLICIT_FORMS)
+def test_hypergrad_without_the_implicit_term_where_g_squared_overflows(triton_backend, seed, implicit):
+    """inv_gamma = 0 gives θ ⊙ g where g ⊙ g overflows float32 (0 · inf would be NaN), as the reference."""
+    grad = (torch.rand(6, 7, dtype=torch.float64) + 1).mul(2e19).float()  # g ⊙ g past float32's 3.4e38
+    weight = torch.randn(6, 7, dtype=torch.float64).mul(1e-20).float()
+    scores, structure = torch.rand(6, 7), parse_structure("unstructured")
+    results = ops.hypergrad(grad, weight, scores, KEEP_ALL, structure, inv_gamma=0.0, implicit=implicit)
+    expected = reference.hypergrad(grad, weight, scores, KEEP_ALL, structure, inv_gamma=0.0, implicit=implicit)
+    assert not bool(results[1].isnan().any())
+    for result, reference_result in zip(results, expected):
+        assert_close(result, reference_result)

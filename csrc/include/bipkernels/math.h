@@ -41,7 +41,7 @@ enum ImplicitForm : int64_t {
   kImplicitReleased = 1,  // -(1/gamma) * (theta * g)^2, the released code's G1 * G2
 };
 
-BIPK_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+BIPK_HD int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }  // no a + b overflow
 
 // Which elements form which block. For N:M the "blocks" are the groups of M; their scores are not
 // reduced (each element keeps |s|), the group only decides which N survive.
@@ -274,8 +274,11 @@ inline void with_kind(int64_t kind, const Body& body) {
 
 // The fused backward of z = m ⊙ θ for one element, in the accumulation type acc_t:
 //   grad_theta = m ⊙ g                            (a select: g may be inf/NaN where pruned)
-//   grad_score = θ ⊙ g − inv_gamma · implicit      (straight-through: grad_s = grad_m)
-// with implicit = m ⊙ g ⊙ g (paper) or (θ ⊙ g)² (released code).
+//   grad_m     = θ ⊙ g − inv_gamma · implicit
+//   grad_score = sign(s) ⊙ grad_m                 (straight-through through the ranking of |s|)
+// with implicit = m ⊙ g ⊙ g (paper) or (θ ⊙ g)² (released code). sign(s) is -1 for s < 0 and +1
+// otherwise (0, -0.0 and NaN included): a step then moves |s|, which the mask ranks, the way the loss
+// asks, as autograd through |s| does in the released code; scores that start as |θ| keep grad_m.
 template <typename acc_t>
 struct HypergradElement {
   acc_t grad_theta, grad_score;
@@ -283,7 +286,7 @@ struct HypergradElement {
 
 template <typename acc_t>
 BIPK_HD HypergradElement<acc_t> hypergrad_element(
-    acc_t grad, acc_t theta, bool kept, acc_t inv_gamma, int64_t implicit) {
+    acc_t grad, acc_t theta, bool kept, bool negative_score, acc_t inv_gamma, int64_t implicit) {
   const acc_t direct = theta * grad;
   acc_t implicit_term;
   if (implicit == kImplicitReleased) {
@@ -291,7 +294,9 @@ BIPK_HD HypergradElement<acc_t> hypergrad_element(
   } else {
     implicit_term = kept ? grad * grad : acc_t(0);
   }
-  return {kept ? grad : acc_t(0), direct - inv_gamma * implicit_term};
+  // inv_gamma 0 is the plain straight-through gradient, even where g * g overflows (0 * inf is NaN).
+  const acc_t grad_mask = inv_gamma == acc_t(0) ? direct : direct - inv_gamma * implicit_term;
+  return {kept ? grad : acc_t(0), negative_score ? -grad_mask : grad_mask};
 }
 
 }  // namespace bipkernels
