@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import fcntl
 import json
+import os
 import pickle
 import signal
 import sys
@@ -28,6 +30,45 @@ from .solvers.training import (check_settings, evaluate, fetch, recalibrate_batc
                                 save_atomically, train_weights, write_text_atomically)
 
 _BIP_OPTIONS = ("mode", "implicit", "inv_gamma", "lr", "score_lr", "score_momentum")  # the options BiP takes
+_RESULTS = {"prune": ("pruned.pt", "results.json"), "compare": ("compare.json", "accuracy.png", "time.png")}
+
+
+class OutputLock:
+    """An exclusive lock on OUT/.lock (flock) held for the whole command, so that a second run of the same
+    folder, or a --resume of it, while one is live stops at once instead of writing over its files and
+    deleting the temporary file of a write in progress. The lock goes with the process (a killed run
+    holds none); the file holds the owner's pid for the message."""
+
+    def __init__(self, args):
+        self.args, self.file = args, None
+
+    def take(self) -> None:
+        """Lock OUT if it is a folder and not yet locked here; exit naming the live run if another holds it."""
+        out = Path(self.args.out)
+        if self.file is not None or not out.is_dir():
+            return
+        file = open(out / ".lock", "a+")
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            owner = file.read().strip() or "unknown"
+            file.close()
+            sys.exit(f"bipkernels {self.args.command}: a live run (pid {owner}) is writing {out}: let it finish, "
+                     "stop it (Ctrl-C saves its state), or choose another --out")
+        file.seek(0)
+        file.truncate()
+        file.write(f"{os.getpid()}\n")
+        file.flush()
+        self.file = file
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        if self.file is not None:
+            self.file.close()  # releases the lock
+            self.file = None
 
 
 class StopRequest:
@@ -64,16 +105,19 @@ def _load(what: str, path: Path, command: str):
         sys.exit(f"bipkernels {command}: {what} {path} cannot be read ({type(error).__name__}: {error})")
 
 
-def _resumable(args, typed: set[str]) -> tuple[argparse.Namespace, dict, dict]:
-    """The arguments, the state to start from and the data splits. With --resume: the arguments saved in
+def _resumable(args, typed: set[str], lock: OutputLock) -> tuple[argparse.Namespace, dict, dict]:
+    """The arguments, the state to start from and the data splits, with ``lock`` taken on OUT before
+    anything there is read or written. With --resume: the arguments saved in
     OUT/resume.pt (--out as given) and its state; exits naming the file if there is none, it cannot be
     read or it is another command's; the options ``typed`` on the command line (argparse dests) that
     differ from the saved ones are named as ignored. Otherwise the arguments as given, saved there as the
     state {"args": ...} once _setup has checked them; exits if OUT holds an interrupted run, which that
-    would overwrite. Either way it first deletes the temporary files that a killed write left in OUT."""
+    would overwrite, and deletes the results of a finished run there (named), which the new run replaces.
+    Either way it first deletes the temporary files that a killed write left in OUT."""
     out = Path(args.out)
     resume_path = out / "resume.pt"
     state = {}
+    lock.take()
     if args.resume:
         if not resume_path.exists():
             sys.exit(f"bipkernels {args.command}: --resume but there is no {resume_path}")
@@ -94,9 +138,16 @@ def _resumable(args, typed: set[str]) -> tuple[argparse.Namespace, dict, dict]:
         sys.exit(f"bipkernels {args.command}: {resume_path} holds an interrupted run: continue it with --resume, "
                  "or delete it (or choose another --out) to start afresh")
     splits = _setup(args)
+    lock.take()  # the folder exists now
     for leftover in remove_temporaries(out):
         print(f"removed {leftover}, the part of a write that a killed run left", file=sys.stderr)
     if not state:
+        finished = [out / name for name in _RESULTS[args.command] if (out / name).exists()]
+        if finished:  # else a run killed before its end would leave them beside its own files
+            print(f"bipkernels {args.command}: removing the results of the run finished in {out} "
+                  f"({', '.join(path.name for path in finished)}): this run writes its own", file=sys.stderr)
+            for path in finished:
+                path.unlink()
         state = {"args": {key: value for key, value in vars(args).items() if key != "resume"}}
         save_atomically(state, resume_path)
     return args, state, splits
@@ -217,18 +268,22 @@ def prune(args, typed: set[str] = frozenset()) -> dict:
     left are deleted on resume. ``typed``: the options given on the command line (see _resumable; none
     when called from Python).
     """
-    args, state, splits = _resumable(args, typed)
+    lock = OutputLock(args)
+    args, state, splits = _resumable(args, typed, lock)
     out = Path(args.out)
     resume_path = out / "resume.pt"
-    with StopRequest() as stop:
+    with lock, StopRequest() as stop:
         if "solver" in state:
             model, dense_accuracy = _model(args, splits), state["dense_accuracy"]
         else:
             model, _ = _pretrained(args, splits, state, stop)
             dense_accuracy = evaluate(model, splits["test"])
         per_epoch = steps_per_epoch(len(splits["train"]), args.batch_size, args.mode)
-        solver = BiP(model, args.sparsity, args.structure, args.scope, total_steps=max(args.epochs * per_epoch, 1),
-                     **_bip_options(args))
+        with warnings.catch_warnings():
+            if "solver" in state:  # the projection of a model about to be replaced by the saved state
+                warnings.filterwarnings("ignore", message="bipkernels.convert: the global projection keeps no block")
+            solver = BiP(model, args.sparsity, args.structure, args.scope,
+                         total_steps=max(args.epochs * per_epoch, 1), **_bip_options(args))
 
         def checkpoint(position):
             save_atomically({"solver": solver.state_dict(), "position": position, "args": state["args"],
@@ -298,9 +353,10 @@ def compare(args, typed: set[str] = frozenset()) -> list[dict]:
     never stopped (wall times aside). SIGINT / SIGTERM stop at the end of the current pretraining epoch or
     run, with the state saved.
     """
-    args, state, splits = _resumable(args, typed)
+    lock = OutputLock(args)
+    args, state, splits = _resumable(args, typed, lock)
     out = Path(args.out)
-    with StopRequest() as stop:
+    with lock, StopRequest() as stop:
         dense, rewind = _pretrained(args, splits, state, stop)
         dense_accuracy = evaluate(dense, splits["test"])
         runs = [(sparsity, method) for sparsity in args.sparsities for method in args.methods]
@@ -426,10 +482,17 @@ def main(argv=None) -> int:
             parser.error(f"argument --{option}: each value once, got {' '.join(map(str, values))}")
     if args.command == "info":
         print(format_info(build_info()))
-    elif args.command == "prune":
-        prune(args, typed)
-    else:
-        compare(args, typed)
+        return 0
+    resume_path = Path(args.out) / "resume.pt"
+    try:
+        prune(args, typed) if args.command == "prune" else compare(args, typed)
+    except KeyboardInterrupt:  # before the stop request is in place, or a second Ctrl-C
+        print(f"\nbipkernels {args.command}: interrupted; {resume_path} holds the last state saved, if any "
+              "(continue with --resume)", file=sys.stderr)
+        return 130
+    except OSError as error:  # a full disk, a folder removed under the run: no traceback for those
+        sys.exit(f"bipkernels {args.command}: {type(error).__name__}: {error}; {resume_path} holds the last state "
+                 "saved, if any (continue with --resume once that is mended)")
     return 0
 
 

@@ -189,7 +189,9 @@ def _check_threshold(op: str, threshold, scores: torch.Tensor, structure: Struct
     if not isinstance(threshold, torch.Tensor) or threshold.dtype != torch.float64 or tuple(threshold.shape) != (2,):
         got = f"{threshold.dtype} of shape {tuple(threshold.shape)}" if isinstance(threshold, torch.Tensor) else \
             type(threshold).__name__
-        raise ValueError(f"bipkernels.{op}: threshold must be a float64 tensor of shape (2,) = (value, cut), got {got}")
+        # TypeError for what is not a float64 tensor, ValueError for a float64 tensor of another shape.
+        kind = ValueError if isinstance(threshold, torch.Tensor) and threshold.dtype == torch.float64 else TypeError
+        raise kind(f"bipkernels.{op}: threshold must be a float64 tensor of shape (2,) = (value, cut), got {got}")
     if threshold.device != scores.device:
         raise ValueError(f"bipkernels.{op}: threshold is on {threshold.device} but scores are on {scores.device}")
     return threshold
@@ -209,7 +211,8 @@ def _structure(op: str, structure, p, scores: torch.Tensor) -> Structure:
 
 
 def block_scores(scores: torch.Tensor, structure: str | Structure = "unstructured", p: int | None = None):
-    """|s| reduced within each block of ``structure``: Σ|s| for ``p`` = 1, Σs² (squared norm) for 2.
+    """|s| reduced within each block of ``structure``: Σ|s| for ``p`` = 1, Σs² (squared norm) for 2;
+    unstructured and N:M, whose blocks are single elements, give |s| whatever ``p`` (the same ranking).
 
     Shapes: unstructured and N:M keep the shape of ``scores``; filter gives (out,), channel (in,), tile
     (ceil(rows/h), ceil(cols/w)). dtype: float32 (float64 for float64 scores). Empty in, empty out.
@@ -277,7 +280,10 @@ def topk_masks(scores_list, k: int | None, structure: str | Structure = "unstruc
 
     For N:M structures the masks keep N of every M by themselves and ``k`` must be None.
     """
-    parsed = parse_structure(structure, p)
+    try:
+        parsed = parse_structure(structure, p)
+    except (ValueError, TypeError) as error:
+        raise type(error)(f"bipkernels.topk_masks: {error}") from None
     if not isinstance(scores_list, (torch.Tensor, list, tuple)):
         raise TypeError(f"bipkernels.topk_masks: scores_list must be a tensor or a list of tensors, got "
                         f"{type(scores_list).__name__} {scores_list!r}")
@@ -286,6 +292,7 @@ def topk_masks(scores_list, k: int | None, structure: str | Structure = "unstruc
         if k is not None:
             raise ValueError(f"bipkernels.topk_masks: N:M structure {parsed} keeps N of every M; k must be None, got {k!r}")
         return [block_mask(scores, None, parsed) for scores in scores_list]
+    check_int("bipkernels.topk_masks", "k", k)
     thresholds = topk_threshold([block_scores(scores, parsed) for scores in scores_list], k)
     return [block_mask(scores, threshold, parsed) for scores, threshold in zip(scores_list, thresholds)]
 
@@ -314,13 +321,15 @@ def check_implicit_term(owner: str, inv_gamma, implicit) -> float:
 
 
 def hypergrad(grad: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, threshold: torch.Tensor | None,
-              structure: str | Structure = "unstructured", p: int | None = None, inv_gamma: float = 0.0,
-              implicit: str = "paper"):
+              structure: str | Structure = "unstructured", inv_gamma: float = 0.0, implicit: str = "paper", *,
+              p: int | None = None):
     """Both levels' gradients of z = m ⊙ θ from g = ∂l/∂z in one pass: (grad_θ, grad_s).
 
     grad_θ = m ⊙ g; grad_s = sign(s) ⊙ (θ ⊙ g − inv_gamma · I) with I = m ⊙ g ⊙ g (``implicit="paper"``)
     or (θ ⊙ g)² (``"released"``, the official code's G1 ⊙ G2); sign(s) = -1 for s < 0, else +1 (the mask
-    ranks |s|). inv_gamma = 0 is HYDRA's straight-through score gradient. Shapes and dtype of ``weight``; half types compute in float32.
+    ranks |s|). inv_gamma = 0 is HYDRA's straight-through score gradient. Shapes and dtype of ``weight``;
+    half types compute in float32. The arguments in DESIGN.md's order; ``p`` (the block norm, see
+    block_scores) by keyword.
     """
     inv_gamma = check_implicit_term("bipkernels.hypergrad", inv_gamma, implicit)
     return hypergrad_checked(grad, weight, scores, threshold, structure, p, inv_gamma, implicit)

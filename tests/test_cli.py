@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -107,8 +108,7 @@ def test_compare_killed_between_its_two_writes_loses_no_result(tmp_path, monkeyp
 
     for name in ("save_atomically", "write_text_atomically"):
         monkeypatch.setattr(cli, name, dying_after_the_last_result(getattr(cli, name)))
-    with pytest.raises(KeyboardInterrupt):
-        main(arguments)
+    assert main(arguments) == 130  # KeyboardInterrupt: the exit status of a stop, with no traceback
     monkeypatch.undo()
     main(arguments[:1] + ["--resume", "--out", str(tmp_path)])
     results = json.loads((tmp_path / "compare.json").read_text())["results"]
@@ -243,3 +243,40 @@ def test_compare_uses_its_batch_size_and_checks_bip_steps_only_for_bip(tmp_path)
     result = json.loads((tmp_path / "compare.json").read_text())["results"][0]
     assert result["passes"] == 2  # one batch of all 1078 training images per fine-tuning epoch
 
+
+
+def test_a_live_run_locks_its_output_folder(tmp_path):
+    """A second run of the folder, or a --resume of it, while one is live stops before touching it."""
+    with open(tmp_path / ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as the live run holds it
+        held.write("4242\n")
+        held.flush()
+        for argv in (["prune", "--pretrain-epochs", "0", "--epochs", "0"], ["prune", "--resume"]):
+            save_atomically({"args": {"command": "prune"}}, tmp_path / "resume.pt")
+            with pytest.raises(SystemExit, match=r"bipkernels prune: a live run \(pid 4242\) is writing"):
+                main([*argv, "--out", str(tmp_path)])
+    (tmp_path / "resume.pt").unlink()
+    main(["prune", "--pretrain-epochs", "0", "--epochs", "0", "--out", str(tmp_path)])  # released: it runs
+
+
+def test_a_new_run_removes_the_results_of_a_finished_one_and_names_them(tmp_path, capsys, monkeypatch):
+    for name in ("pruned.pt", "results.json"):
+        (tmp_path / name).write_text("the earlier run's")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "train_weights", killed)
+    assert main(["prune", "--pretrain-epochs", "1", "--out", str(tmp_path)]) == 130
+    assert "removing the results of the run finished in" in capsys.readouterr().err
+    assert not (tmp_path / "pruned.pt").exists() and not (tmp_path / "results.json").exists()
+
+
+def test_a_failed_write_exits_with_one_line(tmp_path, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cli, "write_text_atomically", full)
+    with pytest.raises(SystemExit, match=r"bipkernels prune: OSError: \[Errno 28\] No space left on device; .*"
+                                         r"resume.pt holds the last state saved"):
+        main(["prune", "--pretrain-epochs", "0", "--epochs", "0", "--out", str(tmp_path)])

@@ -482,7 +482,9 @@ def test_load_state_dict_checks_the_state_before_changing_anything(seed):
     filters = bipkernels.BiP(tiny_model(), 0.5, "filter", total_steps=10)
     cases = [(wider.state_dict(), r"the state is of another model: \d+ entries"),
              (filters.state_dict(), r"layer '0' is unstructured here but filter in the state"),
-             ({"model": before["model"]}, "not a BiP state")]
+             ({"model": before["model"]}, "not a BiP state"),
+             ({**before, "settings": {**before["settings"], "sparsity": 0.7, "lr": 0.05}},
+              r"the state is of a run with other settings \(sparsity 0.7 there, 0.5 here; lr 0.05 there, 0.1 here\)")]
     for state, message in cases:
         with pytest.raises(ValueError, match=rf"BiP.load_state_dict: {message}"):
             solver.load_state_dict(state)
@@ -598,3 +600,28 @@ def test_prune_seeds_dropout_on_generators_of_its_own(seed, method):
     assert runs[0].keys() == runs[1].keys()
     for key, value in runs[0].items():
         assert torch.equal(value, runs[1][key]) if torch.is_tensor(value) else value == runs[1][key], key
+
+
+@pytest.mark.parametrize("method", bipkernels.solvers.METHODS)
+def test_prune_refuses_a_structure_other_than_the_masked_layers_own(seed, method):
+    model = bipkernels.convert(tiny_model(), 0.5)  # unstructured
+    masks = bipkernels.masks(model)
+    with pytest.raises(ValueError, match=r"prune: structure 'filter', but the model is already masked and its "
+                                         r"layer '0' has structure unstructured"):
+        bipkernels.prune(model, tiny_task(), method, 0.7, structure="filter", epochs=1, finetune_epochs=1)
+    assert all(torch.equal(mask, masks[name]) for name, mask in bipkernels.masks(model).items())
+    bipkernels.prune(model, tiny_task(), method, 0.7, structure="unstructured", epochs=1, finetune_epochs=1)
+
+
+def test_prune_checks_the_targets_against_the_logits_before_the_model_changes(seed):
+    model = tiny_model()
+    inputs, targets = tiny_task().tensors
+    wrong = targets.clone()
+    wrong[50] = 7  # the model has 3 classes; not the first example: a TensorDataset's targets are all checked
+    with pytest.raises(ValueError, match=r"prune: train_data: target 7 is not a class index of the model's 3 logits "
+                                         r"\(0 to 2\)"):
+        bipkernels.prune(model, TensorDataset(inputs, wrong), "bip", 0.5, epochs=1)
+    with pytest.raises(ValueError, match=r"prune: test_data: float targets \(probabilities\) of shape \(1, 5\) but "
+                                         r"the model's logits have shape \(1, 3\)"):
+        bipkernels.prune(model, tiny_task(), "omp", 0.5, test_data=TensorDataset(inputs, torch.rand(96, 5)))
+    assert not bipkernels.masked_layers(model) and model.training

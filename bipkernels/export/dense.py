@@ -83,6 +83,9 @@ def export_dense(model: nn.Module, *, prune_masks: bool = False) -> nn.Module:
     ``weight_orig`` and ``weight_mask`` until ``torch.nn.utils.prune.remove``.
     """
     _check_model("export_dense", model)
+    if not isinstance(prune_masks, bool):
+        raise TypeError(f"bipkernels.export_dense: prune_masks must be a bool, got {type(prune_masks).__name__} "
+                        f"{prune_masks!r}")
     # Seeding deepcopy's memo swaps each masked layer for its twin wherever the model refers to it,
     # without copying scores that the export throws away. A bias, and a weight nothing prunes, that
     # other modules also hold stay shared with them through the twin's copy.

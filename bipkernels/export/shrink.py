@@ -232,8 +232,17 @@ def export_shrunk(model: nn.Module, example_inputs, *, warn: bool = True) -> tup
     if meta is not None:
         raise ValueError(f"bipkernels.export_shrunk: {meta} is on the meta device: finding zero filters needs the "
                          "values (load the weights first)")
+    if not isinstance(example_inputs, (torch.Tensor, tuple, list)):
+        raise TypeError(f"bipkernels.export_shrunk: example_inputs must be a tensor or a tuple of the forward's "
+                        f"arguments, got {type(example_inputs).__name__} {example_inputs!r}")
     dense = export_dense(model).eval()
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    try:
+        with torch.no_grad():
+            dense(*inputs)
+    except Exception as error:  # the user's input, not a fault of the export: say so before tracing
+        raise ValueError(f"bipkernels.export_shrunk: the model does not run on example_inputs "
+                         f"({type(error).__name__}: {error})") from error
     report = ShrinkReport()
     while True:  # removing channels can zero more filters (those that read only removed channels)
         step = _shrink_once(dense, inputs, type(model).__name__)

@@ -37,9 +37,10 @@ from torch import nn
 from .. import distributed
 from .. import nn as masked_nn
 from ..ops import check_int
-from ..structures import Structure, parse_structure
-from .training import (Progress, batch_count, check_dataset, check_settings, data_shard, ddp_wrapper, epoch_batches,
-                       fetch, model_device, random_state, scheduler, set_random_state, shard_size)
+from ..structures import Structure
+from .training import (Progress, batch_count, check_dataset, check_masked_structure, check_settings, data_shard,
+                       ddp_wrapper, epoch_batches, fetch, model_device, random_state, scheduler, set_random_state,
+                       shard_size)
 
 
 def steps_per_epoch(dataset_size: int, batch_size: int, mode: str = "fused", lower_steps: int = 1,
@@ -93,6 +94,12 @@ class BiP:
                              "steps from one backward")
         self.model, self.sparsity, self.scope = model, sparsity, scope
         self.mode, self.lower_steps = mode, lower_steps
+        # What a state of this run must have been saved with (load_state_dict): the optimisers' and
+        # schedules' states carry some of these, and the projection and the steps read the others.
+        self.settings = dict(sparsity=sparsity, scope=scope, mode=mode, lr=lr, score_lr=score_lr, momentum=momentum,
+                             score_momentum=score_momentum, weight_decay=weight_decay, inv_gamma=inv_gamma,
+                             implicit=implicit, lower_steps=lower_steps, schedule=schedule,
+                             score_schedule=score_schedule, total_steps=total_steps)
         self.step_scores_in_backward = step_scores_in_backward
         self._failure = None  # why the state matches no run, after a step failed halfway
         self.group = group
@@ -134,13 +141,7 @@ class BiP:
         layers' structures are ``structure`` (None: any)."""
         model, group = self.model, self.group
         converted = not masked_nn.masked_layers(model)
-        if not converted and structure is not None:
-            wanted = parse_structure(structure)
-            for name, layer in masked_nn.masked_layers(model):
-                if layer.structure != wanted:
-                    raise ValueError(f"BiP: structure {structure!r}, but the model is already masked and its layer "
-                                     f"{name!r} has structure {layer.structure}: pass structure=None to keep the "
-                                     "layers' own, or convert an unmasked model")
+        check_masked_structure("BiP", model, structure)
         if converted and ddp_wrapper(model) is not None:
             raise ValueError("BiP: the model is or holds a DistributedDataParallel wrapper of layers not yet masked: "
                              "converting inside it adds score parameters that DDP never synchronises, so the ranks' "
@@ -353,13 +354,15 @@ class BiP:
             "score_schedule": self.score_schedule.state_dict(),
             "iteration": self.iteration,
             "passes": self.passes,
+            "settings": dict(self.settings),
             **random_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Everything ``state_dict`` saved. The state is checked against the solver first (its keys, the
-        model's keys, shapes and layer structures), and the optimisers load before the model, so a state of
-        another run raises with the solver as it was."""
+        model's keys, shapes and layer structures, and the settings it was saved with: sparsity, scope,
+        mode, rates, momenta, weight decay, implicit term, lower steps, schedules, total steps), and the
+        optimisers load before the model, so a state of another run raises with the solver as it was."""
         self._check_state(state)
         self.weight_optimizer.load_state_dict(state["weight_optimizer"])
         self.score_optimizer.load_state_dict(state["score_optimizer"])
@@ -383,6 +386,12 @@ class BiP:
         if differ:
             raise ValueError(f"{owner}: the state is of another model: {len(differ)} entries missing, extra or of "
                              f"another shape (first {sorted(differ)[0]!r})")
+        saved_settings = state.get("settings", self.settings)  # a state saved before settings were kept: as here
+        other = [f"{key} {saved_settings.get(key)!r} there, {value!r} here" for key, value in self.settings.items()
+                 if saved_settings.get(key) != value]
+        if other:
+            raise ValueError(f"{owner}: the state is of a run with other settings ({'; '.join(other)}): build the "
+                             "BiP with the settings of the run it continues")
         for name, layer in masked_nn.masked_layers(self.model):
             extra = saved.get(f"{name}._extra_state" if name else "_extra_state")
             if isinstance(extra, dict) and Structure(*extra["structure"]) != layer.structure:

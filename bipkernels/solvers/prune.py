@@ -12,7 +12,8 @@ from .bip import BiP, steps_per_epoch
 from .hydra import hydra
 from .imp import imp, imp_rounds
 from .omp import omp, random_prune
-from .training import check_dataset, check_settings, data_shard, evaluate, fetch, recalibrate_batchnorm
+from .training import (check_dataset, check_masked_structure, check_settings, check_targets, data_shard, evaluate,
+                       fetch, model_device, recalibrate_batchnorm)
 
 METHODS = ("bip", "omp", "imp", "hydra", "random")
 
@@ -42,14 +43,16 @@ def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0
         structure = "unstructured"
     check_settings("prune", sparsity=sparsity, structure=structure, scope=scope, epochs=epochs,
                    finetune_epochs=finetune_epochs, batch_size=batch_size, seed=seed)
+    check_masked_structure("prune", model, given)
     for name, data in (("train_data", train_data), ("val_data", val_data), ("test_data", test_data)):
         if data is not None or name == "train_data":  # before the model changes, not after the run
             check_dataset("prune", name, data)
             try:  # one example: (input, target) pairs
-                fetch(data, torch.arange(min(len(data), 1)), "cpu")
+                example = fetch(data, torch.arange(min(len(data), 1)), model_device(model))
             except (ValueError, TypeError, IndexError) as error:  # an exception's own type where it rebuilds so
                 kind = type(error) if type(error) in (ValueError, TypeError, IndexError) else ValueError
                 raise kind(f"prune: {name}: {type(error).__name__}: {error}") from error
+            check_targets(f"prune: {name}", model, data, *example)
     if method == "bip" and "mode" in options:
         check_settings("prune", mode=options["mode"])
     if method == "bip" and "total_steps" in options:

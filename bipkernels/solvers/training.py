@@ -97,6 +97,19 @@ def check_data(owner: str, dataset, epochs: int) -> None:
         raise ValueError(f"{owner}: the training data are empty: {epochs} epochs would train nothing")
 
 
+def check_masked_structure(owner: str, model: nn.Module, structure) -> None:
+    """ValueError if ``structure`` (None: any) is not that of every layer the model already masks: a
+    solver prunes a masked model in its layers' own structures, so another one asked for would be ignored."""
+    if structure is None:
+        return
+    wanted = parse_structure(structure)
+    for name, layer in masked_layers(model):
+        if layer.structure != wanted:
+            raise ValueError(f"{owner}: structure {structure!r}, but the model is already masked and its layer "
+                             f"{name!r} has structure {layer.structure}: pass structure=None to keep the "
+                             "layers' own, or convert an unmasked model")
+
+
 def convert_to_reset(model: nn.Module, structure, scope: str) -> None:
     """bipkernels.convert(model, 0.0, ...) for a solver that sets every mask itself next: convert's warnings
     that the masks of layers already masked changed, or that they keep their own structure (the solvers
@@ -202,6 +215,39 @@ def fetch(dataset: Dataset, indices: torch.Tensor, device) -> tuple[torch.Tensor
         if targets.dim() == 2 and targets.shape[1] == 1:
             targets = targets.squeeze(1)
     return inputs.to(device), targets.to(device)
+
+
+@torch.no_grad()
+def check_targets(owner: str, model: nn.Module, dataset: Dataset, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+    """ValueError naming ``owner`` if the model's logits for ``inputs`` (one example, run in eval mode with
+    every module's mode and the random streams restored after) and ``targets`` do not go together for
+    cross_entropy: class indices outside [0, classes) (all of a TensorDataset's targets are checked, else
+    the example's), or float targets of another shape than the logits."""
+    modes = [(module, module.training) for module in model.modules()]
+    devices = [device for device in {p.device for p in model.parameters()} if device.type == "cuda"]
+    try:
+        with torch.random.fork_rng(devices=devices):
+            logits = model.eval()(inputs) if len(inputs) else None
+    finally:
+        for module, training in modes:
+            module.training = training
+    if not (isinstance(logits, torch.Tensor) and logits.dim() == 2):
+        if logits is not None:
+            got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ValueError(f"{owner}: the model returns {got}, not logits (examples, classes)")
+        return
+    if targets.is_floating_point() or targets.is_complex():
+        if targets.shape != logits.shape:
+            raise ValueError(f"{owner}: float targets (probabilities) of shape {tuple(targets.shape)} but the model's "
+                             f"logits have shape {tuple(logits.shape)}")
+        return
+    if type(dataset) is TensorDataset and len(dataset.tensors) == 2 and not dataset.tensors[1].is_floating_point():
+        targets = dataset.tensors[1]
+    classes = logits.shape[1]
+    outside = targets[(targets < 0) | (targets >= classes)]
+    if outside.numel():
+        raise ValueError(f"{owner}: target {int(outside[0])} is not a class index of the model's {classes} logits "
+                         f"(0 to {classes - 1})")
 
 
 def model_device(model: nn.Module) -> torch.device:
