@@ -1,5 +1,6 @@
 """`python -m benchmarks [pytest args]`: run the benchmarks, then write results keyed by device,
-versions and date under benchmarks/results/: the pytest-benchmark JSON, a markdown table and a plot.
+versions and date under benchmarks/results/: the pytest-benchmark JSON, a markdown table and a plot
+(a later run of the same day adds -run2, -run3, ...: it never overwrites an earlier one's files).
 
     python -m benchmarks                       # everything (CPU; the GPU ones where a GPU is present)
     python -m benchmarks -k topk_threshold     # a chosen set
@@ -61,8 +62,15 @@ def plot(results: dict, path: Path) -> bool:
 def main(argv: list[str]) -> int:
     stamp = f"{device_name()}-torch{torch.__version__.split('+')[0]}-{datetime.date.today().isoformat()}"
     RESULTS.mkdir(exist_ok=True)
+    taken, run = stamp, 1
+    while (RESULTS / f"{stamp}.json").exists():  # an earlier run of the day keeps its files
+        run += 1
+        stamp = f"{taken}-run{run}"
     json_path = RESULTS / f"{stamp}.json"
-    code = pytest.main(["-q", str(Path(__file__).parent), f"--benchmark-json={json_path}", *argv])
+    # Warm-up rounds first: the first benchmark of a session ran 2.7× slow without them (first-touch pages,
+    # allocator and thread-pool warm-up), and a warm kernel is what a training loop runs.
+    code = pytest.main(["-q", str(Path(__file__).parent), "--benchmark-warmup=on", f"--benchmark-json={json_path}",
+                        *argv])
     if code != 0 or not json_path.exists():
         return int(code) or 1
     results = json.loads(json_path.read_text())

@@ -17,11 +17,12 @@ from torch.nn import functional as F
 
 
 class _StraightThrough(torch.autograd.Function):
-    """The 0/1 mask forward, the gradient passed to the scores unchanged (the released GetSubnet)."""
+    """The 0/1 mask of |s| forward, the gradient passed through unchanged (the released GetSubnet, which
+    the released layers call on popup_scores.abs(): autograd adds sign(s) on the way to the scores)."""
 
     @staticmethod
-    def forward(ctx, scores, threshold):
-        return (scores.abs() >= threshold).to(scores.dtype)
+    def forward(ctx, magnitudes, threshold):
+        return (magnitudes >= threshold).to(magnitudes.dtype)
 
     @staticmethod
     def backward(ctx, grad):
@@ -37,7 +38,7 @@ class SortMaskedConv2d(nn.Conv2d):
         self.global_threshold = None
 
     def forward(self, x):
-        mask = _StraightThrough.apply(self.popup_scores, self.global_threshold)
+        mask = _StraightThrough.apply(self.popup_scores.abs(), self.global_threshold)
         return self._conv_forward(x, self.weight * mask, self.bias)
 
 
@@ -49,7 +50,7 @@ class SortMaskedLinear(nn.Linear):
         self.global_threshold = None
 
     def forward(self, x):
-        mask = _StraightThrough.apply(self.popup_scores, self.global_threshold)
+        mask = _StraightThrough.apply(self.popup_scores.abs(), self.global_threshold)
         return F.linear(x, self.weight * mask, self.bias)
 
 

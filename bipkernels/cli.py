@@ -47,7 +47,10 @@ class OutputLock:
         out = Path(self.args.out)
         if self.file is not None or not out.is_dir():
             return
-        file = open(out / ".lock", "a+")
+        try:
+            file = open(out / ".lock", "a+")
+        except OSError as error:  # a read-only folder: the run could not write anything there
+            sys.exit(f"bipkernels {self.args.command}: --out {out}: {error}")
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -106,9 +109,19 @@ def _load(what: str, path: Path, command: str):
 
 
 def _resumable(args, typed: set[str], lock: OutputLock) -> tuple[argparse.Namespace, dict, dict]:
+    """_resume_or_start, releasing ``lock`` if it stops (a refusal, a failed setup): the lock goes at once,
+    not with a traceback that something may keep."""
+    try:
+        return _resume_or_start(args, typed, lock)
+    except BaseException:
+        lock.__exit__()
+        raise
+
+
+def _resume_or_start(args, typed: set[str], lock: OutputLock) -> tuple[argparse.Namespace, dict, dict]:
     """The arguments, the state to start from and the data splits, with ``lock`` taken on OUT before
-    anything there is read or written. With --resume: the arguments saved in
-    OUT/resume.pt (--out as given) and its state; exits naming the file if there is none, it cannot be
+    anything there is read or written. With --resume: the arguments saved in OUT/resume.pt (--out as
+    given) and its state; exits naming the file if there is none, it cannot be
     read or it is another command's; the options ``typed`` on the command line (argparse dests) that
     differ from the saved ones are named as ignored. Otherwise the arguments as given, saved there as the
     state {"args": ...} once _setup has checked them; exits if OUT holds an interrupted run, which that
@@ -291,7 +304,10 @@ def prune(args, typed: set[str] = frozenset()) -> dict:
 
         start = tuple(state.get("position", (0, 0)))
         if "solver" in state:
-            solver.load_state_dict(state["solver"])
+            try:
+                solver.load_state_dict(state["solver"])
+            except ValueError as error:  # e.g. a folder: data set that gained images since (other total steps)
+                sys.exit(f"bipkernels prune --resume: {error}")
             print(f"resuming at epoch {start[0] + 1}, step {start[1]}", file=sys.stderr)
         else:
             checkpoint(start)  # from here on a resumed run skips pretraining

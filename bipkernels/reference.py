@@ -179,8 +179,9 @@ def hypergrad(grad: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, th
     direct = theta * g
     implicit_term = direct * direct if implicit == "released" else torch.where(mask, g * g, zero)
     grad_weight = torch.where(mask, g, zero)
-    # inv_gamma 0 is the plain straight-through gradient, even where g * g overflows (0 * inf is NaN).
-    grad_mask = direct - inv_gamma * implicit_term if inv_gamma else direct
+    # inv_gamma 0 in the accumulation type (as the kernels test it) is the plain straight-through gradient,
+    # even where g * g overflows (0 * inf is NaN).
+    grad_mask = direct - inv_gamma * implicit_term if float(torch.tensor(inv_gamma, dtype=acc)) else direct
     # The mask ranks |s|: straight-through, grad_s = sign(s) ⊙ grad_m (+1 at 0, -0.0 and NaN), so a step
     # moves |s| the way the loss asks whatever the sign of s (autograd through |s| in the released code).
     grad_scores = torch.where(scores < 0, -grad_mask, grad_mask)

@@ -280,3 +280,14 @@ def test_a_failed_write_exits_with_one_line(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"bipkernels prune: OSError: \[Errno 28\] No space left on device; .*"
                                          r"resume.pt holds the last state saved"):
         main(["prune", "--pretrain-epochs", "0", "--epochs", "0", "--out", str(tmp_path)])
+
+
+def test_a_refused_run_releases_the_lock_at_once(tmp_path):
+    """The refusal's traceback stays alive here (``refused``): the lock must not go with it only."""
+    save_atomically({"args": {"command": "prune"}}, tmp_path / "resume.pt")
+    argv = ["prune", "--pretrain-epochs", "0", "--epochs", "0", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit, match="holds an interrupted run") as refused:
+        main(argv)
+    (tmp_path / "resume.pt").unlink()
+    main(argv)
+    assert refused.value.code and (tmp_path / "results.json").exists()

@@ -134,8 +134,9 @@ def test_hypergrad_without_the_implicit_term_is_the_direct_one_where_g_squared_o
     weight = torch.randn(6, 7, dtype=torch.float64).mul(1e-20).float()
     scores, threshold = torch.rand(6, 7), torch.tensor([float("-inf"), float("inf")], dtype=torch.float64)
     direct = (weight.double() * grad.double()).float()
-    _, grad_scores = ops.hypergrad(grad, weight, scores, threshold, inv_gamma=0.0, implicit=implicit)
-    torch.testing.assert_close(grad_scores, direct, rtol=1e-6, atol=0)
+    for inv_gamma in (0.0, 1e-50):  # 1e-50 is 0 in float32, where the term is computed
+        _, grad_scores = ops.hypergrad(grad, weight, scores, threshold, inv_gamma=inv_gamma, implicit=implicit)
+        torch.testing.assert_close(grad_scores, direct, rtol=1e-6, atol=0)
     _, grad_scores = ops.hypergrad(grad, weight, scores, threshold, inv_gamma=1e-4, implicit="paper")
     assert bool((grad_scores == float("-inf")).all()), grad_scores
 

@@ -618,10 +618,24 @@ def test_prune_checks_the_targets_against_the_logits_before_the_model_changes(se
     inputs, targets = tiny_task().tensors
     wrong = targets.clone()
     wrong[50] = 7  # the model has 3 classes; not the first example: a TensorDataset's targets are all checked
-    with pytest.raises(ValueError, match=r"prune: train_data: target 7 is not a class index of the model's 3 logits "
-                                         r"\(0 to 2\)"):
+    with pytest.raises(ValueError, match=r"prune: train_data: target 7 is not a class index of the model's 3 classes "
+                                         r"\(0 to 2, or cross_entropy's ignore_index -100\)"):
         bipkernels.prune(model, TensorDataset(inputs, wrong), "bip", 0.5, epochs=1)
-    with pytest.raises(ValueError, match=r"prune: test_data: float targets \(probabilities\) of shape \(1, 5\) but "
-                                         r"the model's logits have shape \(1, 3\)"):
+    with pytest.raises(ValueError, match=r"prune: test_data: float targets \(probabilities\) of shape \(2, 5\) but "
+                                         r"the model's outputs have shape \(2, 3\)"):
         bipkernels.prune(model, tiny_task(), "omp", 0.5, test_data=TensorDataset(inputs, torch.rand(96, 5)))
     assert not bipkernels.masked_layers(model) and model.training
+    # What trains under cross_entropy passes: ignore_index, dense outputs, a forward that needs a batch.
+    wrong[50] = -100
+    bipkernels.prune(copy.deepcopy(model), TensorDataset(inputs, wrong), "omp", 0.5, finetune_epochs=1)
+    dense = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3, track_running_stats=False))
+    pixels = TensorDataset(torch.randn(8, 2, 4, 4), torch.randint(0, 3, (8, 4, 4)))
+    bipkernels.prune(dense, pixels, "omp", 0.5, finetune_epochs=1, batch_size=4)
+
+
+def test_a_state_saved_with_numpy_settings_loads_with_weights_only(seed, tmp_path):
+    solver = bipkernels.BiP(tiny_model(), np.float64(0.5), lr=np.float32(0.1), total_steps=np.int64(10))
+    torch.save(solver.state_dict(), tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert state["settings"]["total_steps"] == 10 and type(state["settings"]["sparsity"]) is float
+    bipkernels.BiP(tiny_model(), 0.5, lr=float(np.float32(0.1)), total_steps=10).load_state_dict(state)

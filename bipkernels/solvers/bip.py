@@ -96,10 +96,12 @@ class BiP:
         self.mode, self.lower_steps = mode, lower_steps
         # What a state of this run must have been saved with (load_state_dict): the optimisers' and
         # schedules' states carry some of these, and the projection and the steps read the others.
-        self.settings = dict(sparsity=sparsity, scope=scope, mode=mode, lr=lr, score_lr=score_lr, momentum=momentum,
-                             score_momentum=score_momentum, weight_decay=weight_decay, inv_gamma=inv_gamma,
-                             implicit=implicit, lower_steps=lower_steps, schedule=schedule,
-                             score_schedule=score_schedule, total_steps=total_steps)
+        # Plain Python values (a numpy scalar would need torch.load(weights_only=False)).
+        self.settings = dict(sparsity=float(sparsity), scope=scope, mode=mode, lr=float(lr), score_lr=float(score_lr),
+                             momentum=float(momentum), score_momentum=float(score_momentum),
+                             weight_decay=float(weight_decay), inv_gamma=float(inv_gamma), implicit=implicit,
+                             lower_steps=int(lower_steps), schedule=schedule, score_schedule=score_schedule,
+                             total_steps=int(total_steps))
         self.step_scores_in_backward = step_scores_in_backward
         self._failure = None  # why the state matches no run, after a step failed halfway
         self.group = group
@@ -126,13 +128,15 @@ class BiP:
         score_ids = {id(layer.scores) for layer in layers}
         scores = [layer.scores for layer in layers]
         weights = [p for p in model.parameters() if id(p) not in score_ids]
+        settings = self.settings  # Python numbers: the optimisers' and schedules' states hold them too
         # Parameter groups, which may be empty: a rank's shard may hold no scores, or nothing else.
-        self.weight_optimizer = torch.optim.SGD([{"params": weights}], lr=lr, momentum=momentum,
-                                                weight_decay=weight_decay)
-        self.score_optimizer = torch.optim.SGD([{"params": scores}], lr=score_lr, momentum=score_momentum)
-        self.total_steps, self._schedules = total_steps, {schedule, score_schedule}
-        self.weight_schedule = scheduler(self.weight_optimizer, schedule, total_steps)
-        self.score_schedule = scheduler(self.score_optimizer, score_schedule, total_steps)
+        self.weight_optimizer = torch.optim.SGD([{"params": weights}], lr=settings["lr"],
+                                                momentum=settings["momentum"], weight_decay=settings["weight_decay"])
+        self.score_optimizer = torch.optim.SGD([{"params": scores}], lr=settings["score_lr"],
+                                               momentum=settings["score_momentum"])
+        self.total_steps, self._schedules = settings["total_steps"], {schedule, score_schedule}
+        self.weight_schedule = scheduler(self.weight_optimizer, schedule, settings["total_steps"])
+        self.score_schedule = scheduler(self.score_optimizer, score_schedule, settings["total_steps"])
         self.iteration = 0
         self.passes = 0  # forward+backward passes spent
 

@@ -13,7 +13,7 @@ from .hydra import hydra
 from .imp import imp, imp_rounds
 from .omp import omp, random_prune
 from .training import (check_dataset, check_masked_structure, check_settings, check_targets, data_shard, evaluate,
-                       fetch, model_device, recalibrate_batchnorm)
+                       fetch, forked_random_state, model_device, recalibrate_batchnorm)
 
 METHODS = ("bip", "omp", "imp", "hydra", "random")
 
@@ -47,12 +47,12 @@ def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0
     for name, data in (("train_data", train_data), ("val_data", val_data), ("test_data", test_data)):
         if data is not None or name == "train_data":  # before the model changes, not after the run
             check_dataset("prune", name, data)
-            try:  # one example: (input, target) pairs
-                example = fetch(data, torch.arange(min(len(data), 1)), model_device(model))
+            try:  # two examples: (input, target) pairs
+                examples = fetch(data, torch.arange(min(len(data), 2)), model_device(model))
             except (ValueError, TypeError, IndexError) as error:  # an exception's own type where it rebuilds so
                 kind = type(error) if type(error) in (ValueError, TypeError, IndexError) else ValueError
                 raise kind(f"prune: {name}: {type(error).__name__}: {error}") from error
-            check_targets(f"prune: {name}", model, data, *example)
+            check_targets(f"prune: {name}", model, data, *examples)
     if method == "bip" and "mode" in options:
         check_settings("prune", mode=options["mode"])
     if method == "bip" and "total_steps" in options:
@@ -64,11 +64,12 @@ def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0
         if epochs and not steps:  # before BiP converts the model
             raise ValueError(f"prune: {len(train_data)} examples in batches of batch_size={batch_size} give no BiP "
                              f"step ({options.get('mode', 'fused')} mode): nothing would train")
-    # The model's CUDA devices forked too: dropout there draws from each device's own generator.
-    devices = sorted({parameter.device for parameter in model.parameters() if parameter.device.type == "cuda"},
-                     key=str)
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+    # Every initialised GPU's generator seeded too (dropout on a GPU draws from its own); an uninitialised
+    # CUDA is left alone: torch.manual_seed would queue a seed for its first use.
+    with forked_random_state():
+        torch.default_generator.manual_seed(seed)
+        if torch.cuda.is_initialized():
+            torch.cuda.manual_seed_all(seed)
         started = time.perf_counter()
         common = dict(structure=structure, scope=scope, batch_size=batch_size, seed=seed)
         if method == "bip":

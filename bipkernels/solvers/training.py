@@ -217,37 +217,45 @@ def fetch(dataset: Dataset, indices: torch.Tensor, device) -> tuple[torch.Tensor
     return inputs.to(device), targets.to(device)
 
 
+def forked_random_state():
+    """torch.random.fork_rng over the CPU's generator and every initialised GPU's (none while CUDA is not
+    initialised: nothing there has drawn yet, and reading its state would initialise it)."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    return torch.random.fork_rng(devices=devices)
+
+
 @torch.no_grad()
 def check_targets(owner: str, model: nn.Module, dataset: Dataset, inputs: torch.Tensor, targets: torch.Tensor) -> None:
-    """ValueError naming ``owner`` if the model's logits for ``inputs`` (one example, run in eval mode with
-    every module's mode and the random streams restored after) and ``targets`` do not go together for
-    cross_entropy: class indices outside [0, classes) (all of a TensorDataset's targets are checked, else
-    the example's), or float targets of another shape than the logits."""
+    """ValueError naming ``owner`` where the model's outputs for ``inputs`` (a few examples, run in eval
+    mode; every module's mode and the random streams are restored after) and ``targets`` cannot go together
+    in cross_entropy: class indices outside [0, classes) other than its ignore_index -100 (all of a
+    TensorDataset's targets, else the examples'), or float targets (probabilities) of another shape than
+    the outputs. Classes are dim 1 of the outputs ((N, C) or dense (N, C, ...)). A forward that fails on so
+    few examples (a batch norm without running statistics) or outputs of fewer than 2 dims are left to
+    training: the check only adds a clear error where it can tell."""
     modes = [(module, module.training) for module in model.modules()]
-    devices = [device for device in {p.device for p in model.parameters()} if device.type == "cuda"]
     try:
-        with torch.random.fork_rng(devices=devices):
-            logits = model.eval()(inputs) if len(inputs) else None
+        with forked_random_state():
+            outputs = model.eval()(inputs)
+    except Exception:  # training raises the real error, with its own trace
+        return
     finally:
         for module, training in modes:
             module.training = training
-    if not (isinstance(logits, torch.Tensor) and logits.dim() == 2):
-        if logits is not None:
-            got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-            raise ValueError(f"{owner}: the model returns {got}, not logits (examples, classes)")
+    if not (isinstance(outputs, torch.Tensor) and outputs.dim() >= 2 and len(outputs) == len(inputs)):
         return
     if targets.is_floating_point() or targets.is_complex():
-        if targets.shape != logits.shape:
+        if targets.shape != outputs.shape:
             raise ValueError(f"{owner}: float targets (probabilities) of shape {tuple(targets.shape)} but the model's "
-                             f"logits have shape {tuple(logits.shape)}")
+                             f"outputs have shape {tuple(outputs.shape)}")
         return
     if type(dataset) is TensorDataset and len(dataset.tensors) == 2 and not dataset.tensors[1].is_floating_point():
         targets = dataset.tensors[1]
-    classes = logits.shape[1]
-    outside = targets[(targets < 0) | (targets >= classes)]
+    classes = outputs.shape[1]
+    outside = targets[((targets < 0) & (targets != -100)) | (targets >= classes)]
     if outside.numel():
-        raise ValueError(f"{owner}: target {int(outside[0])} is not a class index of the model's {classes} logits "
-                         f"(0 to {classes - 1})")
+        raise ValueError(f"{owner}: target {int(outside[0])} is not a class index of the model's {classes} classes "
+                         f"(0 to {classes - 1}, or cross_entropy's ignore_index -100)")
 
 
 def model_device(model: nn.Module) -> torch.device:
