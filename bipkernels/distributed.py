@@ -18,7 +18,10 @@ four all-reduces of a 65,536-bin histogram (one per 16-bit digit, most significa
 ranks' tie counts. Scores never leave their rank. ``project`` is nn.project for a model shard, and
 ``BiP(..., group=group)`` uses it.
 
-Both are collectives: every rank of the group calls them, with the same ``k`` or ``sparsity``.
+Both are collectives: every rank of the group calls them, with the same ``k`` or ``sparsity`` and scope.
+Before any work they agree in one small all-reduce: a rank whose arguments fail their checks raises its
+own error and every other rank a RuntimeError naming it, and ranks that disagree on ``k``, the scope or
+the block scores' dtype all raise the same ValueError, instead of some ranks waiting forever.
 """
 
 from __future__ import annotations
@@ -67,8 +70,8 @@ def collective_device(block_scores: list, group) -> torch.device:
 def check_devices(owner: str, tensors: list, backend: str) -> None:
     """ValueError naming ``owner`` unless ``tensors`` (this rank's scores) lie on one device that a
     ``backend`` collective takes: NCCL communicates CUDA tensors only. Checked before the first collective,
-    so that a rank fails with this message rather than inside the all-reduce. The others still wait in
-    that all-reduce unless the check runs under raise_together, as BiP's set-up runs it."""
+    so that a rank fails with this message rather than inside the all-reduce; topk_threshold, project
+    and BiP's set-up run it where a failure raises on every rank (_agree)."""
     devices = sorted({str(tensor.device) for tensor in tensors})
     if devices == ["meta"]:
         raise ValueError(f"{owner}: this rank's scores lie on the meta device, with no values to rank: load the "
@@ -85,15 +88,45 @@ def raise_together(owner: str, error: Exception | None, group=None) -> None:
     """A collective: raises on every rank of ``group`` if ``error`` is set on any. A rank that failed
     raises its own ``error``, the others a RuntimeError naming the lowest rank that failed: a rank that
     raised alone would leave the others waiting forever in the next collective."""
-    world = dist.get_world_size(group)
-    first_failed = torch.tensor(world - dist.get_rank(group) if error is not None else 0,
-                                device=collective_device([], group))
-    dist.all_reduce(first_failed, op=dist.ReduceOp.MAX, group=group)
+    _agree(owner, error, group)
+
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _agree(owner: str, error: Exception | None, group, dtypes=(), k: int | None = None,
+           scope: str | None = None) -> None:
+    """One all-reduce (MAX) of what every rank of ``group`` must share before a collective's work: whether
+    a rank failed its checks (``error``: it raises its own, the others a RuntimeError naming the lowest
+    failing rank), the block scores' ``dtypes`` (one over the group), ``k`` and ``scope`` (the same on
+    every rank). Every rank sees the same reduced values, so every rank raises, or none. Without a process
+    group a rank's own error is raised as it is."""
+    if error is not None and not (dist.is_available() and dist.is_initialized()):
+        raise error
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    k_value = -1 if k is None else min(k, _LOW_63)
+    scope_code = -1 if scope is None else SCOPES.index(scope)
+    shared = [world - rank if error is not None else 0, *(int(dtype in dtypes) for dtype in _DTYPES),
+              k_value, -k_value, scope_code, -scope_code]
+    reduced = torch.tensor(shared, dtype=torch.int64, device=collective_device([], group))
+    dist.all_reduce(reduced, op=dist.ReduceOp.MAX, group=group)
+    first_failed, *held, k_max, k_min, scope_max, scope_min = reduced.tolist()
     if error is not None:
         raise error
-    if int(first_failed):
-        raise RuntimeError(f"{owner}: rank {world - int(first_failed)} of the process group failed (its error says "
+    if first_failed:
+        raise RuntimeError(f"{owner}: rank {world - first_failed} of the process group failed (its error says "
                            "why), so this rank stops too")
+    names = [str(dtype) for dtype, present in zip(_DTYPES, held) if present]
+    if len(names) > 1:
+        raise ValueError(f"{owner}: the ranks' block scores have several dtypes ({', '.join(names)}), but one top-k "
+                         "over the group compares them in one: give every rank's masked layers one dtype (float16, "
+                         "bfloat16 and float32 layers rank as float32)")
+    if k_max != -k_min:
+        raise ValueError(f"{owner}: the ranks ask for different k (from {-k_min} to {k_max}): every rank of the "
+                         "group must pass the same k (the same sparsity)")
+    if scope_max != -scope_min:
+        raise ValueError(f"{owner}: the ranks ask for different scopes ({' and '.join(SCOPES)}): every rank of the "
+                         "group must pass the same scope")
 
 
 def topk_threshold(block_scores_list, k: int, group=None) -> torch.Tensor:
@@ -103,21 +136,29 @@ def topk_threshold(block_scores_list, k: int, group=None) -> torch.Tensor:
     Equal, bit for bit, to rows [offset, offset + L) of bipkernels.topk_threshold(all ranks' lists
     concatenated in rank order, k), offset = the number of tensors of lower ranks: exactly min(k, non-NaN
     blocks) kept over all ranks, ties to the lowest global index. A rank may hold no tensors (it gets a
-    (0, 2) result and still takes part). Tensors of any floating dtype, even mixed: they are ranked as
-    float64. No host synchronisation besides the collectives themselves.
+    (0, 2) result and still takes part). Tensors of one floating dtype over the group (ranked by their
+    float64 values); every rank passes the same ``k`` (_agree checks both, and each rank's arguments, before
+    the select). Host synchronisations: the agreement's, besides the collectives themselves.
     """
     owner = "bipkernels.distributed.topk_threshold"
     if isinstance(block_scores_list, torch.Tensor):  # the per-tensor form, as bipkernels.topk_threshold's
         return topk_threshold([block_scores_list], k, group)[0]
-    k = ops.check_int(owner, "k", k)
+    error = None
     try:
-        block_scores_list = list(block_scores_list)  # read twice: a generator would be empty the second time
-    except TypeError:
-        raise TypeError(f"{owner}: block_scores_list must be a tensor or an iterable of tensors, got "
-                        f"{type(block_scores_list).__name__} {block_scores_list!r}") from None
-    for index, scores in enumerate(block_scores_list):
-        ops.check_float("distributed.topk_threshold", f"block_scores[{index}]", scores)
-    check_devices(owner, block_scores_list, dist.get_backend(group))
+        k = ops.check_int(owner, "k", k)
+        try:
+            block_scores_list = list(block_scores_list)  # read twice: a generator would be empty the second time
+        except TypeError:
+            raise TypeError(f"{owner}: block_scores_list must be a tensor or an iterable of tensors, got "
+                            f"{type(block_scores_list).__name__} {block_scores_list!r}") from None
+        for index, scores in enumerate(block_scores_list):
+            ops.check_float("distributed.topk_threshold", f"block_scores[{index}]", scores)
+        check_devices(owner, block_scores_list, dist.get_backend(group))
+    except Exception as caught:  # raised on every rank by _agree
+        error = caught
+    _agree(owner, error, group, dtypes={scores.dtype for scores in block_scores_list} if error is None else (),
+           k=k if error is None else None)
+    k = min(k, _LOW_63)  # a count of blocks never reaches it; clamp (below) takes an int64
     flat = [scores.reshape(-1).double() for scores in block_scores_list]
     device = collective_device(flat, group)
     keys = [_keys(scores) for scores in flat]
@@ -170,16 +211,24 @@ def project(model: nn.Module, sparsity: float, scope: str = "global", group=None
     """bipkernels.project for a model shard: ``model`` holds this rank's masked layers, and exactly
     keep_count(blocks of all ranks, sparsity) blocks stay over the group (global scope; ties: rank order,
     then module order, then flat index). ``scope="layer"`` is per layer, so it needs no communication.
-    Every rank must hold the same structure kinds (block scores are compared across ranks as numbers).
+    Every rank must hold the same structure kinds (block scores are compared across ranks as numbers) and
+    pass the same ``sparsity`` and ``scope`` (checked: see _agree).
     """
-    if scope not in SCOPES:
-        raise ValueError(f"bipkernels.distributed.project: scope must be one of {SCOPES}, got {scope!r}")
-    ops.check_sparsity(sparsity, "bipkernels.distributed.project")
+    owner = "bipkernels.distributed.project"
+    error, layers = None, []
+    try:
+        if scope not in SCOPES:
+            raise ValueError(f"{owner}: scope must be one of {SCOPES}, got {scope!r}")
+        ops.check_sparsity(sparsity, owner)
+        if scope == "global":
+            layers = [layer for _, layer in ranked_layers(model)]
+            check_devices(owner, [layer.scores for layer in layers], dist.get_backend(group))
+    except Exception as caught:  # raised on every rank by _agree
+        error = caught
+    _agree(owner, error, group, scope=scope if error is None else None)
     if scope == "layer":
         project_locally(model, sparsity, scope)
         return
-    layers = [layer for _, layer in ranked_layers(model)]
-    check_devices("bipkernels.distributed.project", [layer.scores for layer in layers], dist.get_backend(group))
     block_scores = [layer.block_scores() for layer in layers]
     total = torch.tensor(sum(scores.numel() for scores in block_scores), dtype=torch.int64,
                          device=collective_device(block_scores, group))

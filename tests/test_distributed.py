@@ -214,6 +214,46 @@ def _check_group_edges(rank: int, seed: int, device: torch.device) -> None:
         bipkernels.BiP(nn.Sequential(nn.LayerNorm(3)).to(device), 0.5, group=dist.group.WORLD)
 
 
+def _check_agreement(rank: int, seed: int, device: torch.device) -> None:
+    """What the ranks must share is checked together: an argument that fails on one rank, or one that
+    differs between ranks, raises on every rank (none is left waiting in a collective)."""
+    torch.manual_seed(seed)
+    other = "rank 1 of the process group failed"
+    cases = [  # (this rank's call, (error, message) on rank 0[, on rank 1])
+        (lambda: distributed.topk_threshold([torch.rand(4, device=device) if rank == 0
+                                             else torch.arange(4, device=device)], 2),
+         (RuntimeError, other), (TypeError, r"block_scores\[0\] must be float32")),
+        (lambda: distributed.topk_threshold([torch.rand(4, device=device)], 2 + rank),
+         (ValueError, r"the ranks ask for different k \(from 2 to 3\)")),
+        (lambda: distributed.topk_threshold([torch.rand(4, device=device, dtype=(torch.float32, torch.float64)[rank])],
+                                            2),
+         (ValueError, r"several dtypes \(torch.float32, torch.float64\)")),
+        (lambda: bipkernels.BiP(nn.Sequential(nn.Linear(4, 3)).to(device), 0.5, total_steps=1 - rank,
+                                group=dist.group.WORLD),
+         (RuntimeError, other), (ValueError, "total_steps must be an int >= 1")),
+    ]
+    for call, *expected in cases:
+        error, message = expected[min(rank, len(expected) - 1)]
+        with pytest.raises(error, match=message):
+            call()
+    # Layers of float64 on one rank and float32 on the other: one ranking dtype over the group, or every
+    # rank raises (a float64 threshold compared in float32 kept more than k).
+    shard = bipkernels.convert(nn.Sequential(nn.Linear(4, 2)).to(device, (torch.float64, torch.float32)[rank]), 0.0)
+    with pytest.raises(ValueError, match="several dtypes"):
+        distributed.project(shard, 0.6, group=dist.group.WORLD)
+    with pytest.raises(ValueError, match="different scopes"):
+        distributed.project(shard, 0.6, ("global", "layer")[rank], group=dist.group.WORLD)
+    # k past int64 keeps everything, as bipkernels.topk_threshold does.
+    scores = torch.rand(5, device=device)
+    assert torch.equal(distributed.topk_threshold([scores], 2**64)[0].cpu(),
+                       bipkernels.topk_threshold([scores.cpu()], 2**64)[0])
+    # A DistributedDataParallel replica is not a shard: group= is refused on every rank.
+    replica = bipkernels.convert(nn.Sequential(nn.Linear(4, 3)).to(device), 0.0)
+    ddp = nn.parallel.DistributedDataParallel(replica, device_ids=[rank] if device.type == "cuda" else None)
+    with pytest.raises(ValueError, match="group= is for a model sharded over the ranks"):
+        bipkernels.BiP(ddp, 0.5, group=dist.group.WORLD)
+
+
 def _worker(rank: int, backend: str, init_file: str, seed: int) -> None:
     if backend == "nccl":  # one GPU per rank, chosen before NCCL starts
         torch.cuda.set_device(rank)
@@ -228,6 +268,7 @@ def _worker(rank: int, backend: str, init_file: str, seed: int) -> None:
         _check_ddp(rank, seed, device)
         _check_ddp_fit(rank, seed, device)
         _check_group_edges(rank, seed, device)
+        _check_agreement(rank, seed, device)
         # Both ranks done before either tears down. One CI run (1 in about 30 here) saw rank 1 abort at the
         # end (SIGABRT, "terminate called without an active exception") with no Python error.
         dist.barrier()

@@ -84,31 +84,27 @@ class BiP:
                  score_schedule: str = "cosine", total_steps: int = 1000, step_scores_in_backward: bool | None = None,
                  group=None):
         to_convert = "unstructured" if structure is None else structure  # for a model without masked layers
-        check_settings("BiP", sparsity=sparsity, structure=to_convert, scope=scope, mode=mode, lr=lr,
-                       score_lr=score_lr, momentum=momentum, score_momentum=score_momentum,
-                       weight_decay=weight_decay, inv_gamma=inv_gamma, implicit=implicit, lower_steps=lower_steps,
-                       schedule=schedule, score_schedule=score_schedule, total_steps=total_steps,
-                       step_scores_in_backward=step_scores_in_backward)
-        if mode == "fused" and lower_steps != 1:
-            raise ValueError(f"BiP: lower_steps={lower_steps} needs mode='faithful': fused mode takes both levels' "
-                             "steps from one backward")
         self.model, self.sparsity, self.scope = model, sparsity, scope
         self.mode, self.lower_steps = mode, lower_steps
-        # What a state of this run must have been saved with (load_state_dict): the optimisers' and
-        # schedules' states carry some of these, and the projection and the steps read the others.
-        # Plain Python values (a numpy scalar would need torch.load(weights_only=False)).
-        self.settings = dict(sparsity=float(sparsity), scope=scope, mode=mode, lr=float(lr), score_lr=float(score_lr),
-                             momentum=float(momentum), score_momentum=float(score_momentum),
-                             weight_decay=float(weight_decay), inv_gamma=float(inv_gamma), implicit=implicit,
-                             lower_steps=int(lower_steps), schedule=schedule, score_schedule=score_schedule,
-                             total_steps=int(total_steps))
         self.step_scores_in_backward = step_scores_in_backward
         self._failure = None  # why the state matches no run, after a step failed halfway
         self.group = group
         failure = None
-        try:
+        try:  # under a group every check in here raises on every rank (raise_together)
+            check_settings("BiP", sparsity=sparsity, structure=to_convert, scope=scope, mode=mode, lr=lr,
+                           score_lr=score_lr, momentum=momentum, score_momentum=score_momentum,
+                           weight_decay=weight_decay, inv_gamma=inv_gamma, implicit=implicit,
+                           lower_steps=lower_steps, schedule=schedule, score_schedule=score_schedule,
+                           total_steps=total_steps, step_scores_in_backward=step_scores_in_backward)
+            if mode == "fused" and lower_steps != 1:
+                raise ValueError(f"BiP: lower_steps={lower_steps} needs mode='faithful': fused mode takes both "
+                                 "levels' steps from one backward")
             if not isinstance(model, nn.Module):
                 raise TypeError(f"BiP: model must be a torch.nn.Module, got {type(model).__name__} {model!r}")
+            if group is not None and ddp_wrapper(model) is not None:
+                raise ValueError("BiP: group= is for a model sharded over the ranks, but this one is (or holds) a "
+                                 "DistributedDataParallel replica: every rank would count its copy of every block "
+                                 "and the masks would differ; leave group=None under DistributedDataParallel")
             converted = self._mask_layers(structure, to_convert)
             if group is not None and scope == "global":  # before the projection's first collective
                 distributed.check_devices("BiP", [layer.scores for _, layer in masked_nn.ranked_layers(model)],
@@ -119,6 +115,14 @@ class BiP:
             failure = error
         if group is not None:  # a rank that raised alone would leave the others waiting in the projection
             distributed.raise_together("BiP", failure, group)
+        # What a state of this run must have been saved with (load_state_dict): the optimisers' and
+        # schedules' states carry some of these, and the projection and the steps read the others.
+        # Plain Python values (a numpy scalar would need torch.load(weights_only=False)).
+        self.settings = dict(sparsity=float(sparsity), scope=scope, mode=mode, lr=float(lr), score_lr=float(score_lr),
+                             momentum=float(momentum), score_momentum=float(score_momentum),
+                             weight_decay=float(weight_decay), inv_gamma=float(inv_gamma), implicit=implicit,
+                             lower_steps=int(lower_steps), schedule=schedule, score_schedule=score_schedule,
+                             total_steps=int(total_steps))
         self._check_something_to_mask()
         if not converted or self.group is not None:  # convert projected this rank's layers alone
             self._project()

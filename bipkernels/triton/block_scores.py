@@ -3,7 +3,9 @@ to the score type (bipkernels.reference.block_scores).
 
 One kernel for every structure: a program owns BLOCK_B blocks and walks their elements BLOCK_J at a
 time, element j of a block at the flat index of math.h's BlockLayout::element. Unstructured and N:M
-blocks are single elements (|s| in the score type; p is not used).
+blocks are single elements (|s| in the score type; p is not used). Each BLOCK_J chunk adds as a tree
+(tl.sum), not in flat-index order as the reference and the C++ kernels: float64 scores can then differ
+in the last bit (README, determinism), so a block at the threshold can rank differently.
 """
 
 from __future__ import annotations

@@ -100,6 +100,10 @@ def prepare(op: str, scores: torch.Tensor, threshold: torch.Tensor, structure: S
     check_threshold(op, threshold, scores, structure)
     matrix = matrix_of(scores.shape, structure)
     blocks = block_scores.compute(scores, structure) if structure.kind in ("filter", "channel", "tile") else scores
+    # N:M's threshold may be any tensor anywhere (even a CPU one for GPU scores, which the launcher would
+    # refuse as a pointer): a placeholder beside the scores stands in, as in the C++ ops.
+    threshold = threshold.contiguous() if structure.uses_threshold else \
+        torch.empty(2, dtype=torch.float64, device=scores.device)
     # cols >= 1 keeps flat // cols defined in a matmul over an empty weight (it loads no tile).
-    return Mask((scores, blocks, threshold.contiguous(), max(matrix.cols, 1), matrix.inner, matrix.tile_cols),
+    return Mask((scores, blocks, threshold, max(matrix.cols, 1), matrix.inner, matrix.tile_cols),
                 dict(KIND=structure.kind_id, A=structure.a, B=structure.b, F64=scores.dtype == torch.float64))

@@ -4,7 +4,7 @@ tensor is ever written. For input x (M, K), weight θ and scores s (N, K), g = �
     masked_linear              y = x (m ⊙ θ)ᵀ + bias                               (M, N)
     masked_linear_grad_input   ∂l/∂x = g (m ⊙ θ)                                   (M, K)
     masked_linear_grad_weight  G = gᵀ x, and from its epilogue (hypergrad.values)   (N, K) twice
-                               grad_θ = m ⊙ G,  grad_s = θ ⊙ G − inv_gamma · I,
+                               grad_θ = m ⊙ G,  grad_s = sign(s) ⊙ (θ ⊙ G − inv_gamma · I),
                                I = m ⊙ G ⊙ G (paper) or (θ ⊙ G)² (released)
 
 Inputs of more than two dimensions are flattened to (M, K) rows. float32 (TF32 when torch allows it
@@ -105,7 +105,10 @@ def _tile(rows, cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.
     """int64 (row, column) offsets of this program's output tile; GROUP_M row tiles share their column
     tiles in consecutive programs (the triton tutorial's grouped order: better cache reuse)."""
     pid = tl.program_id(0)
-    row_tiles, col_tiles = tl.cdiv(rows, BLOCK_M), tl.cdiv(cols, BLOCK_N)
+    # In int64: a row count just under 2^31 arrives as an int32, whose cdiv would wrap (a count of 1 arrives
+    # as a constant, hence the addition rather than .to).
+    wide = tl.zeros([], dtype=tl.int64)
+    row_tiles, col_tiles = tl.cdiv(rows + wide, BLOCK_M), tl.cdiv(cols + wide, BLOCK_N)
     group = pid // (GROUP_M * col_tiles)
     first = group * GROUP_M
     size = tl.minimum(row_tiles - first, GROUP_M)

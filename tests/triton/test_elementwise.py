@@ -168,3 +168,17 @@ def test_hypergrad_without_the_implicit_term_where_g_squared_overflows(triton_ba
     assert not bool(results[1].isnan().any())
     for result, reference_result in zip(results, expected):
         assert_close(result, reference_result)
+
+
+def test_nm_reads_no_threshold_wherever_it_lies(triton_backend, seed):
+    """N:M ignores the threshold, on every backend: one on another device (meta stands in for a CPU
+    threshold beside GPU scores, which the launcher would refuse as a pointer) changes nothing."""
+    structure = parse_structure("2:4")
+    scores, weight, grad = torch.randn(3, 8), torch.randn(3, 8), torch.randn(3, 8)
+    elsewhere = torch.zeros(2, dtype=torch.float64, device="meta")
+    assert torch.equal(ops.block_mask(scores, elsewhere, structure), reference.block_mask(scores, None, structure))
+    assert torch.equal(ops.masked_weight(weight, scores, elsewhere, structure),
+                       reference.masked_weight(weight, scores, None, structure))
+    for result, expected in zip(ops.hypergrad(grad, weight, scores, elsewhere, structure),
+                                reference.hypergrad(grad, weight, scores, None, structure)):
+        assert_close(result, expected.double())
