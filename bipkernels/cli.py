@@ -108,7 +108,7 @@ def _load(what: str, path: Path, command: str):
         sys.exit(f"bipkernels {command}: {what} {path} cannot be read ({type(error).__name__}: {error})")
 
 
-def _resumable(args, typed: set[str], lock: OutputLock) -> tuple[argparse.Namespace, dict, dict]:
+def _resumable(args, typed: set[str] | None, lock: OutputLock) -> tuple[argparse.Namespace, dict, dict]:
     """_resume_or_start, releasing ``lock`` if it stops (a refusal, a failed setup): the lock goes at once,
     not with a traceback that something may keep."""
     try:
@@ -118,12 +118,13 @@ def _resumable(args, typed: set[str], lock: OutputLock) -> tuple[argparse.Namesp
         raise
 
 
-def _resume_or_start(args, typed: set[str], lock: OutputLock) -> tuple[argparse.Namespace, dict, dict]:
+def _resume_or_start(args, typed: set[str] | None, lock: OutputLock) -> tuple[argparse.Namespace, dict, dict]:
     """The arguments, the state to start from and the data splits, with ``lock`` taken on OUT before
     anything there is read or written. With --resume: the arguments saved in OUT/resume.pt (--out as
     given) and its state; exits naming the file if there is none, it cannot be
-    read or it is another command's; the options ``typed`` on the command line (argparse dests) that
-    differ from the saved ones are named as ignored. Otherwise the arguments as given, saved there as the
+    read or it is another command's; the options ``typed`` on the command line (argparse dests; None from
+    Python, where typed and default values look alike: every option) that differ from the saved ones are
+    named as ignored. Otherwise the arguments as given, saved there as the
     state {"args": ...} once _setup has checked them; exits if OUT holds an interrupted run, which that
     would overwrite, and deletes the results of a finished run there (named), which the new run replaces.
     Either way it first deletes the temporary files that a killed write left in OUT."""
@@ -142,7 +143,8 @@ def _resume_or_start(args, typed: set[str], lock: OutputLock) -> tuple[argparse.
         if saved_command != args.command:
             sys.exit(f"bipkernels {args.command}: {resume_path} is the state of a `bipkernels {saved_command}` run")
         ignored = [f"--{key.replace('_', '-')} {value}" for key, value in vars(args).items()
-                   if key in typed and key in state["args"] and key != "out" and value != state["args"][key]]
+                   if (typed is None or key in typed) and key in state["args"] and key != "out"
+                   and value != state["args"][key]]
         if ignored:
             print(f"bipkernels {args.command} --resume: ignored {', '.join(ignored)}: the interrupted run goes on with "
                   f"its own arguments", file=sys.stderr)
@@ -269,7 +271,7 @@ def _bip_options(args) -> dict:
     return {key: vars(args)[key] for key in _BIP_OPTIONS}
 
 
-def prune(args, typed: set[str] = frozenset()) -> dict:
+def prune(args, typed: set[str] | None = None) -> dict:
     """The main job: BiP to --sparsity, resumable; prints the per-layer table and writes the results.
 
     OUT/resume.pt, written atomically, holds the arguments from the start, then the pretraining state after
@@ -278,8 +280,8 @@ def prune(args, typed: set[str] = frozenset()) -> dict:
     deleted once pruned.pt and results.json are written. ``--resume`` continues bit-exactly from the last
     state saved (from the start if none was), with the saved arguments. A run killed outright (SIGKILL,
     power loss) thus loses at most the work since the last save, and the temporary files its last write
-    left are deleted on resume. ``typed``: the options given on the command line (see _resumable; none
-    when called from Python).
+    left are deleted on resume. ``typed``: the options given on the command line (see _resumable; None
+    when called from Python: every option that differs from the saved run's is named as ignored).
     """
     lock = OutputLock(args)
     args, state, splits = _resumable(args, typed, lock)
@@ -359,7 +361,7 @@ def _finish_prune(args, model, solver: BiP, splits: dict, dense_accuracy: float)
     return result
 
 
-def compare(args, typed: set[str] = frozenset()) -> list[dict]:
+def compare(args, typed: set[str] | None = None) -> list[dict]:
     """Every method at every sparsity from the same pretrained model: a table, a JSON file and plots.
 
     Resumable per (sparsity, method) run: OUT/resume.pt, written atomically, holds the arguments, then the

@@ -94,28 +94,32 @@ def raise_together(owner: str, error: Exception | None, group=None) -> None:
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _agree(owner: str, error: Exception | None, group, dtypes=(), k: int | None = None,
+def _agree(owner: str, error: Exception | None, group, tensors=(), k: int | None = None,
            scope: str | None = None) -> None:
     """One all-reduce (MAX) of what every rank of ``group`` must share before a collective's work: whether
     a rank failed its checks (``error``: it raises its own, the others a RuntimeError naming the lowest
-    failing rank), the block scores' ``dtypes`` (one over the group), ``k`` and ``scope`` (the same on
-    every rank). Every rank sees the same reduced values, so every rank raises, or none. Without a process
-    group a rank's own error is raised as it is."""
+    failing rank, by its global rank), the dtype of the block scores ``tensors`` (one over the group), ``k``
+    and ``scope`` (the same on every rank). Every rank sees the same reduced values, so every rank raises,
+    or none. The all-reduce runs beside ``tensors`` (NCCL: on their GPU, whether or not it is the current
+    one), else where the backend takes tensors. Without a process group a rank's own error is raised as it
+    is."""
     if error is not None and not (dist.is_available() and dist.is_initialized()):
         raise error
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     k_value = -1 if k is None else min(k, _LOW_63)
     scope_code = -1 if scope is None else SCOPES.index(scope)
+    dtypes = {tensor.dtype for tensor in tensors}
     shared = [world - rank if error is not None else 0, *(int(dtype in dtypes) for dtype in _DTYPES),
               k_value, -k_value, scope_code, -scope_code]
-    reduced = torch.tensor(shared, dtype=torch.int64, device=collective_device([], group))
+    reduced = torch.tensor(shared, dtype=torch.int64, device=collective_device(list(tensors), group))
     dist.all_reduce(reduced, op=dist.ReduceOp.MAX, group=group)
     first_failed, *held, k_max, k_min, scope_max, scope_min = reduced.tolist()
     if error is not None:
         raise error
     if first_failed:
-        raise RuntimeError(f"{owner}: rank {world - first_failed} of the process group failed (its error says "
-                           "why), so this rank stops too")
+        failed = dist.get_global_rank(group if group is not None else dist.group.WORLD, world - first_failed)
+        raise RuntimeError(f"{owner}: rank {failed} of the process group failed (its error says why), so this "
+                           "rank stops too")
     names = [str(dtype) for dtype, present in zip(_DTYPES, held) if present]
     if len(names) > 1:
         raise ValueError(f"{owner}: the ranks' block scores have several dtypes ({', '.join(names)}), but one top-k "
@@ -156,8 +160,7 @@ def topk_threshold(block_scores_list, k: int, group=None) -> torch.Tensor:
         check_devices(owner, block_scores_list, dist.get_backend(group))
     except Exception as caught:  # raised on every rank by _agree
         error = caught
-    _agree(owner, error, group, dtypes={scores.dtype for scores in block_scores_list} if error is None else (),
-           k=k if error is None else None)
+    _agree(owner, error, group, block_scores_list if error is None else (), k=k if error is None else None)
     k = min(k, _LOW_63)  # a count of blocks never reaches it; clamp (below) takes an int64
     flat = [scores.reshape(-1).double() for scores in block_scores_list]
     device = collective_device(flat, group)
@@ -215,7 +218,7 @@ def project(model: nn.Module, sparsity: float, scope: str = "global", group=None
     pass the same ``sparsity`` and ``scope`` (checked: see _agree).
     """
     owner = "bipkernels.distributed.project"
-    error, layers = None, []
+    error, layers, block_scores = None, [], []
     try:
         if scope not in SCOPES:
             raise ValueError(f"{owner}: scope must be one of {SCOPES}, got {scope!r}")
@@ -223,13 +226,13 @@ def project(model: nn.Module, sparsity: float, scope: str = "global", group=None
         if scope == "global":
             layers = [layer for _, layer in ranked_layers(model)]
             check_devices(owner, [layer.scores for layer in layers], dist.get_backend(group))
+            block_scores = [layer.block_scores() for layer in layers]  # before _agree: it may fail on one rank
     except Exception as caught:  # raised on every rank by _agree
         error = caught
-    _agree(owner, error, group, scope=scope if error is None else None)
+    _agree(owner, error, group, block_scores if error is None else (), scope=scope if error is None else None)
     if scope == "layer":
         project_locally(model, sparsity, scope)
         return
-    block_scores = [layer.block_scores() for layer in layers]
     total = torch.tensor(sum(scores.numel() for scores in block_scores), dtype=torch.int64,
                          device=collective_device(block_scores, group))
     dist.all_reduce(total, group=group)

@@ -138,6 +138,16 @@ def test_resume_names_the_options_it_ignores(tmp_path, capsys):
     assert json.loads((tmp_path / "results.json").read_text())["epochs"] == 0
 
 
+def test_resume_from_python_names_every_option_that_differs(tmp_path, capsys):
+    """cli.prune(args) from Python cannot tell typed values from defaults: every difference is named."""
+    save_atomically({"args": {"command": "prune", "epochs": 0, "pretrain_epochs": 0, "sparsity": 0.5, "lr": 0.1}},
+                    tmp_path / "resume.pt")
+    args = cli._parser().parse_args(["prune", "--resume", "--epochs", "3", "--out", str(tmp_path)])
+    cli.prune(args)  # sparsity 0.9 and pretrain_epochs 15 are the parser's defaults here, not typed
+    assert "ignored --epochs 3, --pretrain-epochs 15, --sparsity 0.9: the interrupted run goes on" in \
+        capsys.readouterr().err
+
+
 @pytest.mark.parametrize("content, message", [
     (b"not a pickle", "--resume .*resume.pt cannot be read"),
     (b"", "--resume .*resume.pt cannot be read"),

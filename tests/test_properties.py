@@ -300,6 +300,7 @@ def test_pruned_nan_and_inf_weights_reach_no_output_and_no_gradient(monkeypatch,
     assert torch.isfinite(x.grad).all() and same(x.grad, dense_x.grad)
     assert torch.isfinite(layer.weight.grad).all()
     assert same(layer.weight.grad, torch.where(mask, dense_weight.grad, 0.0))
+    assert bool((layer.weight.grad[~mask] == 0).all()), "a pruned weight got a gradient"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
