@@ -26,8 +26,8 @@ from . import data, models, nn as masked_nn
 from .info import build_info, format_info
 from .solvers import BiP, METHODS, prune as prune_with
 from .solvers.bip import steps_per_epoch
-from .solvers.training import (check_settings, evaluate, fetch, recalibrate_batchnorm, remove_temporaries,
-                                save_atomically, train_weights, write_text_atomically)
+from .solvers.training import (check_settings, evaluate, fetch, forked_random_state, recalibrate_batchnorm,
+                                remove_temporaries, save_atomically, train_weights, write_text_atomically)
 
 _BIP_OPTIONS = ("mode", "implicit", "inv_gamma", "lr", "score_lr", "score_momentum")  # the options BiP takes
 _RESULTS = {"prune": ("pruned.pt", "results.json"), "compare": ("compare.json", "accuracy.png", "time.png")}
@@ -177,7 +177,7 @@ def _setup(args) -> dict:
     checkpoint = _checkpoint(args) if args.checkpoint else None
     try:
         splits = data.load(args.data)
-        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        with forked_random_state(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # convert's list of dense layers comes later, once
             model = _model(args, splits)
             if checkpoint is not None:

@@ -8,8 +8,9 @@ its backward gives both levels' gradients in one fused pass:
 
 with g the gradient of the effective weight and I the implicit term (``implicit="paper"``: m ⊙ g ⊙ g,
 ``"released"``: (θ ⊙ g)²). The mask ranks |s|, so the straight-through gradient carries sign(s) (-1 for
-s < 0, else +1): a score that a step took below zero still moves its magnitude the way the loss asks. ``inv_gamma`` (default 0: the straight-through score gradient) and
-``implicit`` are plain attributes that the solver sets.
+s < 0, else +1): a score that a step took below zero still moves its magnitude the way the loss asks.
+``inv_gamma`` (default 0: the straight-through score gradient) and ``implicit`` are plain attributes that
+the solver sets.
 
 NaN and ±inf, on every backend:
 

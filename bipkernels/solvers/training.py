@@ -3,6 +3,7 @@ evaluation, batch-norm recalibration, atomic checkpoints and a progress line."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -224,6 +225,18 @@ def forked_random_state():
     return torch.random.fork_rng(devices=devices)
 
 
+@contextlib.contextmanager
+def modes_kept(model: nn.Module):
+    """Every module's train/eval mode as it was once the block ends, each its own (a Dropout left in eval
+    inside a model in train mode stays so), also after an error."""
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 @torch.no_grad()
 def check_targets(owner: str, model: nn.Module, dataset: Dataset, inputs: torch.Tensor, targets: torch.Tensor) -> None:
     """ValueError naming ``owner`` where the model's outputs for ``inputs`` (a few examples, run in eval
@@ -233,15 +246,11 @@ def check_targets(owner: str, model: nn.Module, dataset: Dataset, inputs: torch.
     the outputs. Classes are dim 1 of the outputs ((N, C) or dense (N, C, ...)). A forward that fails on so
     few examples (a batch norm without running statistics) or outputs of fewer than 2 dims are left to
     training: the check only adds a clear error where it can tell."""
-    modes = [(module, module.training) for module in model.modules()]
     try:
-        with forked_random_state():
+        with modes_kept(model), forked_random_state():
             outputs = model.eval()(inputs)
     except Exception:  # training raises the real error, with its own trace
         return
-    finally:
-        for module, training in modes:
-            module.training = training
     if not (isinstance(outputs, torch.Tensor) and outputs.dim() >= 2 and len(outputs) == len(inputs)):
         return
     if targets.is_floating_point() or targets.is_complex():
@@ -294,16 +303,14 @@ def recalibrate_batchnorm(model: nn.Module, dataset: Dataset, batch_size: int = 
     if not norms or not len(dataset):
         return
     momenta = [m.momentum for m in norms]
-    modes = [(module, module.training) for module in model.modules()]  # each its own (a Dropout left in eval)
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None
-    model.train()
-    device = model_device(model)
-    for indices in split_batches(torch.arange(len(dataset)), batch_size):
-        model(fetch(dataset, indices, device)[0])
-    for module, training in modes:
-        module.training = training
+    with modes_kept(model):
+        model.train()
+        device = model_device(model)
+        for indices in split_batches(torch.arange(len(dataset)), batch_size):
+            model(fetch(dataset, indices, device)[0])
     for norm, momentum in zip(norms, momenta):
         norm.momentum = momentum
 
