@@ -396,7 +396,7 @@ def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure 
             if id(child) not in twins:
                 twins[id(child)] = _masked_copy(child, parsed)
             setattr(parent, child_name, twins[id(child)])
-        if not meta:
+        if not meta and masked_layers(model):
             project(model, sparsity, scope)
     except BaseException:  # leave the model as it was
         for parent, child_name, child in swaps:
@@ -424,6 +424,9 @@ def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure 
                if name not in excluded and id(model.get_submodule(name)) not in kept_dense | read_directly]
     if skipped:
         warnings.warn("bipkernels.convert: left dense (not handled): " + ", ".join(skipped), stacklevel=2)
+    if not masked_layers(model):
+        warnings.warn("bipkernels.convert: nothing to mask: the model holds no nn.Conv2d or nn.Linear that convert "
+                      "handles (outside exclude)", stacklevel=2)
     if read_directly:
         direct = [names[key][0] for key in read_directly]
         warnings.warn(f"bipkernels.convert: left dense, as the model reads their weights directly, not through "
@@ -471,8 +474,12 @@ def project(model: nn.Module, sparsity: float, scope: str = "global") -> None:
 
     ``scope="global"`` ranks the blocks of all layers together (ties: module order, then flat index);
     ``"layer"`` keeps that fraction in each layer. Only ranked_layers take part: not N:M, not weightless.
+    ValueError for a model without masked layers (one never converted: there is nothing to project).
     """
     _check_model("project", model)
+    if not masked_layers(model):
+        raise ValueError(f"bipkernels.project: the {type(model).__name__} holds no masked layer (MaskedConv2d, "
+                         "MaskedLinear) to project: convert it first (bipkernels.convert(model, sparsity))")
     if scope not in SCOPES:
         raise ValueError(f"bipkernels.project: scope must be one of {SCOPES}, got {scope!r}")
     ops.check_sparsity(sparsity, "bipkernels.project")

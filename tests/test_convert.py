@@ -120,6 +120,17 @@ def test_bip_on_a_model_with_nothing_to_mask_says_so():
         bipkernels.BiP(nn.Sequential(nn.Conv1d(3, 4, 3)), 0.5)
 
 
+@pytest.mark.parametrize("model, exclude", [(nn.Sequential(nn.ReLU()), ()),
+                                            (nn.Sequential(nn.Linear(3, 3)), "0")])
+def test_convert_with_nothing_to_mask_says_so_and_project_refuses(model, exclude):
+    """A model with no layer convert handles (or all of them excluded) is left as it was, with a warning;
+    projecting it is an error (before, both were silent no-ops)."""
+    with pytest.warns(UserWarning, match="nothing to mask"):
+        assert bipkernels.convert(model, 0.5, exclude=exclude) is model
+    with pytest.raises(ValueError, match="bipkernels.project: the Sequential holds no masked layer"):
+        bipkernels.project(model, 0.5)
+
+
 def test_a_layer_emptied_by_the_global_projection_is_named(seed):
     model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 32, 3))  # filters of 9 against 72 weights
     with pytest.warns(UserWarning, match=r"keeps no block of 0: blocks rank by their sums"):

@@ -156,6 +156,8 @@ CASES = {
     "project sparsity": (lambda: bipkernels.project(bipkernels.convert(_model()), 2.0), ValueError, "sparsity",
                          "2.0"),
     "project scope": (lambda: bipkernels.project(bipkernels.convert(_model()), 0.5, "x"), ValueError, "scope", "'x'"),
+    "project a model never converted": (lambda: bipkernels.project(_model(), 0.5), ValueError, "masked layer",
+                                        "Sequential"),
     "masks not a model": (lambda: bipkernels.masks([]), TypeError, "model", "[]"),
     "sparsity not a model": (lambda: bipkernels.sparsity("net"), TypeError, "model", "'net'"),
     "masked_layers not a model": (lambda: bipkernels.masked_layers(3), TypeError, "model", "3"),
