@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from . import autograd, ops
+from . import autograd, ops, reference
 from .fx_reads import weights_read_directly
 from .reference import score_dtype
 from .structures import Structure, parse_structure
@@ -160,6 +160,7 @@ class _Masked:
     def _apply(self, fn, recurse=True):
         # The threshold must stay float64 (its cut is an exact index) whatever dtype the layer moves to.
         threshold = self._buffers.pop("threshold")
+        scores = self.scores.detach()  # the values before a dtype change rounds them
         try:
             result = super()._apply(fn, recurse)
         finally:
@@ -167,7 +168,28 @@ class _Masked:
         # A threshold on the meta device has no values to move (to_empty): keep-all, as a new layer starts.
         self._buffers["threshold"] = keep_all_threshold(self.weight.device) if threshold.is_meta else \
             threshold.to(self.weight.device)
+        if self.scores.dtype != scores.dtype:
+            self._keep_kept_count(scores, threshold)
         return result
+
+    @torch.no_grad()
+    def _keep_kept_count(self, scores: torch.Tensor, threshold: torch.Tensor) -> None:
+        """After a dtype change turned ``scores`` into ``self.scores``: where ``threshold`` no longer keeps
+        the blocks it kept, re-project this layer to as many blocks as it kept, the top ones of the new
+        scores (ties to the lowest index).
+
+        Rounding to a half type moves scores across the threshold's value (thousands of float32 scores
+        share one bfloat16 value) or into ties that its cut splits otherwise, and float64 block sums rank
+        against a threshold that is a float32 sum: .half() or .double() of a pruned model kept another
+        count. N:M layers (no threshold), scores on the meta device and empty layers are left as they are.
+        """
+        if not self.structure.uses_threshold or scores.is_meta or self.scores.is_meta or not scores.numel():
+            return
+        before = reference._kept_blocks(ops.block_scores(scores, self.structure), threshold)
+        rounded = ops.block_scores(self.scores, self.structure)
+        if torch.equal(reference._kept_blocks(rounded, self.threshold), before.to(rounded.device)):
+            return
+        self.threshold.copy_(ops.topk_threshold(rounded, int(before.sum())))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, structure={self.structure}"

@@ -257,6 +257,25 @@ def test_convert_keeps_device_dtype_mode_and_threshold_stays_float64():
     assert int(layer.mask().sum()) == 8
 
 
+@pytest.mark.parametrize("structure", ["unstructured", "filter", "tile2x2"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_dtype_change_keeps_each_layers_kept_count(seed, structure, dtype):
+    """.half() / .to(bfloat16) of a pruned model rounds its scores across the threshold (thousands of
+    float32 scores share one bfloat16 value), and .double() of a structured one ranks float64 block sums
+    against a threshold that is a float32 sum: each layer still keeps as many blocks as before, the top
+    ones of its new scores (ties to the lowest index)."""
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    bipkernels.convert(model, 0.9, structure=structure)
+    kept = {name: int(reference._kept_blocks(layer.block_scores(), layer.threshold).sum())
+            for name, layer in bipkernels.masked_layers(model)}
+    for moved_to in (torch.float64, dtype):
+        model.to(moved_to)
+        for name, layer in bipkernels.masked_layers(model):
+            assert layer.scores.dtype == moved_to and layer.threshold.dtype == torch.float64
+            expected = bipkernels.topk_masks(layer.scores, kept[name], structure)[0]
+            assert torch.equal(layer.mask(), expected), (name, moved_to)
+
+
 def test_torchvision_resnet18_converts_and_trains(seed):
     torchvision = pytest.importorskip("torchvision")
     model = torchvision.models.resnet18(num_classes=10)
