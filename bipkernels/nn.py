@@ -147,8 +147,14 @@ class _Masked:
             # On the weight's device: a layer built on the meta device takes it with assign=True.
             state_dict.setdefault(prefix + "threshold", keep_all_threshold(weight.device))
             state_dict.setdefault(prefix + "_extra_state", self.get_extra_state())
+        scores, threshold = state_dict.get(prefix + "scores"), state_dict.get(prefix + "threshold")
+        errors = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        # Scores saved in another dtype are rounded (or widened) on their way in, as by .half() (_apply).
+        if (isinstance(scores, torch.Tensor) and isinstance(threshold, torch.Tensor) and len(error_msgs) == errors
+                and scores.dtype != self.scores.dtype):
+            self._keep_kept_count(scores, threshold)
 
     # The structure travels with the state: a threshold means nothing under another structure.
     def get_extra_state(self) -> dict:
@@ -174,7 +180,7 @@ class _Masked:
 
     @torch.no_grad()
     def _keep_kept_count(self, scores: torch.Tensor, threshold: torch.Tensor) -> None:
-        """After a dtype change turned ``scores`` into ``self.scores``: where ``threshold`` no longer keeps
+        """After a dtype change (or a load) turned ``scores`` into ``self.scores``: where ``threshold`` no longer keeps
         the blocks it kept, re-project this layer to as many blocks as it kept, the top ones of the new
         scores (ties to the lowest index).
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -263,17 +264,23 @@ def test_a_dtype_change_keeps_each_layers_kept_count(seed, structure, dtype):
     """.half() / .to(bfloat16) of a pruned model rounds its scores across the threshold (thousands of
     float32 scores share one bfloat16 value), and .double() of a structured one ranks float64 block sums
     against a threshold that is a float32 sum: each layer still keeps as many blocks as before, the top
-    ones of its new scores (ties to the lowest index)."""
+    ones of its new scores (ties to the lowest index). So does loading a float32 state into a half model."""
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
     bipkernels.convert(model, 0.9, structure=structure)
     kept = {name: int(reference._kept_blocks(layer.block_scores(), layer.threshold).sum())
             for name, layer in bipkernels.masked_layers(model)}
+    state = copy.deepcopy(model.state_dict())
     for moved_to in (torch.float64, dtype):
         model.to(moved_to)
         for name, layer in bipkernels.masked_layers(model):
             assert layer.scores.dtype == moved_to and layer.threshold.dtype == torch.float64
             expected = bipkernels.topk_masks(layer.scores, kept[name], structure)[0]
             assert torch.equal(layer.mask(), expected), (name, moved_to)
+    # A float32 state loaded into the model in ``dtype`` is rounded the same way.
+    loaded = bipkernels.convert(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)).to(dtype), 0.0)
+    loaded.load_state_dict(state)
+    for name, layer in bipkernels.masked_layers(loaded):
+        assert torch.equal(layer.mask(), bipkernels.topk_masks(layer.scores, kept[name], structure)[0]), name
 
 
 def test_torchvision_resnet18_converts_and_trains(seed):
