@@ -191,9 +191,9 @@ class _Masked:
         """
         if not self.structure.uses_threshold or scores.is_meta or self.scores.is_meta or not scores.numel():
             return
-        before = reference._kept_blocks(ops.block_scores(scores, self.structure), threshold)
+        before = reference.kept_blocks(ops.block_scores(scores, self.structure), threshold)
         rounded = ops.block_scores(self.scores, self.structure)
-        if torch.equal(reference._kept_blocks(rounded, self.threshold), before.to(rounded.device)):
+        if torch.equal(reference.kept_blocks(rounded, self.threshold), before.to(rounded.device)):
             return
         self.threshold.copy_(ops.topk_threshold(rounded, int(before.sum())))
 

@@ -99,7 +99,10 @@ def topk_threshold(block_scores_list: list[torch.Tensor], k: int, absolute: bool
     return torch.stack(rows)
 
 
-def _kept_blocks(block_score: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+def kept_blocks(block_score: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """(n,) bool: which of the blocks ``block_score`` (any shape, n blocks, read flat) ``threshold`` (a
+    float64 (value, cut) pair) keeps: those above the value, and the ties with a flat index below the cut.
+    The value is compared in the block scores' dtype. NaN blocks are never kept."""
     value = threshold[0].to(block_score.dtype)
     index = torch.arange(block_score.numel(), device=block_score.device, dtype=torch.float64)
     tie_kept = (block_score.reshape(-1) == value) & (index < threshold[1])
@@ -120,7 +123,7 @@ def block_mask(scores: torch.Tensor, threshold: torch.Tensor | None, structure: 
     """Boolean mask shaped like ``scores``: the blocks kept under ``threshold``."""
     if structure.kind == "nm":
         return _nm_mask(scores, structure)
-    kept = _kept_blocks(block_scores(scores, structure), threshold)
+    kept = kept_blocks(block_scores(scores, structure), threshold)
     rows, cols, channels, inner = structure.matrix_shape(scores.shape)
     if structure.kind == "unstructured":
         return kept.reshape(scores.shape)

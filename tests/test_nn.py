@@ -195,17 +195,17 @@ def test_convert_prunes_exactly(seed, structure, scope):
     weights = [m.weight.detach().clone() for m in model if hasattr(m, "weight")]
     bipkernels.convert(model, sparsity=0.8, structure=structure, scope=scope)
     layers = [layer for _, layer in bipkernels.masked_layers(model)]
-    assert [type(layer) for layer in layers] == [bipkernels.MaskedConv2d, bipkernels.MaskedConv2d, bipkernels.MaskedLinear]
+    assert [type(layer) for layer in layers] == [bipkernels.MaskedConv2d, bipkernels.MaskedConv2d,
+                                                 bipkernels.MaskedLinear]
     assert all(torch.equal(layer.weight, w) for layer, w in zip(layers, weights))
     parsed = parse_structure(structure)
     block_counts = [layer.block_scores().numel() for layer in layers]
-    kept_blocks = [int(reference._kept_blocks(layer.block_scores(), layer.threshold).sum()) for layer in layers]
+    kept_flags = [reference.kept_blocks(layer.block_scores(), layer.threshold) for layer in layers]
+    kept_blocks = [int(flags.sum()) for flags in kept_flags]
     if scope == "global":
         assert sum(kept_blocks) == bipkernels.keep_count(sum(block_counts), 0.8)
-        kept = torch.cat([layer.block_scores().reshape(-1)[reference._kept_blocks(layer.block_scores(), layer.threshold)]
-                          for layer in layers])
-        pruned = torch.cat([layer.block_scores().reshape(-1)[~reference._kept_blocks(layer.block_scores(), layer.threshold)]
-                            for layer in layers])
+        kept = torch.cat([layer.block_scores().reshape(-1)[flags] for layer, flags in zip(layers, kept_flags)])
+        pruned = torch.cat([layer.block_scores().reshape(-1)[~flags] for layer, flags in zip(layers, kept_flags)])
         assert kept.min() >= pruned.max()
     else:
         assert kept_blocks == [bipkernels.keep_count(n, 0.8) for n in block_counts]
@@ -233,7 +233,7 @@ def test_weightless_layers_take_no_part_in_the_global_projection(seed, structure
     assert not [w for w in caught if "bipkernels" in str(w.message)]  # nor is one reported as emptied
     real = [model[0], model[3]]
     blocks = sum(layer.block_scores().numel() for layer in real)
-    assert sum(int(reference._kept_blocks(layer.block_scores(), layer.threshold).sum()) for layer in real) == \
+    assert sum(int(reference.kept_blocks(layer.block_scores(), layer.threshold).sum()) for layer in real) == \
         bipkernels.keep_count(blocks, 0.5)
     model(torch.randn(3, 8)).sum().backward()
 
@@ -267,7 +267,7 @@ def test_a_dtype_change_keeps_each_layers_kept_count(seed, structure, dtype):
     ones of its new scores (ties to the lowest index). So does loading a float32 state into a half model."""
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
     bipkernels.convert(model, 0.9, structure=structure)
-    kept = {name: int(reference._kept_blocks(layer.block_scores(), layer.threshold).sum())
+    kept = {name: int(reference.kept_blocks(layer.block_scores(), layer.threshold).sum())
             for name, layer in bipkernels.masked_layers(model)}
     state = copy.deepcopy(model.state_dict())
     for moved_to in (torch.float64, dtype):

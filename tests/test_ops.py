@@ -52,7 +52,7 @@ def test_topk_threshold(monkeypatch, seed, dtype, sizes):
             got = ops.topk_threshold(tensors, k)
             want = reference.topk_threshold(tensors, k)
             assert torch.equal(got, want), (k, got, want)
-            kept = sum(int(reference._kept_blocks(t.to(reference.score_dtype(dtype)), row).sum())
+            kept = sum(int(reference.kept_blocks(t.to(reference.score_dtype(dtype)), row).sum())
                        for t, row in zip(tensors, got))
             assert kept == min(k, sum(int((~t.isnan()).sum()) for t in tensors))
 
@@ -210,7 +210,7 @@ def test_topk_masks_exact_count_and_order(seed, structure_name):
     total = sum(b.numel() for b in block_scores)
     for k in (0, 1, total // 3, total):
         thresholds = reference.topk_threshold(block_scores, k)
-        kept_blocks = [reference._kept_blocks(b, t) for b, t in zip(block_scores, thresholds)]
+        kept_blocks = [reference.kept_blocks(b, t) for b, t in zip(block_scores, thresholds)]
         assert sum(int(kb.sum()) for kb in kept_blocks) == k
         kept_values = torch.cat([b.reshape(-1)[kb] for b, kb in zip(block_scores, kept_blocks)])
         pruned_values = torch.cat([b.reshape(-1)[~kb] for b, kb in zip(block_scores, kept_blocks)])

@@ -179,7 +179,7 @@ def test_masks_keep_exactly_k_of_the_best_blocks_ties_to_the_lowest_index(monkey
         torch.testing.assert_close(blocks.reshape(-1), oracle_block_scores(scores, structure), rtol=0, atol=0,
                                    equal_nan=True)
     thresholds = ops.topk_threshold(block_scores, k)
-    kept = torch.cat([reference._kept_blocks(blocks, row) for blocks, row in zip(block_scores, thresholds)])
+    kept = torch.cat([reference.kept_blocks(blocks, row) for blocks, row in zip(block_scores, thresholds)])
     flat = torch.cat([blocks.reshape(-1).double() for blocks in block_scores])
     nan = flat.isnan()
     assert int(kept.sum()) == min(k, int((~nan).sum())), "kept count"

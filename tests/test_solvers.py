@@ -37,7 +37,7 @@ def tiny_model(seed: int = 0):
 
 
 def kept_blocks(model) -> int:
-    return sum(int(reference._kept_blocks(layer.block_scores(), layer.threshold).sum())
+    return sum(int(reference.kept_blocks(layer.block_scores(), layer.threshold).sum())
                for _, layer in bipkernels.masked_layers(model))
 
 
