@@ -3,7 +3,7 @@
 Backends: ``torch`` (bipkernels.reference), ``cpu`` (C++), ``cuda`` (C++/CUDA), ``triton``. By default a
 CPU tensor runs the C++ kernel when the extension is built, else the reference; a CUDA tensor runs the
 backend that bipkernels.triton.AUTO_ON_CUDA picks for the op (with the measurement behind it), else the
-reference (with one warning per op). The triton backend runs CUDA tensors, and CPU tensors under the
+reference (with one warning per op, also for a CPU build that lacks an op's kernel). The triton backend runs CUDA tensors, and CPU tensors under the
 Triton interpreter (TRITON_INTERPRET=1); importing bipkernels never imports triton.
 ``BIPKERNELS_BACKEND=torch|cpu|cuda|triton`` forces one backend: if it cannot serve a call, the call
 raises instead of falling back.
@@ -92,7 +92,8 @@ def backend_for(op: str, device: torch.device) -> str:
         reason = _available(choice, op, device)
         if reason is None:
             return choice
-        if device.type == "cuda" and (op, reason) not in _warned:
+        # Without the extension at all, its import already warned; a build lacking one op's kernel warns here.
+        if (device.type == "cuda" or _C is not None) and (op, reason) not in _warned:
             _warned.add((op, reason))
             warnings.warn(f"bipkernels.{op}: {reason}; running the PyTorch reference on {device}", stacklevel=3)
     return "torch"

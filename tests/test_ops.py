@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -322,6 +324,19 @@ def test_automatic_backend_choice(monkeypatch):
     monkeypatch.delenv("BIPKERNELS_BACKEND", raising=False)
     assert ops.backend_for("masked_weight", torch.device("cpu")) == ("cpu" if HAS_CPU_KERNELS else "torch")
     assert ops.backend_for("masked_weight", torch.device("meta")) == "torch"
+
+
+@needs_cpu_kernels
+def test_an_automatic_fallback_on_the_cpu_warns_once(monkeypatch):
+    """A build that lacks one op's CPU kernel (a stale one) runs the reference with one warning, as on CUDA."""
+    monkeypatch.delenv("BIPKERNELS_BACKEND", raising=False)
+    monkeypatch.setitem(ops._KERNELS, "block_scores", [])
+    monkeypatch.setattr(ops, "_warned", set())
+    with pytest.warns(UserWarning, match="bipkernels.block_scores: the extension was built without a cpu kernel"):
+        assert ops.backend_for("block_scores", torch.device("cpu")) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ops.backend_for("block_scores", torch.device("cpu")) == "torch"
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_cpu_kernels)])
