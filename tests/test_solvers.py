@@ -282,6 +282,15 @@ def test_split_batches_folds_a_lone_last_example_into_the_batch_before(size, bat
     assert all(len(batch) == batch_size for batch in batches[:-1])
 
 
+def test_no_two_seeds_or_epochs_share_their_batches():
+    """Every (seed, epoch) its own order, also where one generator keyed by seed · 1000003 + epoch would
+    repeat another's: its key is cut to 32 bits, so seed 1000003⁻¹ mod 2^32 was seed 0 one epoch later."""
+    dataset = range(64)
+    pairs = [(seed, epoch) for seed in (0, 1, 2, pow(1_000_003, -1, 2**32), 2**32 - 1) for epoch in range(4)]
+    orders = {tuple(torch.cat(epoch_batches(dataset, 8, seed, epoch)).tolist()) for seed, epoch in pairs}
+    assert len(orders) == len(pairs)
+
+
 @pytest.mark.parametrize("world_size", [1, 2, 3, 5])
 @pytest.mark.parametrize("size", [0, 1, 2, 7, 12, 13])
 def test_epoch_batches_shard_an_epoch_like_distributed_sampler(size, world_size, seed):

@@ -181,6 +181,10 @@ def shard_size(size: int, world_size: int) -> int:
 def epoch_batches(dataset: Dataset, batch_size: int, seed: int, epoch: int, shard=(0, 1)) -> list[torch.Tensor]:
     """The index batches of one epoch (split_batches): a permutation fixed by (seed, epoch), so an
     interrupted run can resume in the middle of an epoch and see exactly the batches it would have seen.
+    The order is the seed's permutation (a generator seeded with ``seed``) read in the epoch's order (one
+    seeded with ``epoch``), so different (seed, epoch) pairs never share their generators: a torch.Generator
+    keeps only the low 32 bits of its seed, and one keyed by a mix of the two, such as seed · 1000003 +
+    epoch, gave seed 1000003⁻¹ mod 2^32 the batches of seed 0 one epoch later. ``epoch`` < 2^32.
 
     ``shard`` = (rank, world size): this rank's examples, every world-size-th of the permutation from
     ``rank`` on, after it is padded with its own first examples to a multiple of the world size (as
@@ -189,7 +193,9 @@ def epoch_batches(dataset: Dataset, batch_size: int, seed: int, epoch: int, shar
     together are batch i of the unsharded epoch with world-size times the batch size.
     """
     rank, world_size = shard
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    seed_order, epoch_order = (torch.randperm(len(dataset), generator=torch.Generator().manual_seed(key))
+                               for key in (seed, epoch))
+    order = seed_order[epoch_order]
     if world_size > 1 and len(order):
         padded = shard_size(len(order), world_size) * world_size
         order = order.repeat(shard_size(padded, len(order)))[:padded][rank::world_size]
