@@ -291,6 +291,22 @@ def test_no_two_seeds_or_epochs_share_their_batches():
     assert len(orders) == len(pairs)
 
 
+def test_no_two_imp_runs_or_rounds_share_their_batches(monkeypatch):
+    """IMP's rounds continue their seed's epochs: per-round seeds (seed + round) gave seed 1's first round
+    the batches of seed 0's second."""
+    orders = []
+
+    def recorded(dataset, batch_size, seed, epoch, shard=(0, 1)):
+        batches = epoch_batches(dataset, batch_size, seed, epoch, shard)
+        orders.append(tuple(torch.cat(batches).tolist()))
+        return batches
+
+    monkeypatch.setattr(bipkernels.solvers.training, "epoch_batches", recorded)
+    for seed in (0, 1, 2):
+        imp(tiny_model(), tiny_task(), 0.5, epochs_per_round=2, batch_size=16, seed=seed)  # 4 rounds
+    assert len(orders) == 3 * 4 * 2 and len(set(orders)) == len(orders)
+
+
 @pytest.mark.parametrize("world_size", [1, 2, 3, 5])
 @pytest.mark.parametrize("size", [0, 1, 2, 7, 12, 13])
 def test_epoch_batches_shard_an_epoch_like_distributed_sampler(size, world_size, seed):

@@ -49,8 +49,10 @@ def imp(model: nn.Module, dataset, sparsity: float, structure="unstructured", sc
                 layer.scores.copy_(torch.where(kept, layer.weight.abs(), torch.full_like(layer.weight, float("nan"))))
             masked_nn.project(model, target, scope)
             model.load_state_dict({**model.state_dict(), **_masked_rewind(model, rewind_state)})
-        # Wrapped: a seed of 2^32 - 1, which prune takes, would pass train_weights' range in round 2.
-        passes += train_weights(model, dataset, epochs_per_round, lr, batch_size, (seed + round_index) % 2**32,
+        # One seed, the rounds continuing its epochs: per-round seeds (seed + round) gave seed 1's rounds
+        # the batches of seed 0's next ones.
+        passes += train_weights(model, dataset, epochs_per_round, lr, batch_size, seed,
+                                first_epoch=round_index * epochs_per_round,
                                 label=f"imp round {round_index + 1} ({target:.3f})")
     return passes
 

@@ -57,6 +57,7 @@ def _number(minimum=0.0, maximum=math.inf, open_low=False, open_high=False):
 SETTINGS = {
     **dict.fromkeys(("epochs", "finetune_epochs", "score_epochs", "epochs_per_round", "pretrain_epochs",
                      "save_every"), _int(0)),
+    "first_epoch": _int(0, 2**32 - 1),  # an epoch_batches index
     **dict.fromkeys(("batch_size", "lower_steps", "total_steps", "world_size"), _int(1)),
     "seed": _int(0, 2**32 - 1),
     **dict.fromkeys(("lr", "score_lr", "weight_decay", "inv_gamma"), _number()),
@@ -426,10 +427,13 @@ _TRAINING_STATE = {"model", "optimizer", "schedule", "epoch", "passes", "rng"}  
 
 def train_weights(model: nn.Module, dataset: Dataset, epochs: int, lr: float = 0.05, batch_size: int = 64,
                   seed: int = 0, weight_decay: float = 1e-4, schedule: str = "cosine", label: str = "train",
-                  loss_fn=nn.functional.cross_entropy, *, start: dict | None = None, on_epoch=None) -> int:
+                  loss_fn=nn.functional.cross_entropy, *, first_epoch: int = 0, start: dict | None = None,
+                  on_epoch=None) -> int:
     """SGD (momentum 0.9) on every parameter but the mask scores, masks fixed; returns the passes spent
     (those of the call that saved ``start`` included). A DistributedDataParallel ``model`` trains on its
-    rank's share of each epoch (epoch_batches, data_shard).
+    rank's share of each epoch (epoch_batches, data_shard). Epoch i takes the batches of epoch
+    ``first_epoch`` + i of ``seed`` (epoch_batches): calls that continue one run (IMP's rounds) give it
+    their epochs done so far, so that no two of them, nor two seeds' runs, see the same batches.
 
     ``on_epoch(state)`` runs after each epoch with the training state: the model, optimizer and schedule
     state_dicts, ``epoch`` (epochs done), ``passes`` and the RNG states (random_state), in live tensors that later
@@ -438,7 +442,7 @@ def train_weights(model: nn.Module, dataset: Dataset, epochs: int, lr: float = 0
     call never stopped.
     """
     check_settings("train_weights", epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                   weight_decay=weight_decay, schedule=schedule)
+                   weight_decay=weight_decay, schedule=schedule, first_epoch=first_epoch)
     if on_epoch is not None and not callable(on_epoch):
         raise TypeError(f"train_weights: on_epoch must be callable or None, got {on_epoch!r}")
     check_data("train_weights", dataset, epochs)
@@ -465,7 +469,7 @@ def train_weights(model: nn.Module, dataset: Dataset, epochs: int, lr: float = 0
     for epoch in range(first, epochs):
         model.train()
         total = 0.0
-        for indices in epoch_batches(dataset, batch_size, seed, epoch, shard):
+        for indices in epoch_batches(dataset, batch_size, seed, first_epoch + epoch, shard):
             inputs, targets = fetch(dataset, indices, device)
             model.zero_grad(set_to_none=True)  # the scores' gradients too: no optimiser here clears them
             loss = loss_fn(model(inputs), targets)
