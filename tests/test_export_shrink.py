@@ -327,6 +327,31 @@ def test_shrink_leaves_entangled_layers_whole(seed):
     assert "dropout (an op shrinking does not handle) reads it" in report.kept["stem"]
 
 
+class SharedStatistics(nn.Module):
+    """One batch norm without affine parameters (its running statistics are its only state) normalising
+    two branches whose zero filters differ."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.norm = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, affine=False)
+        self.head_a, self.head_b = nn.Conv2d(4, 2, 1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head_a(F.relu(self.norm(self.a(x)))) + self.head_b(F.relu(self.norm(self.b(x))))
+
+
+def test_a_norm_called_twice_stays_whole_though_it_has_no_parameters(seed):
+    """Its running statistics cannot be cut for each branch's channels (it raised: outputs differed)."""
+    model = SharedStatistics().double().eval()
+    with torch.no_grad():
+        model.norm.running_mean.normal_()
+        model.norm.running_var.uniform_(0.5, 2.0)
+        model.b.weight[1] = 0
+    report = _report_of_nothing_shrinking(model, ["a"], torch.randn(2, 3, 4, 4, dtype=torch.float64))
+    assert "norm (called more than once) reads it" in report.kept["a"]
+    assert "norm (called more than once) reads it" in report.kept["b"]
+
+
 def test_concatenated_channels_go_where_every_reader_lets_them(seed):
     model = randomize_masked(Joined().double()).eval()
     with torch.no_grad():

@@ -90,6 +90,11 @@ def has_hooks(module: nn.Module) -> bool:
     return any(hook is not _keep_forward for hooks in _HOOK_DICTS for hook in getattr(module, hooks, {}).values())
 
 
+def _has_state(module: nn.Module) -> bool:
+    """Whether ``module`` itself holds a parameter or a buffer, which shrinking cuts to one space's channels."""
+    return any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False))
+
+
 def _in_place(node: fx.Node, module) -> bool:
     """Whether ``node`` overwrites its first input: a module or function with inplace=True, or a method
     ending in _ (relu_, add_)."""
@@ -161,7 +166,8 @@ class ChannelGraph:
         self.members: dict[fx.Node, nn.Module] = {}  # depthwise convolutions and batch norms
         self.whole: dict[fx.Node, str] = {}  # other Conv2d / Linear layers, which keep every channel: why
         self.constant: dict[fx.Node, torch.Tensor | None] = {}  # bool per channel (None: none), see _analyse
-        # A layer with parameters called twice, or sharing one with another layer, cannot be cut for one use.
+        # A layer with parameters or buffers called twice (a batch norm without affine parameters still has
+        # its running statistics), or sharing a parameter with another layer, cannot be cut for one use.
         calls = [node.target for node in graph_module.graph.nodes if node.op == "call_module"]
         owners = {}
         for name, module in graph_module.named_modules():
@@ -170,7 +176,7 @@ class ChannelGraph:
         self.entangled = {name: "shares a parameter with another layer" for names in owners.values()
                           if len(names) > 1 for name in names}
         self.entangled.update({target: "called more than once" for target in calls if calls.count(target) > 1
-                               and any(True for _ in graph_module.get_submodule(target).parameters(recurse=False))})
+                               and _has_state(graph_module.get_submodule(target))})
         self.entangled.update({node.target.rpartition(".")[0]: "its weights are also read directly"
                                for node in graph_module.graph.nodes if node.op == "get_attr"})
         # The trace does not show what a hook does (a per-channel scale would no longer fit a shrunk output).
