@@ -352,6 +352,25 @@ def test_a_norm_called_twice_stays_whole_though_it_has_no_parameters(seed):
     assert "norm (called more than once) reads it" in report.kept["b"]
 
 
+class Noisy(nn.Module):
+    """F.dropout(x, p) keeps dropping in eval mode (training=True by default): the forward draws numbers."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(F.dropout(F.relu(self.conv(x)), 0.5))
+
+
+def test_shrink_leaves_the_random_stream_of_a_forward_that_draws(seed):
+    """Every run of the model inside export_shrunk draws from a forked stream (its first one did not)."""
+    model, x = Noisy().eval(), torch.randn(2, 3, 4, 4)
+    state = torch.get_rng_state()
+    bipkernels.export_shrunk(model, x, warn=False)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_concatenated_channels_go_where_every_reader_lets_them(seed):
     model = randomize_masked(Joined().double()).eval()
     with torch.no_grad():

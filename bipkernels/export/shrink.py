@@ -238,8 +238,7 @@ def export_shrunk(model: nn.Module, example_inputs, *, warn: bool = True) -> tup
     dense = export_dense(model).eval()
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     try:
-        with torch.no_grad():
-            dense(*inputs)
+        _outputs(dense, inputs)  # forked: a forward that draws random numbers leaves the caller's stream alone
     except Exception as error:  # the user's input, not a fault of the export: say so before tracing
         raise ValueError(f"bipkernels.export_shrunk: the model does not run on example_inputs "
                          f"({type(error).__name__}: {error})") from error
