@@ -194,6 +194,8 @@ def test_prune_masks_are_the_exact_masks(seed):
             export("x", {}) if export is bipkernels.apply_prune_masks else export("x")
     with pytest.raises(TypeError, match=r"bipkernels.export_shrunk: model must be a torch.nn.Module"):
         bipkernels.export_shrunk("x", torch.zeros(1))
+    with pytest.raises(TypeError, match=r"bipkernels.export_shrunk: warn must be a bool, got str 'no'"):
+        bipkernels.export_shrunk(nn.Linear(2, 2), torch.zeros(1, 2), warn="no")  # a truthy string warned
 
 
 # -------------------------------------------------------------------------------------- semi-structured

@@ -643,7 +643,7 @@ def test_shrink_refuses_an_untraceable_model():
         def forward(self, x):
             return self.conv(x) if x.sum() > 0 else x
 
-    with pytest.raises(ValueError, match="torch.fx cannot trace Branching"):
+    with pytest.raises(ValueError, match="bipkernels.export_shrunk: torch.fx cannot trace Branching"):
         bipkernels.export_shrunk(Branching(), torch.randn(1, 3, 2, 2))
 
 
@@ -668,7 +668,7 @@ def test_shrink_refuses_a_trace_that_differs_from_the_forward(seed):
     model = Aliased().double().eval()
     with torch.no_grad():  # a constant channel 0 that only the aliased read sees scaled
         model.conv1.weight[0], model.conv1.bias[0], model.conv2.weight[:, 0] = 0, 1, 0
-    with pytest.raises(ValueError, match=r"trace of Aliased computes other outputs .*x \*= y"):
+    with pytest.raises(ValueError, match=r"bipkernels.export_shrunk: torch.fx's trace of Aliased computes .*x \*= y"):
         bipkernels.export_shrunk(model, torch.randn(2, 3, 5, 5, dtype=torch.float64))
 
 
@@ -680,7 +680,7 @@ def test_shrink_checks_its_result_against_the_model(seed, monkeypatch):
         model.layer1.conv1.weight[:3] = model.layer1.bn1.running_mean[:3] = 0
         model.layer1.bn1.bias[:3] = 1
     monkeypatch.setattr("bipkernels.export.shrink.pads_with_zeros", lambda module: False)
-    with pytest.raises(RuntimeError, match="smaller SmallResNet gives other outputs than the model"):
+    with pytest.raises(RuntimeError, match="bipkernels.export_shrunk: the smaller SmallResNet gives other outputs"):
         bipkernels.export_shrunk(model, torch.randn(2, 3, 8, 8, dtype=torch.float64), warn=False)
 
 

@@ -232,6 +232,8 @@ def export_shrunk(model: nn.Module, example_inputs, *, warn: bool = True) -> tup
     if meta is not None:
         raise ValueError(f"bipkernels.export_shrunk: {meta} is on the meta device: finding zero filters needs the "
                          "values (load the weights first)")
+    if not isinstance(warn, bool):
+        raise TypeError(f"bipkernels.export_shrunk: warn must be a bool, got {type(warn).__name__} {warn!r}")
     if not isinstance(example_inputs, (torch.Tensor, tuple, list)):
         raise TypeError(f"bipkernels.export_shrunk: example_inputs must be a tensor or a tuple of the forward's "
                         f"arguments, got {type(example_inputs).__name__} {example_inputs!r}")
@@ -262,13 +264,13 @@ def _shrink_once(dense: nn.Module, inputs: tuple, name: str) -> ShrinkReport:
     try:
         traced = fx.symbolic_trace(dense)
     except Exception as error:  # fx raises many types for untraceable Python
-        raise ValueError(f"export_shrunk: torch.fx cannot trace {name} ({error}); "
+        raise ValueError(f"bipkernels.export_shrunk: torch.fx cannot trace {name} ({error}); "
                          "export_dense gives the same model without removing channels") from error
     expected = _outputs(dense, inputs)
     tolerance = max((_tolerance(tensor.dtype) for tensor in expected), default=0.0)
     recorder = Recorder(traced)
     if _difference(_outputs(recorder.run, inputs), expected) > tolerance:
-        raise ValueError(f"export_shrunk: torch.fx's trace of {name} computes other outputs than "
+        raise ValueError(f"bipkernels.export_shrunk: torch.fx's trace of {name} computes other outputs than "
                          "its forward on the example input: an augmented assignment to a tensor that is also read "
                          "elsewhere (x *= y, x += y: torch.fx records x * y, a new tensor) or other aliasing it "
                          "cannot see; export_dense gives the same model without removing channels")
@@ -312,7 +314,7 @@ def _shrink_once(dense: nn.Module, inputs: tuple, name: str) -> ShrinkReport:
     # Each rule above is exact; this guards the whole against a model that breaks one unseen.
     difference = _difference(_outputs(dense, inputs), expected)
     if difference > tolerance:
-        raise RuntimeError(f"export_shrunk: the smaller {name} gives other outputs than the model "
+        raise RuntimeError(f"bipkernels.export_shrunk: the smaller {name} gives other outputs than the model "
                            f"on the example input (relative difference {difference:.3g}): a bug, please report "
                            "it with the model; export_dense gives the same model without removing channels")
     return report
