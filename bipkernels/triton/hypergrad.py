@@ -15,7 +15,7 @@ from torch.library import triton_op, wrap_triton
 
 from ..reference import IMPLICIT_FORMS
 from . import mask_rule
-from .layout import check_float, check_like, launch_size, on_device, structure_of
+from .layout import check_float, check_like, launch_size, narrow, on_device, structure_of, widen
 
 _BLOCK = launch_size(1024, 64)
 
@@ -62,10 +62,11 @@ def _hypergrad_kernel(scores_ptr, block_scores_ptr, threshold_ptr, cols, inner, 
         grad += mask_rule.to_score(tl.load(grad_ptr + offsets, mask=valid), F64)
     theta = mask_rule.to_score(tl.load(weight_ptr + flat, mask=valid), F64)
     inv_gamma = mask_rule.to_score(tl.load(inv_gamma_ptr), F64)
-    negative = tl.load(scores_ptr + flat, mask=valid, other=0.0) < 0
+    # Widened: the interpreter reads a negative bfloat16 subnormal as 0, which would keep its sign.
+    negative = widen(tl.load(scores_ptr + flat, mask=valid, other=0.0)) < 0
     grad_weight, grad_scores = values(grad, theta, keep, negative, inv_gamma, RELEASED)
-    tl.store(grad_weight_ptr + flat, grad_weight.to(grad_weight_ptr.dtype.element_ty), mask=valid)
-    tl.store(grad_scores_ptr + flat, grad_scores.to(grad_scores_ptr.dtype.element_ty), mask=valid)
+    tl.store(grad_weight_ptr + flat, narrow(grad_weight, grad_weight_ptr.dtype.element_ty), mask=valid)
+    tl.store(grad_scores_ptr + flat, narrow(grad_scores, grad_scores_ptr.dtype.element_ty), mask=valid)
 
 
 def launch(mask: mask_rule.Mask, grad: torch.Tensor, weight: torch.Tensor, inv_gamma: float, released: bool,

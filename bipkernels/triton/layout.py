@@ -94,6 +94,21 @@ def widen(x):
         return x.to(tl.float32)
 
 
+@triton.jit
+def narrow(x, dtype: tl.constexpr):
+    """float32 (or float64) ``x`` in ``dtype``, rounded to nearest even: bfloat16 by its bits, because the
+    interpreter's conversion truncates (0.10107 became 0.10059) and misrounds subnormals (8.8e-39 became
+    5.9e-39, 2.9e-39 became 0), so a select of a bfloat16 gradient came back changed. NaN gives 0x7FC0."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.int32, bitcast=True)
+        # Adding 0x7FFF plus the kept lowest bit rounds the magnitude to nearest even (past the largest
+        # finite value to inf); only a NaN's payload can carry into the sign, and NaN is set apart.
+        rounded = tl.where(x != x, 0x7FC0, (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16)
+        return rounded.to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
+
+
 def on_device(tensor: torch.Tensor):
     """A context that makes ``tensor``'s GPU the current one: a triton launch goes to the current device
     and its stream, whichever device its tensors are on. Nothing to do for CPU tensors (the interpreter)."""

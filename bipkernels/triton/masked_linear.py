@@ -37,7 +37,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from . import hypergrad, mask_rule
-from .layout import INTERPRETING, check_float, check_like, launch_size, on_device, structure_of, widen
+from .layout import INTERPRETING, check_float, check_like, launch_size, narrow, on_device, structure_of, widen
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -170,7 +170,7 @@ def _times_masked_weight_kernel(scores_ptr, block_scores_ptr, threshold_ptr, col
         acc = _dot(a, w, acc, TF32, WIDEN)
     if HAS_BIAS:
         acc += widen(tl.load(bias_ptr + cols_out, mask=cols_out < out_cols, other=0.0))[None, :]
-    tl.store(out_ptr + rows[:, None] * out_cols + cols_out[None, :], acc.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + rows[:, None] * out_cols + cols_out[None, :], narrow(acc, out_ptr.dtype.element_ty),
              mask=(rows[:, None] < M) & (cols_out[None, :] < out_cols))
 
 
@@ -205,11 +205,11 @@ def _weight_grad_kernel(scores_ptr, block_scores_ptr, threshold_ptr, cols, inner
         keep = mask_rule.kept(scores_ptr, block_scores_ptr, value, cut, n, k, valid, K, 1, tile_cols, KIND, A, B,
                               F64)
         theta = widen(tl.load(weight_ptr + n * K + k, mask=valid, other=0.0))
-        negative = tl.load(scores_ptr + n * K + k, mask=valid, other=0.0) < 0
+        negative = widen(tl.load(scores_ptr + n * K + k, mask=valid, other=0.0)) < 0  # as in hypergrad
         grad_weight, grad_scores = hypergrad.values(acc, theta, keep, negative, tl.load(inv_gamma_ptr).to(tl.float32),
                                                     RELEASED)
-        tl.store(grad_weight_ptr + n * K + k, grad_weight.to(grad_weight_ptr.dtype.element_ty), mask=valid)
-        tl.store(grad_scores_ptr + n * K + k, grad_scores.to(grad_scores_ptr.dtype.element_ty), mask=valid)
+        tl.store(grad_weight_ptr + n * K + k, narrow(grad_weight, grad_weight_ptr.dtype.element_ty), mask=valid)
+        tl.store(grad_scores_ptr + n * K + k, narrow(grad_scores, grad_scores_ptr.dtype.element_ty), mask=valid)
 
 
 def _check(op: str, weight: torch.Tensor, scores: torch.Tensor, threshold: torch.Tensor, kind, a, b, p, **others):

@@ -80,6 +80,26 @@ def test_bfloat16_subnormals_are_read_exactly(triton_backend, seed, name):
                        reference.masked_weight(weight, scores, threshold, structure))
 
 
+@pytest.mark.parametrize("inv_gamma", [0.0, 0.3])
+def test_bfloat16_hypergrad_is_rounded_as_the_reference_rounds_it(triton_backend, seed, inv_gamma):
+    """bfloat16 g, θ and s of every bit pattern (subnormals, ±inf, NaN): grad_θ is a select of g and
+    grad_s one float32 product (and difference) rounded to nearest even, so both equal the reference bit
+    for bit. The interpreter's float32 -> bfloat16 conversion truncated (a third of grad_s was a unit in
+    the last place low) and misrounded subnormals (grad_θ was no longer g), and it read a negative
+    subnormal score as 0, so grad_s kept the sign the mask's |s| asks to flip."""
+    patterns = lambda: torch.randint(-2**15, 2**15, (4096,), dtype=torch.int32).to(torch.int16).view(  # noqa: E731
+        torch.bfloat16)
+    grad, weight, scores = patterns(), patterns(), patterns()
+    scores[:2] = torch.tensor([-7.3e-40, 7.3e-40], dtype=torch.bfloat16)  # s < 0 flips grad_s, not s > 0
+    threshold = reference.topk_threshold([reference.block_scores(scores, parse_structure("unstructured"))], 2048)[0]
+    got = ops.hypergrad(grad, weight, scores, threshold, "unstructured", inv_gamma=inv_gamma)
+    want = reference.hypergrad(grad, weight, scores, threshold, parse_structure("unstructured"), inv_gamma)
+    for name, got_one, want_one in zip(("grad_θ", "grad_s"), got, want):
+        same = (got_one.view(torch.int16) == want_one.view(torch.int16)) | (got_one.isnan() & want_one.isnan())
+        assert bool(same.all()), f"{name}: {int((~same).sum())} differ, first {got_one[~same][:3].tolist()} " \
+            f"instead of {want_one[~same][:3].tolist()}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_block_scores_of_continuous_scores(triton_backend, seed, dtype):
     """Sums of arbitrary values: the float64 sum may differ in its last bits between summation orders,
