@@ -3,8 +3,9 @@
 Backends: ``torch`` (bipkernels.reference), ``cpu`` (C++), ``cuda`` (C++/CUDA), ``triton``. By default a
 CPU tensor runs the C++ kernel when the extension is built, else the reference; a CUDA tensor runs the
 backend that bipkernels.triton.AUTO_ON_CUDA picks for the op (with the measurement behind it), else the
-reference (with one warning per op, also for a CPU build that lacks an op's kernel). The triton backend runs CUDA tensors, and CPU tensors under the
-Triton interpreter (TRITON_INTERPRET=1); importing bipkernels never imports triton.
+reference (with one warning per op, also for a CPU build that lacks an op's kernel). The triton backend
+runs CUDA tensors, and CPU tensors under the Triton interpreter (TRITON_INTERPRET=1); importing
+bipkernels never imports triton.
 ``BIPKERNELS_BACKEND=torch|cpu|cuda|triton`` forces one backend: if it cannot serve a call, the call
 raises instead of falling back.
 
