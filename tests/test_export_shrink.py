@@ -432,6 +432,85 @@ def test_grouped_convolution_sheds_as_many_channels_in_each_group(seed):
             torch.testing.assert_close(small(inputs), model(inputs), rtol=1e-12, atol=1e-12)
 
 
+def _assert_same_outputs(small: nn.Module, model: nn.Module, x: torch.Tensor) -> None:
+    """The shrunk model gives the masked model's outputs (float64, eval mode) on ``x`` and on a fresh input."""
+    with torch.no_grad():
+        for inputs in (x, torch.randn(3, x.shape[1], 7, 4, dtype=torch.float64)):
+            torch.testing.assert_close(small(inputs), model(inputs), rtol=1e-12, atol=1e-12)
+
+
+def test_a_grouped_convolution_loses_a_group_whose_filters_and_input_channels_all_go(seed):
+    model = randomize_masked(Grouped().double()).eval()
+    with torch.no_grad():
+        model.grouped[0].weight[3:6] = 0  # group 1: filters 3-5 (constants after the batch norm), channels 2, 3
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    small, report = bipkernels.export_shrunk(model, x)
+    assert small.grouped[0].groups == 3 and small.grouped[0].weight.shape == (9, 2, 3, 3)
+    assert small.reduce[0].out_channels == small.reduce[1].num_features == small.grouped[0].in_channels == 6
+    assert small.grouped[1].num_features == small.expand.in_channels == 9
+    assert _weights(small) == _weights(model) - 2 * (6 + 1 + 2) - 3 * 2 * 9 - 3 * 2 - 3 * 5
+    assert not report.kept
+    _assert_same_outputs(small, model, x)
+
+
+class GroupedWithShortcut(Grouped):
+    """Grouped, and a 1×1 shortcut that also reads the grouped convolution's input channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.shortcut = nn.Conv2d(8, 5, 1)
+
+    def forward(self, x):
+        hidden = self.reduce(x)
+        return self.expand(self.grouped(hidden)) + self.shortcut(hidden)
+
+
+def test_a_group_whose_input_channels_another_layer_reads_stays(seed):
+    model = randomize_masked(GroupedWithShortcut().double()).eval()
+    with torch.no_grad():
+        model.grouped[0].weight[3:6] = 0  # group 1's filters; the shortcut still reads its channels 2, 3
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="its group 1 cannot go whole, some of its input channels stay"):
+        small, report = bipkernels.export_shrunk(model, x)
+    assert small.grouped[0].groups == 4 and small.grouped[0].weight.shape == (12, 2, 3, 3)
+    assert report.kept == {"grouped.0": "3 zero filters (grouped.0 keeps as many channels in each of its groups; "
+                                        "its group 1 cannot go whole, some of its input channels stay), "
+                                        "2 zero input channels (shortcut reads it and it varies with the input)"}
+    _assert_same_outputs(small, model, x)
+
+
+@pytest.mark.parametrize("multiplier", [1, 2])
+def test_a_depthwise_convolution_loses_the_groups_of_its_pruned_channels(seed, multiplier):
+    """groups == input channels: a group is one input channel and its ``multiplier`` filters (with 1, a
+    channel of its space that goes with the 1×1 convolution's filter 2 that writes it)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 4 * multiplier, 3, padding=1, groups=4), nn.BatchNorm2d(4 * multiplier),
+                          nn.ReLU(), nn.Conv2d(4 * multiplier, 5, 1))
+    model = randomize_masked(model.double()).eval()
+    with torch.no_grad():
+        model[0].weight[2] = model[0].bias[2] = model[1].running_mean[2] = model[1].bias[2] = 0  # a zero channel
+        model[3].weight[2 * multiplier:3 * multiplier] = 0  # and the filters of group 2, which reads it
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    small, report = bipkernels.export_shrunk(model, x)
+    assert small[3].groups == small[3].in_channels == 3 and small[3].out_channels == 3 * multiplier
+    assert small[0].out_channels == 3 and small[6].in_channels == 3 * multiplier and not report.kept
+    _assert_same_outputs(small, model, x)
+
+
+def test_a_fully_pruned_grouped_convolution_keeps_one_group_of_one_channel(seed):
+    """As a layer with every filter pruned keeps one (the other groups go whole, their input channels too)."""
+    model = randomize_masked(Grouped().double()).eval()
+    with torch.no_grad():
+        model.grouped[0].weight.zero_()
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="every channel could go, and a layer keeps one"):
+        small, report = bipkernels.export_shrunk(model, x)
+    assert small.grouped[0].groups == 1 and small.grouped[0].weight.shape == (1, 1, 3, 3)
+    assert small.reduce[0].out_channels == small.expand.in_channels == 1
+    assert "1 zero filter (every channel could go, and a layer keeps one)" in report.kept["grouped.0"]
+    _assert_same_outputs(small, model, x)
+
+
 class Skip(nn.Module):
     """A U-Net skip: an upsampled deep feature joined with a shallow one (numpy-style axis=), scaled."""
 

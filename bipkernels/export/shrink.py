@@ -94,29 +94,56 @@ def _plan(graph: ChannelGraph, nodes: list, readers: list, frozen: list[str]) ->
     return _Plan(keep, why, none if carrier is None else torch.full((channels,), carrier))
 
 
+def _live_groups(keeps: list[torch.Tensor], groups: int) -> torch.Tensor:
+    """Per group of a grouped convolution, (groups,) bool: whether the group stays, given ``keeps``, the
+    keep masks (channels,) of its input and output spaces. A group none of whose input channels and
+    filters stay goes whole; a space that keeps every channel (also one whose tensors disagree on their
+    number) keeps every group."""
+    if any(keep.all() for keep in keeps):
+        return torch.ones(groups, dtype=torch.bool, device=keeps[0].device)
+    return torch.stack([keep.view(groups, -1).any(1) for keep in keeps]).any(0)
+
+
 def _even_groups(graph: ChannelGraph, plans: dict) -> None:
     """Keeps more channels, in place in ``plans`` (by space root, joined spaces not yet built), until every
-    grouped convolution keeps as many input channels and as many filters in each of its groups (a
-    Conv2d's groups are equal); the lowest-numbered removable channels of a short group stay."""
+    grouped convolution keeps as many input channels and as many filters in each of its groups that stay
+    (a Conv2d's groups are equal); a group goes whole where none of its input channels and filters stay
+    (_live_groups). The lowest-numbered removable channels of a short group stay."""
     grouped = [(node, module.groups) for node, module in graph.readers.items() if getattr(module, "groups", 1) > 1]
     changed = True
-    while changed:  # keeping a channel can unbalance another grouped layer of the same space
+    while changed:  # keeping a channel can unbalance another grouped layer of the same space, or keep a group
         changed = False
         for node, groups in grouped:
-            for root in (graph.root(node.all_input_nodes[0]), graph.root(node)):
-                segments = [(plans[base], offset) for base, offset in graph.bases(root)]
-                keep = torch.cat([plan.keep for plan, _ in segments])
-                if keep.all() or len(keep) % groups:
-                    continue  # (a space whose tensors disagree on their channels keeps them all)
-                counts = keep.view(groups, -1).sum(1)
-                for group in (counts < counts.max()).nonzero().flatten().tolist():
-                    size = len(keep) // groups
-                    removed = (~keep[group * size:(group + 1) * size]).nonzero().flatten() + group * size
-                    for channel in removed[:int(counts.max() - counts[group])].tolist():
-                        plan, offset = next((plan, offset) for plan, offset in reversed(segments) if offset <= channel)
-                        plan.keep[channel - offset] = True
-                        plan.why[channel - offset] = f"{node.target} keeps as many channels in each of its groups"
-                    changed = True
+            sides = {what: [(plans[base], offset) for base, offset in graph.bases(root)] for what, root in
+                     (("input channels", graph.root(node.all_input_nodes[0])), ("filters", graph.root(node)))}
+            keeps = {what: torch.cat([plan.keep for plan, _ in segments]) for what, segments in sides.items()}
+            live = _live_groups(list(keeps.values()), groups)
+            for (what, segments), other in zip(sides.items(), reversed(sides)):  # other: the opposite side
+                changed |= _keep_evenly(node.target, segments, keeps[what], live, other)
+
+
+def _keep_evenly(target: str, segments: list, keep: torch.Tensor, live: torch.Tensor, other: str) -> bool:
+    """Keeps, in place in the plans of ``segments`` ((plan, channel offset) of one space of the grouped
+    convolution ``target``, whose keep mask (channels,) is ``keep``), the lowest-numbered removable
+    channels of each group in ``live`` (groups,) that keeps fewer than another; whether any channel was
+    added. A group that keeps none on this side is live for its ``other`` (the reason says so). Some group
+    is live: every space keeps a channel (_plan)."""
+    if keep.all():
+        return False
+    per_group = keep.view(len(live), -1)
+    counts = per_group.sum(1)
+    most = counts[live].max()
+    short = (live & (counts < most)).nonzero().flatten().tolist()
+    for group in short:
+        why = f"{target} keeps as many channels in each of its groups"
+        if counts[group] == 0:
+            why += f"; its group {group} cannot go whole, some of its {other} stay"
+        removed = (~per_group[group]).nonzero().flatten() + group * per_group.shape[1]
+        for channel in removed[:int(most - counts[group])].tolist():
+            plan, offset = next((plan, offset) for plan, offset in reversed(segments) if offset <= channel)
+            plan.keep[channel - offset] = True
+            plan.why[channel - offset] = why
+    return bool(short)
 
 
 def _joined_plan(plans: list[_Plan]) -> _Plan:
@@ -139,11 +166,6 @@ def _index(keep: torch.Tensor, expansion: int) -> torch.Tensor:
     return (channels[:, None] * expansion + torch.arange(expansion)).flatten()
 
 
-def _shrunk_reader(module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-    # A depthwise convolution keeps one group per channel, other convolutions their groups.
-    return plain_layer(module, weight, bias, weight.shape[0] if is_depthwise(module) else None)
-
-
 @torch.no_grad()
 def _shrunk_norm(norm, index: torch.Tensor) -> nn.Module:
     tensors = dict(norm.named_parameters(recurse=False)) | dict(norm.named_buffers(recurse=False))
@@ -159,7 +181,8 @@ def _shrunk_norm(norm, index: torch.Tensor) -> nn.Module:
 def _shrink_reader(graph: ChannelGraph, node, plans: dict) -> nn.Module:
     """The reader at ``node`` without the removed rows and columns; the removed constant input channels
     folded into its bias, or behind zero padding into the carrier's column (sums in float64). A grouped
-    convolution keeps as many of each (_even_groups) and no carrier (_plan)."""
+    convolution loses the groups that keep neither input channels nor filters, keeps as many of each in
+    the others (_even_groups) and no carrier (_plan)."""
     module = graph.readers[node]
     source = node.all_input_nodes[0]
     plan_in, plan_out = plans[graph.root(source)], plans[graph.root(node)]
@@ -167,10 +190,11 @@ def _shrink_reader(graph: ChannelGraph, node, plans: dict) -> nn.Module:
     weight = group_view(module, channels)  # (groups, filters, channels, entries) per group
     groups, device = weight.shape[0], weight.device
     keep_in, keep_out = plan_in.keep.to(device), plan_out.keep.to(device)
+    live = int(_live_groups([keep_in, keep_out], groups).sum())  # the others hold no kept row or column
     value = graph.value(source).to(device)
     fold = ~keep_in & graph.constants(source).to(device) & (value != 0) & ~zero_columns(module, channels).to(device)
-    columns = keep_in.view(groups, -1).nonzero()[:, 1].view(groups, -1)  # kept channels, each group's own
-    kept = weight[keep_out.view(groups, -1)].view(groups, -1, weight.shape[2], weight.shape[3])
+    columns = keep_in.view(groups, -1).nonzero()[:, 1].view(live, -1)  # kept channels, each group's own
+    kept = weight[keep_out.view(groups, -1)].view(live, -1, weight.shape[2], weight.shape[3])
     kept = kept.gather(2, columns[:, None, :, None].expand(-1, kept.shape[1], -1, kept.shape[3]))
     bias = None if module.bias is None else module.bias.detach()[keep_out].double()
     if fold.any() and pads_with_zeros(module):  # one group
@@ -181,8 +205,8 @@ def _shrink_reader(graph: ChannelGraph, node, plans: dict) -> nn.Module:
         constants = torch.where(fold, value, 0.0).view(groups, 1, -1, 1)
         folded = (weight.double() * constants).sum((2, 3)).flatten()[keep_out]
         bias = folded if bias is None else bias + folded
-    kept = kept.reshape((groups * kept.shape[1], -1) + tuple(module.weight.shape[2:]))
-    return _shrunk_reader(module, kept, None if bias is None else bias.to(kept.dtype))
+    kept = kept.reshape((live * kept.shape[1], -1) + tuple(module.weight.shape[2:]))
+    return plain_layer(module, kept, None if bias is None else bias.to(kept.dtype), live)
 
 
 def export_shrunk(model: nn.Module, example_inputs, *, warn: bool = True) -> tuple[nn.Module, ShrinkReport]:
@@ -207,8 +231,9 @@ def export_shrunk(model: nn.Module, example_inputs, *, warn: bool = True) -> tup
       can go from its own space and from every concatenation it is part of (DenseNet, Inception);
     - add/sub/mul broadcast over positions stay channel-wise (an SE block's scale times its input): a
       product is constant where both factors are, or where one is a zero constant;
-    - a grouped convolution keeps as many input channels and filters in each group (the lowest-numbered
-      removable ones of a short group stay; a whole group never goes), and keeps its input's nonzero
+    - a group of a grouped convolution goes whole (the layer has fewer groups) where all its input
+      channels and filters can go; the other groups keep as many input channels and filters each (the
+      lowest-numbered removable ones of a short group stay), and the layer keeps its input's nonzero
       constants behind zero padding (a carrier would be needed in each group);
     - a sum over positions keeps only zero constants (it scales them by the input's size); 2-D pools
       and batch norms only take batched inputs; dropout and torchvision's stochastic depth are the
@@ -308,7 +333,8 @@ def _shrink_once(dense: nn.Module, inputs: tuple, name: str) -> ShrinkReport:
         if is_depthwise(module):
             index = index.to(module.weight.device)
             bias = None if module.bias is None else module.bias.detach()[index]
-            _replace(dense, node.target, _shrunk_reader(module, module.weight.detach()[index], bias), report)
+            weight = module.weight.detach()[index]  # one group per kept channel
+            _replace(dense, node.target, plain_layer(module, weight, bias, len(index)), report)
         else:
             _replace(dense, node.target, _shrunk_norm(module, index), report)
     # Each rule above is exact; this guards the whole against a model that breaks one unseen.

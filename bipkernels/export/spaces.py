@@ -17,7 +17,8 @@ filter, so c is a bias pushed through batch norms and activations). A constant f
 bias, unless the reader pads with zeros (the constant stops at the border): then one constant channel
 stays and carries the others, their weights merged into its column (linear in the input:
 Σ v_c W_c = v_0 · Σ (v_c / v_0) W_c); a grouped convolution would need a carrier in each group, so its
-constants behind zero padding stay. Grouped convolutions keep as many channels in each group.
+constants behind zero padding stay. Grouped convolutions keep as many channels in each group that stays;
+a group goes whole where all its input channels and filters go.
 shrink.py plans and applies the removal.
 """
 
