@@ -151,13 +151,15 @@ def test_pruned_nan_and_inf_weights_contribute_zero(seed, rows):
     _check(x, weight, scores, threshold, structure, None, grad)
 
 
+@pytest.mark.parametrize("implicit", IMPLICIT_FORMS)
 @pytest.mark.parametrize("name", ["unstructured", "2:4", "tile3x5"])
-def test_masked_linear_layer_on_the_triton_backend(monkeypatch, seed, name):
+def test_masked_linear_layer_on_the_triton_backend(monkeypatch, seed, name, implicit):
     """MaskedLinear runs the fused matmul under BIPKERNELS_BACKEND=triton and gives what the unfused
-    PyTorch path gives: output and every gradient (input, weight, bias, scores)."""
+    PyTorch path gives: output and every gradient (input, weight, bias, scores), in both implicit forms
+    (a fused path that dropped the layer's ``implicit`` gave the paper form's scores gradient)."""
     layer = bipkernels.MaskedLinear(28, 13, structure=name)
     bipkernels.project(layer, 0.5)
-    layer.inv_gamma = INV_GAMMA
+    layer.inv_gamma, layer.implicit = INV_GAMMA, implicit
     x, grad = torch.randn(3, 5, 28), torch.randn(3, 5, 13)
     results = {}
     for backend in ("triton", "torch"):
