@@ -72,3 +72,20 @@ def test_exactly_k_kept(triton_backend, seed):
         pruned = torch.cat([t[~m & ~t.isnan()] for t, m in zip(tensors, masks)])
         if len(kept) and len(pruned):
             assert kept.min() >= pruned.max()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_signed_zeros_are_one_score(triton_backend, seed, dtype):
+    """-0.0 and +0.0 are the same score (reference: they compare equal), so the cut among zeros goes by
+    the lowest index whatever the sign bit. Keys that rank -0.0 below +0.0 keep the wrong zeros; the other
+    families cut among zeros too rarely to see it (zeros are their lowest scores, two patterns in 2^16)."""
+    tensors = [torch.randint(-1, 2, (n,)).to(dtype) * (torch.randint(0, 2, (n,)) * 2 - 1).to(dtype)
+               for n in (13, 0, 40, 7)]
+    tensors[2][:2] = torch.tensor([-0.0, 0.0], dtype=dtype)  # both signs, whatever was drawn
+    flat = torch.cat(tensors)
+    zeros = int((flat == 0).sum())
+    for absolute in (False, True):
+        above = int((flat.abs() if absolute else flat).gt(0).sum())
+        for k in (above + 1, above + zeros // 2, above + zeros - 1):  # cuts among the zeros
+            got = ops.topk_threshold(tensors, k, absolute=absolute)
+            assert torch.equal(got, reference.topk_threshold(tensors, k, absolute)), (k, absolute, got)
