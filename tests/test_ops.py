@@ -249,15 +249,19 @@ def test_tiles_past_the_matrix_are_cut_to_it(monkeypatch, seed, backend):
 @pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_cpu_kernels)])
 def test_block_scores_do_not_depend_on_the_memory_layout(monkeypatch, seed, backend):
     """float64 sums round by their order: the same values stored transposed or channels_last must give the
-    same block scores, bit for bit (torch's sum follows the layout)."""
+    block scores of the reference on contiguous values, bit for bit (torch's sum follows the layout). Each
+    layout is compared with the reference, not with the backend's own contiguous result, which a wrong
+    kernel would match."""
     force_backend(monkeypatch, backend)
     scores = torch.randn(24, 40, dtype=torch.float64)
     conv = torch.randn(16, 24, 3, 3, dtype=torch.float64)
     for name in ("filter", "channel", "tile3x5"):
         structure = parse_structure(name)
-        assert torch.equal(ops.block_scores(scores.t().contiguous().t(), structure), ops.block_scores(scores, structure))
-        assert torch.equal(ops.block_scores(conv.to(memory_format=torch.channels_last), structure),
-                           ops.block_scores(conv, structure))
+        for values, stored in ((scores, scores.t().contiguous().t()),
+                               (conv, conv.to(memory_format=torch.channels_last))):
+            want = reference.block_scores(values, structure)
+            assert torch.equal(ops.block_scores(values, structure), want), name
+            assert torch.equal(ops.block_scores(stored, structure), want), name
 
 
 def test_keep_count_rounding():
