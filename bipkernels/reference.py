@@ -159,8 +159,8 @@ def keeps_weight_layout(structure: Structure, weight: torch.Tensor, *others: tor
 
 
 def _in_result_layout(result: torch.Tensor, keep_layout: bool, weight: torch.Tensor) -> torch.Tensor:
-    if not keep_layout:
-        return result.contiguous()
+    if not keep_layout:  # an empty tensor counts as contiguous whatever its strides: give it standard ones
+        return result.contiguous() if result.numel() else result.new_empty(result.shape)
     return torch.empty_like(weight, dtype=result.dtype).copy_(result)
 
 

@@ -196,6 +196,19 @@ def test_dense_layouts(monkeypatch, seed, layout, structure_name, mixed):
         assert torch.equal(result, want)
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_cpu_kernels)])
+def test_empty_results_have_standard_strides(monkeypatch, backend):
+    """An empty tensor counts as contiguous whatever its strides, so .contiguous() kept the (1, 0) of
+    empty scores in the reference's results while the C++ kernels gave (1, 1) (a property test's find)."""
+    force_backend(monkeypatch, backend)
+    weight = torch.randn(0, 1, dtype=torch.float64)
+    scores = torch.zeros(1, dtype=torch.float64).expand(0, 1)  # strides (1, 0)
+    threshold = ops.topk_threshold(ops.block_scores(scores, "unstructured"), 0)
+    results = [ops.masked_weight(weight, scores, threshold, "unstructured"),
+               *ops.hypergrad(weight, weight, scores, threshold, "unstructured", 0.1)]
+    assert [result.stride() for result in results] == [(1, 1)] * 3
+
+
 @pytest.mark.parametrize("structure_name", STRUCTURES)
 def test_topk_masks_exact_count_and_order(seed, structure_name):
     """The masks of topk_masks are the reference's (a top-k of the reference's block scores): k blocks
