@@ -217,7 +217,12 @@ def test_compare_killed_after_its_first_result_then_resumed_gives_the_same_resul
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     subprocess.run(_compare(straight), check=True, capture_output=True, timeout=TIMEOUT)
     process = subprocess.Popen(_compare(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for_writes(killed / "compare.json", 1, process)  # written after resume.pt holds the result
+    _wait_for_writes(killed / "compare.json", 1, process)
+    # resume.pt holds the result once it is newer than compare.json, which is written first (a kill between
+    # the two redoes the result: under load this test killed there, and resume.pt held no results yet).
+    while process.poll() is None and \
+            os.stat(killed / "resume.pt").st_mtime_ns < os.stat(killed / "compare.json").st_mtime_ns:
+        time.sleep(0.005)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=TIMEOUT)
     finished = len(torch.load(killed / "resume.pt", weights_only=False)["results"])
