@@ -134,10 +134,14 @@ def test_empty_tensors(triton_backend, shape, name):
     threshold = KEEP_ALL
     blocks = ops.block_scores(scores, structure)
     torch.testing.assert_close(blocks, reference.block_scores(scores, structure), **EXACT)  # filter of (4, 0): zeros
-    assert ops.block_mask(scores, threshold, structure).shape == shape
-    assert ops.masked_weight(scores, scores, threshold, structure).shape == shape
-    grad_weight, grad_scores = ops.hypergrad(scores, scores, scores, threshold, structure, inv_gamma=0.1)
-    assert grad_weight.shape == grad_scores.shape == shape
+    # Shape and dtype as the reference gives them (results of no elements are still tensors of a kind).
+    results = [ops.block_mask(scores, threshold, structure), ops.masked_weight(scores, scores, threshold, structure),
+               *ops.hypergrad(scores, scores, scores, threshold, structure, inv_gamma=0.1)]
+    expected = [reference.block_mask(scores, threshold, structure),
+                reference.masked_weight(scores, scores, threshold, structure),
+                *reference.hypergrad(scores, scores, scores, threshold, structure, 0.1)]
+    for result, want in zip(results, expected):
+        assert (result.shape, result.dtype) == (want.shape, want.dtype)
 
 
 def test_compiled_ops_name_the_op_in_errors():
