@@ -123,8 +123,8 @@ def check_number(owner: str, name: str, value, minimum: float = 0.0, maximum: fl
     if torch.compiler.is_compiling():
         # Outside the bounds: the check runs eagerly (a graph break; under fullgraph torch refuses it),
         # since dynamo cannot trace its message (it failed inside dynamo on the format of the bounds).
-        return value if within() else _check_number_eagerly(owner, name, value, minimum, maximum, open_low,
-                                                            open_high)
+        return value if within() else torch.compiler.disable(check_number)(owner, name, value, minimum, maximum,
+                                                                           open_low, open_high)
     low = f"{'(' if open_low else '['}{minimum:g}"
     bounds = f"{'>' if open_low else '>='} {minimum:g}" if maximum == math.inf else \
         f"in {low}, {maximum:g}{')' if open_high else ']'}"
@@ -138,9 +138,6 @@ def check_number(owner: str, name: str, value, minimum: float = 0.0, maximum: fl
         kind = "number" if finite or not real else "finite number"
         raise ValueError(f"{owner + ': ' if owner else ''}{name} must be a {kind} {bounds}, got {value!r}")
     return float(value)
-
-
-_check_number_eagerly = torch.compiler.disable(check_number)
 
 
 def check_sparsity(sparsity, owner: str = "bipkernels") -> float:
