@@ -665,3 +665,11 @@ def test_a_state_saved_with_numpy_settings_loads_with_weights_only(seed, tmp_pat
     state = torch.load(tmp_path / "state.pt", weights_only=True)
     assert state["settings"]["total_steps"] == 10 and type(state["settings"]["sparsity"]) is float
     bipkernels.BiP(tiny_model(), 0.5, lr=float(np.float32(0.1)), total_steps=10).load_state_dict(state)
+
+
+def test_train_weights_epochs_past_2_32_are_refused():
+    """epoch_batches' generators keep 32 bits of the epoch: epoch 2^32 would repeat epoch 0's batches."""
+    from bipkernels.solvers.training import train_weights
+    data = [(torch.zeros(2), 0)] * 4
+    with pytest.raises(ValueError, match="first_epoch"):
+        train_weights(nn.Linear(2, 2), data, 2, first_epoch=2**32 - 1)

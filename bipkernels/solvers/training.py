@@ -443,6 +443,8 @@ def train_weights(model: nn.Module, dataset: Dataset, epochs: int, lr: float = 0
     """
     check_settings("train_weights", epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                    weight_decay=weight_decay, schedule=schedule, first_epoch=first_epoch)
+    if first_epoch + epochs > 2**32:  # epoch_batches' generators keep 32 bits: epoch 2^32 would be epoch 0
+        raise ValueError(f"train_weights: first_epoch + epochs must be at most 2^32, got {first_epoch} + {epochs}")
     if on_epoch is not None and not callable(on_epoch):
         raise TypeError(f"train_weights: on_epoch must be callable or None, got {on_epoch!r}")
     check_data("train_weights", dataset, epochs)
