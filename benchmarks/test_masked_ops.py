@@ -30,10 +30,11 @@ def _inputs(shape):
 
 
 CALLS = {
-    ("masked_weight", "bipkernels cpu"): lambda w, g, s, t: bipkernels.masked_weight(w, s, t, STRUCTURE),
-    ("masked_weight", "unfused torch"): lambda w, g, s, t: reference.masked_weight(w, s, t, STRUCTURE),
-    ("hypergrad", "bipkernels cpu"): lambda w, g, s, t: bipkernels.hypergrad(g, w, s, t, STRUCTURE, inv_gamma=1e-4)[0],
-    ("hypergrad", "unfused torch"): lambda w, g, s, t: reference.hypergrad(g, w, s, t, STRUCTURE, 1e-4)[0],
+    ("masked_weight", "bipkernels cpu"): lambda w, g, s, t, structure: bipkernels.masked_weight(w, s, t, structure),
+    ("masked_weight", "unfused torch"): lambda w, g, s, t, structure: reference.masked_weight(w, s, t, structure),
+    ("hypergrad", "bipkernels cpu"):
+        lambda w, g, s, t, structure: bipkernels.hypergrad(g, w, s, t, structure, inv_gamma=1e-4)[0],
+    ("hypergrad", "unfused torch"): lambda w, g, s, t, structure: reference.hypergrad(g, w, s, t, structure, 1e-4)[0],
 }
 
 
@@ -44,8 +45,21 @@ def test_masked_op_cpu(benchmark, op, shape, method):
     weight, grad, scores, threshold = _inputs(SHAPES[shape])
     benchmark.group = f"{op} cpu {shape}"
     benchmark.extra_info["baseline"] = method != "bipkernels cpu"
-    out = benchmark(CALLS[op, method], weight, grad, scores, threshold)
+    out = benchmark(CALLS[op, method], weight, grad, scores, threshold, STRUCTURE)
     assert int((out != 0).sum()) == bipkernels.keep_count(weight.numel(), 0.9)
+
+
+@pytest.mark.parametrize("shape", ["conv 512x512x3x3", "GPT-2 mlp 3072x768"])
+@pytest.mark.parametrize("op", ["masked_weight", "hypergrad"])
+@pytest.mark.parametrize("method", ["bipkernels cpu", "unfused torch"])
+def test_masked_op_2_4_cpu(benchmark, op, shape, method):
+    """The same ops under a 2:4 mask, which every forward and backward of a 2:4 BiP run recomputes: two
+    of every four input channels by |s|, with no threshold."""
+    weight, grad, scores, _ = _inputs(SHAPES[shape])
+    benchmark.group = f"{op} cpu 2:4 {shape}"
+    benchmark.extra_info["baseline"] = method != "bipkernels cpu"
+    out = benchmark(CALLS[op, method], weight, grad, scores, None, parse_structure("2:4"))
+    assert int((out != 0).sum()) == weight.numel() // 2
 
 
 BLOCK_STRUCTURES = ["filter", "channel", "tile4x4", "2:4"]

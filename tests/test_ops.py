@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -110,6 +111,36 @@ def test_mask_masked_weight_hypergrad(monkeypatch, seed, structure_name, shape, 
         for g, w in zip(got, want):
             assert g.dtype == dtype and g.shape == weight.shape
             torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("structure_name", STRUCTURES)
+def test_masks_across_parallel_chunks(monkeypatch, seed, structure_name):
+    """Past the CPU kernels' grain (32768 elements) at::parallel_for splits [0, n) into ceil(n / tasks)-element
+    chunks, here ones that start inside a 3x3 kernel window and inside an N:M group: each chunk must pick
+    up its first element's block, run and group position."""
+    force_backend(monkeypatch, "cpu")
+    shape, tasks = (1214, 12, 3, 3), 5
+    numel = math.prod(shape)
+    chunk = -(-numel // tasks)
+    assert numel > (tasks - 1) * 32768 and chunk % 9 and chunk % (3 * 9) and chunk % (4 * 9)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(tasks)
+    try:
+        structure = parse_structure(structure_name)
+        scores = tied_scores(shape, torch.float32, levels=64)
+        weight, grad = torch.randn(shape), torch.randn(shape)
+        threshold = backend_threshold(scores, structure, k_fraction=float(torch.rand(())))
+        assert torch.equal(ops.block_mask(scores, threshold, structure),
+                           reference.block_mask(scores, threshold, structure))
+        assert torch.equal(ops.masked_weight(weight, scores, threshold, structure),
+                           reference.masked_weight(weight, scores, threshold, structure))
+        got = ops.hypergrad(grad, weight, scores, threshold, structure, inv_gamma=0.5)
+        want = reference.hypergrad(grad, weight, scores, threshold, structure, 0.5, "paper")
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @needs_cpu_kernels

@@ -46,7 +46,13 @@ at::Tensor masked_weight(const at::Tensor& weight, const at::Tensor& scores, con
     with_kind(prepared.layout.kind, [&](auto kind) {
       at::parallel_for(0, weight.numel(), kGrain, [&](int64_t begin, int64_t end) {
         for_each_decision<decltype(kind)::value>(rule, begin, end, [&](int64_t first, int64_t stop, bool kept) {
-          for (int64_t i = first; i < stop; ++i) target[i] = kept ? source[i] : scalar_t(0);
+          // N:M decides element by element, irregularly: there a jump mispredicts and the bit mask is 1.5×
+          // faster; runs of one decision (the other structures) copy faster with the plain select.
+          if constexpr (decltype(kind)::value == kNM) {
+            for (int64_t i = first; i < stop; ++i) target[i] = kept_or_zero(kept, source[i]);
+          } else {
+            for (int64_t i = first; i < stop; ++i) target[i] = kept ? source[i] : scalar_t(0);
+          }
         });
       });
     });
