@@ -108,6 +108,14 @@ def _load(what: str, path: Path, command: str):
         sys.exit(f"bipkernels {command}: {what} {path} cannot be read ({type(error).__name__}: {error})")
 
 
+def _position_text(position: tuple[int, int], epochs: int, per_epoch: int) -> str:
+    """Where a resumed BiP run goes on, for people: ``position`` is (epochs done, steps done in the next)."""
+    epoch, step = position
+    if epoch >= epochs:
+        return "after the last epoch (saving the result)"
+    return f"at epoch {epoch + 1} of {epochs}, step {step + 1} of {per_epoch}"
+
+
 def _resumable(args, typed: set[str] | None, lock: OutputLock) -> tuple[argparse.Namespace, dict, dict]:
     """_resume_or_start, releasing ``lock`` if it stops (a refusal, a failed setup): the lock goes at once,
     not with a traceback that something may keep."""
@@ -310,7 +318,7 @@ def prune(args, typed: set[str] | None = None) -> dict:
                 solver.load_state_dict(state["solver"])
             except ValueError as error:  # e.g. a folder: data set that gained images since (other total steps)
                 sys.exit(f"bipkernels prune --resume: {error}")
-            print(f"resuming at epoch {start[0] + 1}, step {start[1]}", file=sys.stderr)
+            print(f"resuming {_position_text(start, args.epochs, per_epoch)}", file=sys.stderr)
         else:
             checkpoint(start)  # from here on a resumed run skips pretraining
 

@@ -90,6 +90,16 @@ def randomize_masked(model: nn.Module) -> nn.Module:
     return model
 
 
+def resuming_text(saved: dict) -> str:
+    """The start of what ``bipkernels prune --resume`` prints of where it goes on, for the contents of the
+    resume.pt it resumes (a BiP state: its position is (epochs done, steps done in the next epoch))."""
+    epoch, step = saved["position"]
+    epochs = saved["args"]["epochs"]
+    if epoch >= epochs:
+        return "resuming after the last epoch"
+    return f"resuming at epoch {epoch + 1} of {epochs}, step {step + 1} of "
+
+
 def force_backend(monkeypatch, backend: str) -> None:
     monkeypatch.setenv("BIPKERNELS_BACKEND", backend)
 

@@ -22,6 +22,8 @@ import bipkernels
 from bipkernels import data, models
 from bipkernels.solvers.training import train_weights
 
+from conftest import resuming_text
+
 RUN = ["--pretrain-epochs", "1", "--epochs", "2", "--save-every", "3"]  # 17 steps per epoch on digits
 PRETRAIN = ["--pretrain-epochs", "6", "--epochs", "1"]  # resume.pt: 1 the arguments, 2 to 7 after each epoch
 COMPARE = ["--pretrain-epochs", "2", "--epochs", "1", "--finetune-epochs", "1", "--sparsities", "0.5", "0.8",
@@ -86,8 +88,7 @@ def _finish(out, fresh: list[str]) -> int:
                               timeout=TIMEOUT)
         if done.returncode == 0:
             if "position" in saved:  # a BiP state: the run goes on from there (starting over ends the same)
-                epoch, step = saved["position"]
-                assert f"resuming at epoch {epoch + 1}, step {step}" in done.stderr, done.stderr[-2000:]
+                assert resuming_text(saved) in done.stderr, done.stderr[-2000:]
             return attempt
     raise AssertionError(f"the run did not finish: {done.stderr[-2000:]}")
 
