@@ -415,8 +415,8 @@ def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure 
     nm_layers = swaps or any(layer.structure == parsed for _, layer in masked_layers(model))
     if nm_layers and nm_sparsity is not None and sparsity != 0 and not math.isclose(sparsity, nm_sparsity):
         warnings.warn(f"{op}: structure {parsed} keeps {parsed.a} of every {parsed.b} weights (sparsity "
-                      f"{nm_sparsity:g}) whatever the sparsity asked ({sparsity:g}), which only layers with a "
-                      "threshold follow", stacklevel=2)
+                      f"{nm_sparsity:g}) whatever the sparsity asked ({sparsity:g}): the sparsity asked applies to the "
+                      "model's layers of other structures only", stacklevel=2)
     already = [] if meta else list(masks(model).items())
     twins = {}
     try:
@@ -445,9 +445,9 @@ def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure 
                if scope == "global" and sparsity < 1 and name in after and not after[name].any()]
     if emptied:
         warnings.warn(f"bipkernels.convert: the global projection keeps no block of {', '.join(emptied)}: blocks "
-                      "rank by their sums of |s| across layers, so a layer of small blocks (few weights per filter "
-                      "or channel, or small weights) can lose all of them and cut the network; scope='layer' keeps "
-                      "the fraction in every layer", stacklevel=2)
+                      "rank by their sums of |s| across layers, so a layer of small blocks (few weights per block, or "
+                      "small weights) can lose all of them and cut the network; scope='layer' keeps the fraction "
+                      "in every layer", stacklevel=2)
     skipped = [f"{name or 'the model itself'} ({kind})" for name, kind in unmasked_layers(model).items()
                if name not in excluded and id(model.get_submodule(name)) not in kept_dense | read_directly]
     if skipped:

@@ -204,12 +204,18 @@ def test_prune_masks_are_the_exact_masks(seed):
 def test_semi_structured_lists_every_layer_it_leaves_dense():
     model = nn.Sequential(nn.Linear(64, 64), nn.Conv2d(4, 4, 1))
     bipkernels.convert(model, structure="2:4")
-    converted, left = bipkernels.export_semi_structured(model)
+    with pytest.warns(UserWarning, match=r"export_semi_structured: these masked layers stay dense:\n  0: .*\n  1: a "
+                                         "convolution"):
+        converted, left = bipkernels.export_semi_structured(model)
     assert set(left) == {"0", "1"}  # on the CPU torch refuses the Linear layer; a convolution never fits
     assert "CUDA" in left["0"] and "convolution" in left["1"]
     assert type(converted[0].weight) is nn.Parameter and not converted[0].weight.is_sparse
     unstructured = bipkernels.convert(nn.Sequential(nn.Linear(8, 8)), 0.5)
-    assert "is not 2:4" in bipkernels.export_semi_structured(unstructured)[1]["0"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert "is not 2:4" in bipkernels.export_semi_structured(unstructured, warn=False)[1]["0"]
+    with pytest.raises(TypeError, match=r"export_semi_structured: warn must be a bool, got int 0"):
+        bipkernels.export_semi_structured(unstructured, warn=0)
 
 
 @pytest.mark.skipif(not HAS_CUDA_GPU or torch.cuda.get_device_capability() < (8, 0),

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
 from ..nn import MaskedConv2d, _check_model, masked_layers
 from .dense import export_dense
 
 
-def export_semi_structured(model: nn.Module) -> tuple[nn.Module, dict[str, str]]:
+def export_semi_structured(model: nn.Module, *, warn: bool = True) -> tuple[nn.Module, dict[str, str]]:
     """A dense export (export_dense) whose Linear layers with a 2:4 or 1:4 mask hold their weight as a
     torch.sparse semi-structured tensor (to_sparse_semi_structured): half the values stored, and the
     matrix product on the sparse tensor cores of a CUDA GPU of compute capability 8.0 or newer.
@@ -18,11 +20,14 @@ def export_semi_structured(model: nn.Module) -> tuple[nn.Module, dict[str, str]]
     (float32 and int8 with the CUTLASS backend), both dimensions multiples of its minimum tile (16 to 64
     by backend and dtype). For inference (the sparse weights do not train). Returns ``(model, left)``:
     ``left`` = {masked layer: why it stays dense}: other structures, convolutions (their N:M groups are
-    not rows of a matrix product), and torch's refusal verbatim (e.g. a CPU model).
+    not rows of a matrix product), and torch's refusal verbatim (e.g. a CPU model); a warning lists them
+    too when ``warn``.
     """
     from torch.sparse import to_sparse_semi_structured
 
     _check_model("export_semi_structured", model)
+    if not isinstance(warn, bool):
+        raise TypeError(f"bipkernels.export_semi_structured: warn must be a bool, got {type(warn).__name__} {warn!r}")
     dense = export_dense(model)
     left = {}
     for name, layer in masked_layers(model):
@@ -39,4 +44,7 @@ def export_semi_structured(model: nn.Module) -> tuple[nn.Module, dict[str, str]]
                 left[name] = str(error)
                 continue
             linear.weight = nn.Parameter(sparse, requires_grad=False)
+    if warn and left:
+        warnings.warn("bipkernels.export_semi_structured: these masked layers stay dense:\n  "
+                      + "\n  ".join(f"{name}: {why}" for name, why in left.items()), stacklevel=2)
     return dense, left
