@@ -479,7 +479,8 @@ def _add_common(parser, out: str) -> None:
                         help="small-resnet, resnet20 or a torchvision model name")
     parser.add_argument("--structure", type=_setting("structure", str), default="unstructured",
                         help="unstructured, filter, channel, 2:4, tile4x4")
-    parser.add_argument("--scope", default="global", choices=["global", "layer"])
+    parser.add_argument("--scope", default="global", choices=["global", "layer"],
+                        help="global: the sparsity over all layers together; layer: in every layer")
     parser.add_argument("--mode", default="fused", choices=["fused", "faithful"], help="BiP mode")
     parser.add_argument("--implicit", default="paper", choices=["paper", "released"], help="BiP implicit term")
     parser.add_argument("--inv-gamma", type=_setting("inv_gamma"), default=1e-4, help="1/γ, the implicit term's scale")
@@ -487,13 +488,17 @@ def _add_common(parser, out: str) -> None:
     parser.add_argument("--score-lr", type=_setting("score_lr"), default=0.01,
                         help="BiP upper-level (score) learning rate")
     parser.add_argument("--score-momentum", type=_setting("score_momentum"), default=0.9,
-                        help="BiP score SGD momentum (0.9 as released; 0: the paper's plain SGD step)")
-    parser.add_argument("--epochs", type=_setting("epochs", int), default=20, help="BiP epochs (HYDRA: score epochs)")
-    parser.add_argument("--pretrain-epochs", type=_setting("pretrain_epochs", int), default=15)
+                        help="BiP score SGD momentum: 0.9 as released, 0 the paper's plain SGD step")
+    parser.add_argument("--epochs", type=_setting("epochs", int), default=20,
+                        help="epochs of BiP, and of HYDRA's scores")
+    parser.add_argument("--pretrain-epochs", type=_setting("pretrain_epochs", int), default=15,
+                        help="epochs of dense training before pruning; none with --checkpoint")
     parser.add_argument("--checkpoint", type=_checked(_existing_file),
                         help="a dense.pt written by an earlier run: skip pretraining")
-    parser.add_argument("--batch-size", type=_setting("batch_size", int), default=64)
-    parser.add_argument("--seed", type=_setting("seed", int), default=0)
+    parser.add_argument("--batch-size", type=_setting("batch_size", int), default=64,
+                        help="training batch size, of every phase")
+    parser.add_argument("--seed", type=_setting("seed", int), default=0,
+                        help="seed of the initial weights and the batch order")
     parser.add_argument("--out", default=out, help="output folder")
 
 
@@ -533,25 +538,41 @@ def _typed_options(argv: list[str]) -> set[str]:
     return set(vars(parser.parse_args(argv))) - {"command"}
 
 
+class _DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Every option's help followed by its default, a list as typed (0.5 0.8, not [0.5, 0.8]); none for a
+    flag or an option without one, where "(default: False)" or "(default: None)" would say nothing."""
+
+    def _get_help_string(self, action):
+        default = action.default
+        if default is None or default is False or default is argparse.SUPPRESS:
+            return action.help
+        shown = " ".join(map(str, default)) if isinstance(default, list) else "%(default)s"
+        return f"{action.help} (default: {shown})"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bipkernels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("info", help="print the build facts")
-    run = commands.add_parser("prune", help="BiP on the built-in digits data (the main job)")
+    commands.add_parser("info", help="print the build facts", formatter_class=_DefaultsHelpFormatter)
+    run = commands.add_parser("prune", help="BiP on the built-in digits data (the main job)",
+                              formatter_class=_DefaultsHelpFormatter)
     _add_common(run, "runs/prune")
-    run.add_argument("--sparsity", type=_setting("sparsity"), default=0.9, help="pruned fraction (default 0.9)")
+    run.add_argument("--sparsity", type=_setting("sparsity"), default=0.9, help="pruned fraction")
     run.add_argument("--save-every", type=_setting("save_every", int), default=0, metavar="STEPS",
-                     help="also save OUT/resume.pt every STEPS BiP steps (default 0: at the end of each epoch only); "
+                     help="also save OUT/resume.pt every STEPS BiP steps (0: at the end of each epoch only); "
                           "a run killed outright loses at most the work since the last save")
     run.add_argument("--resume", action="store_true",
                      help="continue an interrupted run from OUT/resume.pt, with the arguments saved there")
-    versus = commands.add_parser("compare", help="BiP against IMP, OMP, HYDRA and random pruning")
+    versus = commands.add_parser("compare", help="BiP against IMP, OMP, HYDRA and random pruning",
+                                 formatter_class=_DefaultsHelpFormatter)
     _add_common(versus, "runs/compare")
-    versus.add_argument("--sparsities", type=_setting("sparsity"), nargs="+", default=[0.5, 0.8, 0.9, 0.95, 0.98])
-    versus.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    versus.add_argument("--sparsities", type=_setting("sparsity"), nargs="+", default=[0.5, 0.8, 0.9, 0.95, 0.98],
+                        help="pruned fractions, each method runs at each")
+    versus.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                        help="pruning methods to run")
     versus.add_argument("--finetune-epochs", type=_setting("finetune_epochs", int), default=10,
-                        help="fine-tuning epochs (IMP: per round)")
+                        help="fine-tuning epochs, per round for IMP")
     versus.add_argument("--resume", action="store_true",
                         help="continue an interrupted compare from OUT/resume.pt, with the arguments saved there: "
                              "pretraining from its last epoch, then the (sparsity, method) runs not yet finished "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import json
 import os
@@ -21,6 +22,27 @@ from bipkernels.solvers.training import save_atomically
 from conftest import needs_torchvision, resuming_text
 
 TINY = ["--pretrain-epochs", "2", "--epochs", "4"]
+
+
+def test_every_option_of_every_subcommand_has_help_that_shows_its_default(capsys):
+    """`bipkernels COMMAND --help` says what each option does and its default, a list as it is typed; a flag
+    or an option without a default shows none ("(default: False)" would say nothing)."""
+    parser = cli._parser()
+    subcommands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    for command, subcommand in subcommands.choices.items():
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        shown = " ".join(capsys.readouterr().out.split())  # unwrapped
+        for action in subcommand._actions:
+            assert action.help, f"bipkernels {command} {action.option_strings[-1]}: no help text"
+            default = action.default
+            if default is None or default is False or default is argparse.SUPPRESS:
+                expected = action.help
+            else:
+                typed = " ".join(map(str, default)) if isinstance(default, list) else default
+                expected = f"{action.help} (default: {typed})"
+            assert " ".join(expected.split()) in shown, f"bipkernels {command} {action.option_strings[-1]}"
+        assert "(default: None)" not in shown and "(default: False)" not in shown
 
 
 def test_digits_split_is_fixed_and_disjoint():
