@@ -219,12 +219,21 @@ def _setup(args) -> dict:
 
 
 def _checkpoint(args) -> dict:
-    """The --checkpoint file's {"model": state_dict, "rewind": ...} (a dense.pt), or exit naming it."""
+    """The --checkpoint file's {"model": state_dict, "rewind": ...} (a dense.pt), or exit naming it. A
+    pruned.pt has the same form, with the masked layers' scores and thresholds in its state_dict: it is
+    named as such, not left to load_state_dict's list of unexpected keys."""
     checkpoint = _load("--checkpoint", Path(args.checkpoint), args.command)
     if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict)):
         sys.exit(f"bipkernels {args.command}: --checkpoint {args.checkpoint} is not a dense.pt (a dict with the "
                  f"model's state_dict under 'model'), got "
                  f"{sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__}")
+    state = checkpoint["model"]
+    masked = [key for key in state if isinstance(key, str) and (key == "scores" or key.endswith(".scores"))
+              and key.removesuffix("scores") + "threshold" in state]
+    if masked:
+        sys.exit(f"bipkernels {args.command}: --checkpoint {args.checkpoint} holds a pruned (masked) model (scores "
+                 f"and thresholds of {len(masked)} layers): --checkpoint takes the model's dense state_dict, such as "
+                 "an earlier run's dense.pt, not its pruned.pt")
     return checkpoint
 
 

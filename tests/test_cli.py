@@ -195,6 +195,19 @@ def test_a_checkpoint_that_is_not_a_dense_file_is_named(tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def test_a_pruned_checkpoint_is_named_in_one_line(tmp_path):
+    """A run's pruned.pt given as --checkpoint (for its dense.pt) stops before any work with one line, not
+    load_state_dict's list of the masked layers' unexpected keys."""
+    main(["prune", "--pretrain-epochs", "0", "--epochs", "0", "--out", str(tmp_path / "run")])
+    pruned = tmp_path / "run" / "pruned.pt"
+    with pytest.raises(SystemExit) as refused:
+        main(["prune", "--checkpoint", str(pruned), "--out", str(tmp_path / "again")])
+    assert refused.value.code == (f"bipkernels prune: --checkpoint {pruned} holds a pruned (masked) model (scores "
+                                  "and thresholds of 7 layers): --checkpoint takes the model's dense state_dict, "
+                                  "such as an earlier run's dense.pt, not its pruned.pt")
+    assert not (tmp_path / "again").exists()
+
+
 def test_an_output_folder_that_takes_no_files_stops_the_setup(tmp_path, monkeypatch):
     def read_only(*args, **kwargs):
         raise OSError(30, "Read-only file system")
