@@ -37,41 +37,64 @@ class OutputLock:
     """An exclusive lock on OUT/.lock (flock) held for the whole command, so that a second run of the same
     folder, or a --resume of it, while one is live stops at once instead of writing over its files and
     deleting the temporary file of a write in progress. The lock goes with the process (a killed run
-    holds none); the file holds the owner's pid for the message."""
+    holds none and leaves the file); the file holds the owner's pid for the message and is removed when
+    the command ends."""
 
     def __init__(self, args):
-        self.args, self.file = args, None
+        self.args, self.file, self.path = args, None, None
 
     def take(self) -> None:
         """Lock OUT if it is a folder and not yet locked here; exit naming the live run if another holds it."""
         out = Path(self.args.out)
         if self.file is not None or not out.is_dir():
             return
-        try:
-            file = open(out / ".lock", "a+")
-        except OSError as error:  # a read-only folder: the run could not write anything there
-            sys.exit(f"bipkernels {self.args.command}: --out {out}: {error}")
-        try:
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            file.seek(0)
-            owner = file.read().strip() or "unknown"
+        path = out / ".lock"
+        while True:
+            try:
+                file = open(path, "a+")
+            except OSError as error:  # a read-only folder: the run could not write anything there
+                sys.exit(f"bipkernels {self.args.command}: --out {out}: {error}")
+            try:
+                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                file.seek(0)
+                owner = file.read().strip() or "unknown"
+                file.close()
+                sys.exit(f"bipkernels {self.args.command}: a live run (pid {owner}) is writing {out}: let it "
+                         "finish, stop it (Ctrl-C saves its state), or choose another --out")
+            # A run that ended between the open and the flock removed the file locked here: a lock on it
+            # excludes no run that opens OUT/.lock afresh, so lock the file that is there now.
+            if _still_at(path, file):
+                break
             file.close()
-            sys.exit(f"bipkernels {self.args.command}: a live run (pid {owner}) is writing {out}: let it finish, "
-                     "stop it (Ctrl-C saves its state), or choose another --out")
         file.seek(0)
         file.truncate()
         file.write(f"{os.getpid()}\n")
         file.flush()
-        self.file = file
+        self.file, self.path = file, path
 
     def __enter__(self):
         return self
 
     def __exit__(self, *_):
         if self.file is not None:
-            self.file.close()  # releases the lock
-            self.file = None
+            # Removed while still locked: a run that opened it before and locks it after finds it gone (take).
+            # Only if it is the file locked here: OUT may have been deleted under this run and made anew by
+            # another, whose lock file that is.
+            try:
+                if _still_at(self.path, self.file):
+                    self.path.unlink()
+            finally:
+                self.file.close()  # releases the lock
+                self.file = None
+
+
+def _still_at(path: Path, file) -> bool:
+    """Whether ``path`` still names the open ``file`` (it was not removed, or removed and made anew)."""
+    try:
+        return os.path.samestat(os.fstat(file.fileno()), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 class StopRequest:

@@ -304,6 +304,34 @@ def test_a_live_run_locks_its_output_folder(tmp_path):
     main(["prune", "--pretrain-epochs", "0", "--epochs", "0", "--out", str(tmp_path)])  # released: it runs
 
 
+def test_a_run_removes_its_lock_file_when_it_ends(tmp_path):
+    main(["prune", "--pretrain-epochs", "0", "--epochs", "0", "--out", str(tmp_path)])
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_a_lock_file_removed_before_the_flock_is_not_a_lock(tmp_path, monkeypatch):
+    """A run that opens OUT/.lock just before the live run ends (and removes it) locks that file just after:
+    a lock on a removed file, which a third run, making OUT/.lock anew and locking that, never sees. The
+    second run must take the lock on the file that is there now, which the third holds."""
+    (tmp_path / ".lock").write_text("4242\n")  # the run about to end
+    flock, third = fcntl.flock, []
+
+    def ended_and_third_started(file, operation):
+        if not third:
+            (tmp_path / ".lock").unlink()
+            third.append(open(tmp_path / ".lock", "a+"))
+            flock(third[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
+            third[0].write("4243\n")
+            third[0].flush()
+        flock(file, operation)
+
+    monkeypatch.setattr(fcntl, "flock", ended_and_third_started)
+    with pytest.raises(SystemExit, match=r"bipkernels prune: a live run \(pid 4243\) is writing"):
+        main(["prune", "--pretrain-epochs", "0", "--epochs", "0", "--out", str(tmp_path)])
+    third[0].close()
+    assert not (tmp_path / "resume.pt").exists()
+
+
 def test_a_new_run_removes_the_results_of_a_finished_one_and_names_them(tmp_path, capsys, monkeypatch):
     for name in ("pruned.pt", "results.json"):
         (tmp_path / name).write_text("the earlier run's")
