@@ -673,3 +673,32 @@ def test_train_weights_epochs_past_2_32_are_refused():
     data = [(torch.zeros(2), 0)] * 4
     with pytest.raises(ValueError, match="first_epoch"):
         train_weights(nn.Linear(2, 2), data, 2, first_epoch=2**32 - 1)
+
+
+def tiny_conv_task(seed: int = 0):
+    """A conv net whose filters differ in size (9, 36 and 16 weights) on 32 random 8×8 images: a global
+    filter projection at 80% keeps blocks of the big middle layer only."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 16, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(16, 3))
+    return model, TensorDataset(torch.randn(32, 1, 8, 8), torch.randint(0, 3, (32,)))
+
+
+@pytest.mark.parametrize("method, masked_before", [("imp", False), ("omp", True), ("random", False)])
+def test_every_solver_names_the_layers_a_global_projection_empties(seed, method, masked_before):
+    """convert warns when a global projection keeps no block of a layer; IMP and random pruning, which
+    convert at sparsity 0 and then project, and OMP on a masked model warned of nothing. IMP names a
+    layer once, in the round it empties, not again in every later round."""
+    model, data = tiny_conv_task()
+    if masked_before:
+        bipkernels.convert(model, 0.0, "filter")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, result = bipkernels.prune(model, data, method, 0.8, structure="filter", finetune_epochs=1,
+                                     batch_size=16, seed=2)
+    emptied = [str(w.message) for w in caught if "the global projection keeps no block of" in str(w.message)]
+    empty_layers = [name for name, layer_sparsity in result["layers"].items() if layer_sparsity == 1.0]
+    assert empty_layers and emptied and emptied[-1].startswith(
+        f"bipkernels.convert: the global projection keeps no block of {', '.join(empty_layers)}: ")
+    assert len(set(emptied)) == len(emptied)
+    assert not [w for w in caught if "masks of the layers already masked changed" in str(w.message)]

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .. import nn as masked_nn
-from .training import check_data, check_settings, convert_to_reset, train_weights
+from .training import check_data, check_settings, convert_to_reset, project_naming_emptied, train_weights
 
 
 def imp_rounds(sparsity: float, rate: float = 0.2) -> list[float]:
@@ -33,6 +33,7 @@ def imp(model: nn.Module, dataset, sparsity: float, structure="unstructured", sc
     """Prune ``model`` (trained) to ``sparsity`` in rounds; returns the forward/backward passes spent.
 
     ``rewind_state``: a dense state_dict to rewind to (default: the weights ``model`` starts with).
+    Warns, as convert does, in the round where a global projection first keeps no block of a layer.
     """
     check_settings("imp", sparsity=sparsity, structure=structure, scope=scope, epochs_per_round=epochs_per_round,
                    lr=lr, rate=rate, batch_size=batch_size, seed=seed)
@@ -41,13 +42,14 @@ def imp(model: nn.Module, dataset, sparsity: float, structure="unstructured", sc
     rewind_state = {k: v.clone() if isinstance(v, torch.Tensor) else v
                     for k, v in (rewind_state or model.state_dict()).items()}
     convert_to_reset(model, structure, scope)
-    passes = 0
+    passes, emptied = 0, set()
     for round_index, target in enumerate(imp_rounds(sparsity, rate)):
         with torch.no_grad():
             for _, layer in masked_nn.masked_layers(model):
                 kept = layer.mask()
                 layer.scores.copy_(torch.where(kept, layer.weight.abs(), torch.full_like(layer.weight, float("nan"))))
-            masked_nn.project(model, target, scope)
+            # An emptied layer stays so (NaN scores): named in the round it empties, not in every later one.
+            emptied = project_naming_emptied(model, target, scope, emptied)
             model.load_state_dict({**model.state_dict(), **_masked_rewind(model, rewind_state)})
         # One seed, the rounds continuing its epochs: per-round seeds (seed + round) gave seed 1's rounds
         # the batches of seed 0's next ones.

@@ -8,7 +8,7 @@ from torch import nn
 
 from .. import nn as masked_nn
 from .. import ops
-from .training import check_data, check_settings, convert_to_reset, train_weights
+from .training import check_data, check_settings, convert_to_reset, project_naming_emptied, train_weights
 
 
 def omp(model: nn.Module, dataset, sparsity: float, structure="unstructured", scope: str = "global",
@@ -24,7 +24,7 @@ def omp(model: nn.Module, dataset, sparsity: float, structure="unstructured", sc
         with torch.no_grad():
             for _, layer in masked_nn.masked_layers(model):
                 layer.scores.copy_(layer.weight.abs())
-        masked_nn.project(model, sparsity, scope)
+        project_naming_emptied(model, sparsity, scope)
     return train_weights(model, dataset, finetune_epochs, lr, batch_size, seed, label="omp finetune")
 
 
@@ -59,6 +59,6 @@ def random_prune(model: nn.Module, dataset, sparsity: float, structure="unstruct
     generator = torch.Generator().manual_seed(seed)
     for _, layer in masked_nn.masked_layers(model):
         layer.scores.copy_(_random_scores(layer.scores, layer.structure, generator))
-    masked_nn.project(model, sparsity, scope)
+    project_naming_emptied(model, sparsity, scope)
     with torch.enable_grad():
         return train_weights(model, dataset, finetune_epochs, lr, batch_size, seed, label="random finetune")
