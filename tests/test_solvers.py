@@ -702,3 +702,20 @@ def test_every_solver_names_the_layers_a_global_projection_empties(seed, method,
         f"bipkernels.convert: the global projection keeps no block of {', '.join(empty_layers)}: ")
     assert len(set(emptied)) == len(emptied)
     assert not [w for w in caught if "masks of the layers already masked changed" in str(w.message)]
+
+
+def test_prune_names_an_option_the_method_does_not_take_before_the_model_changes(seed):
+    """A misspelt option reached BiP.__init__ or omp() as a raw TypeError naming them, after the checks."""
+    model = tiny_model()
+    with pytest.raises(TypeError, match=r"prune: method 'bip' takes no option 'score_lrr' \(its options: mode, lr, "
+                                        r"score_lr, momentum, .*step_scores_in_backward, group; besides prune's own"):
+        bipkernels.prune(model, tiny_task(), "bip", 0.5, epochs=1, score_lrr=0.1)
+    with pytest.raises(TypeError, match=r"prune: method 'omp' takes no option 'inv_gamma', 'mode' \(its options: lr;"):
+        bipkernels.prune(model, tiny_task(), "omp", 0.5, inv_gamma=1e-4, mode="fused")
+    with pytest.raises(TypeError, match=r"method 'hydra' takes no option 'rate' \(its options: score_lr, lr;"):
+        bipkernels.prune(model, tiny_task(), "hydra", 0.5, rate=0.5)
+    with pytest.raises(ValueError, match=r"prune: epochs_per_round=3: prune sets it to finetune_epochs"):
+        bipkernels.prune(model, tiny_task(), "imp", 0.5, epochs_per_round=3)
+    assert not bipkernels.masked_layers(model)
+    _, result = bipkernels.prune(model, tiny_task(), "imp", 0.5, finetune_epochs=1, rate=0.5, lr=0.01)
+    assert result["epochs"] == 1

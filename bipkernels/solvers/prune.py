@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 
 import torch
@@ -16,6 +17,19 @@ from .training import (check_dataset, check_masked_structure, check_settings, ch
                        fetch, forked_random_state, model_device, recalibrate_batchnorm)
 
 METHODS = ("bip", "omp", "imp", "hydra", "random")
+# What each method runs: prune's options go to it as keyword arguments.
+_RUNS = {"bip": BiP, "omp": omp, "imp": imp, "hydra": hydra, "random": random_prune}
+# Its arguments that prune computes from its own, under other names.
+_COMPUTED = {"bip": {"total_steps": "computes it from epochs and the data (build a bipkernels.BiP to set it)"},
+             "hydra": {"score_epochs": "sets it to epochs"}, "imp": {"epochs_per_round": "sets it to finetune_epochs"}}
+
+
+def _method_options(method: str) -> list[str]:
+    """The options that ``prune`` passes on to ``method``, in the order of its signature: the arguments with a
+    default of what the method runs, less those that prune sets (its own arguments, and _COMPUTED)."""
+    own = inspect.signature(prune).parameters
+    return [name for name, parameter in inspect.signature(_RUNS[method]).parameters.items()
+            if parameter.default is not parameter.empty and name not in own and name not in _COMPUTED.get(method, {})]
 
 
 def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0.9, *, structure=None,
@@ -23,13 +37,15 @@ def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0
           batch_size: int = 64, seed: int = 0, rewind_state: dict | None = None, **options):
     """Prune a trained ``model`` (in place) with ``method`` and return (model, result).
 
-    bip: ``epochs`` of BiP (options go to BiP: mode, lr, score_lr, inv_gamma, implicit, ...).
-    omp, random: one shot, then ``finetune_epochs``. hydra: ``epochs`` of score search, then
+    bip: ``epochs`` of BiP. omp, random: one shot, then ``finetune_epochs``. hydra: ``epochs`` of score search, then
     ``finetune_epochs``. imp: rounds of 20% with ``finetune_epochs`` each, rewinding to ``rewind_state``.
     Before evaluation the batch-norm statistics are recalibrated on ``train_data`` under the final masks.
     ``seed`` fixes the batches and every draw from torch's generators (dropout): the run draws from
     generators of its own, seeded with it, so one call gives one model and the caller's stream is untouched.
     ``structure``: None is unstructured for a model without masked layers and the layers' own otherwise.
+    ``options`` go to what the method runs (BiP, omp, random_prune, hydra, imp): its keyword arguments that
+    prune does not set itself, e.g. bip's mode, lr, score_lr, inv_gamma; imp's lr, rate. One it does not
+    take is a TypeError that lists those it does, raised before the model changes.
 
     result: method, target and reached global sparsity, per-layer sparsity, validation and test accuracy
     (when the data are given), wall time, training epochs and forward/backward passes spent.
@@ -38,6 +54,14 @@ def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0
         raise TypeError(f"prune: model must be a torch.nn.Module, got {type(model).__name__} {model!r}")
     if method not in METHODS:
         raise ValueError(f"prune: method must be one of {METHODS}, got {method!r}")
+    computed = next((name for name in options if name in _COMPUTED.get(method, {})), None)
+    if computed is not None:
+        raise ValueError(f"prune: {computed}={options[computed]!r}: prune {_COMPUTED[method][computed]}")
+    accepted = _method_options(method)
+    unknown = [name for name in options if name not in accepted]
+    if unknown:
+        raise TypeError(f"prune: method {method!r} takes no option {', '.join(map(repr, unknown))} (its options: "
+                        f"{', '.join(accepted)}; besides prune's own arguments)")
     given = structure
     if structure is None:  # BiP and HYDRA take None as it is; the others convert only layers not yet masked
         structure = "unstructured"
@@ -55,9 +79,6 @@ def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0
             check_targets(f"prune: {name}", model, data, *examples)
     if method == "bip" and "mode" in options:
         check_settings("prune", mode=options["mode"])
-    if method == "bip" and "total_steps" in options:
-        raise ValueError(f"prune: total_steps={options['total_steps']!r}: prune computes it from epochs and the data "
-                         "(build a bipkernels.BiP to set it)")
     if method == "bip":
         steps = epochs * steps_per_epoch(len(train_data), batch_size, options.get("mode", "fused"),
                                          options.get("lower_steps", 1), data_shard(model)[1])
