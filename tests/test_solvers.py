@@ -719,3 +719,20 @@ def test_prune_names_an_option_the_method_does_not_take_before_the_model_changes
     assert not bipkernels.masked_layers(model)
     _, result = bipkernels.prune(model, tiny_task(), "imp", 0.5, finetune_epochs=1, rate=0.5, lr=0.01)
     assert result["epochs"] == 1
+
+
+@pytest.mark.parametrize("mode", ["fused", "faithful"])
+def test_step_returns_the_loss_detached(seed, mode):
+    """The backward has run: float(loss) of a tensor that still requires grad warns."""
+    model = tiny_model(seed)
+    solver = bipkernels.BiP(model, 0.5, mode=mode, total_steps=4)
+    closure = closure_on(model, *tiny_task(seed=seed).tensors)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = solver.step(closure) if mode == "fused" else solver.step(closure, closure)
+        assert not loss.requires_grad and float(loss) > 0
+    def number():  # a closure's loss that is not a tensor comes back as it is
+        return 2.5
+
+    assert (solver.step(number) if mode == "fused" else solver.step(number, number)) == 2.5
+    assert solver.fit(tiny_task(seed=seed), 1, batch_size=48, seed=seed) == (1, 0)

@@ -236,9 +236,12 @@ class BiP:
                                "checkpoint with load_state_dict before going on")
 
     def step(self, closure, upper_closure=None) -> torch.Tensor:
-        """One BiP iteration; returns the (upper-level) loss. A closure may call backward more than once
-        (gradient accumulation) only with step_scores_in_backward=False; the implicit term is then the sum
-        of each backward's own (m ⊙ g_i ⊙ g_i, not m ⊙ (Σ g_i)²)."""
+        """One BiP iteration; returns the loss that the closure (faithful mode: ``upper_closure``) returned,
+        detached from its graph: its backward has run, and float(loss) of a tensor that requires grad
+        warns. A closure that returns something other than a tensor (a float, None) gets it back as it is.
+        A closure may call backward more than once (gradient accumulation) only with
+        step_scores_in_backward=False; the implicit term is then the sum of each backward's own
+        (m ⊙ g_i ⊙ g_i, not m ⊙ (Σ g_i)²)."""
         for name, value in (("closure", closure), ("upper_closure", upper_closure)):
             if (value is not None or name == "closure") and not callable(value):
                 raise TypeError(f"BiP.step: {name} must be callable, got {type(value).__name__} {value!r}")
@@ -272,7 +275,7 @@ class BiP:
         self.weight_schedule.step()
         self.score_schedule.step()
         self.iteration += 1
-        return loss
+        return loss.detach() if isinstance(loss, torch.Tensor) else loss
 
     def batches_per_step(self) -> int:
         return 1 if self.mode == "fused" else self.lower_steps + 1
@@ -287,10 +290,13 @@ class BiP:
 
         Batches follow epoch_batches(seed, epoch); a step consumes batches_per_step() of them (a trailing
         remainder is skipped). ``on_step(epoch, step)`` is called after every step (checkpoints, a stop
-        request: return True to stop there). Returns the (epoch, step) reached. A DistributedDataParallel
-        model: every rank steps on its own share of each epoch, ``batch_size`` examples per rank
-        (data_shard), and the loss it reports is its own share's; ``on_step`` must answer alike on every
-        rank (a rank that stops alone leaves the others waiting in the next gradient all-reduce).
+        request: return True to stop there). Returns the position reached, a ``start`` for the next call:
+        (epochs, 0) after the last epoch (fit(dataset, 1) returns (1, 0)), else the (epoch, step) that
+        on_step stopped at (the arguments it was called with: epoch from 0, the steps of that epoch done).
+        A DistributedDataParallel model: every rank steps on its own share of each epoch, ``batch_size``
+        examples per rank (data_shard), and the loss it reports is its own share's; ``on_step`` must answer
+        alike on every rank (a rank that stops alone leaves the others waiting in the next gradient
+        all-reduce).
         """
         check_settings("BiP.fit", epochs=epochs, batch_size=batch_size, seed=seed)
         if not (isinstance(start, (tuple, list)) and len(start) == 2
@@ -333,7 +339,7 @@ class BiP:
                 else:  # every lower step on its own batch, then the upper step on the next one
                     lower = iter(closures[:-1])
                     loss = self._iterate(lambda: next(lower)(), closures[-1], own_closures=True)
-                total += float(loss.detach())
+                total += float(loss)
                 if on_step is not None and on_step(epoch, index + 1):
                     return epoch, index + 1
             # The mean over the steps this call ran (a resumed epoch's first ones ran before the stop).
