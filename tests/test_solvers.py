@@ -736,3 +736,19 @@ def test_step_returns_the_loss_detached(seed, mode):
 
     assert (solver.step(number) if mode == "fused" else solver.step(number, number)) == 2.5
     assert solver.fit(tiny_task(seed=seed), 1, batch_size=48, seed=seed) == (1, 0)
+
+
+@pytest.mark.parametrize("method", bipkernels.solvers.METHODS)
+def test_a_forward_that_fails_on_the_first_batch_leaves_the_model_untouched(seed, method):
+    """The model converted first and failed in training with a raw RuntimeError, its batch norm already
+    updated by the failed training forward."""
+    model = nn.Sequential(nn.BatchNorm1d(12), nn.Dropout(0.5), nn.Linear(10, 3))  # the data have 12 features
+    state = copy.deepcopy(model.state_dict())
+    caller_stream = torch.get_rng_state()
+    with pytest.raises(ValueError, match=r"prune: the model's forward \(eval mode, no gradients\) failed on the first "
+                                         r"training batch, inputs of shape \(16, 12\) and dtype torch.float32: "
+                                         r"RuntimeError: mat1 and mat2 shapes cannot be multiplied"):
+        bipkernels.prune(model, tiny_task(), method, 0.5, epochs=1, finetune_epochs=1, batch_size=16)
+    assert not bipkernels.masked_layers(model) and model.training
+    assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), caller_stream)

@@ -13,8 +13,8 @@ from .bip import BiP, steps_per_epoch
 from .hydra import hydra
 from .imp import imp, imp_rounds
 from .omp import omp, random_prune
-from .training import (check_dataset, check_masked_structure, check_settings, check_targets, data_shard, evaluate,
-                       fetch, forked_random_state, model_device, recalibrate_batchnorm)
+from .training import (check_dataset, check_forward, check_masked_structure, check_settings, check_targets, data_shard,
+                       evaluate, fetch, forked_random_state, model_device, recalibrate_batchnorm)
 
 METHODS = ("bip", "omp", "imp", "hydra", "random")
 # What each method runs: prune's options go to it as keyword arguments.
@@ -85,6 +85,7 @@ def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0
         if epochs and not steps:  # before BiP converts the model
             raise ValueError(f"prune: {len(train_data)} examples in batches of batch_size={batch_size} give no BiP "
                              f"step ({options.get('mode', 'fused')} mode): nothing would train")
+    check_forward("prune", model, train_data, batch_size, seed)  # the last check: it runs the model
     # Every initialised GPU's generator seeded too (dropout on a GPU draws from its own); an uninitialised
     # CUDA is left alone: torch.manual_seed would queue a seed for its first use.
     with forked_random_state():

@@ -303,6 +303,34 @@ def check_targets(owner: str, model: nn.Module, dataset: Dataset, inputs: torch.
                          f"(0 to {classes - 1}, or cross_entropy's ignore_index -100)")
 
 
+@torch.no_grad()
+def check_forward(owner: str, model: nn.Module, dataset: Dataset, batch_size: int, seed: int) -> None:
+    """ValueError (TypeError for a TypeError) naming ``owner`` and the error where the forward of ``model``
+    fails on the first batch that training takes (epoch_batches(seed, epoch 0), this rank's share of a
+    DistributedDataParallel model's): inputs of a size or dtype the model does not take. A solver calls it
+    before it converts the model, which an error in training would leave converted.
+
+    The forward runs in eval mode without gradients, every module's mode and the random streams restored
+    after, so batch-norm statistics, dropout and the caller's random stream stay as they were. A forward
+    that fails only in training mode (a batch norm on one value per channel) is left to training. Empty
+    data: nothing to run. Running out of memory is raised as it is.
+    """
+    batches = epoch_batches(dataset, batch_size, seed, 0, data_shard(model))
+    if not batches:
+        return
+    inputs, _ = fetch(dataset, batches[0], model_device(model))
+    try:
+        with modes_kept(model), forked_random_state():
+            model.eval()(inputs)
+    except torch.cuda.OutOfMemoryError:  # a resource, not a model that does not fit the data
+        raise
+    except Exception as error:
+        kind = TypeError if isinstance(error, TypeError) else ValueError
+        raise kind(f"{owner}: the model's forward (eval mode, no gradients) failed on the first training batch, "
+                   f"inputs of shape {tuple(inputs.shape)} and dtype {inputs.dtype}: {type(error).__name__}: "
+                   f"{error}") from error
+
+
 def model_device(model: nn.Module) -> torch.device:
     """Where ``model``'s data go: the device of its first parameter, else of its first buffer, else the
     CPU (a model or shard with neither, e.g. a stage of activations)."""
