@@ -319,6 +319,16 @@ def _masked_copy(layer: nn.Module, structure: Structure) -> nn.Module:
     return masked.train(layer.training)
 
 
+def warn_emptied(owner: str, emptied: list[str]) -> None:
+    """Warns, for ``owner`` (the function that projected), that a global projection keeps no block of the
+    layers named in ``emptied`` (nothing when it is empty)."""
+    if emptied:
+        warnings.warn(f"{owner}: the global projection keeps no block of {', '.join(emptied)}: blocks rank by their "
+                      "sums of |s| across layers, so a layer of small blocks (few weights per block, or small "
+                      "weights) can lose all of them and cut the network; scope='layer' keeps the fraction in every "
+                      "layer", stacklevel=3)
+
+
 def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure | None = None,
             scope: str = "global", exclude=()) -> nn.Module:
     """Swap every nn.Conv2d and nn.Linear of ``model`` (in place) for its masked twin and prune it.
@@ -441,13 +451,8 @@ def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure 
         warnings.warn(f"bipkernels.convert: the masks of the layers already masked changed ({', '.join(changed)}): "
                       f"convert projects every masked layer of the model to sparsity {sparsity}; to add layers to "
                       "a pruned model and keep its masks, convert the new part alone", stacklevel=2)
-    emptied = [name for name, _ in ranked_layers(model)
-               if scope == "global" and sparsity < 1 and name in after and not after[name].any()]
-    if emptied:
-        warnings.warn(f"bipkernels.convert: the global projection keeps no block of {', '.join(emptied)}: blocks "
-                      "rank by their sums of |s| across layers, so a layer of small blocks (few weights per block, or "
-                      "small weights) can lose all of them and cut the network; scope='layer' keeps the fraction "
-                      "in every layer", stacklevel=2)
+    if scope == "global" and sparsity < 1:
+        warn_emptied(op, [name for name, _ in ranked_layers(model) if name in after and not after[name].any()])
     skipped = [f"{name or 'the model itself'} ({kind})" for name, kind in unmasked_layers(model).items()
                if name not in excluded and id(model.get_submodule(name)) not in kept_dense | read_directly]
     if skipped:

@@ -49,7 +49,7 @@ def imp(model: nn.Module, dataset, sparsity: float, structure="unstructured", sc
                 kept = layer.mask()
                 layer.scores.copy_(torch.where(kept, layer.weight.abs(), torch.full_like(layer.weight, float("nan"))))
             # An emptied layer stays so (NaN scores): named in the round it empties, not in every later one.
-            emptied = project_naming_emptied(model, target, scope, emptied)
+            emptied = project_naming_emptied("imp", model, target, scope, emptied)
             model.load_state_dict({**model.state_dict(), **_masked_rewind(model, rewind_state)})
         # One seed, the rounds continuing its epochs: per-round seeds (seed + round) gave seed 1's rounds
         # the batches of seed 0's next ones.

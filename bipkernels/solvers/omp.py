@@ -24,7 +24,7 @@ def omp(model: nn.Module, dataset, sparsity: float, structure="unstructured", sc
         with torch.no_grad():
             for _, layer in masked_nn.masked_layers(model):
                 layer.scores.copy_(layer.weight.abs())
-        project_naming_emptied(model, sparsity, scope)
+        project_naming_emptied("omp", model, sparsity, scope)
     return train_weights(model, dataset, finetune_epochs, lr, batch_size, seed, label="omp finetune")
 
 
@@ -59,6 +59,6 @@ def random_prune(model: nn.Module, dataset, sparsity: float, structure="unstruct
     generator = torch.Generator().manual_seed(seed)
     for _, layer in masked_nn.masked_layers(model):
         layer.scores.copy_(_random_scores(layer.scores, layer.structure, generator))
-    project_naming_emptied(model, sparsity, scope)
+    project_naming_emptied("random_prune", model, sparsity, scope)
     with torch.enable_grad():
         return train_weights(model, dataset, finetune_epochs, lr, batch_size, seed, label="random finetune")

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from ..nn import SCOPES, convert, masked_layers, project, ranked_layers
+from ..nn import SCOPES, convert, masked_layers, project, ranked_layers, warn_emptied
 from ..ops import check_int, check_number, check_sparsity
 from ..reference import IMPLICIT_FORMS
 from ..structures import parse_structure
@@ -112,42 +112,30 @@ def check_masked_structure(owner: str, model: nn.Module, structure) -> None:
                              "layers' own, or convert an unmasked model")
 
 
-@contextlib.contextmanager
-def _solver_advice_ignored():
-    """Without convert's warnings that the masks of layers already masked changed, or that they keep their
-    own structure (the solvers prune a masked model in its layers' structures): inside a solver that sets
-    the masks itself they would only be advice about the solver's own projections."""
+def convert_to_reset(model: nn.Module, structure, scope: str) -> None:
+    """bipkernels.convert(model, 0.0, ...) for a solver that sets every mask itself next: convert's warnings
+    that the masks of layers already masked changed, or that they keep their own structure (the solvers
+    prune a masked model in its layers' structures), would only be advice about the solver's own reset."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="bipkernels.convert: the masks of the layers already masked changed")
         warnings.filterwarnings("ignore", message="bipkernels.convert: layers already masked keep their structure")
-        yield
-
-
-def convert_to_reset(model: nn.Module, structure, scope: str) -> None:
-    """bipkernels.convert(model, 0.0, ...) for a solver that sets every mask itself next (its advice about
-    the solver's own reset left out)."""
-    with _solver_advice_ignored():
         convert(model, 0.0, structure, scope)
 
 
-def project_naming_emptied(model: nn.Module, sparsity: float, scope: str, named=frozenset()) -> set[str]:
+def project_naming_emptied(owner: str, model: nn.Module, sparsity: float, scope: str,
+                           named=frozenset()) -> set[str]:
     """bipkernels.project(model, sparsity, scope) for a solver that set the masked layers' scores itself
-    (IMP, random pruning, OMP on a masked model), with convert's warning naming the layers that a global
-    projection keeps no block of. OMP and BiP get that warning from converting a plain model at their
-    sparsity; a solver that converts at sparsity 0 and then projects would not, so whenever a layer not in
-    ``named`` has emptied, convert projects once more, the same way (it swaps nothing in a converted
-    model), for its warning: one text, kept in convert. Its list of layers left dense is left out (the
-    solver's conversion gave it).
+    (IMP, random pruning, OMP on a masked model), with convert's warning, for ``owner``, naming the layers
+    that a global projection keeps no block of (converting at the solver's sparsity gives it; converting at
+    0 and projecting would not).
 
     Returns the names of the ranked layers (ranked_layers) left without a kept weight: a run that projects
     again (IMP's rounds) passes them as ``named``, so that it warns only when more layers empty.
     """
     project(model, sparsity, scope)
     emptied = {name for name, layer in ranked_layers(model) if not layer.mask().any()}
-    if emptied - set(named):
-        with _solver_advice_ignored():
-            warnings.filterwarnings("ignore", message="bipkernels.convert: left dense")
-            convert(model, sparsity, None, scope)
+    if scope == "global" and sparsity < 1 and emptied - set(named):
+        warn_emptied(owner, [name for name, _ in ranked_layers(model) if name in emptied])
     return emptied
 
 
