@@ -24,6 +24,7 @@ import torch
 
 from . import data, models, nn as masked_nn
 from .info import build_info, format_info
+from .structures import parse_structure
 from .solvers import BiP, METHODS, prune as prune_with
 from .solvers.bip import steps_per_epoch
 from .solvers.training import (check_settings, evaluate, fetch, forked_random_state, recalibrate_batchnorm,
@@ -213,7 +214,7 @@ def _setup(args) -> dict:
             model = _model(args, splits)
             if checkpoint is not None:
                 model.load_state_dict(checkpoint["model"])
-            masked_nn.convert(model, 0.0, args.structure, args.scope)
+            masked_nn.convert(model, 0.0, args.structure, args.scope, exclude=args.exclude)
             # As many images as a batch holds, up to two: a batch of one fails here as it would in training
             # (batch norm over a 1×1 map).
             trial = min(2, args.batch_size, len(splits["train"]))
@@ -221,7 +222,11 @@ def _setup(args) -> dict:
             logits = model.train()(inputs)
     except (ValueError, TypeError, RuntimeError, OSError, KeyError, AssertionError, ImportError, EOFError,
             pickle.UnpicklingError) as error:
-        sys.exit(f"bipkernels {args.command}: {args.data} with --model {args.model}: {type(error).__name__}: {error}")
+        hint = ""
+        if isinstance(error, ValueError) and "layer '" in str(error) and parse_structure(args.structure).kind == "nm":
+            hint = " (--exclude LAYER leaves a layer dense)"
+        sys.exit(f"bipkernels {args.command}: {args.data} with --model {args.model}: {type(error).__name__}: {error}"
+                 f"{hint}")
     classes = data.describe(splits)[1]
     if not (isinstance(logits, torch.Tensor) and logits.shape == (len(inputs), classes)):
         got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
@@ -337,6 +342,8 @@ def prune(args, typed: set[str] | None = None) -> dict:
         with warnings.catch_warnings():
             if "solver" in state:  # the projection of a model about to be replaced by the saved state
                 warnings.filterwarnings("ignore", message="bipkernels.convert: the global projection keeps no block")
+            if args.exclude:  # BiP converts a model with no masked layer, all of it
+                masked_nn.convert(model, 0.0, args.structure, args.scope, exclude=args.exclude)
             solver = BiP(model, args.sparsity, args.structure, args.scope,
                          total_steps=max(args.epochs * per_epoch, 1), **_bip_options(args))
 
@@ -378,7 +385,7 @@ def _finish_prune(args, model, solver: BiP, splits: dict, dense_accuracy: float)
     recalibrate_batchnorm(model, splits["train"])
     result = {
         "method": "bip", **_bip_options(args), "structure": args.structure, "scope": args.scope,
-        "target_sparsity": args.sparsity,
+        "exclude": args.exclude, "target_sparsity": args.sparsity,
         "sparsity": masked_nn.sparsity(model),
         "dense_test_accuracy": dense_accuracy,
         "val_accuracy": evaluate(model, splits["val"]),
@@ -428,7 +435,8 @@ def compare(args, typed: set[str] | None = None) -> list[dict]:
             _, result = prune_with(copy.deepcopy(dense), splits["train"], method, sparsity, structure=args.structure,
                                    scope=args.scope, val_data=splits["val"], test_data=splits["test"],
                                    epochs=args.epochs, finetune_epochs=args.finetune_epochs,
-                                   batch_size=args.batch_size, seed=args.seed, rewind_state=rewind, **options)
+                                   batch_size=args.batch_size, seed=args.seed, rewind_state=rewind,
+                                   exclude=args.exclude, **options)
             results.append(result)
             # compare.json first: a run killed between the two writes redoes this result rather than lose it.
             write_text_atomically(json.dumps({"dense_test_accuracy": dense_accuracy, "results": results}, indent=2),
@@ -513,6 +521,10 @@ def _add_common(parser, out: str) -> None:
                         help="unstructured, filter, channel, 2:4, tile4x4")
     parser.add_argument("--scope", default="global", choices=["global", "layer"],
                         help="global: the sparsity over all layers together; layer: in every layer")
+    parser.add_argument("--exclude", nargs="+", default=[], metavar="LAYER",
+                        help="layers (module names, e.g. stem.0) to leave dense, each with everything inside it: "
+                             "for N:M, the first convolution of an image model, whose 1 or 3 channels M does not "
+                             "divide")
     parser.add_argument("--mode", default="fused", choices=["fused", "faithful"], help="BiP mode")
     parser.add_argument("--implicit", default="paper", choices=["paper", "released"], help="BiP implicit term")
     parser.add_argument("--inv-gamma", type=_setting("inv_gamma"), default=1e-4, help="1/γ, the implicit term's scale")
@@ -578,7 +590,7 @@ class _DefaultsHelpFormatter(argparse.HelpFormatter):
         default = action.default
         if default is None or default is False or default is argparse.SUPPRESS:
             return action.help
-        shown = " ".join(map(str, default)) if isinstance(default, list) else "%(default)s"
+        shown = (" ".join(map(str, default)) or "none") if isinstance(default, list) else "%(default)s"
         return f"{action.help} (default: {shown})"
 
 

@@ -39,7 +39,7 @@ def test_every_option_of_every_subcommand_has_help_that_shows_its_default(capsys
             if default is None or default is False or default is argparse.SUPPRESS:
                 expected = action.help
             else:
-                typed = " ".join(map(str, default)) if isinstance(default, list) else default
+                typed = (" ".join(map(str, default)) or "none") if isinstance(default, list) else default
                 expected = f"{action.help} (default: {typed})"
             assert " ".join(expected.split()) in shown, f"bipkernels {command} {action.option_strings[-1]}"
         assert "(default: None)" not in shown and "(default: False)" not in shown
@@ -254,6 +254,8 @@ def test_a_fresh_start_does_not_overwrite_an_interrupted_run(tmp_path, command):
 @pytest.mark.parametrize("argv, message", [
     pytest.param(["--model", "resnet18"], "takes 3-channel images", marks=needs_torchvision),  # digits: 1 channel
     (["--structure", "2:4"], "layer 'stem.0' (Conv2d): structure 2:4"),
+    (["--structure", "2:4"], "(--exclude LAYER leaves a layer dense)"),
+    (["--exclude", "nosuch"], "exclude names no module of the model: ['nosuch']"),
     (["--data", "folder:/no/such/folder"], "needs train/ and test/"),
     (["--mode", "faithful", "--batch-size", "2000"], "leave no BiP step"),
 ])
@@ -364,3 +366,18 @@ def test_a_refused_run_releases_the_lock_at_once(tmp_path):
     (tmp_path / "resume.pt").unlink()
     main(argv)
     assert refused.value.code and (tmp_path / "results.json").exists()
+
+
+def test_n_m_runs_with_the_first_convolution_excluded(tmp_path):
+    """2:4 needs input channels that 4 divides, which the digits' one channel is not: --exclude leaves the
+    stem dense, in prune and in every method of compare."""
+    main(["prune", "--pretrain-epochs", "1", "--epochs", "1", "--structure", "2:4", "--exclude", "stem.0",
+          "--out", str(tmp_path / "prune")])
+    result = json.loads((tmp_path / "prune" / "results.json").read_text())
+    assert result["exclude"] == ["stem.0"] and "stem.0" not in result["layers"]
+    assert {layer["sparsity"] for layer in result["layers"].values()} == {0.5}
+    main(["compare", "--pretrain-epochs", "1", "--epochs", "1", "--finetune-epochs", "1", "--sparsities", "0.5",
+          "--methods", "bip", "omp", "imp", "random", "--structure", "2:4", "--exclude", "stem.0",
+          "--out", str(tmp_path / "compare")])
+    for result in json.loads((tmp_path / "compare" / "compare.json").read_text())["results"]:
+        assert "stem.0" not in result["layers"] and set(result["layers"].values()) == {0.5}, result["method"]

@@ -753,3 +753,37 @@ def test_a_forward_that_fails_on_the_first_batch_leaves_the_model_untouched(seed
     assert not bipkernels.masked_layers(model) and model.training
     assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
     assert torch.equal(torch.get_rng_state(), caller_stream)
+
+
+@pytest.mark.parametrize("method", ["bip", "omp", "imp", "hydra", "random"])
+def test_every_method_leaves_excluded_layers_dense(seed, method):
+    """2:4 with a first convolution of 3 input channels, which 4 does not divide: excluded, it stays a plain
+    Conv2d under every method, whether prune converts (exclude=) or the model came masked without it (OMP,
+    IMP and random pruning converted such a layer, unstructured, and pruned it)."""
+    def model_and_data():
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                              nn.Flatten(), nn.Linear(8, 3))
+        return model, TensorDataset(torch.randn(32, 3, 8, 8), torch.randint(0, 3, (32,)))
+
+    settings = dict(epochs=1, finetune_epochs=1, batch_size=16, seed=seed)
+    model, data = model_and_data()
+    with pytest.raises(ValueError, match=r"layer '0' \(Conv2d\)"):  # not excluded: 2:4 does not fit it
+        bipkernels.prune(model, data, method, 0.5, structure="2:4", **settings)
+    assert type(model[0]) is nn.Conv2d and not bipkernels.masked_layers(model)
+    results = []
+    for masked_before in (False, True):
+        model, data = model_and_data()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if masked_before:
+                bipkernels.convert(model, 0.0, "2:4", exclude="0")
+                _, result = bipkernels.prune(model, data, method, 0.5, **settings)
+            else:
+                _, result = bipkernels.prune(model, data, method, 0.5, structure="2:4", exclude="0", **settings)
+        assert type(model[0]) is nn.Conv2d and list(result["layers"]) == ["2", "6"], (masked_before, result)
+        assert result["structure"] == "2:4"
+        results.append(result["layers"])
+    assert results[0] == results[1]
+    with pytest.raises(ValueError, match=r"prune: exclude='0', but the model is already masked"):
+        bipkernels.prune(model, data, method, 0.5, exclude="0", **settings)

@@ -19,8 +19,7 @@ def omp(model: nn.Module, dataset, sparsity: float, structure="unstructured", sc
     check_data("omp", dataset, finetune_epochs)
     if not masked_nn.masked_layers(model):
         masked_nn.convert(model, sparsity, structure, scope)  # scores |θ| (and convert's warnings)
-    else:  # by today's |θ|: layers masked before hold scores of another time
-        convert_to_reset(model, structure, scope)
+    else:  # its masked layers alone, by today's |θ|: layers masked before hold scores of another time
         with torch.no_grad():
             for _, layer in masked_nn.masked_layers(model):
                 layer.scores.copy_(layer.weight.abs())

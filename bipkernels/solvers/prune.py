@@ -34,7 +34,7 @@ def _method_options(method: str) -> list[str]:
 
 def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0.9, *, structure=None,
           scope: str = "global", val_data=None, test_data=None, epochs: int = 10, finetune_epochs: int = 10,
-          batch_size: int = 64, seed: int = 0, rewind_state: dict | None = None, **options):
+          batch_size: int = 64, seed: int = 0, rewind_state: dict | None = None, exclude=(), **options):
     """Prune a trained ``model`` (in place) with ``method`` and return (model, result).
 
     bip: ``epochs`` of BiP. omp, random: one shot, then ``finetune_epochs``. hydra: ``epochs`` of score search, then
@@ -43,6 +43,9 @@ def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0
     ``seed`` fixes the batches and every draw from torch's generators (dropout): the run draws from
     generators of its own, seeded with it, so one call gives one model and the caller's stream is untouched.
     ``structure``: None is unstructured for a model without masked layers and the layers' own otherwise.
+    Every method prunes a model that has masked layers in those alone (its plain layers stay dense) and
+    converts every nn.Conv2d / nn.Linear of one that has none, but those in ``exclude`` (module names, as
+    bipkernels.convert takes them: e.g. a first convolution that M does not divide the channels of, for N:M).
     ``options`` go to what the method runs (BiP, omp, random_prune, hydra, imp): its keyword arguments that
     prune does not set itself, e.g. bip's mode, lr, score_lr, inv_gamma; imp's lr, rate. One it does not
     take is a TypeError that lists those it does, raised before the model changes.
@@ -63,8 +66,11 @@ def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0
         raise TypeError(f"prune: method {method!r} takes no option {', '.join(map(repr, unknown))} (its options: "
                         f"{', '.join(accepted)}; besides prune's own arguments)")
     given = structure
-    if structure is None:  # BiP and HYDRA take None as it is; the others convert only layers not yet masked
+    if structure is None:  # BiP and HYDRA take None as it is
         structure = "unstructured"
+    if (isinstance(exclude, str) or exclude) and masked_nn.masked_layers(model):
+        raise ValueError(f"prune: exclude={exclude!r}, but the model is already masked: its plain layers stay dense "
+                         "as they are, and exclude names layers to leave out of converting an unmasked model")
     check_settings("prune", sparsity=sparsity, structure=structure, scope=scope, epochs=epochs,
                    finetune_epochs=finetune_epochs, batch_size=batch_size, seed=seed)
     check_masked_structure("prune", model, given)
@@ -86,6 +92,8 @@ def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0
             raise ValueError(f"prune: {len(train_data)} examples in batches of batch_size={batch_size} give no BiP "
                              f"step ({options.get('mode', 'fused')} mode): nothing would train")
     check_forward("prune", model, train_data, batch_size, seed)  # the last check: it runs the model
+    if isinstance(exclude, str) or exclude:  # checks its names before it changes the model
+        masked_nn.convert(model, 0.0, structure, scope, exclude=exclude)
     # Every initialised GPU's generator seeded too (dropout on a GPU draws from its own); an uninitialised
     # CUDA is left alone: torch.manual_seed would queue a seed for its first use.
     with forked_random_state():

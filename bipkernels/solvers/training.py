@@ -9,7 +9,6 @@ import os
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -113,12 +112,13 @@ def check_masked_structure(owner: str, model: nn.Module, structure) -> None:
 
 
 def convert_to_reset(model: nn.Module, structure, scope: str) -> None:
-    """bipkernels.convert(model, 0.0, ...) for a solver that sets every mask itself next: convert's warnings
-    that the masks of layers already masked changed, or that they keep their own structure (the solvers
-    prune a masked model in its layers' structures), would only be advice about the solver's own reset."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="bipkernels.convert: the masks of the layers already masked changed")
-        warnings.filterwarnings("ignore", message="bipkernels.convert: layers already masked keep their structure")
+    """Prepares ``model`` for a solver that sets every mask itself next: a model without masked layers is
+    converted at sparsity 0 (structure ``structure``); one with masked layers is pruned in those alone, as BiP
+    and HYDRA prune it (its plain layers stay dense: those a convert(..., exclude=) left out), and they are
+    projected to keep everything."""
+    if masked_layers(model):
+        project(model, 0.0, scope)
+    else:
         convert(model, 0.0, structure, scope)
 
 
