@@ -435,8 +435,8 @@ def compare(args, typed: set[str] | None = None) -> list[dict]:
             _, result = prune_with(copy.deepcopy(dense), splits["train"], method, sparsity, structure=args.structure,
                                    scope=args.scope, val_data=splits["val"], test_data=splits["test"],
                                    epochs=args.epochs, finetune_epochs=args.finetune_epochs,
-                                   batch_size=args.batch_size, seed=args.seed, rewind_state=rewind,
-                                   exclude=args.exclude, **options)
+                                   batch_size=args.batch_size, seed=args.seed,
+                                   rewind_state=rewind if method == "imp" else None, exclude=args.exclude, **options)
             results.append(result)
             # compare.json first: a run killed between the two writes redoes this result rather than lose it.
             write_text_atomically(json.dumps({"dense_test_accuracy": dense_accuracy, "results": results}, indent=2),

@@ -65,6 +65,9 @@ def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0
     if unknown:
         raise TypeError(f"prune: method {method!r} takes no option {', '.join(map(repr, unknown))} (its options: "
                         f"{', '.join(accepted)}; besides prune's own arguments)")
+    if rewind_state is not None and method != "imp":
+        raise ValueError(f"prune: rewind_state is IMP's (the weights its rounds rewind to); method {method!r} takes "
+                         "none")
     given = structure
     if structure is None:  # BiP and HYDRA take None as it is
         structure = "unstructured"
