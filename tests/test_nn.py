@@ -230,7 +230,12 @@ def test_weightless_layers_take_no_part_in_the_global_projection(seed, structure
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         bipkernels.convert(model, 0.5, structure)
-    assert not [w for w in caught if "bipkernels" in str(w.message)]  # nor is one reported as emptied
+    # Nor is a weightless layer reported as emptied. (A real one can be: layer 3's filters of 4 weights rank
+    # below layer 0's of 8 more often than not, and then none of them may stay.)
+    messages = [str(w.message) for w in caught if "bipkernels" in str(w.message)]
+    emptied = [name for message in messages if "keeps no block of " in message
+               for name in message.split("keeps no block of ")[1].split(":")[0].split(", ")]
+    assert len(emptied) == len(messages) and set(emptied) <= {"3"}, messages
     real = [model[0], model[3]]
     blocks = sum(layer.block_scores().numel() for layer in real)
     assert sum(int(reference.kept_blocks(layer.block_scores(), layer.threshold).sum()) for layer in real) == \
