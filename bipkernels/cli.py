@@ -215,6 +215,8 @@ def _setup(args) -> dict:
             if checkpoint is not None:
                 model.load_state_dict(checkpoint["model"])
             masked_nn.convert(model, 0.0, args.structure, args.scope, exclude=args.exclude)
+            if args.exclude and not masked_nn.masked_layers(model):  # BiP would convert the model whole
+                raise ValueError(f"--exclude {' '.join(args.exclude)} leaves no layer to prune")
             # As many images as a batch holds, up to two: a batch of one fails here as it would in training
             # (batch norm over a 1×1 map).
             trial = min(2, args.batch_size, len(splits["train"]))

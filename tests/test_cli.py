@@ -381,3 +381,11 @@ def test_n_m_runs_with_the_first_convolution_excluded(tmp_path):
           "--out", str(tmp_path / "compare")])
     for result in json.loads((tmp_path / "compare" / "compare.json").read_text())["results"]:
         assert "stem.0" not in result["layers"] and set(result["layers"].values()) == {0.5}, result["method"]
+
+
+def test_an_exclude_of_every_layer_stops_the_setup(tmp_path):
+    """BiP converts a model that --exclude left without a masked layer whole: the run must stop instead."""
+    with pytest.raises(SystemExit, match=r"ValueError: --exclude stem layer1 layer2 head leaves no layer to prune"):
+        main(["prune", "--pretrain-epochs", "0", "--epochs", "0", "--exclude", "stem", "layer1", "layer2", "head",
+              "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out" / "resume.pt").exists()

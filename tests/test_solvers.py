@@ -790,3 +790,18 @@ def test_every_method_leaves_excluded_layers_dense(seed, method):
     assert results[0] == results[1]
     with pytest.raises(ValueError, match=r"prune: exclude='0', but the model is already masked"):
         bipkernels.prune(model, data, method, 0.5, exclude="0", **settings)
+
+
+@pytest.mark.parametrize("method", bipkernels.solvers.METHODS)
+def test_an_exclude_of_every_layer_is_refused_with_the_model_untouched(seed, method):
+    """exclude= naming every Conv2d and Linear left convert nothing to mask, and every method then
+    converted the unmasked model whole: the excluded layers pruned after all."""
+    model, data = tiny_conv_task(seed)
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the error says it all, without convert's "nothing to mask"
+        with pytest.raises(ValueError, match=r"prune: exclude=\['0', '2', '6'\] leaves no nn.Conv2d or nn.Linear"):
+            bipkernels.prune(model, data, method, 0.5, exclude=["0", "2", "6"], epochs=1, finetune_epochs=1,
+                             batch_size=16)
+    assert not bipkernels.masked_layers(model) and type(model[0]) is nn.Conv2d
+    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())

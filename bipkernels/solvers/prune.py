@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import time
+import warnings
 
 import torch
 from torch import nn
@@ -96,7 +97,11 @@ def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0
                              f"step ({options.get('mode', 'fused')} mode): nothing would train")
     check_forward("prune", model, train_data, batch_size, seed)  # the last check: it runs the model
     if isinstance(exclude, str) or exclude:  # checks its names before it changes the model
-        masked_nn.convert(model, 0.0, structure, scope, exclude=exclude)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="bipkernels.convert: nothing to mask")  # the error says it
+            masked_nn.convert(model, 0.0, structure, scope, exclude=exclude)
+        if not masked_nn.masked_layers(model):  # every method would convert the model whole: all of it pruned
+            raise ValueError(f"prune: exclude={exclude!r} leaves no nn.Conv2d or nn.Linear to prune")
     # Every initialised GPU's generator seeded too (dropout on a GPU draws from its own); an uninitialised
     # CUDA is left alone: torch.manual_seed would queue a seed for its first use.
     with forked_random_state():
