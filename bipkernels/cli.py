@@ -174,6 +174,11 @@ def _resume_or_start(args, typed: set[str] | None, lock: OutputLock) -> tuple[ar
         saved_command = state["args"].get("command", "prune")
         if saved_command != args.command:
             sys.exit(f"bipkernels {args.command}: {resume_path} is the state of a `bipkernels {saved_command}` run")
+        # An option newer than the saved run (e.g. --exclude) takes its default, which is how that run ran:
+        # else a value typed now would apply unnamed, and go unsaved (a later --resume ran without it).
+        defaults = vars(_parser().parse_args([args.command]))
+        state["args"] = {**{key: value for key, value in defaults.items() if key not in ("out", "resume")},
+                         **state["args"]}
         ignored = [f"--{key.replace('_', '-')} {value}" for key, value in vars(args).items()
                    if (typed is None or key in typed) and key in state["args"] and key != "out"
                    and value != state["args"][key]]

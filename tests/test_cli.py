@@ -389,3 +389,15 @@ def test_an_exclude_of_every_layer_stops_the_setup(tmp_path):
         main(["prune", "--pretrain-epochs", "0", "--epochs", "0", "--exclude", "stem", "layer1", "layer2", "head",
               "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out" / "resume.pt").exists()
+
+
+def test_a_resumed_run_saved_before_an_option_existed_runs_with_its_default(tmp_path, capsys):
+    """A resume.pt from a version without --exclude: an --exclude typed with --resume applied unnamed and
+    went unsaved, so a second --resume of the same run failed (its masked layers differ)."""
+    args = cli._parser().parse_args(["prune", "--pretrain-epochs", "0", "--epochs", "0", "--out", str(tmp_path)])
+    save_atomically({"args": {key: value for key, value in vars(args).items() if key not in ("resume", "exclude")}},
+                    tmp_path / "resume.pt")
+    main(["prune", "--resume", "--exclude", "stem.0", "--out", str(tmp_path)])
+    assert "ignored --exclude ['stem.0']" in capsys.readouterr().err
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["exclude"] == [] and "stem.0" in result["layers"]
