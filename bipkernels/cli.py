@@ -135,6 +135,8 @@ def _load(what: str, path: Path, command: str):
 def _position_text(position: tuple[int, int], epochs: int, per_epoch: int) -> str:
     """Where a resumed BiP run goes on, for people: ``position`` is (epochs done, steps done in the next)."""
     epoch, step = position
+    if step >= per_epoch:  # a stop request at an epoch's last step saves (epoch, per_epoch): the next one's start
+        epoch, step = epoch + 1, 0
     if epoch >= epochs:
         return "after the last epoch (saving the result)"
     return f"at epoch {epoch + 1} of {epochs}, step {step + 1} of {per_epoch}"

@@ -93,8 +93,14 @@ def randomize_masked(model: nn.Module) -> nn.Module:
 def resuming_text(saved: dict) -> str:
     """The start of what ``bipkernels prune --resume`` prints of where it goes on, for the contents of the
     resume.pt it resumes (a BiP state: its position is (epochs done, steps done in the next epoch))."""
+    from bipkernels import data
+    from bipkernels.solvers.bip import steps_per_epoch
+
     epoch, step = saved["position"]
-    epochs = saved["args"]["epochs"]
+    args = saved["args"]
+    epochs = args["epochs"]
+    if step >= steps_per_epoch(len(data.load(args["data"])["train"]), args["batch_size"], args["mode"]):
+        epoch, step = epoch + 1, 0  # stopped at an epoch's last step: it goes on with the next epoch
     if epoch >= epochs:
         return "resuming after the last epoch"
     return f"resuming at epoch {epoch + 1} of {epochs}, step {step + 1} of "

@@ -401,3 +401,10 @@ def test_a_resumed_run_saved_before_an_option_existed_runs_with_its_default(tmp_
     assert "ignored --exclude ['stem.0']" in capsys.readouterr().err
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["exclude"] == [] and "stem.0" in result["layers"]
+
+
+def test_the_resume_message_of_a_stop_at_an_epochs_last_step_names_the_next_epoch():
+    """A stop request at an epoch's last step saves (epoch, steps per epoch): 'step 18 of 17' was printed."""
+    assert cli._position_text((0, 17), 5, 17) == "at epoch 2 of 5, step 1 of 17"
+    assert cli._position_text((4, 17), 5, 17) == "after the last epoch (saving the result)"
+    assert cli._position_text((1, 3), 5, 17) == "at epoch 2 of 5, step 4 of 17"
