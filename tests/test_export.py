@@ -231,3 +231,31 @@ def test_semi_structured_linear_equals_dense_on_gpu(seed):
     x = torch.randn(64, 128, dtype=torch.float16, device="cuda")
     with torch.no_grad():
         torch.testing.assert_close(sparse(x), dense(x), rtol=1e-2, atol=1e-2)
+
+
+def test_exports_refuse_what_they_cannot_copy_naming_it():
+    """A deployment user's mistakes: a torch.compile wrapper (its state_dict keys gain '_orig_mod.'), layers
+    pruned with torch.nn.utils.prune (deepcopy refused their computed weight with torch's own error), torch's
+    masks attached to the masked model itself (its export then lost the mask buffers), and example inputs
+    holding NaN (folded into the biases: every output of the smaller model was NaN) or none."""
+    model = bipkernels.convert(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)), 0.5, "filter")
+    x = torch.randn(2, 3, 8, 8)
+    exports = [lambda m: bipkernels.export_dense(m), lambda m: bipkernels.export_shrunk(m, x, warn=False),
+               lambda m: bipkernels.export_semi_structured(m, warn=False)]
+    for name, export in zip(("export_dense", "export_shrunk", "export_semi_structured"), exports):
+        with pytest.raises(TypeError, match=rf"bipkernels.{name}: model is a torch.compile wrapper .* model._orig_mod"):
+            export(torch.compile(model))
+        torch_pruned = bipkernels.export_dense(model, prune_masks=True)
+        with pytest.raises(ValueError, match=rf"bipkernels.{name}: 0, 2 pruned with torch.nn.utils.prune .* "
+                                             r"torch.nn.utils.prune.remove\(layer, 'weight'\) first"):
+            export(torch_pruned)
+    with pytest.raises(ValueError, match=r"apply_prune_masks: '0' is a masked layer \(MaskedConv2d\): attach the "
+                                         r"masks to bipkernels.export_dense\(model\)"):
+        bipkernels.apply_prune_masks(model, bipkernels.masks(model))
+    assert not torch_prune.is_pruned(model)
+    poisoned = x.clone()
+    poisoned[0, 0, 0, 0] = float("nan")
+    for bad, message in ((poisoned, r"example_inputs\[0\] holds NaN or inf"),
+                         (x[:0], r"example_inputs\[0\] is empty \(shape \(0, 3, 8, 8\)\)")):
+        with pytest.raises(ValueError, match=rf"bipkernels.export_shrunk: {message}"):
+            bipkernels.export_shrunk(model, bad)

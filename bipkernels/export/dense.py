@@ -11,7 +11,7 @@ from torch.nn.utils import prune as torch_prune
 from torch.nn.utils import skip_init
 
 from .. import ops
-from ..nn import _HOOK_DICTS, _check_model, _keep_forward, masked_layers, masks
+from ..nn import _HOOK_DICTS, MASKED_LAYERS, _check_model, _keep_forward, masked_layers, masks
 
 
 @torch.no_grad()
@@ -70,6 +70,22 @@ def _tied(model: nn.Module, untied: set[int]) -> list[str]:
     return [" and ".join(names) for key, names in holders.items() if key in untied and len(names) > 1]
 
 
+def check_exportable(op: str, model: nn.Module) -> None:
+    """TypeError / ValueError naming ``op`` for a model the exports cannot copy layer by layer: a
+    torch.compile wrapper (its state_dict keys gain '_orig_mod.'), or layers pruned with
+    torch.nn.utils.prune (their weight is computed by a hook, and deepcopy refuses it)."""
+    _check_model(op, model)
+    if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        raise TypeError(f"bipkernels.{op}: model is a torch.compile wrapper (OptimizedModule): pass the module it "
+                        "compiled, model._orig_mod, and compile the export")
+    pruned = [name or "the model itself" for name, module in model.named_modules()
+              if any(isinstance(hook, torch_prune.BasePruningMethod) for hook in module._forward_pre_hooks.values())]
+    if pruned:
+        raise ValueError(f"bipkernels.{op}: {', '.join(pruned)} pruned with torch.nn.utils.prune (the weight is "
+                         "computed from weight_orig and weight_mask): torch.nn.utils.prune.remove(layer, 'weight') "
+                         "first (it keeps the zeros)")
+
+
 def export_dense(model: nn.Module, *, prune_masks: bool = False) -> nn.Module:
     """A copy of ``model`` with every masked layer replaced by a plain nn.Conv2d / nn.Linear holding θ ⊙ m.
 
@@ -80,9 +96,10 @@ def export_dense(model: nn.Module, *, prune_masks: bool = False) -> nn.Module:
     state_dict loaded into an architecture that ties them would give other outputs). ``model`` is
     unchanged; a model without masked layers comes back as a plain deep copy. ``prune_masks=True`` also
     attaches each exact mask with torch.nn.utils.prune (``apply_prune_masks``): the state_dict then holds
-    ``weight_orig`` and ``weight_mask`` until ``torch.nn.utils.prune.remove``.
+    ``weight_orig`` and ``weight_mask`` until ``torch.nn.utils.prune.remove``. TypeError for a torch.compile
+    wrapper (export the module it compiled), ValueError for layers pruned with torch.nn.utils.prune.
     """
-    _check_model("export_dense", model)
+    check_exportable("export_dense", model)
     if not isinstance(prune_masks, bool):
         raise TypeError(f"bipkernels.export_dense: prune_masks must be a bool, got {type(prune_masks).__name__} "
                         f"{prune_masks!r}")
@@ -116,7 +133,8 @@ def apply_prune_masks(model: nn.Module, layer_masks: dict[str, torch.Tensor]) ->
     see the exact masks. An empty dict changes nothing. A mask may also hold 0 and 1 in another dtype
     (torch's own ``weight_mask`` buffers are float). Every entry is checked before any is attached:
     ValueError names a layer that is missing or has no weight, a mask of another shape than its weight, or
-    one with values other than 0 and 1 (it would scale the weights); TypeError a mask that is no tensor.
+    one with values other than 0 and 1 (it would scale the weights), or a masked layer (export first);
+    TypeError a mask that is no tensor.
     """
     op = "bipkernels.apply_prune_masks"
     _check_model("apply_prune_masks", model)
@@ -129,6 +147,9 @@ def apply_prune_masks(model: nn.Module, layer_masks: dict[str, torch.Tensor]) ->
         if module is None or not isinstance(getattr(module, "weight", None), torch.Tensor):
             raise ValueError(f"{op}: the model has no {'module' if module is None else 'weight in module'} "
                              f"{name!r}")
+        if isinstance(module, MASKED_LAYERS):  # its weight is θ and its forward masks it: torch's hook would too
+            raise ValueError(f"{op}: {name!r} is a masked layer ({type(module).__name__}): attach the masks to "
+                             "bipkernels.export_dense(model) (or call export_dense(model, prune_masks=True))")
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"{op}: the mask of {name!r} must be a tensor, got {type(mask).__name__}")
         if tuple(mask.shape) != tuple(module.weight.shape):

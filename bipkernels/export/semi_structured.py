@@ -6,8 +6,8 @@ import warnings
 
 from torch import nn
 
-from ..nn import MaskedConv2d, _check_model, masked_layers
-from .dense import export_dense
+from ..nn import MaskedConv2d, masked_layers
+from .dense import check_exportable, export_dense
 
 
 def export_semi_structured(model: nn.Module, *, warn: bool = True) -> tuple[nn.Module, dict[str, str]]:
@@ -25,7 +25,7 @@ def export_semi_structured(model: nn.Module, *, warn: bool = True) -> tuple[nn.M
     """
     from torch.sparse import to_sparse_semi_structured
 
-    _check_model("export_semi_structured", model)
+    check_exportable("export_semi_structured", model)
     if not isinstance(warn, bool):
         raise TypeError(f"bipkernels.export_semi_structured: warn must be a bool, got {type(warn).__name__} {warn!r}")
     dense = export_dense(model)

@@ -9,8 +9,7 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
-from ..nn import _check_model
-from .dense import carry_over, export_dense, plain_layer
+from .dense import carry_over, check_exportable, export_dense, plain_layer
 from .spaces import ChannelGraph, Recorder, group_view, is_depthwise, pads_with_zeros, zero_columns
 
 
@@ -214,11 +213,11 @@ def export_shrunk(model: nn.Module, example_inputs, *, warn: bool = True) -> tup
     batch norms, depthwise convolutions and next layers that share their channels.
 
     ``model``: masked (exported first, see export_dense) or plain with zeros; traced with torch.fx.
-    ``example_inputs``: a tensor or a tuple of the forward's arguments (shapes only matter; values are
-    recorded once to read the constant outputs of pruned filters). Returns ``(smaller, report)``:
-    ``smaller`` is the model's own class in eval mode and gives the masked model's eval-mode outputs up
-    to float rounding (batch norms use their running statistics; fine-tuning it in train mode is a new
-    model). A channel is removed only where that is exact:
+    ``example_inputs``: a tensor or a tuple of the forward's arguments, not empty, floating ones finite
+    (their shapes matter; values are recorded once to read the constant outputs of pruned filters).
+    Returns ``(smaller, report)``: ``smaller`` is the model's own class in eval mode and gives the masked
+    model's eval-mode outputs up to float rounding (batch norms use their running statistics; fine-tuning
+    it in train mode is a new model). A channel is removed only where that is exact:
 
     - residual streams (tensors joined by add) lose a channel only if every layer writing the stream
       has that filter at zero, or every layer reading it has that input channel at zero;
@@ -252,7 +251,7 @@ def export_shrunk(model: nn.Module, example_inputs, *, warn: bool = True) -> tup
     model's outputs there differ from the model's by more than rounding (2·√eps relative), a guard that
     no model should reach.
     """
-    _check_model("export_shrunk", model)
+    check_exportable("export_shrunk", model)
     meta = next((name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta), None)
     if meta is not None:
         raise ValueError(f"bipkernels.export_shrunk: {meta} is on the meta device: finding zero filters needs the "
@@ -262,8 +261,16 @@ def export_shrunk(model: nn.Module, example_inputs, *, warn: bool = True) -> tup
     if not isinstance(example_inputs, (torch.Tensor, tuple, list)):
         raise TypeError(f"bipkernels.export_shrunk: example_inputs must be a tensor or a tuple of the forward's "
                         f"arguments, got {type(example_inputs).__name__} {example_inputs!r}")
-    dense = export_dense(model).eval()
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    for index, tensor in enumerate(inputs):
+        if isinstance(tensor, torch.Tensor) and tensor.numel() == 0:
+            raise ValueError(f"bipkernels.export_shrunk: example_inputs[{index}] is empty (shape "
+                             f"{tuple(tensor.shape)}): the export is checked against the model's outputs on them")
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not tensor.isfinite().all():
+            raise ValueError(f"bipkernels.export_shrunk: example_inputs[{index}] holds NaN or inf: a pruned filter's "
+                             "constant output is recorded from them and folded into the next layer's bias, so every "
+                             "output of the smaller model would carry it")
+    dense = export_dense(model).eval()
     try:
         _outputs(dense, inputs)  # forked: a forward that draws random numbers leaves the caller's stream alone
     except Exception as error:  # the user's input, not a fault of the export: say so before tracing
