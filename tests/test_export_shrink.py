@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -807,3 +809,28 @@ def test_shrink_refuses_a_model_on_the_meta_device():
         model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1))
     with pytest.raises(ValueError, match=r"export_shrunk: 0.weight is on the meta device"):
         bipkernels.export_shrunk(model, torch.randn(1, 3, 5, 5))
+
+
+class EncodedTokens(nn.Module):
+    """Patches through an nn.TransformerEncoder (torch.fx calls it whole), averaged over the tokens."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.patch = nn.Conv2d(3, width, 4, 4)
+        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(width, 2, 32, batch_first=True), 1,
+                                             enable_nested_tensor=False)
+        self.head = nn.Linear(width, 5)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.patch(x).flatten(2).transpose(1, 2)).mean(1))
+
+
+def test_a_reduction_behind_a_module_called_whole_says_why_it_keeps_channels(seed):
+    """The head's zero input channels stay: the mean over dim 1 of the encoder's output could be over tokens
+    or over channels, as no op before it shows where the channels lie. The report said "an op shrinking does
+    not handle", though means over tokens shrink elsewhere."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # attention's own projections stay dense
+        model = bipkernels.convert(EncodedTokens(), 0.5, "channel", scope="layer").eval()
+    _, report = bipkernels.export_shrunk(model, torch.randn(2, 3, 16, 16), warn=False)
+    assert "mean (a reduction of a tensor whose channel dim no op before it shows" in report.kept["head"], report.kept

@@ -416,6 +416,9 @@ class ChannelGraph:
             return "channels-first", ""
         if rank > 2 and self._reduction_axis(node, source) is not None:
             return "reduction", ""
+        if rank > 2 and op in _REDUCTIONS and self.placed.get(self.root(source)) is None:
+            return "unknown", ("a reduction of a tensor whose channel dim no op before it shows (e.g. the output of "
+                               "a module torch.fx calls whole): over tokens or over channels")
         if self._cat_parts(node) is not None:
             return "cat", ""
         placed = {self.placed.get(self.root(s)) for s in inputs} - {None}
