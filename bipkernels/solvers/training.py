@@ -129,14 +129,17 @@ def project_naming_emptied(owner: str, model: nn.Module, sparsity: float, scope:
     that a global projection keeps no block of (converting at the solver's sparsity gives it; converting at
     0 and projecting would not).
 
-    Returns the names of the ranked layers (ranked_layers) left without a kept weight: a run that projects
-    again (IMP's rounds) passes them as ``named``, so that it warns only when more layers empty.
+    Returns the names of the ranked layers (ranked_layers) left without a kept weight (under a global
+    projection; ``named`` otherwise): a run that projects again (IMP's rounds) passes them as ``named``,
+    so that it warns only when more layers empty.
     """
     project(model, sparsity, scope)
-    emptied = {name for name, layer in ranked_layers(model) if not layer.mask().any()}
-    if scope == "global" and sparsity < 1 and emptied - set(named):
-        warn_emptied(owner, [name for name, _ in ranked_layers(model) if name in emptied])
-    return emptied
+    if scope != "global" or sparsity >= 1:  # every layer keeps its fraction: no mask to read
+        return set(named)
+    emptied = [name for name, layer in ranked_layers(model) if not layer.mask().any()]
+    if set(emptied) - set(named):
+        warn_emptied(owner, emptied)
+    return set(emptied)
 
 
 def schedule_factor(schedule: str, step: int, total: int) -> float:
