@@ -1,21 +1,4 @@
-// The schema of every bipkernels op, in one place. Kernels register per backend in csrc/cpu and
-// csrc/cuda; fake (meta) kernels and autograd live in bipkernels/ops.py.
-//
-// Structure arguments (kind, a, b, p) follow bipkernels/structures.py: kind 0 unstructured, 1 filter,
-// 2 channel, 3 N:M (a = N, b = M), 4 tile (a x b); p = 1 or 2 is the norm of the block reduction.
-// A threshold is a float64 tensor (value, cut), see csrc/include/bipkernels/math.h.
-#include <torch/library.h>
+// The library bipkernels and its ops' schemas (bipkernels/schemas.h).
+#include "bipkernels/schemas.h"
 
-TORCH_LIBRARY(bipkernels, m) {
-  m.def("block_scores(Tensor scores, int kind, int a, int b, int p) -> Tensor");
-  // absolute: rank |x| (the unstructured block scores, taken straight from the scores).
-  m.def("topk_threshold(Tensor[] block_scores, int k, bool absolute=False) -> Tensor");
-  m.def("block_mask(Tensor scores, Tensor threshold, int kind, int a, int b, int p) -> Tensor");
-  m.def("masked_weight(Tensor weight, Tensor scores, Tensor threshold, int kind, int a, int b, int p) -> Tensor");
-  m.def(
-      "hypergrad(Tensor grad, Tensor weight, Tensor scores, Tensor threshold, int kind, int a, int b, int p, "
-      "float inv_gamma, int implicit) -> (Tensor, Tensor)");
-  // Test-only: the host model of the CUDA topk_threshold (csrc/include/bipkernels/gpu_select.h), with
-  // its chunk size and tensors per launch as arguments.
-  m.def("_topk_threshold_gpu_model(Tensor[] block_scores, int k, int chunk, int capacity, bool absolute=False) -> Tensor");
-}
+TORCH_LIBRARY(bipkernels, m) { bipkernels::define_ops(m); }

@@ -60,6 +60,27 @@ def with_specials(scores: torch.Tensor) -> torch.Tensor:
     return out.reshape(scores.shape)
 
 
+# Score lists of the GPU select (csrc/include/bipkernels/gpu_select.h): chunk edges (4096), more tensors than
+# one launch's table (128), empty tensors, and more than 512 tensors before a launch's table (rows_kernel's
+# block sum of the ties before it then reads beyond its first half).
+GPU_TOPK_SIZES = [[1], [97], [13, 0, 7, 4097], [5000, 4096, 8193, 1], [3] * 200, [2] * 700, [70000, 12]]
+
+
+def op_inputs(shape, dtype, structure):
+    """(scores, weight, grad, threshold) for the mask ops: tied scores with NaN, ±inf and -0.0, random
+    weight and gradient, and the threshold keeping half the blocks (None for N:M, which reads none)."""
+    from bipkernels import reference
+
+    scores = with_specials(tied_scores(shape, dtype, levels=8))
+    weight = torch.randn(shape, dtype=torch.float64).to(dtype)
+    grad = torch.randn(shape, dtype=torch.float64).to(dtype)
+    threshold = None
+    if structure.uses_threshold:
+        block_scores = reference.block_scores(scores, structure)
+        threshold = reference.topk_threshold([block_scores], block_scores.numel() // 2)[0]
+    return scores, weight, grad, threshold
+
+
 def topk_ks(total: int) -> list[int]:
     """k = 0, 1, 2, a third, a half, all but one, all, and more than all."""
     return sorted({0, 1, 2, total // 3, total // 2, total - 1, total, total + 5} - {-1})

@@ -14,13 +14,11 @@ from torch import nn
 from bipkernels import ops, reference
 from bipkernels.structures import parse_structure
 
-from conftest import (HAS_CUDA_GPU, SHAPES, STRUCTURES, fits, force_backend, score_lists, tied_scores, topk_ks,
-                      with_specials)
+from conftest import (GPU_TOPK_SIZES, HAS_CUDA_GPU, SHAPES, STRUCTURES, fits, force_backend, op_inputs, score_lists,
+                      topk_ks)
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA_GPU, reason="needs a CUDA GPU")]
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-# Chunk edges (4096), more tensors than one launch's table (128), empty tensors.
-TOPK_SIZES = [[1], [97], [13, 0, 7, 4097], [5000, 4096, 8193, 1], [3] * 200, [70000, 12]]
 
 
 def _closure(model, inputs, targets):
@@ -32,17 +30,6 @@ def _closure(model, inputs, targets):
     return closure
 
 
-def _inputs(shape, dtype, structure):
-    scores = with_specials(tied_scores(shape, dtype, levels=8))
-    weight = torch.randn(shape, dtype=torch.float64).to(dtype)
-    grad = torch.randn(shape, dtype=torch.float64).to(dtype)
-    threshold = None
-    if structure.uses_threshold:
-        block_scores = reference.block_scores(scores, structure)
-        threshold = reference.topk_threshold([block_scores], block_scores.numel() // 2)[0]
-    return scores, weight, grad, threshold
-
-
 @pytest.mark.parametrize("structure_name", STRUCTURES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -51,9 +38,10 @@ def test_cuda_ops_match_reference(monkeypatch, seed, structure_name, shape, dtyp
         pytest.skip("structure does not fit the shape")
     force_backend(monkeypatch, "cuda")
     structure = parse_structure(structure_name, p=int(torch.randint(1, 3, ()).item()))
-    scores, weight, grad, threshold = _inputs(shape, dtype, structure)
+    scores, weight, grad, threshold = op_inputs(shape, dtype, structure)
     cuda = lambda t: None if t is None else t.cuda()  # noqa: E731
-    assert torch.equal(ops.block_scores(cuda(scores), structure).cpu(), reference.block_scores(scores, structure))
+    torch.testing.assert_close(ops.block_scores(cuda(scores), structure).cpu(),  # NaN scores: NaN block scores
+                               reference.block_scores(scores, structure), rtol=0, atol=0, equal_nan=True)
     assert torch.equal(ops.block_mask(cuda(scores), cuda(threshold), structure).cpu(),
                        reference.block_mask(scores, threshold, structure))
     assert torch.equal(ops.masked_weight(cuda(weight), cuda(scores), cuda(threshold), structure).cpu(),
@@ -69,7 +57,7 @@ def test_cuda_ops_match_reference(monkeypatch, seed, structure_name, shape, dtyp
 def test_cuda_repeatable_on_a_side_stream_and_empty(monkeypatch, seed):
     force_backend(monkeypatch, "cuda")
     structure = parse_structure("filter")
-    scores, weight, grad, threshold = (t.cuda() for t in _inputs((64, 32, 3, 3), torch.float32, structure))
+    scores, weight, grad, threshold = (t.cuda() for t in op_inputs((64, 32, 3, 3), torch.float32, structure))
     first = ops.hypergrad(grad, weight, scores, threshold, structure, inv_gamma=0.1)
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
@@ -84,7 +72,7 @@ def test_cuda_repeatable_on_a_side_stream_and_empty(monkeypatch, seed):
 def test_cuda_on_a_device_other_than_the_current(monkeypatch, seed):
     force_backend(monkeypatch, "cuda")
     structure = parse_structure("unstructured")
-    scores, weight, grad, threshold = _inputs((33, 17), torch.float32, structure)
+    scores, weight, grad, threshold = op_inputs((33, 17), torch.float32, structure)
     on_one = [t.to("cuda:1") for t in (grad, weight, scores, threshold)]
     got = ops.hypergrad(*on_one, structure)
     want = reference.hypergrad(grad, weight, scores, threshold, structure)
@@ -93,7 +81,7 @@ def test_cuda_on_a_device_other_than_the_current(monkeypatch, seed):
 
 def test_cuda_opcheck(seed):
     structure = parse_structure("tile3x5")
-    scores, weight, grad, threshold = (t.cuda() for t in _inputs((6, 8, 3, 3), torch.float32, structure))
+    scores, weight, grad, threshold = (t.cuda() for t in op_inputs((6, 8, 3, 3), torch.float32, structure))
     kind, a, b, p = structure.op_args()
     torch.library.opcheck(torch.ops.bipkernels.block_scores.default, (scores, kind, a, b, p))
     torch.library.opcheck(torch.ops.bipkernels.block_mask.default, (scores, threshold, kind, a, b, p))
@@ -106,7 +94,7 @@ def test_cuda_opcheck(seed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("sizes", TOPK_SIZES)
+@pytest.mark.parametrize("sizes", GPU_TOPK_SIZES)
 def test_cuda_topk_threshold_matches_reference_and_its_host_model(monkeypatch, seed, dtype, sizes):
     force_backend(monkeypatch, "cuda")
     for tensors in score_lists(sizes, dtype):
@@ -124,7 +112,7 @@ def test_cuda_topk_threshold_matches_reference_and_its_host_model(monkeypatch, s
 def test_cuda_ops_never_wait_for_the_host_and_repeat_bit_for_bit(monkeypatch, seed):
     force_backend(monkeypatch, "cuda")
     structure = parse_structure("tile3x5")
-    scores, weight, grad, _ = (None if t is None else t.cuda() for t in _inputs((24, 16, 3, 3), torch.float32,
+    scores, weight, grad, _ = (None if t is None else t.cuda() for t in op_inputs((24, 16, 3, 3), torch.float32,
                                                                                  structure))
 
     def chain():
@@ -312,7 +300,7 @@ def test_cuda_channels_last_weights(monkeypatch, seed, dtype, structure_name):
     channels_last, no copies; structured masks give contiguous results. Values equal the reference."""
     force_backend(monkeypatch, "cuda")
     structure = parse_structure(structure_name)
-    scores, weight, grad, threshold = _inputs((64, 32, 3, 3), dtype, structure)
+    scores, weight, grad, threshold = op_inputs((64, 32, 3, 3), dtype, structure)
     last = [t.cuda().contiguous(memory_format=torch.channels_last) for t in (grad, weight, scores)]
     on_gpu_threshold = None if threshold is None else threshold.cuda()
     expected_strides = last[1].stride() if structure_name == "unstructured" else weight.stride()

@@ -40,8 +40,9 @@ __global__ void reduce_large_blocks_kernel(const scalar_t* scores, score_t* out,
       if (threadIdx.x < half) partial[threadIdx.x] += partial[threadIdx.x + half];
       __syncthreads();
     }
+    // No barrier before the next block: partial[0] is read and next written by thread 0 alone, and the
+    // tree's last barrier has passed every other read.
     if (threadIdx.x == 0) out[block] = static_cast<score_t>(partial[0]);
-    __syncthreads();  // partial[0] is read before the next block's sums overwrite it
   }
 }
 
@@ -52,7 +53,7 @@ at::Tensor block_scores(const at::Tensor& scores, int64_t kind, int64_t a, int64
 }  // namespace
 
 at::Tensor reduce_blocks(const at::Tensor& scores, const BlockLayout& layout, int64_t p) {
-  const c10::cuda::CUDAGuard guard(scores.device());
+  const DeviceGuard guard(scores.device());
   const bool per_element = layout.kind == kUnstructured || layout.kind == kNM;
   const int64_t num_blocks = per_element ? scores.numel() : layout.num_blocks();
   at::Tensor out;
@@ -60,20 +61,20 @@ at::Tensor reduce_blocks(const at::Tensor& scores, const BlockLayout& layout, in
     using score_t = at::opmath_type<scalar_t>;
     out = at::empty({num_blocks}, scores.options().dtype(c10::CppTypeToScalarType<score_t>::value));
     if (num_blocks == 0) return;
-    const auto stream = c10::cuda::getCurrentCUDAStream();
+    const scalar_t* data = scores.const_data_ptr<scalar_t>();
+    score_t* result = out.mutable_data_ptr<score_t>();
     if (!per_element && scores.numel() >= kLargeBlock * num_blocks) {
       const auto grid = static_cast<unsigned int>(std::min<int64_t>(num_blocks, int64_t(1) << 16));
-      reduce_large_blocks_kernel<<<grid, kThreads, 0, stream>>>(scores.const_data_ptr<scalar_t>(),
-                                                               out.mutable_data_ptr<score_t>(), layout, p, num_blocks);
+      launch(reduce_large_blocks_kernel<scalar_t, score_t>, grid, kThreads, current_stream(), data, result, layout,
+             p, num_blocks);
     } else {
-      reduce_blocks_kernel<<<grid_for(num_blocks), kThreads, 0, stream>>>(
-          scores.const_data_ptr<scalar_t>(), out.mutable_data_ptr<score_t>(), layout, p, num_blocks, per_element);
+      launch(reduce_blocks_kernel<scalar_t, score_t>, grid_for(num_blocks), kThreads, current_stream(), data, result,
+             layout, p, num_blocks, per_element);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
 
-TORCH_LIBRARY_IMPL(bipkernels, CUDA, m) { m.impl("block_scores", &block_scores); }
+BIPKERNELS_CUDA_KERNELS(m) { m.impl("block_scores", &block_scores); }
 
 }  // namespace bipkernels::cuda

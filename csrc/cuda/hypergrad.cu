@@ -40,7 +40,7 @@ std::tuple<at::Tensor, at::Tensor> hypergrad(const at::Tensor& grad, const at::T
                                              const at::Tensor& scores, const at::Tensor& threshold, int64_t kind,
                                              int64_t a, int64_t b, int64_t p, double inv_gamma, int64_t implicit) {
   check_hypergrad_args(grad, weight, scores, implicit);
-  const c10::cuda::CUDAGuard guard(weight.device());
+  const DeviceGuard guard(weight.device());
   const bool memory_order = runs_in_memory_order(kind, {weight, scores, grad});
   const PreparedMask prepared = prepare_mask(scores, threshold, kind, a, b, p, "hypergrad", memory_order);
   const at::Tensor grad_ordered = in_kernel_order(grad, memory_order);
@@ -57,11 +57,9 @@ std::tuple<at::Tensor, at::Tensor> hypergrad(const at::Tensor& grad, const at::T
     with_kind(prepared.layout.kind, [&](auto kind) {
       with_vector_width<scalar_t>(vector_width<scalar_t>({g, theta, s, out_theta, out_score}), [&](auto width) {
         constexpr int W = decltype(width)::value;
-        hypergrad_kernel<decltype(kind)::value, W><<<grid_for(ceil_div(n, W)), kThreads, 0,
-                                                    c10::cuda::getCurrentCUDAStream()>>>(
-            prepared.rule<scalar_t>(), g, theta, s, out_theta, out_score,
-            static_cast<at::opmath_type<scalar_t>>(inv_gamma), implicit, n);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch(hypergrad_kernel<decltype(kind)::value, W, scalar_t, at::opmath_type<scalar_t>>,
+               grid_for(ceil_div(n, W)), kThreads, current_stream(), prepared.rule<scalar_t>(), g, theta, s,
+               out_theta, out_score, static_cast<at::opmath_type<scalar_t>>(inv_gamma), implicit, n);
       });
     });
   });
@@ -70,6 +68,6 @@ std::tuple<at::Tensor, at::Tensor> hypergrad(const at::Tensor& grad, const at::T
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(bipkernels, CUDA, m) { m.impl("hypergrad", &hypergrad); }
+BIPKERNELS_CUDA_KERNELS(m) { m.impl("hypergrad", &hypergrad); }
 
 }  // namespace bipkernels::cuda

@@ -1,16 +1,28 @@
 // CUDA launch plumbing shared by the bipkernels CUDA kernels: grid size, the grid-stride loop, the
-// block reduction and the mask preparation. Kept light (no torch/extension.h) so each .cu compiles fast.
+// launch itself, the block reduction and the mask preparation. Kept light (no torch/extension.h) so each
+// .cu compiles fast.
+//
+// With BIPKERNELS_EMULATE_CUDA the same .cu files compile as C++ for the CPU emulation (emulator.h):
+// launches run on the emulator, the ops take CPU tensors and register as CPU kernels of the test library
+// bipkernels_emulated_cuda (tests/emulated_cuda). Everything a .cu touches of the CUDA runtime goes
+// through the few names below, so the kernels and their host code are the ones the GPU runs.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 #include <initializer_list>
 #include <type_traits>
+#include <utility>
 
 #include <ATen/core/Tensor.h>
+
+#if defined(BIPKERNELS_EMULATE_CUDA)
+#include "cuda/emulator.h"
+#else
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#endif
 
 #include "bipkernels/math.h"
 #include "bipkernels/prepared_mask.h"
@@ -18,6 +30,40 @@
 namespace bipkernels::cuda {
 
 constexpr int kThreads = 256;
+
+#if defined(BIPKERNELS_EMULATE_CUDA)
+#define BIPKERNELS_CUDA_KERNELS(m) TORCH_LIBRARY_IMPL(bipkernels_emulated_cuda, CPU, m)
+constexpr c10::DeviceType kKernelDevice = c10::DeviceType::CPU;
+struct DeviceGuard {
+  explicit DeviceGuard(c10::Device) {}
+};
+struct Stream {};
+inline Stream current_stream() { return {}; }
+inline int multiprocessor_count(int) { return 2; }  // small, so that blocks loop over several chunks
+
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), unsigned int grid, unsigned int threads, Stream, Args&&... args) {
+  emulator::run_grid(grid, threads, [&] { kernel(args...); });
+}
+#else
+#define BIPKERNELS_CUDA_KERNELS(m) TORCH_LIBRARY_IMPL(bipkernels, CUDA, m)
+constexpr c10::DeviceType kKernelDevice = c10::DeviceType::CUDA;
+using DeviceGuard = c10::cuda::CUDAGuard;
+using Stream = cudaStream_t;
+inline Stream current_stream() { return c10::cuda::getCurrentCUDAStream(); }
+inline int multiprocessor_count(int device) {
+  int processors = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&processors, cudaDevAttrMultiProcessorCount, device));
+  return processors;
+}
+
+// kernel<<<grid, threads, 0, stream>>>(args...), checked.
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), unsigned int grid, unsigned int threads, Stream stream, Args&&... args) {
+  kernel<<<grid, threads, 0, stream>>>(std::forward<Args>(args)...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+#endif
 
 // Enough blocks to fill the device; the kernels loop over the rest (grid-stride, 64-bit indices).
 inline unsigned int grid_for(int64_t n) {

@@ -1,6 +1,7 @@
 // CUDA kernels of bipkernels::block_mask and bipkernels::masked_weight: the thread mapping around
 // math.h's MaskRule (the same decision the CPU kernels make).
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
@@ -32,16 +33,15 @@ __global__ void masked_weight_kernel(MaskRule<scalar_t, score_t> unloaded, const
 
 at::Tensor block_mask(const at::Tensor& scores, const at::Tensor& threshold, int64_t kind, int64_t a, int64_t b,
                       int64_t p) {
-  const c10::cuda::CUDAGuard guard(scores.device());
+  const DeviceGuard guard(scores.device());
   const PreparedMask prepared = prepare_mask(scores, threshold, kind, a, b, p, "block_mask");
   at::Tensor mask = at::empty(scores.sizes(), scores.options().dtype(at::kBool));
   const int64_t n = scores.numel();
   if (n == 0) return mask;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "block_mask", [&] {
     with_kind(prepared.layout.kind, [&](auto kind) {
-      block_mask_kernel<decltype(kind)::value><<<grid_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          prepared.rule<scalar_t>(), mask.mutable_data_ptr<bool>(), n);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(block_mask_kernel<decltype(kind)::value, scalar_t, at::opmath_type<scalar_t>>, grid_for(n), kThreads,
+             current_stream(), prepared.rule<scalar_t>(), mask.mutable_data_ptr<bool>(), n);
     });
   });
   return mask;
@@ -50,7 +50,7 @@ at::Tensor block_mask(const at::Tensor& scores, const at::Tensor& threshold, int
 at::Tensor masked_weight(const at::Tensor& weight, const at::Tensor& scores, const at::Tensor& threshold,
                          int64_t kind, int64_t a, int64_t b, int64_t p) {
   check_like(scores, weight, "masked_weight", "scores", "weight");
-  const c10::cuda::CUDAGuard guard(weight.device());
+  const DeviceGuard guard(weight.device());
   const bool memory_order = runs_in_memory_order(kind, {weight, scores});
   const PreparedMask prepared = prepare_mask(scores, threshold, kind, a, b, p, "masked_weight", memory_order);
   const at::Tensor weight_ordered = in_kernel_order(weight, memory_order);
@@ -63,10 +63,8 @@ at::Tensor masked_weight(const at::Tensor& weight, const at::Tensor& scores, con
     with_kind(prepared.layout.kind, [&](auto kind) {
       with_vector_width<scalar_t>(vector_width<scalar_t>({theta, result}), [&](auto width) {
         constexpr int W = decltype(width)::value;
-        masked_weight_kernel<decltype(kind)::value, W><<<grid_for(ceil_div(n, W)), kThreads, 0,
-                                                        c10::cuda::getCurrentCUDAStream()>>>(
-            prepared.rule<scalar_t>(), theta, result, n);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch(masked_weight_kernel<decltype(kind)::value, W, scalar_t, at::opmath_type<scalar_t>>,
+               grid_for(ceil_div(n, W)), kThreads, current_stream(), prepared.rule<scalar_t>(), theta, result, n);
       });
     });
   });
@@ -75,7 +73,7 @@ at::Tensor masked_weight(const at::Tensor& weight, const at::Tensor& scores, con
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(bipkernels, CUDA, m) {
+BIPKERNELS_CUDA_KERNELS(m) {
   m.impl("block_mask", &block_mask);
   m.impl("masked_weight", &masked_weight);
 }

@@ -36,9 +36,7 @@ __device__ __forceinline__ KeyOf<in_t> key_at(const in_t* data, int64_t index) {
 // Blocks for a pass over `chunks` chunks: enough to fill the device, and few enough chunks per block that
 // its 32-bit shared-memory counts cannot overflow (2^19 chunks of 4096 scores = 2^31).
 unsigned int blocks_for_chunks(int64_t chunks, int device) {
-  int processors = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&processors, cudaDevAttrMultiProcessorCount, device));
-  const int64_t fill = std::min<int64_t>(chunks, 4 * int64_t(processors));
+  const int64_t fill = std::min<int64_t>(chunks, 4 * int64_t(multiprocessor_count(device)));
   return static_cast<unsigned int>(std::max<int64_t>(fill, ceil_div(chunks, int64_t(1) << 19)));
 }
 
@@ -97,7 +95,7 @@ __global__ void choose_kernel(unsigned long long* histogram, SelectState* state_
       take_digit<key_t>(*state_ptr, pass, low, above_high + high_count, low_count);
     }
   }
-  __syncthreads();  // every thread has read its buckets before they are cleared
+  // Every thread read its buckets before the scan's barriers: they can be cleared now.
   for (int slot = threadIdx.x; slot <= kGpuBuckets; slot += blockDim.x) histogram[slot] = 0;
 }
 
@@ -122,7 +120,8 @@ __global__ void tie_count_kernel(SegmentTable<in_t> table, const SelectState* st
       chunk_ties[table.first_chunk + chunk] = count;
       atomicAdd(&tensor_ties[table.first_tensor + span.tensor], static_cast<unsigned long long>(count));
     }
-    __syncthreads();  // `count` is read before the next chunk resets it
+    // Thread 0 reads `count` and resets it for the next chunk; the others add to it only after that
+    // reset's barrier.
   }
 }
 
@@ -222,35 +221,32 @@ void select_threshold(const std::vector<at::Tensor>& inputs, int64_t k, at::Tens
   auto* state_ptr = reinterpret_cast<SelectState*>(state.mutable_data_ptr<int64_t>());
   auto* tensor_ties_ptr = reinterpret_cast<unsigned long long*>(tensor_ties.mutable_data_ptr<int64_t>());
   const int device = inputs[0].get_device();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const Stream stream = current_stream();
   for (int pass = 0; pass < GpuDigits<key_t>::kPasses; ++pass) {
     for (const auto& table : tables) {
       if (table.chunks() == 0) continue;
-      histogram_kernel<in_t, Absolute><<<blocks_for_chunks(table.chunks(), device), kThreads, 0, stream>>>(table, pass, state_ptr,
-                                                                                            histogram_ptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(histogram_kernel<in_t, Absolute>, blocks_for_chunks(table.chunks(), device), kThreads, stream, table,
+             pass, state_ptr, histogram_ptr);
     }
-    choose_kernel<key_t><<<1, kChooseThreads, 0, stream>>>(histogram_ptr, state_ptr, pass, k, total);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(choose_kernel<key_t>, 1, kChooseThreads, stream, histogram_ptr, state_ptr, pass, k, total);
   }
   for (const auto& table : tables) {
     if (table.chunks() == 0) continue;
-    tie_count_kernel<in_t, Absolute><<<blocks_for_chunks(table.chunks(), device), kThreads, 0, stream>>>(
-        table, state_ptr, chunk_ties.mutable_data_ptr<int64_t>(), tensor_ties_ptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(tie_count_kernel<in_t, Absolute>, blocks_for_chunks(table.chunks(), device), kThreads, stream, table,
+           state_ptr, chunk_ties.mutable_data_ptr<int64_t>(), tensor_ties_ptr);
   }
   for (const auto& table : tables) {
-    rows_kernel<in_t, Absolute><<<1, kRowThreads, 0, stream>>>(table, state_ptr, chunk_ties.const_data_ptr<int64_t>(),
-                                               tensor_ties_ptr, out.mutable_data_ptr<double>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(rows_kernel<in_t, Absolute>, 1, kRowThreads, stream, table, state_ptr,
+           chunk_ties.const_data_ptr<int64_t>(), tensor_ties_ptr,
+           out.mutable_data_ptr<double>());
   }
 }
 
 at::Tensor topk_threshold(const std::vector<at::Tensor>& block_scores, int64_t k, bool absolute) {
   const std::vector<at::Tensor> inputs =
-      contiguous_score_list(block_scores, k, c10::DeviceType::CUDA, "topk_threshold");
+      contiguous_score_list(block_scores, k, kKernelDevice, "topk_threshold");
   if (inputs.empty()) return at::empty({0, 2}, at::TensorOptions().dtype(at::kDouble));
-  const c10::cuda::CUDAGuard guard(inputs[0].device());
+  const DeviceGuard guard(inputs[0].device());
   at::Tensor out = at::empty({static_cast<int64_t>(inputs.size()), 2}, inputs[0].options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, inputs[0].scalar_type(), "topk_threshold",
                                   [&] {
@@ -261,6 +257,6 @@ at::Tensor topk_threshold(const std::vector<at::Tensor>& block_scores, int64_t k
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(bipkernels, CUDA, m) { m.impl("topk_threshold", &topk_threshold); }
+BIPKERNELS_CUDA_KERNELS(m) { m.impl("topk_threshold", &topk_threshold); }
 
 }  // namespace bipkernels::cuda
