@@ -1,6 +1,7 @@
-"""Memory layouts and sizes: storage offsets and strided views (always), and the C++ CPU kernels on tensors
+"""Memory layouts and sizes: storage offsets and strided views (always), and the compiled kernels on tensors
 past 2^31 elements and at storage offsets past 2^31 (marked ``large``: 4 to 12 GiB of memory, run with
-BIPKERNELS_LARGE_TESTS=1; each skips itself when the machine has too little memory available)."""
+BIPKERNELS_LARGE_TESTS=1; each skips itself when the machine has too little memory available): the C++ CPU
+kernels, and csrc/cuda's on the CPU emulation (their 64-bit indexing; a GPU run is tests/test_cuda.py's)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from bipkernels import ops, reference
 from bipkernels.structures import parse_structure
 
-from conftest import HAS_CPU_KERNELS, STRUCTURES, force_backend, tied_scores
+from conftest import HAS_CPU_KERNELS, STRUCTURES, force_backend, tied_scores, use_emulated_cuda
 
 BACKENDS = ["torch", "cpu"] if HAS_CPU_KERNELS else ["torch"]
 needs_cpu_kernels = pytest.mark.skipif(not HAS_CPU_KERNELS, reason="the compiled extension is not built")
@@ -56,6 +57,16 @@ def test_storage_offset_and_strides_give_the_contiguous_result(monkeypatch, seed
         assert torch.equal(got, want)
 
 
+@pytest.fixture(params=["cpu", "emulated_cuda"])
+def compiled(request, monkeypatch):
+    """Which compiled kernels bipkernels.ops runs on CPU tensors: the C++ CPU ones or the emulated CUDA ones."""
+    if request.param == "cpu":
+        force_backend(monkeypatch, "cpu")
+    else:
+        use_emulated_cuda(monkeypatch, request.getfixturevalue("emulated_cuda"))
+    return request.param
+
+
 def _need_memory(gib: float) -> None:
     with open("/proc/meminfo") as meminfo:
         available = next(int(line.split()[1]) for line in meminfo if line.startswith("MemAvailable:")) * 1024
@@ -81,11 +92,10 @@ def _past_2_31() -> torch.Tensor:
 
 @pytest.mark.large
 @needs_cpu_kernels
-def test_cpu_block_scores_mask_and_masked_weight_past_2_31_elements(monkeypatch):
+def test_block_scores_mask_and_masked_weight_past_2_31_elements(compiled):
     """The tensor of _past_2_31 as scores and weight (8.7 GiB at the peak): its blocks, mask and masked
     weight at the far end, where 32-bit indices would wrap."""
     _need_memory(10)
-    force_backend(monkeypatch, "cpu")
     tensor = _past_2_31()
     cols = tensor.shape[1]
     filter_scores = ops.block_scores(tensor, "filter")
@@ -104,10 +114,9 @@ def test_cpu_block_scores_mask_and_masked_weight_past_2_31_elements(monkeypatch)
 
 @pytest.mark.large
 @needs_cpu_kernels
-def test_cpu_hypergrad_past_2_31_elements(monkeypatch):
+def test_hypergrad_past_2_31_elements(compiled):
     """The tensor of _past_2_31 as gradient, weight and scores, filter 0 kept (12.7 GiB at the peak)."""
     _need_memory(14)
-    force_backend(monkeypatch, "cpu")
     tensor = _past_2_31()
     threshold = ops.topk_threshold(ops.block_scores(tensor, "filter"), 1)  # row 0
     grad_weight, grad_scores = ops.hypergrad(tensor, tensor, tensor, threshold, "filter", inv_gamma=0.5)
@@ -118,12 +127,11 @@ def test_cpu_hypergrad_past_2_31_elements(monkeypatch):
 
 @pytest.mark.large
 @needs_cpu_kernels
-def test_cpu_topk_threshold_past_2_31_elements(monkeypatch):
+def test_topk_threshold_past_2_31_elements(compiled):
     """The top k of 2^31 + 7 scores (float16, 4 GiB), alone and split in two tensors, and their mask (2 GiB):
     the k-th value is tied and its cut lies past 2^31. (Counted with count_nonzero: a bool sum() would
     make an int64 copy, 16 GiB.)"""
     _need_memory(8)
-    force_backend(monkeypatch, "cpu")
     n = BIG + 7
     scores = torch.zeros(n, dtype=torch.float16)
     top = [BIG - 5, BIG + 1, BIG + 4, BIG + 6]
@@ -142,10 +150,9 @@ def test_cpu_topk_threshold_past_2_31_elements(monkeypatch):
 
 @pytest.mark.large
 @needs_cpu_kernels
-def test_cpu_ops_at_a_storage_offset_past_2_31(monkeypatch, seed):
+def test_ops_at_a_storage_offset_past_2_31(compiled, seed):
     """Small tensors that start 2^31 elements into their storage (4 GiB reserved, a few pages touched)."""
     _need_memory(1)
-    force_backend(monkeypatch, "cpu")
     storage = torch.empty(BIG + 3 * 96, dtype=torch.float32)
     views = [storage[BIG + i * 96:BIG + (i + 1) * 96].view(8, 12) for i in range(3)]
     for view, values in zip(views, (tied_scores((8, 12), torch.float32), torch.randn(8, 12), torch.randn(8, 12))):

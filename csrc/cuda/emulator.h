@@ -9,12 +9,19 @@
 // threads of a block reach while others return is reported as an error. Shared memory is a function-local
 // static (the blocks never overlap), atomics are plain read-modify-writes (one thread runs at a time).
 // What it cannot show: the GPU's memory model, warps, out-of-bounds accesses the CPU tolerates, speed.
+//
+// Fibers switch by a few instructions of x86-64 assembly (swapcontext, with its two signal-mask system
+// calls a switch, made the emulation of a select over 2^31 scores take hours), so the emulation is
+// x86-64 only.
 #pragma once
 
-#include <ucontext.h>
+#if !defined(__x86_64__)
+#error "the bipkernels CUDA emulation runs on x86-64 only"
+#endif
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <exception>
 #include <functional>
 #include <memory>
@@ -53,36 +60,88 @@ inline void set_schedule(int64_t schedule, int64_t seed) {
   settings.random.seed(static_cast<uint64_t>(seed));
 }
 
+// switch_stack(&from, to): pushes the callee-saved registers and the SSE and x87 control words (the
+// System V ABI's callee-saved state) on the current stack, stores the stack pointer in `from`, and pops
+// the same from the stack `to` (saved so, or made by start_stack), returning where that stack left off.
+// Weak: every translation unit that includes this header emits it.
+extern "C" void bipkernels_emulator_switch_stack(void** from, void* to);
+asm(R"(
+  .text
+  .weak bipkernels_emulator_switch_stack
+  .hidden bipkernels_emulator_switch_stack
+  .type bipkernels_emulator_switch_stack, @function
+bipkernels_emulator_switch_stack:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size bipkernels_emulator_switch_stack, .-bipkernels_emulator_switch_stack
+)");
+
+// A stack on which the first switch_stack to it enters `entry` (which must never return) as if called:
+// the frame switch_stack pops (control words, six zero registers, `entry` as the return address) below
+// a zero return address for `entry` itself, so that it starts with the stack alignment of a call.
+inline void* start_stack(char* stack, size_t bytes, void (*entry)()) {
+  auto* slot = reinterpret_cast<uint64_t*>(reinterpret_cast<uintptr_t>(stack + bytes) & ~uintptr_t(15));
+  *--slot = 0;
+  *--slot = reinterpret_cast<uint64_t>(entry);
+  for (int i = 0; i < 6; ++i) *--slot = 0;
+  uint32_t control[2] = {0, 0};
+  asm volatile("stmxcsr %0" : "=m"(control[0]));
+  asm volatile("fnstcw %0" : "=m"(control[1]));
+  std::memcpy(--slot, control, sizeof(control));
+  return slot;
+}
+
 // The fibers of the block that runs now. Stacks are allocated once and reused by every block.
 struct Block {
   static constexpr size_t kStackBytes = 256 * 1024;  // new char[] leaves them untouched: virtual until used
   struct Fiber {
-    ucontext_t context;
+    void* stack_pointer = nullptr;
     std::unique_ptr<char[]> stack;
     bool finished = false, at_barrier = false;
   };
   std::vector<Fiber> fibers;
-  ucontext_t scheduler;
+  void* scheduler = nullptr;
   unsigned int running = 0;
   const std::function<void()>* body = nullptr;
   std::exception_ptr error;
 };
 inline Block current_block;
 
-inline void fiber_entry() {
+[[noreturn]] inline void fiber_entry() {
   Block::Fiber& fiber = current_block.fibers[current_block.running];
   try {
     (*current_block.body)();
   } catch (...) {
     if (!current_block.error) current_block.error = std::current_exception();
   }
-  fiber.finished = true;  // returning resumes current_block.scheduler (uc_link)
+  fiber.finished = true;
+  bipkernels_emulator_switch_stack(&fiber.stack_pointer, current_block.scheduler);
+  __builtin_unreachable();  // a finished fiber is never resumed
 }
 
 inline void sync_threads() {
   Block::Fiber& fiber = current_block.fibers[current_block.running];
   fiber.at_barrier = true;
-  swapcontext(&fiber.context, &current_block.scheduler);
+  bipkernels_emulator_switch_stack(&fiber.stack_pointer, current_block.scheduler);
 }
 
 // Runs `body` as every thread of block blockIdx.x, stretch by stretch between barriers.
@@ -94,11 +153,7 @@ inline void run_block(unsigned int threads, const std::function<void()>& body) {
     Block::Fiber& fiber = current_block.fibers[t];
     if (!fiber.stack) fiber.stack.reset(new char[Block::kStackBytes]);
     fiber.finished = fiber.at_barrier = false;
-    getcontext(&fiber.context);
-    fiber.context.uc_stack.ss_sp = fiber.stack.get();
-    fiber.context.uc_stack.ss_size = Block::kStackBytes;
-    fiber.context.uc_link = &current_block.scheduler;
-    makecontext(&fiber.context, fiber_entry, 0);
+    fiber.stack_pointer = start_stack(fiber.stack.get(), Block::kStackBytes, fiber_entry);
   }
   std::vector<unsigned int> order(threads);
   std::iota(order.begin(), order.end(), 0u);
@@ -111,7 +166,7 @@ inline void run_block(unsigned int threads, const std::function<void()>& body) {
       fiber.at_barrier = false;
       current_block.running = t;
       threadIdx.x = t;
-      swapcontext(&current_block.scheduler, &fiber.context);
+      bipkernels_emulator_switch_stack(&current_block.scheduler, fiber.stack_pointer);
     }
     if (current_block.error) std::rethrow_exception(current_block.error);
     const auto waiting = std::count_if(current_block.fibers.begin(), current_block.fibers.begin() + threads,
