@@ -142,6 +142,15 @@ def test_emulated_topk_threshold_cuts_ties_across_chunks_and_tensors(emulated, s
         assert torch.equal(emulated.topk_threshold(tensors, k, False), reference.topk_threshold(tensors, k)), k
 
 
+def test_emulated_topk_threshold_cuts_ties_past_the_first_1024_chunks(emulated, schedule):
+    """rows_kernel finds the chunk of the cut a tile of 1024 chunk counts at a time: a cut in a later tile,
+    at its first chunk, inside one, and in the last chunk of a tensor that starts after another."""
+    chunks = 1100
+    tensors = [torch.ones(5), torch.ones(4096 * chunks + 3)]
+    for k in (5 + 4096 * 1024 + 1, 5 + 4096 * 1050 + int(torch.randint(1, 4096, ())), 5 + 4096 * chunks + 2):
+        assert torch.equal(emulated.topk_threshold(tensors, k, False), reference.topk_threshold(tensors, k)), k
+
+
 def test_emulated_ops_refuse_bad_input_naming_the_op(emulated):
     with pytest.raises(RuntimeError, match="topk_threshold: k must be >= 0, got -1"):
         emulated.topk_threshold([torch.ones(3)], -1, False)

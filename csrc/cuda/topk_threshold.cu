@@ -4,8 +4,8 @@
 // Launches per call, for L tensors in G = ceil(L / 128) groups: for each of the 3 (float keys) or 6
 // (double keys) passes, G histogram launches and one choice step; then G tie-count launches and G row
 // launches, which return at once unless the k-th value is tied and cut. No host synchronisation, so the
-// call can be captured in a CUDA graph. The decisions are gpu_select.h's, and the host model in
-// csrc/cpu/topk_threshold_model.cpp runs the same steps in the CPU tests.
+// call can be captured in a CUDA graph. The decisions are gpu_select.h's; tests/test_cuda_emulated.py runs
+// this file, kernels and launches, on the CPU emulation (emulator.h).
 #include <limits>
 
 #include <ATen/Dispatch.h>

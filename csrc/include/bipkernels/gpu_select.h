@@ -1,5 +1,4 @@
-// The multi-pass GPU select of topk_threshold (csrc/cuda/topk_threshold.cu), written as pieces that its
-// host model (csrc/cpu/topk_threshold_model.cpp) runs too, so the CPU tests prove the algorithm.
+// The multi-pass GPU select of topk_threshold (csrc/cuda/topk_threshold.cu): its tables and decisions.
 //
 // For keys of W bits (32 for float, half and bfloat16 scores; 64 for double):
 //  1. ceil(W / 11) histogram passes. Pass p counts the 11-bit digit p of every key whose higher digits

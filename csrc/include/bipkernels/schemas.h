@@ -21,9 +21,6 @@ inline void define_ops(torch::Library& m) {
   m.def(
       "hypergrad(Tensor grad, Tensor weight, Tensor scores, Tensor threshold, int kind, int a, int b, int p, "
       "float inv_gamma, int implicit) -> (Tensor, Tensor)");
-  // Test-only: the host model of the CUDA topk_threshold (csrc/include/bipkernels/gpu_select.h), with
-  // its chunk size and tensors per launch as arguments.
-  m.def("_topk_threshold_gpu_model(Tensor[] block_scores, int k, int chunk, int capacity, bool absolute=False) -> Tensor");
 }
 
 }  // namespace bipkernels

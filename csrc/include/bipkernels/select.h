@@ -1,5 +1,5 @@
 // Digit logic of the exact top-k radix select (bipkernels.ops.topk_threshold), shared by the CPU
-// kernel, the CUDA kernel and the host model of the CUDA kernel, so all walk the same keys and digits.
+// kernel and the CUDA kernel, so both walk the same keys and digits.
 //
 // Scores are mapped to unsigned keys whose order is the order of the values (key_of_bits). The key is
 // consumed from its most significant end, one digit a pass: a histogram of the current digit over the
