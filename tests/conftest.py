@@ -158,9 +158,10 @@ def emulated_cuda():
             sources=[str(ROOT / "tests" / "emulated_cuda" / "library.cpp"), str(kernels)],
             extra_include_paths=[str(ROOT / "csrc" / "include"), str(ROOT / "csrc")],
             # -ffp-contract=off as the real builds (nvcc --fmad=false); hidden symbols, so that nothing here
-            # binds to the same-named functions of bipkernels._C when its CUDA kernels are built too.
+            # binds to the same-named functions of bipkernels._C when its CUDA kernels are built too; no CET
+            # (emulator.h switches stacks by hand).
             extra_cflags=["-O1", "-DBIPKERNELS_EMULATE_CUDA", "-ffp-contract=off", "-fvisibility=hidden",
-                          "-Wno-unknown-pragmas"],
+                          "-fcf-protection=none", "-Wno-unknown-pragmas"],
             build_directory=str(build), is_python_module=False)
     except (RuntimeError, OSError) as error:
         if os.environ.get("BIPKERNELS_REQUIRE_EXTENSION") == "1":

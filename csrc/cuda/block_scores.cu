@@ -64,7 +64,7 @@ at::Tensor reduce_blocks(const at::Tensor& scores, const BlockLayout& layout, in
     const scalar_t* data = scores.const_data_ptr<scalar_t>();
     score_t* result = out.mutable_data_ptr<score_t>();
     if (!per_element && scores.numel() >= kLargeBlock * num_blocks) {
-      const auto grid = static_cast<unsigned int>(std::min<int64_t>(num_blocks, int64_t(1) << 16));
+      const auto grid = static_cast<unsigned int>(std::min<int64_t>(num_blocks, kMaxGrid));
       launch(reduce_large_blocks_kernel<scalar_t, score_t>, grid, kThreads, current_stream(), data, result, layout,
              p, num_blocks);
     } else {

@@ -5,19 +5,29 @@
 // thread and switch only at __syncthreads, so each stretch between two barriers runs one thread at a time
 // in the order set_schedule chooses: forward, reverse, or a fresh shuffle per stretch. A kernel whose
 // result depends on that order (a thread reading shared memory that another thread writes without a
-// barrier between) therefore gives a different result under some schedule, and a barrier that some
-// threads of a block reach while others return is reported as an error. Shared memory is a function-local
-// static (the blocks never overlap), atomics are plain read-modify-writes (one thread runs at a time).
-// What it cannot show: the GPU's memory model, warps, out-of-bounds accesses the CPU tolerates, speed.
+// barrier between) therefore gives a different result under some schedule; threads of a block that wait
+// at different barriers, or some at a barrier while others return, are reported as an error. Shared
+// memory is a function-local static in a section of its own, filled with 0xff bytes (NaN, or huge
+// integers) before every block, so a read before any write this block shows. Launches are capped at
+// kMaxEmulatedGrid blocks (launch.cuh: max_grid), so the grid-stride loops take several turns.
+// What it cannot show: the GPU's memory model; missing atomics (a thread's read-modify-write is never
+// interrupted); races between blocks (they run one after another); warps; out-of-bounds accesses the CPU
+// tolerates; speed.
 //
 // Fibers switch by a few instructions of x86-64 assembly (swapcontext, with its two signal-mask system
 // calls a switch, made the emulation of a select over 2^31 scores take hours), so the emulation is
-// x86-64 only.
+// x86-64 only, and not with CET shadow stacks, which a stack switch by hand would break.
 #pragma once
 
 #if !defined(__x86_64__)
 #error "the bipkernels CUDA emulation runs on x86-64 only"
 #endif
+#if defined(__CET__) && (__CET__ & 2)
+#error "the bipkernels CUDA emulation switches stacks by hand: build it with -fcf-protection=none"
+#endif
+
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -25,6 +35,7 @@
 #include <exception>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -35,7 +46,12 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __shared__ static
+#define __shared__ static __attribute__((section("bipkernels_shared")))
+#define __syncthreads() bipkernels::emulator::sync_threads(__FILE__, __LINE__)
+
+// The bounds of the section that holds every __shared__ variable (the linker defines them).
+extern "C" __attribute__((visibility("hidden"))) char __start_bipkernels_shared[];
+extern "C" __attribute__((visibility("hidden"))) char __stop_bipkernels_shared[];
 
 // threadIdx, blockIdx, blockDim and gridDim of the running fiber (one-dimensional launches only).
 struct EmulatedDim {
@@ -66,7 +82,7 @@ inline void set_schedule(int64_t schedule, int64_t seed) {
 // Weak: every translation unit that includes this header emits it.
 extern "C" void bipkernels_emulator_switch_stack(void** from, void* to);
 asm(R"(
-  .text
+  .pushsection .text
   .weak bipkernels_emulator_switch_stack
   .hidden bipkernels_emulator_switch_stack
   .type bipkernels_emulator_switch_stack, @function
@@ -93,6 +109,7 @@ bipkernels_emulator_switch_stack:
   popq %rbp
   ret
   .size bipkernels_emulator_switch_stack, .-bipkernels_emulator_switch_stack
+  .popsection
 )");
 
 // A stack on which the first switch_stack to it enters `entry` (which must never return) as if called:
@@ -110,13 +127,37 @@ inline void* start_stack(char* stack, size_t bytes, void (*entry)()) {
   return slot;
 }
 
-// The fibers of the block that runs now. Stacks are allocated once and reused by every block.
+// A fiber's stack: mapped memory (untouched pages cost nothing) above a page that faults, so that an
+// overflow stops at once instead of overwriting the heap.
+class Stack {
+ public:
+  static constexpr size_t kBytes = 256 * 1024;
+  Stack() {
+    const size_t guard = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    void* mapped = mmap(nullptr, guard + kBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    TORCH_CHECK(mapped != MAP_FAILED, "bipkernels emulator: cannot map a fiber stack");
+    TORCH_CHECK(mprotect(mapped, guard, PROT_NONE) == 0, "bipkernels emulator: cannot protect a stack guard");
+    base_ = static_cast<char*>(mapped);
+    usable_ = base_ + guard;
+  }
+  Stack(const Stack&) = delete;
+  Stack& operator=(const Stack&) = delete;
+  ~Stack() { munmap(base_, static_cast<size_t>(usable_ - base_) + kBytes); }
+  char* usable() const { return usable_; }
+
+ private:
+  char* base_ = nullptr;
+  char* usable_ = nullptr;
+};
+
+// The fibers of the block that runs now. Stacks are made once and reused by every block.
 struct Block {
-  static constexpr size_t kStackBytes = 256 * 1024;  // new char[] leaves them untouched: virtual until used
   struct Fiber {
     void* stack_pointer = nullptr;
-    std::unique_ptr<char[]> stack;
+    std::unique_ptr<Stack> stack;
     bool finished = false, at_barrier = false;
+    const char* barrier_file = nullptr;  // where it waits: the same barrier for every thread
+    int barrier_line = 0;
   };
   std::vector<Fiber> fibers;
   void* scheduler = nullptr;
@@ -138,10 +179,17 @@ inline Block current_block;
   __builtin_unreachable();  // a finished fiber is never resumed
 }
 
-inline void sync_threads() {
+inline void sync_threads(const char* file, int line) {
   Block::Fiber& fiber = current_block.fibers[current_block.running];
   fiber.at_barrier = true;
+  fiber.barrier_file = file;
+  fiber.barrier_line = line;
   bipkernels_emulator_switch_stack(&fiber.stack_pointer, current_block.scheduler);
+}
+
+// Every __shared__ byte set to 0xff, as uninitialised shared memory that holds nothing useful.
+inline void poison_shared_memory() {
+  std::memset(__start_bipkernels_shared, 0xff, static_cast<size_t>(__stop_bipkernels_shared - __start_bipkernels_shared));
 }
 
 // Runs `body` as every thread of block blockIdx.x, stretch by stretch between barriers.
@@ -149,11 +197,12 @@ inline void run_block(unsigned int threads, const std::function<void()>& body) {
   if (current_block.fibers.size() < threads) current_block.fibers.resize(threads);
   current_block.body = &body;
   current_block.error = nullptr;
+  poison_shared_memory();
   for (unsigned int t = 0; t < threads; ++t) {
     Block::Fiber& fiber = current_block.fibers[t];
-    if (!fiber.stack) fiber.stack.reset(new char[Block::kStackBytes]);
+    if (!fiber.stack) fiber.stack = std::make_unique<Stack>();
     fiber.finished = fiber.at_barrier = false;
-    fiber.stack_pointer = start_stack(fiber.stack.get(), Block::kStackBytes, fiber_entry);
+    fiber.stack_pointer = start_stack(fiber.stack->usable(), Stack::kBytes, fiber_entry);
   }
   std::vector<unsigned int> order(threads);
   std::iota(order.begin(), order.end(), 0u);
@@ -169,17 +218,32 @@ inline void run_block(unsigned int threads, const std::function<void()>& body) {
       bipkernels_emulator_switch_stack(&current_block.scheduler, fiber.stack_pointer);
     }
     if (current_block.error) std::rethrow_exception(current_block.error);
+    const Block::Fiber& first = current_block.fibers[0];
     const auto waiting = std::count_if(current_block.fibers.begin(), current_block.fibers.begin() + threads,
                                        [](const Block::Fiber& fiber) { return fiber.at_barrier; });
     if (waiting == 0) return;
     TORCH_CHECK(waiting == static_cast<int64_t>(threads), "bipkernels emulator: block ", blockIdx.x, ": ", waiting,
                 " of ", threads, " threads wait at __syncthreads (stretch ", stretch,
                 ") while the others have returned: a barrier not every thread reaches");
+    for (unsigned int t = 1; t < threads; ++t) {
+      const Block::Fiber& fiber = current_block.fibers[t];
+      TORCH_CHECK(fiber.barrier_line == first.barrier_line && std::strcmp(fiber.barrier_file, first.barrier_file) == 0,
+                  "bipkernels emulator: block ", blockIdx.x, ": thread 0 waits at the __syncthreads of ",
+                  first.barrier_file, ":", first.barrier_line, ", thread ", t, " at ", fiber.barrier_file, ":",
+                  fiber.barrier_line, " (stretch ", stretch, "): threads of a block at different barriers");
+    }
   }
 }
 
-// Runs body() as every thread of a grid of `grid` blocks of `threads` threads.
+// The most blocks the emulated launches take (launch.cuh: max_grid): few, so that the kernels'
+// grid-stride loops give every thread several turns even on small inputs.
+constexpr unsigned int kMaxEmulatedGrid = 3;
+
+// Runs body() as every thread of a grid of `grid` blocks of `threads` threads. One launch at a time in
+// the process: the fibers, threadIdx and shared memory are the process's.
 inline void run_grid(unsigned int grid, unsigned int threads, const std::function<void()>& body) {
+  static std::mutex one_launch;
+  const std::lock_guard<std::mutex> lock(one_launch);
   TORCH_CHECK(grid >= 1 && threads >= 1 && threads <= 1024, "bipkernels emulator: launch of ", grid, " blocks of ",
               threads, " threads (CUDA allows 1 to 1024 threads a block)");
   gridDim.x = grid;
@@ -191,8 +255,6 @@ inline void run_grid(unsigned int grid, unsigned int threads, const std::functio
 }
 
 }  // namespace bipkernels::emulator
-
-inline void __syncthreads() { bipkernels::emulator::sync_threads(); }
 
 // One thread runs at a time, so a plain read-modify-write is atomic.
 template <typename T>

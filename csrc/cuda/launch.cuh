@@ -31,9 +31,16 @@ namespace bipkernels::cuda {
 
 constexpr int kThreads = 256;
 
+// What CUDA can pass to a kernel by value: trivially copyable parameters of at most 4 KiB in all (the
+// classic limit; SegmentTable is sized for it).
+template <typename... Params>
+constexpr bool kKernelParamsFit =
+    (std::is_trivially_copyable_v<Params> && ...) && (sizeof(Params) + ... + size_t(0)) <= 4096;
+
 #if defined(BIPKERNELS_EMULATE_CUDA)
 #define BIPKERNELS_CUDA_KERNELS(m) TORCH_LIBRARY_IMPL(bipkernels_emulated_cuda, CPU, m)
 constexpr c10::DeviceType kKernelDevice = c10::DeviceType::CPU;
+constexpr int64_t kMaxGrid = emulator::kMaxEmulatedGrid;
 struct DeviceGuard {
   explicit DeviceGuard(c10::Device) {}
 };
@@ -43,11 +50,13 @@ inline int multiprocessor_count(int) { return 2; }  // small, so that blocks loo
 
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), unsigned int grid, unsigned int threads, Stream, Args&&... args) {
+  static_assert(kKernelParamsFit<Params...>);
   emulator::run_grid(grid, threads, [&] { kernel(args...); });
 }
 #else
 #define BIPKERNELS_CUDA_KERNELS(m) TORCH_LIBRARY_IMPL(bipkernels, CUDA, m)
 constexpr c10::DeviceType kKernelDevice = c10::DeviceType::CUDA;
+constexpr int64_t kMaxGrid = int64_t(1) << 16;
 using DeviceGuard = c10::cuda::CUDAGuard;
 using Stream = cudaStream_t;
 inline Stream current_stream() { return c10::cuda::getCurrentCUDAStream(); }
@@ -60,14 +69,16 @@ inline int multiprocessor_count(int device) {
 // kernel<<<grid, threads, 0, stream>>>(args...), checked.
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), unsigned int grid, unsigned int threads, Stream stream, Args&&... args) {
+  static_assert(kKernelParamsFit<Params...>);
   kernel<<<grid, threads, 0, stream>>>(std::forward<Args>(args)...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 #endif
 
-// Enough blocks to fill the device; the kernels loop over the rest (grid-stride, 64-bit indices).
+// Enough blocks to fill the device, at most kMaxGrid (the emulation's few make its tests run the loops);
+// the kernels loop over the rest (grid-stride, 64-bit indices).
 inline unsigned int grid_for(int64_t n) {
-  return static_cast<unsigned int>(std::clamp<int64_t>(ceil_div(n, kThreads), 1, int64_t(1) << 16));
+  return static_cast<unsigned int>(std::clamp<int64_t>(ceil_div(n, kThreads), 1, kMaxGrid));
 }
 
 __device__ __forceinline__ int64_t first_index() {

@@ -13,11 +13,16 @@ namespace {
 // Reverses x (float32, at most 1024 elements) through shared memory, one thread per element. mode:
 // 0 no barrier between the writes and the reads (a race: the result depends on the schedule), 1 every
 // thread waits, 2 only the even threads call __syncthreads (a barrier not every thread reaches), 3 as 1,
-// but the middle thread throws after the barrier (the error reaches the caller, the block is abandoned).
+// but the middle thread throws after the barrier (the error reaches the caller, the block is abandoned),
+// 4 the even threads wait at one barrier, the odd ones at another.
 __global__ void reverse_kernel(const float* in, float* out, unsigned int n, int64_t mode) {
   __shared__ float staged[1024];
   staged[threadIdx.x] = in[threadIdx.x];
-  if (mode == 1 || mode == 3 || (mode == 2 && threadIdx.x % 2 == 0)) __syncthreads();
+  if (mode == 4 && threadIdx.x % 2 == 1) {
+    __syncthreads();
+  } else if (mode == 1 || mode == 3 || mode == 4 || (mode == 2 && threadIdx.x % 2 == 0)) {
+    __syncthreads();
+  }
   TORCH_CHECK(mode != 3 || threadIdx.x != n / 2, "thread ", threadIdx.x, " fails");
   out[threadIdx.x] = staged[n - 1 - threadIdx.x];
 }
