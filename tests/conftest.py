@@ -134,6 +134,9 @@ def force_backend(monkeypatch, backend: str) -> None:
     monkeypatch.setenv("BIPKERNELS_BACKEND", backend)
 
 
+_EMULATED_FAKES: list = []
+
+
 @pytest.fixture(scope="session")
 def emulated_cuda():
     """torch.ops.bipkernels_emulated_cuda: csrc/cuda's kernels on the CPU emulation (csrc/cuda/emulator.h,
@@ -167,6 +170,10 @@ def emulated_cuda():
         if os.environ.get("BIPKERNELS_REQUIRE_EXTENSION") == "1":
             raise
         pytest.skip(f"cannot build the CUDA emulation: {error}")
+    if HAS_CPU_KERNELS and not _EMULATED_FAKES:  # bipkernels' fake kernels, for opcheck (they need _C)
+        for name in ("block_scores", "topk_threshold", "block_mask", "masked_weight", "hypergrad"):
+            _EMULATED_FAKES.append(torch.library.register_fake(f"bipkernels_emulated_cuda::{name}",
+                                                               getattr(ops, f"_{name}_fake")))
     return torch.ops.bipkernels_emulated_cuda
 
 

@@ -17,7 +17,7 @@ from bipkernels import reference
 from bipkernels.reference import IMPLICIT_FORMS
 from bipkernels.structures import parse_structure
 
-from conftest import GPU_TOPK_SIZES, SHAPES, STRUCTURES, fits, op_inputs, score_lists, topk_ks
+from conftest import GPU_TOPK_SIZES, HAS_CPU_KERNELS, SHAPES, STRUCTURES, fits, op_inputs, score_lists, topk_ks
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 SCHEDULES = {"forward": 0, "reverse": 1, "shuffled": 2}
@@ -106,22 +106,54 @@ def test_emulated_large_blocks_sum_as_a_tree(emulated, schedule, structure_name,
     torch.testing.assert_close(got, want, rtol=tolerance, atol=0)
 
 
-@pytest.mark.parametrize("layout", ["channels_last", "misaligned", "transposed"])
+LAYOUTS = ["contiguous", "channels_last", "misaligned", "transposed"]
+
+
+def _arrange(tensor, layout):
+    """``tensor``'s values in ``layout``: a copy in another dense memory order, or one whose data pointer
+    is not 16-byte aligned."""
+    if layout == "channels_last":
+        return tensor.contiguous(memory_format=torch.channels_last)
+    if layout == "misaligned":
+        return torch.cat([tensor.new_zeros(1), tensor.reshape(-1)])[1:].view(tensor.shape)
+    if layout == "transposed":
+        return tensor.transpose(0, 1).contiguous().transpose(0, 1)
+    return tensor
+
+
+@pytest.mark.parametrize("layout", LAYOUTS[1:])
 def test_emulated_ops_on_strided_and_misaligned_tensors(emulated, shuffled, layout):
     """Memory-order runs (unstructured, any dense layout), the one-element path when a pointer is not
     16-byte aligned, and contiguous copies of structured inputs."""
-    def arrange(tensor):
-        if layout == "channels_last":
-            return tensor.contiguous(memory_format=torch.channels_last)
-        if layout == "misaligned":
-            return torch.cat([tensor.new_zeros(1), tensor.reshape(-1)])[1:].view(tensor.shape)
-        return tensor.transpose(0, 1).contiguous().transpose(0, 1)
-
     for structure_name in ("unstructured", "tile3x5", "2:4"):
         structure = parse_structure(structure_name)
         scores, weight, grad, threshold = _inputs((6, 8, 3, 3), torch.float32, structure)
-        scores, weight, grad = arrange(scores), arrange(weight), arrange(grad)
+        scores, weight, grad = (_arrange(t, layout) for t in (scores, weight, grad))
         _check_mask_ops(emulated, structure, scores, weight, grad, threshold)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("structure_name", ["unstructured", "filter", "2:4"])
+def test_emulated_ops_pass_opcheck(emulated, shuffled, layout, structure_name):
+    """torch.library.opcheck with bipkernels' fake kernels (registered on the emulated ops too): the shapes,
+    dtypes and strides the CUDA host code returns are those torch.compile is told, for every layout."""
+    if not HAS_CPU_KERNELS:
+        pytest.skip("the fake kernels need the compiled extension (bipkernels._C)")
+    structure = parse_structure(structure_name)
+    # No NaN scores: opcheck compares outputs without equal_nan.
+    scores, weight, grad = (_arrange(torch.randn(8, 12, 3, 3), layout) for _ in range(3))
+    threshold = torch.zeros(2, dtype=torch.float64)
+    if structure.uses_threshold:
+        block_scores = reference.block_scores(scores, structure)
+        threshold = reference.topk_threshold([block_scores], block_scores.numel() // 2)[0]
+    args = structure.op_args()
+    torch.library.opcheck(emulated.block_scores.default, (scores, *args))
+    torch.library.opcheck(emulated.block_mask.default, (scores, threshold, *args))
+    torch.library.opcheck(emulated.masked_weight.default, (weight, scores, threshold, *args))
+    torch.library.opcheck(emulated.hypergrad.default, (grad, weight, scores, threshold, *args, 0.1, 1))
+    block = emulated.block_scores(scores, *args).reshape(-1)
+    for absolute in (False, True):
+        torch.library.opcheck(emulated.topk_threshold.default, ([block, -block], 7, absolute))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
