@@ -3,8 +3,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
-#include <type_traits>
 
 #include <ATen/core/Tensor.h>
 
@@ -50,19 +48,6 @@ inline void for_each_decision(const Rule& rule, int64_t begin, int64_t end, cons
       first = stop;
     }
   }
-}
-
-// `kept ? value : +0` without a branch: the value's bits ANDed with all ones or all zeros. Compilers turn
-// the plain select into a jump, which mispredicts on irregular decisions (N:M's, one element at a time).
-template <typename T>
-inline T kept_or_zero(bool kept, T value) {
-  using Bits = std::conditional_t<sizeof(T) == 8, uint64_t, std::conditional_t<sizeof(T) == 4, uint32_t, uint16_t>>;
-  static_assert(sizeof(T) == sizeof(Bits));
-  Bits bits;
-  std::memcpy(&bits, &value, sizeof(T));
-  bits &= Bits(0) - Bits(kept);
-  std::memcpy(&value, &bits, sizeof(T));
-  return value;
 }
 
 // Flat block scores (num_blocks,) of contiguous `scores` in the score type (float, or double for double

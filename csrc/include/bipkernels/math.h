@@ -16,6 +16,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #if defined(__CUDACC__)
@@ -298,18 +299,52 @@ struct HypergradElement {
   acc_t grad_theta, grad_score;
 };
 
-template <typename acc_t>
+// The bits of a 2-, 4- or 8-byte value, to select or flip without a branch.
+template <typename T>
+using BitsOf = std::conditional_t<sizeof(T) == 8, uint64_t, std::conditional_t<sizeof(T) == 4, uint32_t, uint16_t>>;
+
+// `kept ? value : +0` without a branch: the value's bits ANDed with all ones or all zeros. Compilers turn
+// the plain select into a jump, which mispredicts on irregular decisions (N:M's, one element at a time).
+template <typename T>
+BIPK_HD T kept_or_zero(bool kept, T value) {
+  using Bits = BitsOf<T>;
+  static_assert(sizeof(T) == sizeof(Bits));
+  Bits bits;
+  memcpy(&bits, &value, sizeof(T));
+  bits &= Bits(0) - Bits(kept);
+  memcpy(&value, &bits, sizeof(T));
+  return value;
+}
+
+// `negative ? -value : value` without a branch: the sign bit flipped by an XOR (NaN's too, as negation).
+template <typename T>
+BIPK_HD T negated_if(bool negative, T value) {
+  using Bits = BitsOf<T>;
+  Bits bits;
+  memcpy(&bits, &value, sizeof(T));
+  bits ^= Bits(negative) << (sizeof(T) * 8 - 1);
+  memcpy(&value, &bits, sizeof(T));
+  return value;
+}
+
+// BranchFree: the same values by kept_or_zero and negated_if, for callers whose `kept` changes from one
+// element to the next (the CPU N:M walk: 2:4 hypergrad 14.1 -> 11.3 ms on a 512x512x3x3 weight). Elsewhere
+// the plain selects are faster (the unstructured CPU hypergrad went 3.4 -> 3.9 ms with the bit forms).
+template <typename acc_t, bool BranchFree = false>
 BIPK_HD HypergradElement<acc_t> hypergrad_element(
     acc_t grad, acc_t theta, bool kept, bool negative_score, acc_t inv_gamma, int64_t implicit) {
   const acc_t direct = theta * grad;
   acc_t implicit_term;
   if (implicit == kImplicitReleased) {
     implicit_term = direct * direct;
+  } else if constexpr (BranchFree) {
+    implicit_term = kept_or_zero(kept, grad * grad);
   } else {
     implicit_term = kept ? grad * grad : acc_t(0);
   }
   // inv_gamma 0 is the plain straight-through gradient, even where g * g overflows (0 * inf is NaN).
   const acc_t grad_mask = inv_gamma == acc_t(0) ? direct : direct - inv_gamma * implicit_term;
+  if constexpr (BranchFree) return {kept_or_zero(kept, grad), negated_if(negative_score, grad_mask)};
   return {kept ? grad : acc_t(0), negative_score ? -grad_mask : grad_mask};
 }
 
