@@ -69,19 +69,23 @@ def with_specials(scores: torch.Tensor) -> torch.Tensor:
 GPU_TOPK_SIZES = [[1], [97], [13, 0, 7, 4097], [5000, 4096, 8193, 1], [3] * 200, [2] * 700, [70000, 12]]
 
 
-def op_inputs(shape, dtype, structure):
-    """(scores, weight, grad, threshold) for the mask ops: tied scores with NaN, ±inf and -0.0, random
-    weight and gradient, and the threshold keeping half the blocks (None for N:M, which reads none)."""
+def half_threshold(scores, structure):
+    """The reference threshold that keeps half the blocks of ``scores`` (None for N:M, which reads none)."""
     from bipkernels import reference
 
+    if not structure.uses_threshold:
+        return None
+    block_scores = reference.block_scores(scores, structure)
+    return reference.topk_threshold([block_scores], block_scores.numel() // 2)[0]
+
+
+def op_inputs(shape, dtype, structure):
+    """(scores, weight, grad, threshold) for the mask ops: tied scores with NaN, ±inf and -0.0, random
+    weight and gradient, and the half_threshold of the scores."""
     scores = with_specials(tied_scores(shape, dtype, levels=8))
     weight = torch.randn(shape, dtype=torch.float64).to(dtype)
     grad = torch.randn(shape, dtype=torch.float64).to(dtype)
-    threshold = None
-    if structure.uses_threshold:
-        block_scores = reference.block_scores(scores, structure)
-        threshold = reference.topk_threshold([block_scores], block_scores.numel() // 2)[0]
-    return scores, weight, grad, threshold
+    return scores, weight, grad, half_threshold(scores, structure)
 
 
 def topk_ks(total: int) -> list[int]:
@@ -134,9 +138,6 @@ def force_backend(monkeypatch, backend: str) -> None:
     monkeypatch.setenv("BIPKERNELS_BACKEND", backend)
 
 
-_EMULATED_FAKES: list = []
-
-
 @pytest.fixture(scope="session")
 def emulated_cuda():
     """torch.ops.bipkernels_emulated_cuda: csrc/cuda's kernels on the CPU emulation (csrc/cuda/emulator.h,
@@ -170,10 +171,9 @@ def emulated_cuda():
         if os.environ.get("BIPKERNELS_REQUIRE_EXTENSION") == "1":
             raise
         pytest.skip(f"cannot build the CUDA emulation: {error}")
-    if HAS_CPU_KERNELS and not _EMULATED_FAKES:  # bipkernels' fake kernels, for opcheck (they need _C)
+    if HAS_CPU_KERNELS:  # bipkernels' fake kernels, for opcheck (they need _C); a session fixture: once
         for name in ("block_scores", "topk_threshold", "block_mask", "masked_weight", "hypergrad"):
-            _EMULATED_FAKES.append(torch.library.register_fake(f"bipkernels_emulated_cuda::{name}",
-                                                               getattr(ops, f"_{name}_fake")))
+            torch.library.register_fake(f"bipkernels_emulated_cuda::{name}", getattr(ops, f"_{name}_fake"))
     return torch.ops.bipkernels_emulated_cuda
 
 
