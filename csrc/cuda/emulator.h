@@ -189,7 +189,8 @@ inline void sync_threads(const char* file, int line) {
 
 // Every __shared__ byte set to 0xff, as uninitialised shared memory that holds nothing useful.
 inline void poison_shared_memory() {
-  std::memset(__start_bipkernels_shared, 0xff, static_cast<size_t>(__stop_bipkernels_shared - __start_bipkernels_shared));
+  const auto bytes = static_cast<size_t>(__stop_bipkernels_shared - __start_bipkernels_shared);
+  std::memset(__start_bipkernels_shared, 0xff, bytes);
 }
 
 // 0, 1, ..., count - 1 in the schedule's order (shuffled afresh on every call).
@@ -232,7 +233,9 @@ inline void run_block(unsigned int threads, const std::function<void()>& body) {
                 ") while the others have returned: a barrier not every thread reaches");
     for (unsigned int t = 1; t < threads; ++t) {
       const Block::Fiber& fiber = current_block.fibers[t];
-      TORCH_CHECK(fiber.barrier_line == first.barrier_line && std::strcmp(fiber.barrier_file, first.barrier_file) == 0,
+      const bool same = fiber.barrier_line == first.barrier_line &&
+                        std::strcmp(fiber.barrier_file, first.barrier_file) == 0;
+      TORCH_CHECK(same,
                   "bipkernels emulator: block ", blockIdx.x, ": thread 0 waits at the __syncthreads of ",
                   first.barrier_file, ":", first.barrier_line, ", thread ", t, " at ", fiber.barrier_file, ":",
                   fiber.barrier_line, " (stretch ", stretch, "): threads of a block at different barriers");
@@ -240,7 +243,7 @@ inline void run_block(unsigned int threads, const std::function<void()>& body) {
   }
 }
 
-// The most blocks the emulated launches take (launch.cuh: max_grid): few, so that the kernels'
+// The most blocks the emulated launches take (launch.cuh: kMaxGrid): few, so that the kernels'
 // grid-stride loops give every thread several turns even on small inputs.
 constexpr unsigned int kMaxEmulatedGrid = 3;
 
