@@ -6,8 +6,11 @@ scores, through the |s| the mask ranks).
 ``masked_linear`` is the same for a linear layer with the mask inside the matmuls (ops.masked_linear):
 the gradients are those of F.linear(input, masked_weight(...), bias).
 
-The backwards are once differentiable: the hypergradient has no derivative of its own here. Running them
-without grad also keeps torch.func.grad from tracing into the triton ops, which functorch rejects.
+Under create_graph (a Hessian, a grad of a grad, torch.func.grad) a backward computes the same gradients
+from the forward's mask with the reference's torch operations (reference.hypergrad_of_mask), which
+autograd differentiates again: grad_θ = m ⊙ g is linear in g, grad_s is a polynomial in θ and g, and the mask is
+piecewise constant in the scores (no derivative through it). Otherwise the fused kernels run. Both run the
+ops without grad, which keeps functorch from tracing into the triton ops, which it rejects.
 """
 
 from __future__ import annotations
@@ -15,10 +18,14 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from . import ops
+from . import ops, reference
 from .structures import Structure
+
+
+@torch.no_grad()  # functorch's grad transform would trace into the triton op, which it rejects
+def _mask(scores: torch.Tensor, threshold: torch.Tensor | None, structure: Structure) -> torch.Tensor:
+    return ops.block_mask(scores, threshold, structure)
 
 
 class _MaskedWeight(torch.autograd.Function):
@@ -34,18 +41,22 @@ class _MaskedWeight(torch.autograd.Function):
         ctx.save_for_backward(weight, scores, threshold)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
         weight, scores, threshold = ctx.saved_tensors
-        grad_weight, grad_scores = ops.hypergrad_checked(grad, weight, scores, threshold, ctx.structure, None,
-                                                         ctx.inv_gamma, ctx.implicit)
+        if torch.is_grad_enabled():  # create_graph: the forward's mask, the reference's differentiable formula
+            mask = _mask(scores, threshold, ctx.structure)
+            grad_weight, grad_scores = reference.hypergrad_of_mask(grad, weight, scores, mask, ctx.inv_gamma,
+                                                                   ctx.implicit)
+        else:
+            grad_weight, grad_scores = ops.hypergrad_checked(grad, weight, scores, threshold, ctx.structure, None,
+                                                             ctx.inv_gamma, ctx.implicit)
         return grad_weight, grad_scores, None, None, None, None
 
 
 def masked_weight(weight: torch.Tensor, scores: torch.Tensor, threshold: torch.Tensor | None,
                   structure: Structure, inv_gamma: float = 0.0, implicit: str = "paper") -> torch.Tensor:
     """Differentiable θ ⊙ m (same shape as ``weight``), gradients to both ``weight`` and ``scores``."""
-    inv_gamma = ops.check_implicit_term("bipkernels.autograd.masked_weight", inv_gamma, implicit)
+    inv_gamma = ops.check_implicit_term("bipkernels.autograd.masked_weight", inv_gamma, implicit, weight.dtype)
     return _MaskedWeight.apply(weight, scores, threshold, structure, inv_gamma, implicit)
 
 
@@ -62,12 +73,18 @@ class _MaskedLinear(torch.autograd.Function):
         ctx.save_for_backward(input, weight, scores, threshold)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
         input, weight, scores, threshold = ctx.saved_tensors
-        grad_input, grad_weight, grad_scores = ops.masked_linear_backward_checked(
-            grad, input, weight, scores, threshold, ctx.structure, None, ctx.inv_gamma, ctx.implicit,
-            ctx.needs_input_grad[0])
+        if torch.is_grad_enabled():  # create_graph: unfused matmuls, the reference's differentiable formula
+            mask = _mask(scores, threshold, ctx.structure)
+            grad_input = grad @ torch.where(mask, weight, 0) if ctx.needs_input_grad[0] else None
+            grad_masked = grad.reshape(-1, grad.shape[-1]).mT @ input.reshape(-1, input.shape[-1])
+            grad_weight, grad_scores = reference.hypergrad_of_mask(grad_masked, weight, scores, mask, ctx.inv_gamma,
+                                                                   ctx.implicit)
+        else:
+            grad_input, grad_weight, grad_scores = ops.masked_linear_backward_checked(
+                grad, input, weight, scores, threshold, ctx.structure, None, ctx.inv_gamma, ctx.implicit,
+                ctx.needs_input_grad[0])
         grad_bias = grad.reshape(math.prod(grad.shape[:-1]), grad.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
         return grad_input, grad_weight, grad_bias, grad_scores, None, None, None, None
 
@@ -77,5 +94,5 @@ def masked_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
                   implicit: str = "paper") -> torch.Tensor:
     """Differentiable input (m ⊙ θ)ᵀ + bias by the fused masked matmul (ops.masked_linear), gradients to
     input, weight, bias and scores: (..., in) -> (..., out)."""
-    inv_gamma = ops.check_implicit_term("bipkernels.autograd.masked_linear", inv_gamma, implicit)
+    inv_gamma = ops.check_implicit_term("bipkernels.autograd.masked_linear", inv_gamma, implicit, weight.dtype)
     return _MaskedLinear.apply(input, weight, bias, scores, threshold, structure, inv_gamma, implicit)

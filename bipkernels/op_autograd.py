@@ -4,7 +4,8 @@ gives the gradients the torch backend (bipkernels.reference) gives:
 - ``masked_weight``: ∂(m ⊙ θ)/∂θ = m, so grad_θ = m ⊙ g (masked_weight applied to g: a select, exact);
   the mask is piecewise constant in the scores, which get no gradient (as torch.where gives none).
 - ``block_scores``: the reference's own derivative (sign(s) · g of the block for p = 1, 2s · g for
-  p = 2; 0 at s = 0), by differentiating reference.block_scores in the backward.
+  p = 2; 0 at s = 0), by differentiating reference.block_scores in the backward (again under
+  create_graph: a Hessian).
 
 topk_threshold, block_mask and hypergrad have none (a threshold, a bool mask, gradients): bipkernels.ops
 runs them without grad on every backend. The masked layers never reach these: they call the ops inside
@@ -35,10 +36,13 @@ def _save_block_scores(ctx, inputs, output) -> None:
 
 def _block_scores_backward(ctx, grad):
     (scores,) = ctx.saved_tensors
+    # Under create_graph the derivative is built on the scores themselves, so that autograd can
+    # differentiate it again (2 · g for p = 2); otherwise on a detached copy, keeping no graph.
+    create_graph = torch.is_grad_enabled()
     with torch.enable_grad():
-        leaf = scores.detach().requires_grad_()
-        summed = reference.block_scores(leaf, _structure(*ctx.structure))
-        (grad_scores,) = torch.autograd.grad(summed, leaf, grad)
+        source = scores if create_graph and scores.requires_grad else scores.detach().requires_grad_()
+        summed = reference.block_scores(source, _structure(*ctx.structure))
+        (grad_scores,) = torch.autograd.grad(summed, source, grad, create_graph=create_graph)
     return grad_scores, None, None, None, None
 
 

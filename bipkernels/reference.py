@@ -175,7 +175,16 @@ def masked_weight(weight: torch.Tensor, scores: torch.Tensor, threshold: torch.T
 def hypergrad(grad: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, threshold: torch.Tensor | None,
               structure: Structure, inv_gamma: float = 0.0, implicit: str = "paper"):
     """(grad_θ, grad_s) of z = m ⊙ θ given g = ∂l/∂z; see the module docstring."""
-    mask = block_mask(scores, threshold, structure)
+    gradients = hypergrad_of_mask(grad, weight, scores, block_mask(scores, threshold, structure), inv_gamma, implicit)
+    keep_layout = keeps_weight_layout(structure, weight, scores, grad)
+    return tuple(_in_result_layout(result, keep_layout, weight) for result in gradients)
+
+
+def hypergrad_of_mask(grad: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor,
+                      inv_gamma: float, implicit: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """hypergrad given the bool ``mask`` (all four of one shape), in weight's dtype and in torch operations
+    that autograd differentiates again (the masked layers' double backward), with no branch on a value
+    (a compiled graph's inv_gamma may be symbolic)."""
     acc = score_dtype(weight.dtype)
     g, theta = grad.to(acc), weight.to(acc)
     zero = torch.zeros((), dtype=acc, device=weight.device)
@@ -184,9 +193,9 @@ def hypergrad(grad: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, th
     grad_weight = torch.where(mask, g, zero)
     # inv_gamma 0 in the accumulation type (as the kernels test it) is the plain straight-through gradient,
     # even where g * g overflows (0 * inf is NaN).
-    grad_mask = direct - inv_gamma * implicit_term if float(torch.tensor(inv_gamma, dtype=acc)) else direct
+    inv_gamma_acc = torch.full((), inv_gamma, dtype=acc, device=weight.device)
+    grad_mask = torch.where(inv_gamma_acc != 0, direct - inv_gamma_acc * implicit_term, direct)
     # The mask ranks |s|: straight-through, grad_s = sign(s) ⊙ grad_m (+1 at 0, -0.0 and NaN), so a step
     # moves |s| the way the loss asks whatever the sign of s (autograd through |s| in the released code).
     grad_scores = torch.where(scores < 0, -grad_mask, grad_mask)
-    keep_layout = keeps_weight_layout(structure, weight, scores, grad)
-    return tuple(_in_result_layout(result.to(weight.dtype), keep_layout, weight) for result in (grad_weight, grad_scores))
+    return grad_weight.to(weight.dtype), grad_scores.to(weight.dtype)

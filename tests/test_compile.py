@@ -13,6 +13,8 @@ from torch.nn import functional as F
 
 import bipkernels
 
+from conftest import force_backend
+
 # What a compiled call that reaches a raise gives under fullgraph: torch refuses to trace it, and its
 # message carries the original error's.
 REFUSED = (ValueError, torch._dynamo.exc.Unsupported)
@@ -82,8 +84,11 @@ def test_compiled_model_fullgraph_forward_backward_equals_eager(seed):
     assert not compiled_source[0].weight.grad[pruned].any()  # the fused backward's masked lower level
 
 
-def test_compiled_model_survives_a_new_inv_gamma(seed):
-    # After inv_gamma changes, dynamo passes it as a symbolic float: the op's checks must not break the graph.
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_compiled_model_survives_a_new_inv_gamma(monkeypatch, seed, backend):
+    # After inv_gamma changes, dynamo passes it as a symbolic float: neither the op's checks nor the
+    # reference's formula (the torch backend's backward) may branch on it.
+    force_backend(monkeypatch, backend)
     model = _model()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     x, y = torch.randn(2, 3, 6, 6, dtype=torch.float64), torch.randint(0, 5, (2,))
@@ -106,9 +111,11 @@ def test_a_bad_setting_in_a_compiled_model_raises_the_eager_error(seed):
         _loss(compiled, x, y)
 
 
-def test_compiled_model_with_dynamic_shapes_equals_eager(seed):
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_compiled_model_with_dynamic_shapes_equals_eager(monkeypatch, seed, backend):
     """Under dynamic=True dynamo traces inv_gamma as a graph input, which it cannot compare inside a backward:
     the forward checks it, the backward does not (it failed with two or more masked layers)."""
+    force_backend(monkeypatch, backend)
     eager = _model()
     for _, layer in bipkernels.masked_layers(eager):
         layer.inv_gamma = 0.25

@@ -15,7 +15,7 @@ from bipkernels import autograd, reference
 from bipkernels.nn import keep_all_threshold
 from bipkernels.structures import parse_structure
 
-from conftest import tied_scores
+from conftest import force_backend, half_threshold, tied_scores
 
 CONV_ARGS = [
     dict(in_channels=3, out_channels=5, kernel_size=3),
@@ -363,3 +363,84 @@ def test_a_negative_score_moves_its_magnitude_the_way_the_loss_asks():
     layer(torch.ones(1, 3, dtype=torch.float64)).sum().backward()
     torch.optim.SGD([layer.scores], lr=0.1).step()
     torch.testing.assert_close(layer.scores.detach().abs(), torch.tensor([[0.4, 0.5, 0.3]], dtype=torch.float64))
+
+
+SECOND_ORDER_LAYERS = [
+    (lambda: bipkernels.MaskedLinear(5, 4, dtype=torch.float64), (5,), F.linear),
+    (lambda: bipkernels.MaskedConv2d(2, 4, 3, padding=1, dtype=torch.float64, structure="filter"), (2, 4, 4),
+     lambda layer: layer._conv_forward),
+]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("make, input_shape, plain", SECOND_ORDER_LAYERS)
+def test_second_derivatives_equal_the_plain_layers_with_the_mask_applied(monkeypatch, seed, backend, make,
+                                                                         input_shape, plain):
+    """A Hessian and a mixed second derivative through a masked layer equal those of the plain layer on
+    θ ⊙ m (the mask fixed), instead of zeros: autograd differentiates the backward again."""
+    force_backend(monkeypatch, backend)
+    layer = make()
+    bipkernels.project(layer, 0.5)
+    mask = layer.mask().to(torch.float64)
+    function = plain if plain is F.linear else plain(layer)
+    x = torch.randn(2, *input_shape, dtype=torch.float64)
+    weight = layer.weight.detach().clone()
+
+    def masked_loss(w):
+        return torch.func.functional_call(layer, {"weight": w}, (x,)).pow(2).sum()
+
+    def plain_loss(w):
+        return function(x, w * mask, layer.bias.detach()).pow(2).sum()
+
+    hessian = torch.autograd.functional.hessian
+    torch.testing.assert_close(hessian(masked_loss, weight), hessian(plain_loss, weight), rtol=1e-12, atol=1e-12)
+    assert hessian(plain_loss, weight).abs().sum() > 0
+
+    def input_grad_of_weight_grad_norm(forward, w):
+        inputs = x.clone().requires_grad_()
+        (grad_weight,) = torch.autograd.grad(forward(inputs, w).sum(), w, create_graph=True)
+        return torch.autograd.grad(grad_weight.pow(2).sum(), inputs)[0]
+
+    masked_input_grad = input_grad_of_weight_grad_norm(
+        lambda inputs, w: torch.func.functional_call(layer, {"weight": w}, (inputs,)), weight.clone().requires_grad_())
+    plain_input_grad = input_grad_of_weight_grad_norm(
+        lambda inputs, w: function(inputs, w * mask, layer.bias.detach()), weight.clone().requires_grad_())
+    torch.testing.assert_close(masked_input_grad, plain_input_grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("implicit", ["paper", "released"])
+@pytest.mark.parametrize("structure", ["unstructured", "channel", "2:4"])
+def test_the_score_gradient_differentiates_in_the_weight(monkeypatch, seed, backend, implicit, structure):
+    """For l = Σ c ⊙ z² with z = m ⊙ θ: g = 2 c m θ, and the score gradient sign(s) ⊙ (θ g − γ I) has the
+    weight derivative (contracted with v) sign(s) ⊙ v ⊙ m ⊙ (4cθ − 8γc²θ) (paper, I = m g²) or
+    (4cθ − 16γc²θ³) (released, I = (θ g)²): closed forms, not a second run of the same code."""
+    force_backend(monkeypatch, backend)
+    parsed = parse_structure(structure)
+    shape = (4, 8, 3, 3)
+    theta = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    scores = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    threshold = half_threshold(scores.detach(), parsed)
+    c, v = torch.rand(shape, dtype=torch.float64) + 0.5, torch.randn(shape, dtype=torch.float64)
+    inv_gamma = 0.3
+    z = autograd.masked_weight(theta, scores, threshold, parsed, inv_gamma, implicit)
+    (grad_scores,) = torch.autograd.grad((c * z * z).sum(), scores, create_graph=True)
+    (second,) = torch.autograd.grad((grad_scores * v).sum(), theta)
+    m = reference.block_mask(scores.detach(), threshold, parsed).to(torch.float64)
+    t = theta.detach()
+    sign = torch.where(scores.detach() < 0, -1.0, 1.0).to(torch.float64)
+    implicit_part = 8 * inv_gamma * c * c * t if implicit == "paper" else 16 * inv_gamma * c * c * t ** 3
+    torch.testing.assert_close(second, sign * v * m * (4 * c * t - implicit_part), rtol=1e-12, atol=1e-12)
+    assert m.any() and not m.all()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("p", [1, 2])
+def test_block_scores_differentiate_twice(monkeypatch, seed, backend, p):
+    """The block scores' Hessian: 0 for p = 1 (piecewise linear), 2 on the diagonal for p = 2, on every
+    backend (the compiled ops' derivative is built on the scores under create_graph)."""
+    force_backend(monkeypatch, backend)
+    scores = torch.randn(3, 4, dtype=torch.float64)
+    hessian = torch.autograd.functional.hessian(lambda s: bipkernels.block_scores(s, "filter", p=p).sum(), scores)
+    expected = torch.eye(12, dtype=torch.float64) * (2.0 if p == 2 else 0.0)
+    torch.testing.assert_close(hessian.reshape(12, 12), expected, rtol=0, atol=0)

@@ -199,6 +199,33 @@ def test_torch_func_on_the_triton_backend(monkeypatch, seed, make, input_shape):
             torch.testing.assert_close(got, param.grad, rtol=1e-5, atol=1e-5)
 
 
+def test_second_derivatives_through_the_fused_matmul(triton_backend, seed):
+    """A Hessian and a mixed second derivative through the fused MaskedLinear equal the plain layer's on
+    θ ⊙ m (its backward, under create_graph, is unfused torch operations that autograd differentiates)."""
+    layer = bipkernels.MaskedLinear(7, 5, structure="filter")
+    bipkernels.project(layer, 0.5)
+    layer.inv_gamma = INV_GAMMA
+    mask, x = layer.mask().float(), torch.randn(3, 7)
+    assert ops.masked_linear_fused(x, layer.weight)
+    weight = layer.weight.detach().clone()
+
+    def masked_loss(w, inputs=x):
+        return torch.func.functional_call(layer, {"weight": w}, (inputs,)).pow(2).sum()
+
+    def plain_loss(w, inputs=x):
+        return F.linear(inputs, w * mask, layer.bias.detach()).pow(2).sum()
+
+    hessian = torch.autograd.functional.hessian
+    torch.testing.assert_close(hessian(masked_loss, weight), hessian(plain_loss, weight), rtol=1e-5, atol=1e-5)
+    for loss in (masked_loss, plain_loss):
+        inputs, w = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        (grad_weight,) = torch.autograd.grad(loss(w, inputs), w, create_graph=True)
+        grad_weight.pow(2).sum().backward()
+        if loss is masked_loss:
+            fused_input_grad = inputs.grad
+    torch.testing.assert_close(fused_input_grad, inputs.grad, rtol=1e-5, atol=1e-5)
+
+
 def test_float64_and_mixed_dtypes_stay_unfused(triton_backend, seed):
     """The matmul has no float64 path: the layer runs masked_weight (a triton kernel) then F.linear."""
     layer = bipkernels.MaskedLinear(6, 5, dtype=torch.float64)
