@@ -315,14 +315,19 @@ def masked_weight(weight: torch.Tensor, scores: torch.Tensor, threshold: torch.T
     return _kernels(backend).masked_weight(weight, scores, threshold, *parsed.op_args())
 
 
-def check_implicit_term(owner: str, inv_gamma, implicit) -> float:
-    """inv_gamma as a float >= 0 and ``implicit`` one of IMPLICIT_FORMS, else ValueError naming ``owner``.
+def check_implicit_term(owner: str, inv_gamma, implicit, dtype: torch.dtype) -> float:
+    """inv_gamma as a float >= 0 and ``implicit`` one of IMPLICIT_FORMS, else ValueError naming ``owner``;
+    inv_gamma must also be finite in the arithmetic of ``dtype`` weights (float32 for the half types):
+    an infinite one times a pruned entry's zero implicit term would give NaN there, not θ ⊙ g.
     The autograd functions check them in the forward and their backwards run the ops' *_checked forms:
     dynamo cannot compare a float it traces as a graph input (torch.compile(dynamic=True)) inside a
     backward, so a check there would break the compiled graph."""
     if implicit not in IMPLICIT_FORMS:
         raise ValueError(f"{owner}: implicit must be one of {IMPLICIT_FORMS}, got {implicit!r}")
-    return check_number(owner, "inv_gamma", inv_gamma)
+    inv_gamma = check_number(owner, "inv_gamma", inv_gamma)
+    arithmetic = reference.score_dtype(dtype)
+    return check_number(owner, f"inv_gamma (in the {arithmetic} arithmetic of {dtype} weights)", inv_gamma,
+                        maximum=torch.finfo(arithmetic).max)
 
 
 def hypergrad(grad: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, threshold: torch.Tensor | None,
@@ -336,7 +341,8 @@ def hypergrad(grad: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, th
     half types compute in float32. The arguments in DESIGN.md's order; ``p`` (the block norm, see
     block_scores) by keyword.
     """
-    inv_gamma = check_implicit_term("bipkernels.hypergrad", inv_gamma, implicit)
+    check_float("hypergrad", "weight", weight)  # its dtype bounds inv_gamma
+    inv_gamma = check_implicit_term("bipkernels.hypergrad", inv_gamma, implicit, weight.dtype)
     return hypergrad_checked(grad, weight, scores, threshold, structure, p, inv_gamma, implicit)
 
 
@@ -420,7 +426,8 @@ def masked_linear_backward(grad_output: torch.Tensor, input: torch.Tensor, weigh
     the matmul that computes G, or, where a small weight's G is summed from slices of the rows, by the
     hypergradient kernel that sums them. grad_θ, grad_s: (out, in) in weight's dtype.
     """
-    inv_gamma = check_implicit_term("bipkernels.masked_linear_backward", inv_gamma, implicit)
+    check_float("masked_linear_backward", "weight", weight)  # its dtype bounds inv_gamma
+    inv_gamma = check_implicit_term("bipkernels.masked_linear_backward", inv_gamma, implicit, weight.dtype)
     return masked_linear_backward_checked(grad_output, input, weight, scores, threshold, structure, p, inv_gamma,
                                           implicit, input_grad)
 

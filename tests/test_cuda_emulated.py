@@ -186,3 +186,5 @@ def test_emulated_ops_refuse_bad_input_naming_the_op(emulated_cuda):
         emulated_cuda.topk_threshold([torch.ones(3)], -1, False)
     with pytest.raises(RuntimeError, match="masked_weight: scores has shape"):
         emulated_cuda.masked_weight(torch.ones(3, 4), torch.ones(4, 3), torch.zeros(2, dtype=torch.float64), 0, 1, 1, 1)
+    with pytest.raises(RuntimeError, match="bipkernels.hypergrad: inv_gamma must be a number in"):
+        emulated_cuda.hypergrad(*(torch.ones(3),) * 3, torch.zeros(2, dtype=torch.float64), 0, 0, 0, 1, 1e39, 0)

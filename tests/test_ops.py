@@ -344,6 +344,18 @@ def test_keep_count_rounding():
                            implicit="both"), ValueError, "implicit must be one of"),
     (lambda: ops.hypergrad(torch.ones(3), torch.ones(3), torch.ones(3), torch.zeros(2, dtype=torch.float64),
                            inv_gamma=float("nan")), ValueError, "inv_gamma must be a finite number"),
+    # Finite in float64 but not in the float32 arithmetic: inf · 0 would be NaN at the pruned entries.
+    (lambda: ops.hypergrad(torch.ones(3), torch.ones(3), torch.ones(3), torch.zeros(2, dtype=torch.float64),
+                           inv_gamma=1e39), ValueError,
+     r"bipkernels.hypergrad: inv_gamma \(in the torch.float32 arithmetic of torch.float32 weights\) must be a "
+     r"number in \[0, 3.40282e\+38\], got 1e\+39"),
+    (lambda: ops.masked_linear_backward(torch.ones(2, 3, dtype=torch.half), torch.ones(2, 4, dtype=torch.half),
+                                        torch.ones(3, 4, dtype=torch.half), torch.ones(3, 4, dtype=torch.half),
+                                        torch.zeros(2, dtype=torch.float64), inv_gamma=1e39), ValueError,
+     r"inv_gamma \(in the torch.float32 arithmetic of torch.float16 weights\) must be a number in"),
+    (lambda: ops.hypergrad("g", torch.ones(3), torch.ones(3), None), TypeError, "bipkernels.hypergrad: grad must be"),
+    (lambda: ops.hypergrad(torch.ones(3), "θ", torch.ones(3), None), TypeError,
+     "bipkernels.hypergrad: weight must be a tensor, got str"),
     (lambda: ops.topk_masks([torch.ones(2, 4)], 3, "2:4"), ValueError, "k must be None"),
 ])
 def test_bad_arguments_name_the_op_and_value(call, error, message):
@@ -357,6 +369,13 @@ def test_compiled_ops_reject_bad_input_with_the_op_name():
         torch.ops.bipkernels.masked_weight(torch.ones(3), torch.ones(4), torch.zeros(2, dtype=torch.float64), 0, 0, 0, 1)
     with pytest.raises(RuntimeError, match="bipkernels.block_scores: N:M with M = 4"):
         torch.ops.bipkernels.block_scores(torch.ones(3, 6), 3, 2, 4, 1)
+    keep_all = torch.tensor([-1.0, 0.0], dtype=torch.float64)
+    for inv_gamma, arithmetic in [(-1.0, "float32"), (float("nan"), "float32"), (1e39, "float32")]:
+        with pytest.raises(RuntimeError, match=rf"bipkernels.hypergrad: inv_gamma must be a number in \[0, "
+                                               rf".*\] \(the {arithmetic} arithmetic of Float weights\), got"):
+            torch.ops.bipkernels.hypergrad(*(torch.ones(3),) * 3, keep_all, 0, 0, 0, 1, inv_gamma, 0)
+    ones = torch.ones(3, dtype=torch.float64)  # 1e39 is finite in float64
+    assert torch.ops.bipkernels.hypergrad(ones, ones, ones, keep_all, 0, 0, 0, 1, 1e39, 0)[1].isfinite().all()
 
 
 def test_forced_backend_that_cannot_serve_raises(monkeypatch):

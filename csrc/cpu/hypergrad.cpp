@@ -15,7 +15,7 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> hypergrad(const at::Tensor& grad, const at::Tensor& weight,
                                              const at::Tensor& scores, const at::Tensor& threshold, int64_t kind,
                                              int64_t a, int64_t b, int64_t p, double inv_gamma, int64_t implicit) {
-  check_hypergrad_args(grad, weight, scores, implicit);
+  check_hypergrad_args(grad, weight, scores, inv_gamma, implicit);
   const bool memory_order = runs_in_memory_order(kind, {weight, scores, grad});
   const PreparedMask prepared = prepare_mask(scores, threshold, kind, a, b, p, "hypergrad", memory_order);
   const at::Tensor grad_ordered = in_kernel_order(grad, memory_order);

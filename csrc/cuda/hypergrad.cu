@@ -39,7 +39,7 @@ __global__ void hypergrad_kernel(MaskRule<scalar_t, score_t> unloaded, const sca
 std::tuple<at::Tensor, at::Tensor> hypergrad(const at::Tensor& grad, const at::Tensor& weight,
                                              const at::Tensor& scores, const at::Tensor& threshold, int64_t kind,
                                              int64_t a, int64_t b, int64_t p, double inv_gamma, int64_t implicit) {
-  check_hypergrad_args(grad, weight, scores, implicit);
+  check_hypergrad_args(grad, weight, scores, inv_gamma, implicit);
   const DeviceGuard guard(weight.device());
   const bool memory_order = runs_in_memory_order(kind, {weight, scores, grad});
   const PreparedMask prepared = prepare_mask(scores, threshold, kind, a, b, p, "hypergrad", memory_order);

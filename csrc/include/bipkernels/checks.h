@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <initializer_list>
+#include <limits>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
@@ -70,12 +71,19 @@ inline at::Tensor in_kernel_order(const at::Tensor& tensor, bool memory_order) {
   return memory_order ? tensor : tensor.contiguous();
 }
 
+// inv_gamma must be finite in the arithmetic (float32 unless the weight is float64): an infinite one times
+// a pruned entry's zero implicit term would give NaN there, not θ ⊙ g. NaN fails the first comparison.
 inline void check_hypergrad_args(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& scores,
-                                 int64_t implicit) {
+                                 double inv_gamma, int64_t implicit) {
   check_like(grad, weight, "hypergrad", "grad", "weight");
   check_like(scores, weight, "hypergrad", "scores", "weight");
   TORCH_CHECK(implicit == kImplicitPaper || implicit == kImplicitReleased,
               "bipkernels.hypergrad: implicit must be 0 (paper) or 1 (released), got ", implicit);
+  const bool in_double = weight.scalar_type() == at::kDouble;
+  const double largest = in_double ? std::numeric_limits<double>::max() : std::numeric_limits<float>::max();
+  TORCH_CHECK(inv_gamma >= 0 && inv_gamma <= largest, "bipkernels.hypergrad: inv_gamma must be a number in [0, ",
+              largest, "] (the ", in_double ? "float64" : "float32", " arithmetic of ", weight.scalar_type(),
+              " weights), got ", inv_gamma);
 }
 
 // The threshold (value, cut) as float64 of shape (2,) beside the scores; ignored (any shape) for N:M.
