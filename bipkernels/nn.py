@@ -96,7 +96,8 @@ class _Masked:
         Compiled graphs choose what to save themselves, tensor subclasses (fake tensors of a trace,
         quantised types) and torch.func transforms (their wrapped tensors have no storage) keep autograd's
         default, and so does a forward under the caller's own saved-tensor hooks (activation
-        checkpointing, offloading): inner hooks would replace them. The backward recomputes from the
+        checkpointing, offloading): inner hooks would replace them, or where the caller turned such hooks
+        off (torch.autograd.graph.disable_saved_tensors_hooks raises on any). The backward recomputes from the
         forward's own tensors and settings, not from the layer's at that time (torch.func.functional_call
         swaps them in for the forward only).
         """
@@ -104,7 +105,8 @@ class _Masked:
         masked = autograd.masked_weight(*inputs)
         if (not torch.is_grad_enabled() or torch.compiler.is_compiling() or type(masked) is not torch.Tensor
                 or torch._C._are_functorch_transforms_active()
-                or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None):
+                or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+                or not torch._C._autograd._saved_tensors_hooks_is_enabled()):
             return function(input, masked, self.bias)
         sources = inputs[:3]
         versions = [source._version for source in sources]
@@ -140,14 +142,20 @@ class _Masked:
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        # A plain nn.Conv2d / nn.Linear state has no scores or threshold: start from |θ| and keep-all.
+        # A plain nn.Conv2d / nn.Linear state has no scores or threshold: start from |θ| and keep-all. A
+        # masked layer's state that lacks only its scores is not plain: its threshold cuts trained scores,
+        # not |θ| (strict loading reports the missing key).
         weight = state_dict.get(prefix + "weight")
-        if weight is not None and prefix + "scores" not in state_dict:
+        if weight is not None and prefix + "scores" not in state_dict and prefix + "threshold" not in state_dict:
             state_dict[prefix + "scores"] = weight.detach().abs()
             # On the weight's device: a layer built on the meta device takes it with assign=True.
-            state_dict.setdefault(prefix + "threshold", keep_all_threshold(weight.device))
+            state_dict[prefix + "threshold"] = keep_all_threshold(weight.device)
             state_dict.setdefault(prefix + "_extra_state", self.get_extra_state())
         scores, threshold = state_dict.get(prefix + "scores"), state_dict.get(prefix + "threshold")
+        if isinstance(scores, torch.Tensor) and not scores.is_floating_point():  # nothing of the layer copied
+            error_msgs.append(f"While copying the parameter named \"{prefix}scores\", {type(self).__name__}'s scores "
+                              f"must be float32, float64, float16 or bfloat16, got {scores.dtype}.")
+            return
         errors = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
@@ -453,6 +461,12 @@ def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure 
                       "a pruned model and keep its masks, convert the new part alone", stacklevel=2)
     if scope == "global" and sparsity < 1:
         warn_emptied(op, [name for name, _ in ranked_layers(model) if name in after and not after[name].any()])
+    if scope == "layer" and sparsity > 0 and not meta:
+        whole = [name for name, layer in ranked_layers(model) if layer.mask().all()]
+        if whole:
+            warnings.warn(f"{op}: scope='layer' prunes nothing of {', '.join(whole)}: too few blocks of their "
+                          f"structure to drop one at sparsity {sparsity:g} (a depthwise convolution has one channel "
+                          "block)", stacklevel=2)
     skipped = [f"{name or 'the model itself'} ({kind})" for name, kind in unmasked_layers(model).items()
                if name not in excluded and id(model.get_submodule(name)) not in kept_dense | read_directly]
     if skipped:

@@ -270,6 +270,18 @@ def test_a_layer_scope_projection_does_not_report_emptied_layers(seed):
     assert not [w for w in caught if "keeps no block" in str(w.message)]
 
 
+def test_a_layer_scope_projection_names_the_layers_it_cannot_prune(seed):
+    """A depthwise convolution has one channel block: scope='layer' keeps it whole at any sparsity below 1,
+    and says so rather than report a sparsity it did not reach."""
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 4, 1))
+    with pytest.warns(UserWarning, match=r"scope='layer' prunes nothing of 0: too few blocks .* sparsity 0.5"):
+        bipkernels.convert(model, 0.5, "channel", "layer")
+    assert model[0].mask().all() and not model[1].mask().all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bipkernels.convert(nn.Sequential(nn.Conv2d(8, 8, 3, groups=8)), 0.5, "filter", "layer")
+
+
 def test_a_lazy_module_is_named_and_nothing_changes():
     model = nn.Sequential(nn.LazyLinear(3), nn.Linear(3, 2))
     with pytest.raises(ValueError, match=r"bipkernels.convert: \['0.weight', '0.bias'\] are not initialised yet"):

@@ -51,6 +51,28 @@ def test_linear_keep_all_equals_dense_and_loads_plain_state(seed, bias):
     assert torch.equal(again.threshold, masked.threshold) and torch.equal(again.mask(), masked.mask())
 
 
+def test_a_masked_state_without_scores_or_with_integer_scores_does_not_load(seed):
+    """Only a state with neither scores nor threshold is a plain layer's (scores |θ|, keep-all): a masked
+    layer's state that lacks its scores is missing a key (its threshold cut trained scores, not |θ|, and
+    would keep another count), and integer scores are an error naming the key before any of the layer
+    is copied."""
+    trained = bipkernels.MaskedLinear(16, 8)
+    with torch.no_grad():
+        trained.scores.add_(1.0)
+    bipkernels.project(trained, 0.5)
+    state = trained.state_dict()
+    del state["scores"]
+    fresh = bipkernels.MaskedLinear(16, 8)
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"scores\""):
+        fresh.load_state_dict(state)
+    state = trained.state_dict()
+    state["scores"] = torch.ones(8, 16, dtype=torch.int64)
+    weight = fresh.weight.detach().clone()
+    with pytest.raises(RuntimeError, match=r"\"scores\", MaskedLinear's scores must be float32.*got torch.int64"):
+        fresh.load_state_dict(state)
+    assert torch.equal(fresh.weight, weight)
+
+
 @pytest.mark.parametrize("structure", ["unstructured", "filter", "channel", "2:4", "tile2x3"])
 @pytest.mark.parametrize("implicit", ["paper", "released"])
 def test_fused_backward_equals_autograd_through_the_reference(seed, structure, implicit):
@@ -140,6 +162,21 @@ def test_callers_saved_tensor_hooks_and_sparse_inputs_keep_autograds_default(see
     layer.weight.grad = None
     layer(x.detach().to_sparse()).sum().backward()
     torch.testing.assert_close(layer.weight.grad, want, rtol=1e-12, atol=0)
+
+
+def test_a_forward_with_saved_tensor_hooks_disabled_runs_as_a_plain_layers(seed):
+    """Where the caller turned saved-tensor hooks off, the layer saves as autograd does by default (its
+    own hooks would raise the caller's message) and gives the same gradients."""
+    layer = bipkernels.MaskedLinear(6, 4, dtype=torch.float64)
+    bipkernels.project(layer, 0.5)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    layer(x).sin().sum().backward()
+    want = layer.weight.grad.clone()
+    layer.weight.grad = None
+    with torch.autograd.graph.disable_saved_tensors_hooks("no hooks here"):
+        loss = layer(x).sin().sum()
+    loss.backward()
+    torch.testing.assert_close(layer.weight.grad, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("make, input_shape", [
