@@ -486,6 +486,19 @@ def test_examples_keep_their_targets_as_they_come(seed):
     assert evaluate(tiny_model(), column) == evaluate(tiny_model(), tiny_task()) <= 1.0
 
 
+def test_float_targets_of_the_outputs_shape_count_their_most_likely_class(seed):
+    """Training takes probabilities (one-hot, smoothed) of the outputs' shape, and so does evaluate: their
+    most likely class counts, so prune with such validation data runs through instead of failing after it
+    trained."""
+    inputs, classes = tiny_task().tensors
+    smoothed = TensorDataset(inputs, torch.nn.functional.one_hot(classes, 3) * 0.8 + 0.2 / 3)
+    model = tiny_model()
+    indices = evaluate(model, tiny_task())
+    assert evaluate(model, smoothed) == indices and 0.0 < indices < 1.0
+    _, result = bipkernels.prune(tiny_model(), smoothed, "bip", 0.5, epochs=1, val_data=smoothed, test_data=smoothed)
+    assert 0.0 <= result["test_accuracy"] <= 1.0
+
+
 def test_fit_checks_its_position_and_callback_and_warns_past_total_steps(seed):
     solver = bipkernels.BiP(tiny_model(), 0.5, total_steps=5)
     for start in ((0, 100), (5, 3), (2, 1)):

@@ -333,14 +333,18 @@ def model_device(model: nn.Module) -> torch.device:
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256) -> float:
     """Top-1 accuracy of ``model`` on ``dataset`` (eval mode): targets are class indices, one per example
-    ((N,) or (N, 1))."""
+    ((N,) or (N, 1)), or float targets (probabilities, one-hot rows) of the outputs' shape, whose most
+    likely class counts (the first of equals), as training takes both."""
     check_dataset("evaluate", "dataset", dataset)
     model.eval()
     device = model_device(model)
     correct = 0
     for indices in torch.arange(len(dataset)).split(batch_size):
         inputs, targets = fetch(dataset, indices, device)
-        predicted = model(inputs).argmax(1)
+        outputs = model(inputs)
+        predicted = outputs.argmax(1)
+        if targets.is_floating_point() and targets.shape == outputs.shape:
+            targets = targets.argmax(1)
         if targets.numel() != predicted.numel():
             raise ValueError(f"evaluate: the targets of a batch have shape {tuple(targets.shape)}, not one class "
                              f"index per example ({predicted.numel()})")
