@@ -13,12 +13,12 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from ..reference import score_dtype
 from ..structures import Structure
 from .layout import (CHANNEL, FILTER, TILE, Matrix, check_float, launch_size, matrix_of, on_device, structure_of,
-                     widen)
+                     traceable, widen)
 
 
 @triton.jit
@@ -83,7 +83,7 @@ def compute(scores: torch.Tensor, structure: Structure) -> torch.Tensor:
         return out
     matrix = matrix_of(scores.shape, structure)
     block_len, block_b, block_j = _launch(structure, matrix)
-    wrap_triton(_block_scores_kernel)[(triton.cdiv(out.numel(), block_b),)](
+    traceable(_block_scores_kernel)[(triton.cdiv(out.numel(), block_b),)](
         scores, out, out.numel(), block_len, matrix.rows, matrix.cols, matrix.inner, matrix.tile_cols,
         KIND=structure.kind_id, A=structure.a, B=structure.b,
         SQUARE=structure.p == 2 and structure.kind not in ("unstructured", "nm"), BLOCK_B=block_b, BLOCK_J=block_j)

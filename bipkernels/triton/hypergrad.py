@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from ..reference import IMPLICIT_FORMS
 from . import mask_rule
-from .layout import check_float, check_like, launch_size, narrow, on_device, structure_of, widen
+from .layout import check_float, check_like, launch_size, narrow, on_device, structure_of, traceable, widen
 
 _BLOCK = launch_size(1024, 64)
 
@@ -31,7 +31,9 @@ def values(grad, theta, keep, negative, inv_gamma, RELEASED: tl.constexpr):
         implicit = tl.where(keep, grad * grad, tl.zeros_like(grad))
     # inv_gamma 0 is the plain straight-through gradient, even where g * g overflows (0 * inf is NaN).
     grad_mask = tl.where(inv_gamma == 0, direct, direct - inv_gamma * implicit)
-    return tl.where(keep, grad, tl.zeros_like(grad)), tl.where(negative, -grad_mask, grad_mask)
+    # The sign flip as a product: triton 3.6 builds -x as 0 - x (3.8 as a negation), which turns +0.0 into
+    # +0.0 where the reference's grad_s is -0.0; x · -1 is exact and gives -0.0 on every version.
+    return tl.where(keep, grad, tl.zeros_like(grad)), tl.where(negative, grad_mask * -1.0, grad_mask)
 
 
 def inv_gamma_tensor(inv_gamma: float, device: torch.device) -> torch.Tensor:
@@ -74,7 +76,7 @@ def launch(mask: mask_rule.Mask, grad: torch.Tensor, weight: torch.Tensor, inv_g
     """Writes grad_θ and grad_s (contiguous, like ``weight``: contiguous and not empty) from g = the sum of
     grad's slices of weight's size in order (grad (slices, *weight.shape) or weight.shape, contiguous, any
     float dtype); ``mask`` from mask_rule.prepare for weight's scores."""
-    wrap_triton(_hypergrad_kernel)[(triton.cdiv(weight.numel(), _BLOCK),)](
+    traceable(_hypergrad_kernel)[(triton.cdiv(weight.numel(), _BLOCK),)](
         *mask.args, grad, weight, inv_gamma_tensor(inv_gamma, weight.device), grad_weight, grad_scores,
         weight.numel(), grad.numel() // weight.numel(), **mask.meta, RELEASED=released, BLOCK=_BLOCK)
 

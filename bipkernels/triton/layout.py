@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from ..structures import KINDS, Structure
 from . import interpreting
@@ -113,6 +114,13 @@ def on_device(tensor: torch.Tensor):
     """A context that makes ``tensor``'s GPU the current one: a triton launch goes to the current device
     and its stream, whichever device its tensors are on. Nothing to do for CPU tensors (the interpreter)."""
     return torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()
+
+
+def traceable(kernel):
+    """``kernel`` for launching inside a triton_op: wrap_triton's (torch.compile and torch.export trace the
+    launch), or under the interpreter the kernel itself, which nothing traces and which torch before 2.14
+    refuses to wrap ("wrap_triton only works on functions annotated with triton.jit", seen with 2.11)."""
+    return kernel if INTERPRETING else wrap_triton(kernel)
 
 
 def launch_size(gpu: int, interpreted: int) -> int:

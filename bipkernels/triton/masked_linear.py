@@ -34,10 +34,11 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from . import hypergrad, mask_rule
-from .layout import INTERPRETING, check_float, check_like, launch_size, narrow, on_device, structure_of, widen
+from .layout import (INTERPRETING, check_float, check_like, launch_size, narrow, on_device, structure_of, traceable,
+                     widen)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -253,7 +254,7 @@ def _times_masked_weight(op: str, a: torch.Tensor, weight: torch.Tensor, scores:
     out = torch.empty(rows.shape[0], out_cols, dtype=weight.dtype, device=weight.device)
     if out.numel():  # an empty reduction runs: it leaves the bias (or zeros)
         mask = mask_rule.prepare(op, scores.contiguous(), threshold, structure)
-        wrap_triton(_times_masked_weight_kernel)[_grid(rows.shape[0], out_cols)](
+        traceable(_times_masked_weight_kernel)[_grid(rows.shape[0], out_cols)](
             *mask.args, rows, weight.contiguous(), weight if bias is None else bias.contiguous(), out, rows.shape[0],
             row_bucket(rows.shape[0]), N, K, **mask.meta, TRANSPOSED=transposed, HAS_BIAS=bias is not None,
             **_common(weight))
@@ -310,7 +311,7 @@ def masked_linear_grad_weight(grad_output: torch.Tensor, input: torch.Tensor, we
             dense_weight = weight.contiguous()
             # One slice writes no partials: a buffer of its own stands in (never an output's memory).
             partials = torch.empty(slices if slices > 1 else 0, N, K, dtype=torch.float32, device=weight.device)
-            wrap_triton(_weight_grad_kernel)[_grid(N, K, slices)](
+            traceable(_weight_grad_kernel)[_grid(N, K, slices)](
                 *mask.args, grad_rows, input_rows, dense_weight, hypergrad.inv_gamma_tensor(inv_gamma, weight.device),
                 grad_weight, grad_scores, partials, rows_per_slice, rows, row_bucket(rows), N, K, **mask.meta,
                 RELEASED=released, PARTIAL=slices > 1, **_common(weight))

@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from . import mask_rule
-from .layout import check_float, check_like, launch_size, on_device, structure_of
+from .layout import check_float, check_like, launch_size, on_device, structure_of, traceable
 
 _BLOCK = launch_size(1024, 64)
 
@@ -35,7 +35,7 @@ def _apply(op: str, scores: torch.Tensor, threshold: torch.Tensor, structure, we
     out = torch.empty(scores.shape, dtype=torch.bool if weight is None else weight.dtype, device=scores.device)
     if out.numel():
         mask = mask_rule.prepare(op, scores, threshold, structure)
-        wrap_triton(_masked_weight_kernel)[(triton.cdiv(out.numel(), _BLOCK),)](
+        traceable(_masked_weight_kernel)[(triton.cdiv(out.numel(), _BLOCK),)](
             *mask.args, scores if weight is None else weight.contiguous(), out, out.numel(), **mask.meta,
             MASK_ONLY=weight is None, BLOCK=_BLOCK)
     return out

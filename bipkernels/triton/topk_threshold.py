@@ -26,9 +26,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from .layout import check_float, launch_size, on_device
+from .layout import check_float, launch_size, on_device, traceable
 
 DIGIT_BITS = 11
 _BUCKETS = tl.constexpr(1 << DIGIT_BITS)
@@ -228,22 +228,22 @@ def topk_threshold(block_scores: list[torch.Tensor], k: int, absolute: bool = Fa
             for tensor in tensors:
                 if tensor.numel():
                     grid = (min(triton.cdiv(tensor.numel(), _BLOCK), _PROGRAMS),)
-                    wrap_triton(_histogram_kernel)[grid](tensor, tensor.numel(), histogram, state, F64=f64,
+                    traceable(_histogram_kernel)[grid](tensor, tensor.numel(), histogram, state, F64=f64,
                                                          ABSOLUTE=absolute, FIRST=first_pass, SHIFT=shift,
                                                          HIGHER=higher, DIGIT_MASK=digit_mask, BLOCK=_BLOCK)
-            wrap_triton(_choose_kernel)[(1,)](histogram, state, min(k, total), total, F64=f64, FIRST=first_pass,
+            traceable(_choose_kernel)[(1,)](histogram, state, min(k, total), total, F64=f64, FIRST=first_pass,
                                               SHIFT=shift)
         chunks = [triton.cdiv(tensor.numel(), _CHUNK) for tensor in tensors]
         chunk_ties = torch.empty(max(sum(chunks), 1), dtype=torch.int64, device=device)
         begin = 0
         for tensor, count in zip(tensors, chunks):
             if count:
-                wrap_triton(_tie_count_kernel)[(count,)](tensor, tensor.numel(), chunk_ties[begin:], state, F64=f64,
+                traceable(_tie_count_kernel)[(count,)](tensor, tensor.numel(), chunk_ties[begin:], state, F64=f64,
                                                          ABSOLUTE=absolute, CHUNK=_CHUNK)
             begin += count
         begin = 0
         for tensor, count, row in zip(tensors, chunks, rows):
-            wrap_triton(_row_kernel)[(1,)](tensor, tensor.numel(), chunk_ties[begin:], count, state, row, F64=f64,
+            traceable(_row_kernel)[(1,)](tensor, tensor.numel(), chunk_ties[begin:], count, state, row, F64=f64,
                                            ABSOLUTE=absolute, CHUNK=_CHUNK, CHUNK_BLOCK=_CHUNK_BLOCK)
             begin += count
         return rows
