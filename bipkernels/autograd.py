@@ -6,11 +6,15 @@ scores, through the |s| the mask ranks).
 ``masked_linear`` is the same for a linear layer with the mask inside the matmuls (ops.masked_linear):
 the gradients are those of F.linear(input, masked_weight(...), bias).
 
-Under create_graph (a Hessian, a grad of a grad, torch.func.grad) a backward computes the same gradients
-from the forward's mask with the reference's torch operations (reference.hypergrad_of_mask), which
-autograd differentiates again: grad_θ = m ⊙ g is linear in g, grad_s is a polynomial in θ and g, and the mask is
-piecewise constant in the scores (no derivative through it). Otherwise the fused kernels run. Both run the
-ops without grad, which keeps functorch from tracing into the triton ops, which it rejects.
+Under torch.autograd's create_graph (a Hessian, a grad of a grad) a backward computes the same gradients
+from the forward's mask with the reference's torch operations (reference.hypergrad_of_mask, the matmuls
+in the weight's accumulation type), which autograd differentiates again: grad_θ = m ⊙ g is linear in g,
+grad_s is a polynomial in θ and g, and the mask is piecewise constant in the scores (no derivative
+through it). Otherwise the fused kernels run, also under torch.func transforms: torch.func.grad runs
+every backward with grad on, so taking the unfused path there would slow its first-order gradients
+(twice the time of a step measured on a 1024×1024 layer) for the rare nested transform, whose second
+derivatives through these layers are zero. Both run the ops without grad, which keeps functorch from
+tracing into the triton ops, which it rejects.
 """
 
 from __future__ import annotations
@@ -21,6 +25,11 @@ import torch
 
 from . import ops, reference
 from .structures import Structure
+
+
+def _differentiable_backward() -> bool:
+    """Whether a backward runs under torch.autograd's create_graph (see the module docstring)."""
+    return torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active()
 
 
 @torch.no_grad()  # functorch's grad transform would trace into the triton op, which it rejects
@@ -43,13 +52,14 @@ class _MaskedWeight(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         weight, scores, threshold = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph: the forward's mask, the reference's differentiable formula
+        if _differentiable_backward():  # the forward's mask, the reference's differentiable formula
             mask = _mask(scores, threshold, ctx.structure)
             grad_weight, grad_scores = reference.hypergrad_of_mask(grad, weight, scores, mask, ctx.inv_gamma,
                                                                    ctx.implicit)
         else:
-            grad_weight, grad_scores = ops.hypergrad_checked(grad, weight, scores, threshold, ctx.structure, None,
-                                                             ctx.inv_gamma, ctx.implicit)
+            with torch.no_grad():  # the fused kernel (see _mask)
+                grad_weight, grad_scores = ops.hypergrad_checked(grad, weight, scores, threshold, ctx.structure,
+                                                                 None, ctx.inv_gamma, ctx.implicit)
         return grad_weight, grad_scores, None, None, None, None
 
 
@@ -75,16 +85,19 @@ class _MaskedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         input, weight, scores, threshold = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph: unfused matmuls, the reference's differentiable formula
+        if _differentiable_backward():  # unfused matmuls, the reference's differentiable formula
             mask = _mask(scores, threshold, ctx.structure)
             grad_input = grad @ torch.where(mask, weight, 0) if ctx.needs_input_grad[0] else None
-            grad_masked = grad.reshape(-1, grad.shape[-1]).mT @ input.reshape(-1, input.shape[-1])
+            # G = gᵀ x in the accumulation type, as the fused epilogue keeps it (θ G − γ I may cancel).
+            acc, rows = reference.score_dtype(weight.dtype), math.prod(grad.shape[:-1])
+            grad_masked = grad.reshape(rows, grad.shape[-1]).mT.to(acc) @ input.reshape(rows, input.shape[-1]).to(acc)
             grad_weight, grad_scores = reference.hypergrad_of_mask(grad_masked, weight, scores, mask, ctx.inv_gamma,
                                                                    ctx.implicit)
         else:
-            grad_input, grad_weight, grad_scores = ops.masked_linear_backward_checked(
-                grad, input, weight, scores, threshold, ctx.structure, None, ctx.inv_gamma, ctx.implicit,
-                ctx.needs_input_grad[0])
+            with torch.no_grad():  # the fused kernels (see _mask)
+                grad_input, grad_weight, grad_scores = ops.masked_linear_backward_checked(
+                    grad, input, weight, scores, threshold, ctx.structure, None, ctx.inv_gamma, ctx.implicit,
+                    ctx.needs_input_grad[0])
         grad_bias = grad.reshape(math.prod(grad.shape[:-1]), grad.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
         return grad_input, grad_weight, grad_bias, grad_scores, None, None, None, None
 

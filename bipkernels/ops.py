@@ -315,16 +315,18 @@ def masked_weight(weight: torch.Tensor, scores: torch.Tensor, threshold: torch.T
     return _kernels(backend).masked_weight(weight, scores, threshold, *parsed.op_args())
 
 
-def check_implicit_term(owner: str, inv_gamma, implicit, dtype: torch.dtype) -> float:
+def check_implicit_term(owner: str, inv_gamma, implicit, dtype: torch.dtype | None = None) -> float:
     """inv_gamma as a float >= 0 and ``implicit`` one of IMPLICIT_FORMS, else ValueError naming ``owner``;
-    inv_gamma must also be finite in the arithmetic of ``dtype`` weights (float32 for the half types):
-    an infinite one times a pruned entry's zero implicit term would give NaN there, not θ ⊙ g.
+    given the weights' ``dtype``, inv_gamma must also be finite in their arithmetic (float32 for the half
+    types): an infinite one times a pruned entry's zero implicit term would give NaN there, not θ ⊙ g.
     The autograd functions check them in the forward and their backwards run the ops' *_checked forms:
     dynamo cannot compare a float it traces as a graph input (torch.compile(dynamic=True)) inside a
     backward, so a check there would break the compiled graph."""
     if implicit not in IMPLICIT_FORMS:
         raise ValueError(f"{owner}: implicit must be one of {IMPLICIT_FORMS}, got {implicit!r}")
     inv_gamma = check_number(owner, "inv_gamma", inv_gamma)
+    if dtype is None:
+        return inv_gamma
     arithmetic = reference.score_dtype(dtype)
     return check_number(owner, f"inv_gamma (in the {arithmetic} arithmetic of {dtype} weights)", inv_gamma,
                         maximum=torch.finfo(arithmetic).max)

@@ -445,6 +445,26 @@ def test_second_derivatives_equal_the_plain_layers_with_the_mask_applied(monkeyp
     torch.testing.assert_close(masked_input_grad, plain_input_grad, rtol=1e-12, atol=1e-12)
 
 
+def test_first_order_torch_func_grad_keeps_the_fused_backward(monkeypatch, seed):
+    """torch.func.grad runs every backward with grad on: the layers still take the fused kernels there (the
+    unfused, differentiable backward is for torch.autograd's create_graph alone, and twice as slow)."""
+    layer = bipkernels.MaskedLinear(6, 4, dtype=torch.float64)
+    bipkernels.project(layer, 0.5)
+    params = dict(layer.named_parameters())
+    inputs = torch.randn(3, 6, dtype=torch.float64)
+
+    def unfused(*args):
+        raise AssertionError("the unfused backward ran")
+
+    monkeypatch.setattr(reference, "hypergrad_of_mask", unfused)
+    grads = torch.func.grad(lambda p: torch.func.functional_call(layer, p, (inputs,)).sin().sum())(params)
+    layer(inputs).sin().sum().backward()
+    for name, param in params.items():
+        torch.testing.assert_close(grads[name], param.grad, rtol=0, atol=0)
+    with pytest.raises(AssertionError, match="the unfused backward ran"):
+        torch.autograd.grad(layer(inputs).sum(), layer.weight, create_graph=True)
+
+
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 @pytest.mark.parametrize("implicit", ["paper", "released"])
 @pytest.mark.parametrize("structure", ["unstructured", "channel", "2:4"])

@@ -333,8 +333,8 @@ def model_device(model: nn.Module) -> torch.device:
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256) -> float:
     """Top-1 accuracy of ``model`` on ``dataset`` (eval mode): targets are class indices, one per example
-    ((N,) or (N, 1)), or float targets (probabilities, one-hot rows) of the outputs' shape, whose most
-    likely class counts (the first of equals), as training takes both."""
+    ((N,) or (N, 1)), or float targets (probabilities, one-hot rows) of the outputs' shape (N, C > 1),
+    whose most likely class counts (the first of equals), as training takes both."""
     check_dataset("evaluate", "dataset", dataset)
     model.eval()
     device = model_device(model)
@@ -343,7 +343,7 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256) -> float
         inputs, targets = fetch(dataset, indices, device)
         outputs = model(inputs)
         predicted = outputs.argmax(1)
-        if targets.is_floating_point() and targets.shape == outputs.shape:
+        if targets.is_floating_point() and targets.shape == outputs.shape and outputs.shape[1] > 1:
             targets = targets.argmax(1)
         if targets.numel() != predicted.numel():
             raise ValueError(f"evaluate: the targets of a batch have shape {tuple(targets.shape)}, not one class "

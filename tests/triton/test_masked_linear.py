@@ -226,6 +226,19 @@ def test_second_derivatives_through_the_fused_matmul(triton_backend, seed):
     torch.testing.assert_close(fused_input_grad, inputs.grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("in_features, out_features", [(4, 0), (0, 3)])
+def test_second_derivatives_of_an_empty_fused_layer(triton_backend, seed, in_features, out_features):
+    """A zero-size weight under create_graph: gradients of the right (empty or zero) shapes, no reshape of 0
+    elements into [-1, 0]."""
+    layer = bipkernels.MaskedLinear(in_features, out_features)
+    x = torch.randn(2, in_features, requires_grad=True)
+    (grad_weight, grad_scores) = torch.autograd.grad(layer(x).square().sum(), (layer.weight, layer.scores),
+                                                     create_graph=True)
+    assert grad_weight.shape == grad_scores.shape == layer.weight.shape
+    (grad_x,) = torch.autograd.grad(grad_weight.sum() + grad_scores.sum(), x, allow_unused=True, materialize_grads=True)
+    assert torch.equal(grad_x, torch.zeros_like(x))
+
+
 def test_float64_and_mixed_dtypes_stay_unfused(triton_backend, seed):
     """The matmul has no float64 path: the layer runs masked_weight (a triton kernel) then F.linear."""
     layer = bipkernels.MaskedLinear(6, 5, dtype=torch.float64)
