@@ -27,6 +27,19 @@ from . import ops, reference
 from .structures import Structure
 
 
+# torch.compile of the torch backend's (bipkernels.reference's) backward inside these Functions gives zero
+# weight and score gradients on torch 2.11 (measured; 2.14.1 is right): refused there rather than wrong.
+COMPILES_TORCH_BACKEND = torch.torch_version.TorchVersion(torch.__version__) >= (2, 14)
+
+
+def _check_compilable(owner: str, weight: torch.Tensor) -> None:
+    if (not COMPILES_TORCH_BACKEND and torch.compiler.is_compiling()
+            and ops.backend_for("masked_weight", weight.device) == "torch"):
+        raise RuntimeError(f"{owner}: torch.compile of the masked layers on the torch backend (no compiled "
+                           f"extension) needs torch >= 2.14: torch {torch.__version__} compiles their backward with "
+                           "zero gradients; build the extension (the cpu backend compiles) or run eagerly")
+
+
 def _differentiable_backward() -> bool:
     """Whether a backward runs under torch.autograd's create_graph (see the module docstring)."""
     return torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active()
@@ -67,6 +80,7 @@ def masked_weight(weight: torch.Tensor, scores: torch.Tensor, threshold: torch.T
                   structure: Structure, inv_gamma: float = 0.0, implicit: str = "paper") -> torch.Tensor:
     """Differentiable θ ⊙ m (same shape as ``weight``), gradients to both ``weight`` and ``scores``."""
     inv_gamma = ops.check_implicit_term("bipkernels.autograd.masked_weight", inv_gamma, implicit, weight.dtype)
+    _check_compilable("bipkernels.autograd.masked_weight", weight)
     return _MaskedWeight.apply(weight, scores, threshold, structure, inv_gamma, implicit)
 
 
@@ -108,4 +122,5 @@ def masked_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     """Differentiable input (m ⊙ θ)ᵀ + bias by the fused masked matmul (ops.masked_linear), gradients to
     input, weight, bias and scores: (..., in) -> (..., out)."""
     inv_gamma = ops.check_implicit_term("bipkernels.autograd.masked_linear", inv_gamma, implicit, weight.dtype)
+    _check_compilable("bipkernels.autograd.masked_linear", weight)
     return _MaskedLinear.apply(input, weight, bias, scores, threshold, structure, inv_gamma, implicit)

@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import bipkernels
+from bipkernels import autograd
 
 from conftest import force_backend
 
@@ -84,10 +85,27 @@ def test_compiled_model_fullgraph_forward_backward_equals_eager(seed):
     assert not compiled_source[0].weight.grad[pruned].any()  # the fused backward's masked lower level
 
 
+def _compiles(backend: str) -> None:
+    if backend == "torch" and not autograd.COMPILES_TORCH_BACKEND:
+        pytest.skip(f"torch {torch.__version__} compiles the torch backend's backward wrongly (refused)")
+
+
+def test_compiling_the_torch_backend_on_an_older_torch_is_refused(monkeypatch, seed):
+    """torch 2.11 compiles the reference backward inside the masked layers' Functions with zero gradients:
+    there a compiled masked model on the torch backend raises, naming the version, instead."""
+    force_backend(monkeypatch, "torch")
+    monkeypatch.setattr(autograd, "COMPILES_TORCH_BACKEND", False)
+    compiled = torch.compile(_model(), fullgraph=True, backend="aot_eager")
+    with pytest.raises(REFUSED, match=r"masked_weight: torch.compile of the masked layers on the torch backend .* "
+                                      r"needs torch >= 2.14"):
+        compiled(torch.randn(2, 3, 6, 6, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 def test_compiled_model_survives_a_new_inv_gamma(monkeypatch, seed, backend):
     # After inv_gamma changes, dynamo passes it as a symbolic float: neither the op's checks nor the
     # reference's formula (the torch backend's backward) may branch on it.
+    _compiles(backend)
     force_backend(monkeypatch, backend)
     model = _model()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
@@ -115,6 +133,7 @@ def test_a_bad_setting_in_a_compiled_model_raises_the_eager_error(seed):
 def test_compiled_model_with_dynamic_shapes_equals_eager(monkeypatch, seed, backend):
     """Under dynamic=True dynamo traces inv_gamma as a graph input, which it cannot compare inside a backward:
     the forward checks it, the backward does not (it failed with two or more masked layers)."""
+    _compiles(backend)
     force_backend(monkeypatch, backend)
     eager = _model()
     for _, layer in bipkernels.masked_layers(eager):
