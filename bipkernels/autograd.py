@@ -99,11 +99,12 @@ class _MaskedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         input, weight, scores, threshold = ctx.saved_tensors
+        rows = math.prod(grad.shape[:-1])  # (reshape cannot infer -1 for an empty layer)
         if _differentiable_backward():  # unfused matmuls, the reference's differentiable formula
             mask = _mask(scores, threshold, ctx.structure)
             grad_input = grad @ torch.where(mask, weight, 0) if ctx.needs_input_grad[0] else None
             # G = gᵀ x in the accumulation type, as the fused epilogue keeps it (θ G − γ I may cancel).
-            acc, rows = reference.score_dtype(weight.dtype), math.prod(grad.shape[:-1])
+            acc = reference.score_dtype(weight.dtype)
             grad_masked = grad.reshape(rows, grad.shape[-1]).mT.to(acc) @ input.reshape(rows, input.shape[-1]).to(acc)
             grad_weight, grad_scores = reference.hypergrad_of_mask(grad_masked, weight, scores, mask, ctx.inv_gamma,
                                                                    ctx.implicit)
@@ -112,7 +113,7 @@ class _MaskedLinear(torch.autograd.Function):
                 grad_input, grad_weight, grad_scores = ops.masked_linear_backward_checked(
                     grad, input, weight, scores, threshold, ctx.structure, None, ctx.inv_gamma, ctx.implicit,
                     ctx.needs_input_grad[0])
-        grad_bias = grad.reshape(math.prod(grad.shape[:-1]), grad.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
+        grad_bias = grad.reshape(rows, grad.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
         return grad_input, grad_weight, grad_bias, grad_scores, None, None, None, None
 
 

@@ -31,8 +31,8 @@ def values(grad, theta, keep, negative, inv_gamma, RELEASED: tl.constexpr):
         implicit = tl.where(keep, grad * grad, tl.zeros_like(grad))
     # inv_gamma 0 is the plain straight-through gradient, even where g * g overflows (0 * inf is NaN).
     grad_mask = tl.where(inv_gamma == 0, direct, direct - inv_gamma * implicit)
-    # The sign flip as a product: triton 3.6 builds -x as 0 - x (3.8 as a negation), which turns +0.0 into
-    # +0.0 where the reference's grad_s is -0.0; x · -1 is exact and gives -0.0 on every version.
+    # The sign flip as a product: triton 3.6 builds -x as 0 - x (3.8 as a negation), so -(+0.0) was +0.0
+    # where the reference's grad_s is -0.0; x · -1 is exact and gives -0.0 on every version.
     return tl.where(keep, grad, tl.zeros_like(grad)), tl.where(negative, grad_mask * -1.0, grad_mask)
 
 
