@@ -375,7 +375,7 @@ def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure 
         if isinstance(exclude, str) or exclude:
             raise ValueError(f"{op}: exclude names modules inside the model, but a bare {type(model).__name__} holds "
                              f"none: {exclude!r}")
-        return convert(nn.ModuleDict({"model": model}), sparsity, structure, scope, exclude)["model"]
+        return convert(_BareLayer({"layer": model}), sparsity, structure, scope, exclude)["layer"]
     excluded = _excluded(model, exclude)
     other_structures = {} if structure is None else \
         {name: layer.structure for name, layer in masked_layers(model) if layer.structure != parsed
@@ -462,7 +462,7 @@ def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure 
     if scope == "global" and sparsity < 1:
         warn_emptied(op, [name for name, _ in ranked_layers(model) if name in after and not after[name].any()])
     if scope == "layer" and sparsity > 0 and not meta:
-        whole = [name for name, layer in ranked_layers(model) if layer.mask().all()]
+        whole = [_shown(model, name) for name, layer in ranked_layers(model) if layer.mask().all()]
         if whole:
             warnings.warn(f"{op}: scope='layer' prunes nothing of {', '.join(whole)}: too few blocks of their "
                           f"structure to drop one at sparsity {sparsity:g} (a depthwise convolution has one channel "
@@ -479,6 +479,15 @@ def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure 
         warnings.warn(f"bipkernels.convert: left dense, as the model reads their weights directly, not through "
                       f"their forward (a mask would not apply): {', '.join(sorted(direct))}", stacklevel=2)
     return model
+
+
+class _BareLayer(nn.ModuleDict):
+    """The holder in which convert swaps a bare nn.Conv2d / nn.Linear (which has no parent to swap it in)."""
+
+
+def _shown(model: nn.Module, name: str) -> str:
+    """A layer's name as convert's warnings give it: a bare layer's holder is not the user's."""
+    return "the layer itself" if isinstance(model, _BareLayer) else name
 
 
 def _keep_forward(module: nn.Module, args) -> None:

@@ -42,9 +42,17 @@ def inv_gamma_tensor(inv_gamma: float, device: torch.device) -> torch.Tensor:
     return torch.full((1,), inv_gamma, dtype=torch.float64, device=device)
 
 
-def implicit_is_released(op: str, implicit: int) -> bool:
+def implicit_is_released(op: str, weight: torch.Tensor, inv_gamma: float, implicit: int) -> bool:
+    """Whether ``implicit`` names the released form, after checking it (0 or 1) and inv_gamma: a number in
+    [0, largest finite] of the arithmetic (float32 unless ``weight`` is float64), as checks.h does, since
+    an infinite one times a pruned entry's zero implicit term would give NaN there. ValueError names both."""
     if implicit not in range(len(IMPLICIT_FORMS)):
         raise ValueError(f"bipkernels.{op}: implicit must be 0 (paper) or 1 (released), got {implicit}")
+    arithmetic = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    largest = torch.finfo(arithmetic).max
+    if not 0 <= inv_gamma <= largest:  # NaN fails too
+        raise ValueError(f"bipkernels.{op}: inv_gamma must be a number in [0, {largest:g}] (the {arithmetic} "
+                         f"arithmetic of {weight.dtype} weights), got {inv_gamma}")
     return IMPLICIT_FORMS[implicit] == "released"
 
 
@@ -90,7 +98,7 @@ def hypergrad(grad: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, th
     check_like(op, "grad", grad, "weight", weight)
     check_like(op, "scores", scores, "weight", weight)
     structure = structure_of(op, scores, kind, a, b, p)
-    released = implicit_is_released(op, implicit)
+    released = implicit_is_released(op, weight, inv_gamma, implicit)
     grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
     grad_scores = torch.empty_like(grad_weight)
     if weight.numel():

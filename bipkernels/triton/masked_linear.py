@@ -300,7 +300,7 @@ def masked_linear_grad_weight(grad_output: torch.Tensor, input: torch.Tensor, we
     if grad_rows.shape[0] != input_rows.shape[0]:
         raise ValueError(f"bipkernels.{op}: grad_output has {grad_rows.shape[0]} rows but input has "
                          f"{input_rows.shape[0]}")
-    released = hypergrad.implicit_is_released(op, implicit)
+    released = hypergrad.implicit_is_released(op, weight, inv_gamma, implicit)
     grad_weight = torch.empty(N, K, dtype=weight.dtype, device=weight.device)
     grad_scores = torch.empty_like(grad_weight)
     if grad_weight.numel():

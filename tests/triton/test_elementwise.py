@@ -155,6 +155,15 @@ def test_compiled_ops_name_the_op_in_errors():
         kernels.hypergrad(torch.ones(3), torch.ones(3), torch.ones(4), KEEP_ALL, 0, 0, 0, 1, 0.0, 0)
     with pytest.raises(ValueError, match="bipkernels.hypergrad: implicit must be 0"):
         kernels.hypergrad(torch.ones(3), torch.ones(3), torch.ones(3), KEEP_ALL, 0, 0, 0, 1, 0.0, 2)
+    for inv_gamma, arithmetic in [(-1.0, "float32"), (float("nan"), "float32"), (1e39, "float32")]:
+        with pytest.raises(ValueError, match=rf"bipkernels.hypergrad: inv_gamma must be a number in \[0, .*\] "
+                                             rf"\(the torch.{arithmetic} arithmetic of torch.float32 weights\)"):
+            kernels.hypergrad(*(torch.ones(3),) * 3, KEEP_ALL, 0, 0, 0, 1, inv_gamma, 0)
+    with pytest.raises(ValueError, match="bipkernels.masked_linear_grad_weight: inv_gamma must be a number in"):
+        kernels.masked_linear_grad_weight(torch.ones(2, 3), torch.ones(2, 4), torch.ones(3, 4), torch.ones(3, 4),
+                                          KEEP_ALL, 0, 0, 0, 1, float("inf"), 0)
+    ones = torch.ones(3, dtype=torch.float64)  # 1e39 is finite in float64
+    assert kernels.hypergrad(ones, ones, ones, KEEP_ALL, 0, 0, 0, 1, 1e39, 0)[1].isfinite().all()
     with pytest.raises(TypeError, match="bipkernels.block_mask: scores must be one of"):
         kernels.block_mask(torch.ones(3, dtype=torch.int32), KEEP_ALL, 0, 0, 0, 1)
 
