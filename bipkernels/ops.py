@@ -478,9 +478,11 @@ if _C is not None:
 
     def _empty_result(kind: int, a: int, b: int, p: int, weight: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
         """The C++ kernels' result layout (reference.keeps_weight_layout; checks.h: runs_in_memory_order)."""
-        keep_layout = reference.keeps_weight_layout(_structure_of(kind, a, b, p), weight, *others)
-        return torch.empty_like(weight, memory_format=torch.preserve_format if keep_layout
-                                else torch.contiguous_format)
+        if reference.keeps_weight_layout(_structure_of(kind, a, b, p), weight, *others):
+            # Strides given, not preserve_format: a fake (or meta) empty_like of an empty tensor is
+            # contiguous, where the kernels' (eager) one keeps the strides.
+            return weight.new_empty_strided(weight.shape, weight.stride())
+        return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("bipkernels::masked_weight")
     def _masked_weight_fake(weight, scores, threshold, kind, a, b, p):
@@ -493,5 +495,4 @@ if _C is not None:
         _check_like("hypergrad", "grad", grad, "weight", weight)
         _check_like("hypergrad", "scores", scores, "weight", weight)
         _check_threshold("hypergrad", threshold, scores, _structure_of(kind, a, b, p))
-        empty = _empty_result(kind, a, b, p, weight, scores, grad)
-        return empty, torch.empty_like(empty)
+        return _empty_result(kind, a, b, p, weight, scores, grad), _empty_result(kind, a, b, p, weight, scores, grad)

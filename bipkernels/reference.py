@@ -140,7 +140,9 @@ def block_mask(scores: torch.Tensor, threshold: torch.Tensor | None, structure: 
 
 
 def _dense(tensor: torch.Tensor) -> bool:
-    """c10's is_non_overlapping_and_dense: the dims of size >= 2, by stride, tile memory exactly."""
+    """c10's is_non_overlapping_and_dense: empty, or the dims of size >= 2, by stride, tile memory exactly."""
+    if tensor.numel() == 0:  # c10 counts an empty tensor contiguous whatever its strides
+        return True
     expected = 1
     for size, stride in sorted(((size, stride) for size, stride in zip(tensor.shape, tensor.stride()) if size >= 2),
                                key=lambda dim: dim[1]):
@@ -161,7 +163,7 @@ def keeps_weight_layout(structure: Structure, weight: torch.Tensor, *others: tor
 def _in_result_layout(result: torch.Tensor, keep_layout: bool, weight: torch.Tensor) -> torch.Tensor:
     if not keep_layout:  # an empty tensor counts as contiguous whatever its strides: give it standard ones
         return result.contiguous() if result.numel() else result.new_empty(result.shape)
-    return torch.empty_like(weight, dtype=result.dtype).copy_(result)
+    return result.new_empty_strided(weight.shape, weight.stride()).copy_(result)  # (ops._empty_result: why)
 
 
 def masked_weight(weight: torch.Tensor, scores: torch.Tensor, threshold: torch.Tensor | None,
@@ -190,7 +192,9 @@ def hypergrad_of_mask(grad: torch.Tensor, weight: torch.Tensor, scores: torch.Te
     zero = torch.zeros((), dtype=acc, device=weight.device)
     direct = theta * g
     implicit_term = direct * direct if implicit == "released" else torch.where(mask, g * g, zero)
-    grad_weight = torch.where(mask, g, zero)
+    # A select in the gradient's own dtype: a NaN keeps its bits (a round trip through float32 made
+    # bfloat16's NaN 0xFFFF on the CPU).
+    grad_weight = torch.where(mask, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
     # inv_gamma 0 in the accumulation type (as the kernels test it) is the plain straight-through gradient,
     # even where g * g overflows (0 * inf is NaN).
     inv_gamma_acc = torch.full((), inv_gamma, dtype=acc, device=weight.device)

@@ -240,6 +240,38 @@ def test_empty_results_have_standard_strides(monkeypatch, backend):
     assert [result.stride() for result in results] == [(1, 1)] * 3
 
 
+@needs_cpu_kernels
+def test_empty_results_of_one_layout_keep_it_in_every_kernel(monkeypatch):
+    """An empty weight is dense for c10 whatever its strides: with scores and grad of its strides, the C++
+    kernels keep them (empty_like), and so must the reference and the fake kernel that torch.compile
+    plans with (the reference's density test had skipped only sizes below 2: contiguous there)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    weight = torch.empty(0, 3, 4, dtype=torch.float64).as_strided((0, 3, 4), (1, 7, 100))
+    threshold = torch.tensor([-math.inf, math.inf], dtype=torch.float64)
+    for backend in ("torch", "cpu"):
+        force_backend(monkeypatch, backend)
+        results = [ops.masked_weight(weight, weight, threshold), *ops.hypergrad(weight, weight, weight, threshold)]
+        assert [result.stride() for result in results] == [(1, 7, 100)] * 3, backend
+    with FakeTensorMode() as mode:
+        fake_weight, fake_threshold = mode.from_tensor(weight), mode.from_tensor(threshold)
+        masked = torch.ops.bipkernels.masked_weight(fake_weight, fake_weight, fake_threshold, 0, 0, 0, 1)
+        grads = torch.ops.bipkernels.hypergrad(*(fake_weight,) * 3, fake_threshold, 0, 0, 0, 1, 0.0, 0)
+    assert [result.stride() for result in (masked, *grads)] == [(1, 7, 100)] * 3
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_cpu_kernels)])
+def test_pruned_gradient_keeps_a_nan_bit_for_bit(monkeypatch, backend):
+    """grad_θ is a select of g: a bfloat16 NaN comes back with its bits (the reference's round trip
+    through float32 made 0x7FC0 into 0xFFFF)."""
+    force_backend(monkeypatch, backend)
+    grad = torch.tensor([math.nan, 1.0, -2.5], dtype=torch.bfloat16)
+    ones = torch.ones(3, dtype=torch.bfloat16)
+    keep_all = torch.tensor([-math.inf, math.inf], dtype=torch.float64)
+    grad_weight, _ = ops.hypergrad(grad, ones, ones, keep_all)
+    assert torch.equal(grad_weight.view(torch.int16), grad.view(torch.int16))
+
+
 @pytest.mark.parametrize("structure_name", STRUCTURES)
 def test_topk_masks_exact_count_and_order(seed, structure_name):
     """The masks of topk_masks are the reference's (a top-k of the reference's block scores): k blocks
