@@ -53,6 +53,10 @@ class _Recompute(NamedTuple):
     storage_offset: int
 
 
+# The attributes _init_mask gives a masked layer beside the torch layer's: an export leaves them.
+MASKED_SETTINGS = ("structure", "inv_gamma", "implicit")
+
+
 class _Masked:
     """What MaskedConv2d and MaskedLinear share; mixed in before the torch layer."""
 
@@ -310,21 +314,29 @@ def _masked_copy(layer: nn.Module, structure: Structure) -> nn.Module:
         if hasattr(layer, hooks):
             setattr(masked, hooks, getattr(layer, hooks))
     masked._is_full_backward_hook = getattr(layer, "_is_full_backward_hook", None)
-    # The user's own attributes (a tag, a flag; a reference to the layer itself becomes one to the twin),
-    # not torch's, what is bound to the plain layer (its compiled call, a forward wrapped by accelerate's
-    # hooks), nor those whose names the masked layer uses itself (a warning names them).
-    own = {name: masked if value is layer else value for name, value in vars(layer).items()
-           if not name.startswith("_") and name not in vars(masked)  # not torch's settings either
-           and name != "forward" and getattr(value, "__self__", None) is not layer}
-    taken = sorted(name for name in own if hasattr(type(masked), name) or name in masked._parameters
-                   or name in masked._buffers)
-    for name, value in own.items():
-        if name not in taken:
-            masked.__dict__[name] = value  # as the layer held it (setattr would register a module)
+    taken = carry_attributes(layer, masked)
     if taken:
         warnings.warn(f"bipkernels.convert: the attributes {taken} of a {type(layer).__name__} are not carried "
                       "over to its masked twin, which uses those names itself", stacklevel=3)
     return masked.train(layer.training)
+
+
+def carry_attributes(old: nn.Module, new: nn.Module) -> list[str]:
+    """``new`` (in place) takes the user's own attributes of ``old``: a tag, a flag, a gain that a hook
+    reads (a reference to ``old`` itself becomes one to ``new``). Not torch's (underscored, or settings
+    that ``new`` holds too), nor what is bound to ``old`` (its compiled call, a forward wrapped by
+    accelerate's hooks), nor a masked layer's settings (MASKED_SETTINGS). Returns the names left out
+    because ``new``'s class, parameters or buffers use them (sorted), for the caller to warn of."""
+    settings = MASKED_SETTINGS if isinstance(old, _Masked) else ()
+    own = {name: new if value is old else value for name, value in vars(old).items()
+           if not name.startswith("_") and name not in vars(new) and name not in settings
+           and name != "forward" and getattr(value, "__self__", None) is not old}
+    taken = sorted(name for name in own if hasattr(type(new), name) or name in new._parameters
+                   or name in new._buffers)
+    for name, value in own.items():
+        if name not in taken:
+            new.__dict__[name] = value  # as the layer held it (setattr would register a module)
+    return taken
 
 
 def warn_emptied(owner: str, emptied: list[str]) -> None:

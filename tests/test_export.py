@@ -97,6 +97,27 @@ def test_exports_keep_hooks_frozen_flags_layout_and_the_random_stream(seed):
         assert exported.conv1.weight.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_exports_keep_the_users_attributes(seed):
+    """A user's own attributes of a layer (a gain that a hook reads, a tag, a reference to the layer),
+    which convert carried onto the masked twin, come through both exports, and so do those of a module
+    that export_shrunk rebuilds (a batch norm); the masked layers' own settings stay behind."""
+    net = Net().double()
+    net.conv1.gain = 3.0
+    net.conv1.register_forward_hook(lambda module, inputs, output: output * module.gain)
+    net.bn2.tag = "stage 2"
+    net.head.__dict__["itself"] = net.head  # not a submodule (setattr would register one: a cycle)
+    model = randomize_masked(bipkernels.convert(net, 0.0, "filter"))
+    bipkernels.project(model, 0.5, scope="layer")
+    model.eval()
+    x = torch.randn(2, 4, 4, 4, dtype=torch.float64)
+    shrunk, report = bipkernels.export_shrunk(model, x, warn=False)
+    assert report.shapes["bn2"][1] < report.shapes["bn2"][0]  # rebuilt smaller
+    for exported in (bipkernels.export_dense(model), shrunk):
+        torch.testing.assert_close(exported.eval()(x), model(x), rtol=1e-12, atol=1e-12)
+        assert exported.conv1.gain == 3.0 and exported.bn2.tag == "stage 2" and exported.head.itself is exported.head
+        assert not {"structure", "inv_gamma", "implicit"} & set(vars(exported.head))
+
+
 def test_export_carries_no_hook_of_bipkernels_own(seed):
     """convert's no-op pre-hook on a TransformerEncoderLayer's Linear layers stays behind: the export
     pickles without bipkernels and keeps torch's fused inference path."""

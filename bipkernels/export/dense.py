@@ -11,7 +11,7 @@ from torch.nn.utils import prune as torch_prune
 from torch.nn.utils import skip_init
 
 from .. import ops
-from ..nn import _HOOK_DICTS, MASKED_LAYERS, _check_model, _keep_forward, masked_layers, masks
+from ..nn import _HOOK_DICTS, MASKED_LAYERS, _check_model, _keep_forward, carry_attributes, masked_layers, masks
 
 
 @torch.no_grad()
@@ -39,8 +39,13 @@ def plain_layer(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | Non
 def carry_over(old: nn.Module, new: nn.Module) -> nn.Module:
     """``new`` (in place, returned) takes ``old``'s training mode, the requires_grad flag of each of its
     parameters by name (a parameter ``old`` lacks, such as a bias that folded constants made, takes the
-    weight's), and its hooks (the same functions: a user's hook acts on the export as on the model;
-    removing it through its handle removes it from ``old`` only)."""
+    weight's), its hooks (the same functions: a user's hook acts on the export as on the model;
+    removing it through its handle removes it from ``old`` only) and the user's own attributes
+    (nn.carry_attributes: a hook or a forward may read them)."""
+    taken = carry_attributes(old, new)
+    if taken:
+        warnings.warn(f"bipkernels export: the attributes {taken} of a {type(old).__name__} are not carried over "
+                      f"to its {type(new).__name__}, which uses those names itself", stacklevel=2)
     new.train(old.training)
     for name, parameter in new.named_parameters(recurse=False):
         source = getattr(old, name, None)
