@@ -151,15 +151,32 @@ def keep_count(n: int, sparsity: float) -> int:
     prints as: keep_count(5, 0.9) = 1 (0.5 rounds up), although 1 − 0.9 is 0.09999999999999998 in floats."""
     n = check_int("bipkernels.keep_count", "n", n)
     sparsity = check_sparsity(sparsity, "bipkernels.keep_count")
-    if torch.compiler.is_compiling():  # a symbolic float has no repr: the product in floats, with a margin
-        kept = (1.0 - sparsity) * n  # for its rounding (agrees unless the decimal has 10+ digits near a half)
-        return min(max(math.floor(kept + 0.5 + 1e-9 * max(kept, 1.0)), 0), n)
-    # sparsity = digits / 10**scale, read from its shortest repr ('0.9', '1e-05'); then all in ints.
-    mantissa, _, exponent = repr(float(sparsity)).partition("e")
-    whole, _, fraction = mantissa.partition(".")
-    digits, scale = int(whole + fraction), len(fraction) - int(exponent or 0)
-    unit = 10**scale
+    if torch.compiler.is_compiling():  # dynamo traces no repr of a float, and a symbolic one has none
+        # The product in floats is off by at most n·2^-52 from (1 − decimal)·n (the decimal's own rounding,
+        # 1 − s, the product): where it lies farther than that (n·2^-50, to spare) from a half, rounding it
+        # is exact; nearer, the decimal is found by search (a guard on the value, so the rare near-half
+        # sparsity compiles on its own).
+        kept = (1.0 - sparsity) * n
+        if abs(kept - math.floor(kept) - 0.5) > n * 2.0**-50:
+            return min(max(math.floor(kept + 0.5), 0), n)
+        digits, scale = _decimal_by_search(sparsity)
+    else:  # sparsity = digits / 10**scale, read from its shortest repr ('0.9', '1e-05')
+        mantissa, _, exponent = repr(float(sparsity)).partition("e")
+        whole, _, fraction = mantissa.partition(".")
+        digits, scale = int(whole + fraction), len(fraction) - int(exponent or 0)
+    unit = 10**scale  # then all in ints
     return min(max((2 * (unit - digits) * n + unit) // (2 * unit), 0), n)
+
+
+def _decimal_by_search(sparsity: float) -> tuple[int, int]:
+    """(digits, scale) of the decimal digits / 10**scale with the fewest places that reads as ``sparsity``,
+    in arithmetic dynamo traces: repr's own unless repr needs 16+ significant digits (the scaled float's
+    rounding may then pick a neighbour that reads the same). For keep_count near a half: s ≥ 0.5/n there,
+    so the search ends within 40 places."""
+    scale = 0
+    while round(sparsity * 10.0**scale) / 10**scale != sparsity:
+        scale += 1
+    return round(sparsity * 10.0**scale), scale
 
 
 # ----------------------------------------------------------------------------------------------- checks

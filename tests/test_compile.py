@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import bipkernels
-from bipkernels import autograd
+from bipkernels import autograd, ops
 
 from conftest import force_backend
 
@@ -203,6 +203,48 @@ def test_fused_bip_step_through_a_compiled_model_and_compiled_projection_equal_e
         bipkernels.project(reference, sparsity)
         for (name, layer), (_, expected) in zip(bipkernels.masked_layers(other), bipkernels.masked_layers(reference)):
             assert torch.equal(layer.threshold, expected.threshold), (name, sparsity)
+
+
+# (n, sparsity) where the float product lies near a half: IMP's fifth round at ResNet-18's size, where a
+# margin relative to the kept count rounded 3604528.4966 up; halves that the decimal reading rounds up.
+NEAR_HALVES = [(11_000_148, 1 - 0.8**5), (111_683, 0.12347), (11_000_000, 0.488), (5, 0.9), (3, 0.5),
+               (50_000, 1e-05), (2, 0.25), (7, 0.0), (7, 1.0), (10**12 + 1, 0.5)]
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_compiled_keep_count_equals_eager(dynamic):
+    """keep_count under compilation (floats, a search for the decimal near a half; symbolic values
+    after the first call) gives the eager count, which reads the sparsity as the decimal it prints as."""
+    counted = torch.compile(lambda x, n, sparsity: x + bipkernels.keep_count(n, sparsity), fullgraph=True,
+                            dynamic=dynamic, backend="eager")
+    for n, sparsity in NEAR_HALVES:
+        x = torch.zeros((), dtype=torch.int64)
+        assert int(counted(x, n, sparsity)) == bipkernels.keep_count(n, sparsity), (n, sparsity)
+
+
+def test_decimal_search_reads_short_decimals_as_repr(seed):
+    """The compiled keep_count's decimal search finds repr's digits wherever repr needs at most 15."""
+    generator = torch.Generator().manual_seed(0)
+    for places in range(1, 16):
+        for digits in torch.randint(0, 10**places, (200,), generator=generator).tolist():
+            sparsity = digits / 10**places
+            mantissa, _, exponent = repr(sparsity).partition("e")
+            whole, _, fraction = mantissa.partition(".")
+            found_digits, scale = ops._decimal_by_search(sparsity)
+            assert found_digits / 10**scale == sparsity
+            if sparsity:
+                assert (found_digits, scale) == (int(whole + fraction), len(fraction) - int(exponent or 0))
+
+
+def test_compiled_projection_keeps_the_exact_count(seed):
+    """A compiled project at a sparsity whose float product lies near a half keeps keep_count blocks (a
+    margin relative to the kept count kept one more)."""
+    n, sparsity = 111_683, 0.12347
+    model = bipkernels.convert(nn.Sequential(nn.Linear(1, n, bias=False)), 0.0)
+    with torch.no_grad():
+        model[0].scores.uniform_()
+    torch.compile(bipkernels.project, fullgraph=True, backend="eager")(model, sparsity)
+    assert int(model[0].mask().sum()) == bipkernels.keep_count(n, sparsity) == 97_893
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
