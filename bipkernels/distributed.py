@@ -95,11 +95,12 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _agree(owner: str, error: Exception | None, group, tensors=(), k: int | None = None,
-           scope: str | None = None) -> None:
+           scope: str | None = None, sparsity: float | None = None) -> None:
     """One all-reduce (MAX) of what every rank of ``group`` must share before a collective's work: whether
     a rank failed its checks (``error``: it raises its own, the others a RuntimeError naming the lowest
-    failing rank, by its global rank), the dtype of the block scores ``tensors`` (one over the group), ``k``
-    and ``scope`` (the same on every rank). Every rank sees the same reduced values, so every rank raises,
+    failing rank, by its global rank), the dtype of the block scores ``tensors`` (one over the group), ``k``,
+    ``scope`` and ``sparsity`` (the same on every rank: layer scope has no k to compare, and a rank of
+    its own sparsity would train on silently). Every rank sees the same reduced values, so every rank raises,
     or none. The all-reduce runs beside ``tensors`` (NCCL: on their GPU, whether or not it is the current
     one), else where the backend takes tensors. Without a process group a rank's own error is raised as it
     is."""
@@ -108,12 +109,14 @@ def _agree(owner: str, error: Exception | None, group, tensors=(), k: int | None
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     k_value = -1 if k is None else min(k, _LOW_63)
     scope_code = -1 if scope is None else SCOPES.index(scope)
+    # A sparsity in [0, 1] by its float64 bits, which order as the values do.
+    sparsity_bits = -1 if sparsity is None else _float_bits(sparsity)
     dtypes = {tensor.dtype for tensor in tensors}
     shared = [world - rank if error is not None else 0, *(int(dtype in dtypes) for dtype in _DTYPES),
-              k_value, -k_value, scope_code, -scope_code]
+              k_value, -k_value, scope_code, -scope_code, sparsity_bits, -sparsity_bits]
     reduced = torch.tensor(shared, dtype=torch.int64, device=collective_device(list(tensors), group))
     dist.all_reduce(reduced, op=dist.ReduceOp.MAX, group=group)
-    first_failed, *held, k_max, k_min, scope_max, scope_min = reduced.tolist()
+    first_failed, *held, k_max, k_min, scope_max, scope_min, sparsity_max, sparsity_min = reduced.tolist()
     if error is not None:
         raise error
     if first_failed:
@@ -131,6 +134,17 @@ def _agree(owner: str, error: Exception | None, group, tensors=(), k: int | None
     if scope_max != -scope_min:
         raise ValueError(f"{owner}: the ranks ask for different scopes ({' and '.join(SCOPES)}): every rank of the "
                          "group must pass the same scope")
+    if sparsity_max != -sparsity_min:
+        raise ValueError(f"{owner}: the ranks ask for different sparsities (from {_bits_float(-sparsity_min)} to "
+                         f"{_bits_float(sparsity_max)}): every rank of the group must pass the same sparsity")
+
+
+def _float_bits(value: float) -> int:
+    return torch.tensor(value, dtype=torch.float64).view(torch.int64).item()
+
+
+def _bits_float(bits: int) -> float:
+    return torch.tensor(bits, dtype=torch.int64).view(torch.float64).item()
 
 
 def topk_threshold(block_scores_list, k: int, group=None) -> torch.Tensor:
@@ -229,7 +243,8 @@ def project(model: nn.Module, sparsity: float, scope: str = "global", group=None
             block_scores = [layer.block_scores() for layer in layers]  # before _agree: it may fail on one rank
     except Exception as caught:  # raised on every rank by _agree
         error = caught
-    _agree(owner, error, group, block_scores if error is None else (), scope=scope if error is None else None)
+    _agree(owner, error, group, block_scores if error is None else (), scope=scope if error is None else None,
+           sparsity=float(sparsity) if error is None else None)
     if scope == "layer":
         project_locally(model, sparsity, scope)
         return

@@ -244,6 +244,12 @@ def _check_agreement(rank: int, seed: int, device: torch.device) -> None:
         distributed.project(shard, 0.6, group=dist.group.WORLD)
     with pytest.raises(ValueError, match="different scopes"):
         distributed.project(shard, 0.6, ("global", "layer")[rank], group=dist.group.WORLD)
+    # Layer scope has no k to compare: the sparsities themselves are (each rank kept its own).
+    shard = bipkernels.convert(nn.Sequential(nn.Linear(4, 2)).to(device), 0.0)
+    for scope in ("global", "layer"):
+        with pytest.raises(ValueError, match=r"the ranks ask for different sparsities \(from 0.5 to 0.7\)"):
+            distributed.project(shard, (0.5, 0.7)[rank], scope, group=dist.group.WORLD)
+    assert shard[0].mask().all()  # before any change
     # k past int64 keeps everything, as bipkernels.topk_threshold does.
     scores = torch.rand(5, device=device)
     assert torch.equal(distributed.topk_threshold([scores], 2**64)[0].cpu(),
