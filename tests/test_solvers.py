@@ -20,7 +20,8 @@ from bipkernels.structures import parse_structure
 from bipkernels.solvers.imp import imp, imp_rounds
 from bipkernels.solvers.omp import omp
 from bipkernels.solvers.training import (batch_count, epoch_batches, evaluate, fetch, model_device,
-                                         recalibrate_batchnorm, schedule_factor, shard_size, split_batches)
+                                         recalibrate_batchnorm, schedule_factor, shard_size, split_batches,
+                                         train_weights)
 
 
 def tiny_task(n: int = 96, seed: int = 0):
@@ -424,6 +425,29 @@ def test_imp_and_train_weights_on_masked_models_and_parameters_named_scores(seed
     assert model.class_scores.detach().abs().sum() > 0
     _, result = bipkernels.prune(tiny_model(), tiny_task(), "imp", 0.75, finetune_epochs=1, rate=0.5)
     assert result["epochs"] == len(imp_rounds(0.75, 0.5)) == 2
+
+
+@pytest.mark.parametrize("structure", ["unstructured", "filter"])
+def test_imp_returns_finite_scores_with_its_masks(monkeypatch, seed, structure):
+    """IMP's NaN scores of the pruned blocks do not outlive it: the model comes back with the masks of its
+    last round and finite scores, so that a later projection keeps its full count (with NaN scores,
+    project(model, 0.3) after IMP to 0.8 kept 20%)."""
+    import bipkernels.solvers.imp as imp_module
+
+    trained = {}
+
+    def train_recording(model, *args, **kwargs):
+        trained.update(bipkernels.masks(model))  # the last round's masks, which it trains
+        return train_weights(model, *args, **kwargs)
+
+    monkeypatch.setattr(imp_module, "train_weights", train_recording)
+    model = tiny_model()
+    imp(model, tiny_task(), 0.8, structure, epochs_per_round=1, rate=0.5)
+    assert all(torch.equal(mask, trained[name]) for name, mask in bipkernels.masks(model).items())
+    assert all(layer.scores.isfinite().all() for _, layer in bipkernels.masked_layers(model))
+    bipkernels.project(model, 0.3)
+    assert kept_blocks(model) == bipkernels.keep_count(sum(layer.block_scores().numel() for _, layer in
+                                                           bipkernels.masked_layers(model)), 0.3)
 
 
 @pytest.mark.parametrize("method", ["bip", "omp", "imp", "hydra", "random"])

@@ -3,7 +3,8 @@
 Each round prunes ``rate`` (20%) of the remaining blocks by magnitude, globally, rewinds the surviving
 weights to ``rewind_state`` (an early-training checkpoint of the dense model) and retrains; the last round
 lands exactly on the target sparsity. Pruned blocks stay pruned: their scores are set to NaN, which the
-top-k never keeps.
+top-k never keeps, during the rounds; the model returns with finite scores (0 where pruned) and the same
+masks, so that a later projection or BiP from it keeps its full count.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from .. import nn as masked_nn
+from ..reference import score_dtype
 from .training import check_data, check_settings, convert_to_reset, project_naming_emptied, train_weights
 
 
@@ -56,7 +58,22 @@ def imp(model: nn.Module, dataset, sparsity: float, structure="unstructured", sc
         passes += train_weights(model, dataset, epochs_per_round, lr, batch_size, seed,
                                 first_epoch=round_index * epochs_per_round,
                                 label=f"imp round {round_index + 1} ({target:.3f})")
+    if sparsity > 0:
+        _finite_scores(model, sparsity, scope)
     return passes
+
+
+@torch.no_grad()
+def _finite_scores(model: nn.Module, sparsity: float, scope: str) -> None:
+    """Scores 0 for the pruned weights and |θ| for the kept ones, then the projection again, which gives
+    the same masks: each kept score is at least a floor whose square stays a positive normal number in the
+    block scores' arithmetic, so every kept block outranks every pruned one (exactly the count kept). NaN
+    scores left in the model would make a later projection keep fewer than it asks (top-k keeps no NaN)."""
+    for _, layer in masked_nn.masked_layers(model):
+        arithmetic = score_dtype(layer.scores.dtype)
+        floor = max(torch.finfo(layer.scores.dtype).tiny, torch.finfo(arithmetic).tiny ** 0.5)
+        layer.scores.copy_(torch.where(layer.mask(), layer.weight.abs().clamp_min(floor), 0))
+    masked_nn.project(model, sparsity, scope)
 
 
 def _check_rewind_state(model: nn.Module, rewind_state) -> None:
