@@ -696,6 +696,40 @@ def test_prune_checks_the_targets_against_the_logits_before_the_model_changes(se
     bipkernels.prune(dense, pixels, "omp", 0.5, finetune_epochs=1, batch_size=4)
 
 
+def test_prune_runs_the_evaluated_splits_before_the_model_changes(seed):
+    """Validation and test data that the model cannot run (another input size or dtype), or class indices
+    of another shape than its outputs take, used to fail in evaluate after the whole run: now before it."""
+    model = tiny_model()
+    inputs, targets = tiny_task().tensors
+    with pytest.raises(ValueError, match=r"prune: test_data: the model's forward \(eval mode, no gradients\) failed "
+                                         r"on its first examples, inputs of shape \(2, 13\) and dtype torch.float32: "
+                                         "RuntimeError"):
+        bipkernels.prune(model, tiny_task(), "bip", 0.5, epochs=1, test_data=TensorDataset(torch.randn(4, 13),
+                                                                                           targets[:4]))
+    with pytest.raises(ValueError, match=r"prune: val_data: the model's forward .* dtype torch.float64"):
+        bipkernels.prune(model, tiny_task(), "bip", 0.5, epochs=1, val_data=TensorDataset(inputs.double(), targets))
+    columns = TensorDataset(inputs, targets[:, None].repeat(1, 3))
+    for name, splits in (("train_data", (columns, None)), ("val_data", (tiny_task(), columns))):
+        with pytest.raises(ValueError, match=rf"prune: {name}: class-index targets of shape \(2, 3\), but the "
+                                             r"model's outputs of shape \(2, 3\) take \(2,\)"):
+            bipkernels.prune(model, splits[0], "bip", 0.5, epochs=1, val_data=splits[1])
+    assert not bipkernels.masked_layers(model)
+
+
+@pytest.mark.parametrize(("method", "bad"), [("bip", {"lr": -1.0}), ("bip", {"lower_steps": 2}),
+                                             ("imp", {"rate": 1.5}), ("imp", {"rewind_state": {"0.weight": 0}}),
+                                             ("omp", {"lr": -1.0}), ("hydra", {"score_lr": float("nan")})])
+def test_a_bad_setting_of_the_method_leaves_an_excluding_prune_untouched(seed, method, bad):
+    """With exclude=, prune converts the model itself before the method runs: a bad setting of the method
+    was raised after that, and a corrected retry was refused ("already masked")."""
+    model = tiny_model()
+    with pytest.raises((ValueError, TypeError)):
+        bipkernels.prune(model, tiny_task(), method, 0.5, exclude="0", epochs=1, finetune_epochs=1, **bad)
+    assert not bipkernels.masked_layers(model)
+    bipkernels.prune(model, tiny_task(), method, 0.5, exclude="0", epochs=1, finetune_epochs=1)
+    assert type(model[0]) is nn.Linear and bipkernels.masked_layers(model)
+
+
 def test_a_state_saved_with_numpy_settings_loads_with_weights_only(seed, tmp_path):
     solver = bipkernels.BiP(tiny_model(), np.float64(0.5), lr=np.float32(0.1), total_steps=np.int64(10))
     torch.save(solver.state_dict(), tmp_path / "state.pt")

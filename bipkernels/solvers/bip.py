@@ -55,6 +55,13 @@ def steps_per_epoch(dataset_size: int, batch_size: int, mode: str = "fused", low
     return batch_count(shard_size(dataset_size, world_size), batch_size) // (1 if mode == "fused" else lower_steps + 1)
 
 
+def check_levels(owner: str, mode: str, lower_steps: int) -> None:
+    """ValueError naming ``owner`` for lower-level steps of their own in fused mode."""
+    if mode == "fused" and lower_steps != 1:
+        raise ValueError(f"{owner}: lower_steps={lower_steps} needs mode='faithful': fused mode takes both levels' "
+                         "steps from one backward")
+
+
 class BiP:
     """The BiP solver. Converts ``model`` (in place) if it has no masked layers yet.
 
@@ -96,9 +103,7 @@ class BiP:
                            weight_decay=weight_decay, inv_gamma=inv_gamma, implicit=implicit,
                            lower_steps=lower_steps, schedule=schedule, score_schedule=score_schedule,
                            total_steps=total_steps, step_scores_in_backward=step_scores_in_backward)
-            if mode == "fused" and lower_steps != 1:
-                raise ValueError(f"BiP: lower_steps={lower_steps} needs mode='faithful': fused mode takes both "
-                                 "levels' steps from one backward")
+            check_levels("BiP", mode, lower_steps)
             if not isinstance(model, nn.Module):
                 raise TypeError(f"BiP: model must be a torch.nn.Module, got {type(model).__name__} {model!r}")
             if group is not None and ddp_wrapper(model) is not None:

@@ -40,7 +40,7 @@ def imp(model: nn.Module, dataset, sparsity: float, structure="unstructured", sc
     check_settings("imp", sparsity=sparsity, structure=structure, scope=scope, epochs_per_round=epochs_per_round,
                    lr=lr, rate=rate, batch_size=batch_size, seed=seed)
     check_data("imp", dataset, epochs_per_round)
-    _check_rewind_state(model, rewind_state)
+    check_rewind_state(model, rewind_state)
     rewind_state = {k: v.clone() if isinstance(v, torch.Tensor) else v
                     for k, v in (rewind_state or model.state_dict()).items()}
     convert_to_reset(model, structure, scope)
@@ -76,7 +76,7 @@ def _finite_scores(model: nn.Module, sparsity: float, scope: str) -> None:
     masked_nn.project(model, sparsity, scope)
 
 
-def _check_rewind_state(model: nn.Module, rewind_state) -> None:
+def check_rewind_state(model: nn.Module, rewind_state) -> None:
     """TypeError unless ``rewind_state`` is None or a dict; ValueError naming what is missing unless it is
     empty (None and {}: the model's own weights) or holds every parameter of ``model`` but the scores, under
     one of its names (a whole checkpoint, or keys with another prefix, would otherwise rewind nothing, in

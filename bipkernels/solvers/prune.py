@@ -10,12 +10,12 @@ import torch
 from torch import nn
 
 from .. import nn as masked_nn
-from .bip import BiP, steps_per_epoch
+from .bip import BiP, check_levels, steps_per_epoch
 from .hydra import hydra
-from .imp import imp, imp_rounds
+from .imp import check_rewind_state, imp, imp_rounds
 from .omp import omp, random_prune
-from .training import (check_dataset, check_forward, check_masked_structure, check_settings, check_targets, data_shard,
-                       evaluate, fetch, forked_random_state, model_device, recalibrate_batchnorm)
+from .training import (SETTINGS, check_dataset, check_forward, check_masked_structure, check_settings, check_targets,
+                       data_shard, evaluate, fetch, forked_random_state, model_device, recalibrate_batchnorm)
 
 METHODS = ("bip", "omp", "imp", "hydra", "random")
 # What each method runs: prune's options go to it as keyword arguments.
@@ -86,10 +86,14 @@ def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0
             except (ValueError, TypeError, IndexError) as error:  # an exception's own type where it rebuilds so
                 kind = type(error) if type(error) in (ValueError, TypeError, IndexError) else ValueError
                 raise kind(f"prune: {name}: {type(error).__name__}: {error}") from error
-            check_targets(f"prune: {name}", model, data, *examples)
-    if method == "bip" and "mode" in options:
-        check_settings("prune", mode=options["mode"])
+            check_targets(f"prune: {name}", model, data, *examples, evaluated=name != "train_data")
+    # The method's own settings too, before a convert with exclude changes the model (the method checks
+    # them again, as it runs: its bad setting would have left the model converted, and a retry refused).
+    check_settings("prune", **{name: value for name, value in options.items() if name in SETTINGS})
+    if method == "imp":
+        check_rewind_state(model, rewind_state)
     if method == "bip":
+        check_levels("prune", options.get("mode", "fused"), options.get("lower_steps", 1))
         steps = epochs * steps_per_epoch(len(train_data), batch_size, options.get("mode", "fused"),
                                          options.get("lower_steps", 1), data_shard(model)[1])
         if epochs and not steps:  # before BiP converts the model

@@ -265,19 +265,29 @@ def modes_kept(model: nn.Module):
 
 
 @torch.no_grad()
-def check_targets(owner: str, model: nn.Module, dataset: Dataset, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+def check_targets(owner: str, model: nn.Module, dataset: Dataset, inputs: torch.Tensor, targets: torch.Tensor,
+                  evaluated: bool = False) -> None:
     """ValueError naming ``owner`` where the model's outputs for ``inputs`` (a few examples, run in eval
-    mode; every module's mode and the random streams are restored after) and ``targets`` cannot go together
-    in cross_entropy: class indices outside [0, classes) other than its ignore_index -100 (all of a
-    TensorDataset's targets, else the examples'), or float targets (probabilities) of another shape than
-    the outputs. Classes are dim 1 of the outputs ((N, C) or dense (N, C, ...)). A forward that fails on so
-    few examples (a batch norm without running statistics) or outputs of fewer than 2 dims are left to
-    training: the check only adds a clear error where it can tell."""
+    mode without gradients; every module's mode and the random streams are restored after) and ``targets``
+    cannot go together in cross_entropy: class indices outside [0, classes) other than its ignore_index -100
+    (all of a TensorDataset's targets, else the examples'), class indices of another shape than the outputs
+    less their class dim, or float targets (probabilities) of another shape than the outputs. Classes are
+    dim 1 of the outputs ((N, C) or dense (N, C, ...)). A forward that fails on so few examples (a batch
+    norm without running statistics) or outputs of fewer than 2 dims are left to training, unless the data
+    are ``evaluated`` only (validation, test: run just so, after all the training), where a failing
+    forward is a ValueError (TypeError for a TypeError) naming ``owner`` and the error."""
     try:
-        with modes_kept(model), forked_random_state():
+        with modes_kept(model), forked_random_state(), torch.no_grad():
             outputs = model.eval()(inputs)
-    except Exception:  # training raises the real error, with its own trace
-        return
+    except torch.cuda.OutOfMemoryError:  # a resource, not a model that does not fit the data
+        raise
+    except Exception as error:  # training raises the real error, with its own trace
+        if not evaluated:
+            return
+        kind = TypeError if isinstance(error, TypeError) else ValueError
+        raise kind(f"{owner}: the model's forward (eval mode, no gradients) failed on its first examples, inputs "
+                   f"of shape {tuple(inputs.shape)} and dtype {inputs.dtype}: {type(error).__name__}: {error}") \
+            from error
     if not (isinstance(outputs, torch.Tensor) and outputs.dim() >= 2 and len(outputs) == len(inputs)):
         return
     if targets.is_floating_point() or targets.is_complex():
@@ -285,6 +295,11 @@ def check_targets(owner: str, model: nn.Module, dataset: Dataset, inputs: torch.
             raise ValueError(f"{owner}: float targets (probabilities) of shape {tuple(targets.shape)} but the model's "
                              f"outputs have shape {tuple(outputs.shape)}")
         return
+    indices_shape = outputs.shape[:1] + outputs.shape[2:]
+    if targets.shape != indices_shape:
+        raise ValueError(f"{owner}: class-index targets of shape {tuple(targets.shape)}, but the model's outputs of "
+                         f"shape {tuple(outputs.shape)} take {tuple(indices_shape)} (one class index per output, "
+                         "classes in dim 1)")
     if type(dataset) is TensorDataset and len(dataset.tensors) == 2 and not dataset.tensors[1].is_floating_point():
         targets = dataset.tensors[1]
     classes = outputs.shape[1]
