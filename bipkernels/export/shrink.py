@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import reprlib
 import warnings
 from dataclasses import dataclass, field
 
@@ -260,7 +261,7 @@ def export_shrunk(model: nn.Module, example_inputs, *, warn: bool = True) -> tup
         raise TypeError(f"bipkernels.export_shrunk: warn must be a bool, got {type(warn).__name__} {warn!r}")
     if not isinstance(example_inputs, (torch.Tensor, tuple, list)):
         raise TypeError(f"bipkernels.export_shrunk: example_inputs must be a tensor or a tuple of the forward's "
-                        f"arguments, got {type(example_inputs).__name__} {example_inputs!r}")
+                        f"arguments, got {type(example_inputs).__name__} {reprlib.repr(example_inputs)}")
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     for index, tensor in enumerate(inputs):
         if isinstance(tensor, torch.Tensor) and tensor.numel() == 0:
