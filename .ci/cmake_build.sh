@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# CPU-only CMake build of bipkernels._C into build-cmake/, then a smoke test of the built module.
-# Run from the repository root. PYTHON (default .venv/bin/python) must have torch and pybind11;
-# MAX_JOBS (default 2) sets the parallel compile jobs.
+# CMake build of bipkernels._C into build-cmake/, then a smoke test of the built module: with the CUDA
+# kernels where torch is a CUDA build and nvcc is found (as setup.py's BIPKERNELS_CUDA=auto; about 2
+# minutes more on 2 cores), BIPKERNELS_CUDA=0 for the CPU kernels alone. Run from the repository root.
+# PYTHON (default .venv/bin/python) must have torch and pybind11; MAX_JOBS (default 2) sets the
+# parallel compile jobs.
 set -euo pipefail
 
 PYTHON=${PYTHON:-.venv/bin/python}
@@ -25,10 +27,14 @@ except ImportError:
 print(hits[0] if hits else '')")
 
 cuda_args=()
+cuda=OFF
 if [[ -x "$CUDA_ROOT/bin/nvcc" ]]; then
-  # Not for compiling anything (BIPKERNELS_CUDA=OFF): a CUDA build of torch fails find_package(Torch) without them.
+  # A CUDA build of torch fails find_package(Torch) without them, even when nothing is compiled by nvcc.
   cuda_args+=(-DCUDA_TOOLKIT_ROOT_DIR="$CUDA_ROOT" -DCMAKE_CUDA_COMPILER="$CUDA_ROOT/bin/nvcc")
   if [[ -n "$nvrtc" ]]; then cuda_args+=(-DCUDA_nvrtc_LIBRARY="$nvrtc"); fi
+  if [[ ${BIPKERNELS_CUDA:-auto} != 0 ]] && "$PYTHON" -c "import sys, torch; sys.exit(torch.version.cuda is None)"; then
+    cuda=ON
+  fi
 fi
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 
@@ -38,7 +44,7 @@ command -v ninja >/dev/null && generator=(-G Ninja)
 start=$(date +%s)
 cmake -S . -B "$BUILD_DIR" "${generator[@]}" \
   -DCMAKE_BUILD_TYPE=Release \
-  -DBIPKERNELS_CUDA=OFF \
+  -DBIPKERNELS_CUDA=$cuda \
   -DCMAKE_PREFIX_PATH="$torch_prefix" \
   -Dpybind11_DIR="$pybind11_dir" \
   -DPython_EXECUTABLE="$PYTHON" \
@@ -46,18 +52,18 @@ cmake -S . -B "$BUILD_DIR" "${generator[@]}" \
 configured=$(date +%s)
 cmake --build "$BUILD_DIR" --parallel "${MAX_JOBS:-2}"
 built=$(date +%s)
-echo "cmake build: configure $((configured - start)) s, build $((built - configured)) s"
+echo "cmake build (CUDA kernels $cuda): configure $((configured - start)) s, build $((built - configured)) s"
 
 # Load the .so directly: importing the bipkernels package would load the setup.py-built _C as well and
 # register the ops twice. The module name must be "_C" because the init function is PyInit__C.
-"$PYTHON" - "$BUILD_DIR" <<'PY'
+"$PYTHON" - "$BUILD_DIR" "$cuda" <<'PY'
 import glob
 import importlib.util
 import sys
 
 import torch
 
-build_dir = sys.argv[1]
+build_dir, cuda = sys.argv[1:]
 paths = sorted(glob.glob(f"{build_dir}/_C*.so"))
 if len(paths) != 1:
     sys.exit(f"smoke test: expected one {build_dir}/_C*.so, found {paths}")
@@ -76,7 +82,11 @@ if not torch.equal(out, weight):
     sys.exit(f"smoke test: masked_weight with threshold -inf changed the weight:\n{out}\n{weight}")
 kernels = module.registered_kernels()
 print(f"registered_kernels: {kernels}")
-if "CPU" not in kernels.get("masked_weight", []):
-    sys.exit("smoke test: masked_weight has no CPU kernel")
+expected = {"CPU", "CUDA"} if cuda == "ON" else {"CPU"}
+for op in ("block_scores", "topk_threshold", "block_mask", "masked_weight", "hypergrad"):
+    if set(kernels.get(op, [])) != expected:
+        sys.exit(f"smoke test: {op} has kernels {kernels.get(op)}, expected {sorted(expected)}")
+if module.with_cuda != (cuda == "ON"):
+    sys.exit(f"smoke test: with_cuda is {module.with_cuda} in a build with BIPKERNELS_CUDA={cuda}")
 PY
 echo "cmake build: ok"

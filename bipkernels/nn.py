@@ -176,16 +176,20 @@ class _Masked:
         self.structure = Structure(*state["structure"])
 
     def _apply(self, fn, recurse=True):
-        # The threshold must stay float64 (its cut is an exact index) whatever dtype the layer moves to.
+        # The threshold must stay float64 (its cut is an exact index) whatever dtype the layer moves to;
+        # ``fn`` still reaches it (share_memory, a move). Its device is the scores': reading self.weight
+        # would run a parametrization (a power iteration) or find torch.nn.utils.prune's unmoved copy.
         threshold = self._buffers.pop("threshold")
         scores = self.scores.detach()  # the values before a dtype change rounds them
         try:
             result = super()._apply(fn, recurse)
         finally:
             self._buffers["threshold"] = threshold
-        # A threshold on the meta device has no values to move (to_empty): keep-all, as a new layer starts.
-        self._buffers["threshold"] = keep_all_threshold(self.weight.device) if threshold.is_meta else \
-            threshold.to(self.weight.device)
+        if threshold.is_meta:  # no values to move (to_empty): keep-all, as a new layer starts
+            self._buffers["threshold"] = keep_all_threshold(self.scores.device)
+        else:
+            moved = fn(threshold)
+            self._buffers["threshold"] = moved if moved.dtype == torch.float64 else threshold.to(moved.device)
         if self.scores.dtype != scores.dtype:
             self._keep_kept_count(scores, threshold)
         return result
@@ -250,6 +254,9 @@ class MaskedLinear(_Masked, nn.Linear):
         parsed = _constructor_checks("MaskedLinear", structure, dtype)
         super().__init__(in_features, out_features, bias, device, dtype)
         self._init_mask(parsed)
+        # An nn.TransformerEncoderLayer's inference fast path (eval, no grad) hands linear1/linear2.weight
+        # (θ, unmasked) straight to one fused kernel, skipping their forward, unless a submodule has a hook.
+        self.register_forward_pre_hook(_keep_forward)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if ops.masked_linear_fused(input, self.weight):  # the mask applied inside the matmuls (triton)
@@ -284,8 +291,11 @@ def unmasked_layers(model: nn.Module) -> dict[str, str]:
     nn.Conv1d, and layers excluded from ``convert``. Norms and biases (1-D) are not listed. Empty when
     every such weight is masked."""
     _check_model("unmasked_layers", model)
+    # A masked layer's weight parametrized (weight_norm) holds it in a child, which the mask covers.
+    inside_masked = {id(child) for layer in model.modules() if isinstance(layer, MASKED_LAYERS)
+                     for child in layer.modules() if child is not layer}
     return {name: type(module).__name__ for name, module in model.named_modules()
-            if not isinstance(module, MASKED_LAYERS) and any(
+            if not isinstance(module, MASKED_LAYERS) and id(module) not in inside_masked and any(
                 p.dim() >= 2 if key == "weight" else sum(size > 1 for size in p.shape) >= 2
                 for key, p in module.named_parameters(recurse=False))}
 
@@ -361,9 +371,9 @@ def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure 
     Conv2d / Linear (e.g. attention's output projection), attention's raw projection weights and other
     layer types stay dense, and a warning lists them (``unmasked_layers``, less the excluded ones).
     Grouped and depthwise convolutions are converted (their weight is (out, in / groups, kh, kw): a
-    channel block is an input channel of every group). The Linear layers of an nn.TransformerEncoderLayer
-    get a no-op forward pre-hook, which keeps the layer off its inference fast path (that path reads their
-    weights directly, unmasked). Returns ``model``; a bare nn.Conv2d / nn.Linear cannot be swapped in
+    channel block is an input channel of every group). Every MaskedLinear has a no-op forward pre-hook,
+    which keeps an nn.TransformerEncoderLayer holding one off its inference fast path (that path reads
+    linear1/linear2.weight directly, unmasked). Returns ``model``; a bare nn.Conv2d / nn.Linear cannot be swapped in
     place, so for one the masked twin is returned (holding the same Parameter objects): assign the result.
 
     Every argument is checked before the model is touched: a bad one (or a structure that does not fit
@@ -415,6 +425,10 @@ def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure 
         if extra:  # the masked twin has no place for them
             raise ValueError(f"{op}: layer {qualified!r} ({type(child).__name__}) carries {extra} beside its weight "
                              "and bias: exclude it, or move them to a module of their own")
+        if child.weight.dtype not in ops._FLOATING:
+            raise TypeError(f"{op}: layer {qualified!r} ({type(child).__name__}) has weights of dtype "
+                            f"{child.weight.dtype}; masked layers are float32, float64, float16 or bfloat16: "
+                            "exclude it")
         try:
             parsed.check_shape(child.weight.shape, "weight")
         except ValueError as error:
@@ -460,11 +474,11 @@ def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure 
         for parent, child_name, child in swaps:
             setattr(parent, child_name, child)
         raise
-    # A TransformerEncoderLayer's inference fast path (eval, no grad) hands linear1/linear2.weight (θ,
-    # unmasked) straight to one fused kernel, skipping their forward; torch takes the plain path while a
-    # submodule has a forward hook. (Registered last: the twin shares its hook dicts with the plain layer.)
-    for key in {id(child) for parent, _, child in swaps if isinstance(parent, nn.TransformerEncoderLayer)}:
-        twins[key].register_forward_pre_hook(_keep_forward)
+    # A twin took the plain layer's hook dicts in place of its own, which held MaskedLinear's _keep_forward.
+    # (Registered last: those dicts are the plain layer's, which a failed convert leaves as it was.)
+    for twin in twins.values():
+        if isinstance(twin, MaskedLinear):
+            twin.register_forward_pre_hook(_keep_forward)
     after = masks(model) if already or (scope == "global" and sparsity < 1 and not meta) else {}
     changed = [name for name, mask in already if not torch.equal(after[name], mask)]
     if changed:
@@ -552,6 +566,10 @@ def project(model: nn.Module, sparsity: float, scope: str = "global") -> None:
         raise ValueError(f"bipkernels.project: scope must be one of {SCOPES}, got {scope!r}")
     ops.check_sparsity(sparsity, "bipkernels.project")
     named = ranked_layers(model)
+    meta = [name for name, layer in named if layer.scores.is_meta]
+    if meta:
+        raise ValueError(f"bipkernels.project: the scores of {', '.join(meta)} are on the meta device, with no values "
+                         "to rank: load the weights (load_state_dict(..., assign=True), or to_empty and load) first")
     if not named:
         return
     if scope == "global":
@@ -570,6 +588,19 @@ def project(model: nn.Module, sparsity: float, scope: str = "global") -> None:
                       for scores in ranked]
     for layer, threshold in zip(layers, thresholds):
         layer.threshold.copy_(threshold)
+
+
+def freeze_masks(model: nn.Module) -> nn.Module:
+    """Stops the masked layers' scores from training (requires_grad False; returns ``model``), so that an
+    optimiser built on model.parameters() to fine-tune a pruned model keeps its masks: the thresholds are
+    fixed numbers, so scores that an optimiser (or its weight decay) moves would change which blocks pass
+    them, and the sparsity with them. The backward then skips the score gradient. BiP and HYDRA train the
+    scores: a model frozen so is refused by neither, but its masks will not move (requires_grad_(True)
+    on the scores undoes it)."""
+    _check_model("freeze_masks", model)
+    for _, layer in masked_layers(model):
+        layer.scores.requires_grad_(False)
+    return model
 
 
 @torch.no_grad()

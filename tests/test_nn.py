@@ -300,6 +300,64 @@ def test_convert_keeps_device_dtype_mode_and_threshold_stays_float64():
     assert int(layer.mask().sum()) == 8
 
 
+def test_moves_reach_the_threshold_without_reading_the_weight():
+    """share_memory shares the threshold as any buffer (it was left out, so a worker's projection was lost);
+    a move takes the scores' device, not the weight's: torch.nn.utils.prune's weight is a plain attribute
+    that stays behind, and a parametrized weight ran its parametrization (a power iteration) on .to()."""
+    layer = bipkernels.convert(nn.Linear(8, 8), 0.5)
+    layer.share_memory()
+    assert layer.scores.is_shared() and layer.threshold.is_shared()
+    torch.nn.utils.prune.l1_unstructured(layer, "weight", 0.3)
+    layer.to("meta")
+    assert layer.threshold.device.type == "meta" and layer.threshold.dtype == torch.float64
+    normed = bipkernels.convert(nn.Linear(8, 8), 0.5)
+    torch.nn.utils.parametrizations.spectral_norm(normed)
+    vector = normed.parametrizations.weight[0]._u.clone()
+    normed.to("cpu")
+    assert torch.equal(normed.parametrizations.weight[0]._u, vector)
+    assert bipkernels.unmasked_layers(nn.Sequential(normed)) == {}  # the parametrization's child is masked
+
+
+def test_project_refuses_scores_on_the_meta_device():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4))
+    bipkernels.convert(model)
+    with pytest.raises(ValueError, match=r"bipkernels.project: the scores of 0, 1 are on the meta device"):
+        bipkernels.project(model, 0.9)
+
+
+def test_freeze_masks_keeps_the_sparsity_through_fine_tuning(seed):
+    """An optimiser over model.parameters() trains the scores too, under fixed thresholds: 50 Adam steps
+    took a model pruned to 90% to about 55%. Frozen, the masks stay (and weight decay leaves them)."""
+    model = bipkernels.convert(nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 5)), 0.9)
+    masks = bipkernels.masks(model)
+    assert bipkernels.freeze_masks(model) is model
+    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    x, y = torch.randn(256, 20), torch.randint(0, 5, (256,))
+    for _ in range(20):
+        optimiser.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimiser.step()
+    assert all(torch.equal(mask, masks[name]) for name, mask in bipkernels.masks(model).items())
+    assert all(layer.scores.grad is None for _, layer in bipkernels.masked_layers(model))
+
+
+@pytest.mark.parametrize("make", [lambda linear: bipkernels.convert(linear, 0.9),
+                                  lambda linear: bipkernels.MaskedLinear(16, 32)])
+def test_a_masked_linear_put_into_a_transformer_layer_keeps_its_mask_on_the_fast_path(seed, make):
+    """A TransformerEncoderLayer in eval mode without gradients hands linear1.weight (θ) to one fused
+    kernel unless a submodule has a hook: a MaskedLinear assigned by hand (a bare layer's convert, or one
+    built directly) ran unmasked there, while convert of the parent hooked its twins only."""
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
+    layer.linear1 = make(layer.linear1)
+    bipkernels.project(layer, 0.9)
+    layer.eval()
+    x = torch.randn(3, 7, 16)
+    with torch.no_grad():
+        fast = layer(x)
+    torch.testing.assert_close(fast, layer(x), rtol=1e-5, atol=1e-5)
+
+
 def _reference_top_mask(scores: torch.Tensor, k: int, structure: str) -> torch.Tensor:
     """The mask of the top ``k`` blocks of ``scores`` by the reference alone: the layer's mask comes from the
     default backend's kernels, which an expectation from bipkernels.topk_masks would share."""
@@ -352,6 +410,11 @@ def test_project_rejects_bad_arguments():
         bipkernels.project(model, 1.5)
     with pytest.raises(ValueError, match="not a multiple of M = 4"):
         bipkernels.MaskedLinear(6, 3, structure="2:4")
+    complex_model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3, dtype=torch.complex64))
+    with pytest.raises(TypeError, match=r"bipkernels.convert: layer '1' \(Linear\) has weights of dtype "
+                                        r"torch.complex64; .* exclude it"):
+        bipkernels.convert(complex_model, 0.5)
+    assert type(complex_model[0]) is nn.Linear
 
 
 @pytest.mark.parametrize("make, input_shape", [

@@ -26,7 +26,8 @@ __global__ void hypergrad_kernel(MaskRule<scalar_t, score_t> unloaded, const sca
 #pragma unroll
     for (int j = 0; j < W; ++j) {
       const auto element = hypergrad_element<acc_t>(static_cast<acc_t>(g.lane[j]), static_cast<acc_t>(t.lane[j]),
-                                                    rule.template kept<Kind>(first + j), s.lane[j] < scalar_t(0),
+                                                    rule.template kept<Kind>(first + j),
+                                                    static_cast<acc_t>(s.lane[j]) < acc_t(0),
                                                     inv_gamma, implicit);
       out_theta.lane[j] = static_cast<scalar_t>(element.grad_theta);
       out_score.lane[j] = static_cast<scalar_t>(element.grad_score);
