@@ -17,8 +17,8 @@ from torch.library import triton_op
 
 from ..reference import score_dtype
 from ..structures import Structure
-from .layout import (CHANNEL, FILTER, TILE, Matrix, check_float, launch_size, matrix_of, on_device, structure_of,
-                     traceable, widen)
+from .layout import (CHANNEL, FILTER, TILE, Matrix, check_float, launch_size, matrix_of, on_device, product,
+                     structure_of, traceable, widen)
 
 
 @triton.jit
@@ -54,8 +54,8 @@ def _block_scores_kernel(scores_ptr, out_ptr, n_blocks, block_len, rows, cols, i
         flat, exists = _element(blocks[:, None], j[None, :], rows, cols, inner, tile_cols, KIND, A, B)
         exists = exists & (blocks[:, None] < n_blocks)
         magnitude = tl.abs(widen(tl.load(scores_ptr + flat, mask=exists, other=0.0)).to(tl.float64))
-        if SQUARE:
-            magnitude = magnitude * magnitude
+        if SQUARE:  # not fused into the sum (layout.product): float64 squares round, as in the C++ kernels
+            magnitude = product(magnitude, magnitude)
         total += tl.sum(magnitude, axis=1)
     tl.store(out_ptr + blocks, total.to(out_ptr.dtype.element_ty), mask=blocks < n_blocks)
 

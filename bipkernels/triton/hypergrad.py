@@ -15,7 +15,8 @@ from torch.library import triton_op
 
 from ..reference import IMPLICIT_FORMS
 from . import mask_rule
-from .layout import check_float, check_like, launch_size, narrow, on_device, structure_of, traceable, widen
+from .layout import (check_float, check_like, launch_size, narrow, on_device, product, structure_of, traceable,
+                     widen)
 
 _BLOCK = launch_size(1024, 64)
 
@@ -24,13 +25,13 @@ _BLOCK = launch_size(1024, 64)
 def values(grad, theta, keep, negative, inv_gamma, RELEASED: tl.constexpr):
     """(grad_θ, grad_s) of one element from g and θ in the accumulation type (math.h hypergrad_element).
     grad_θ is a select: g may be inf or NaN where pruned. ``negative``: s < 0, where grad_s changes sign."""
-    direct = theta * grad
+    direct = product(theta, grad)  # products rounded on their own, as in the C++ kernels (layout.product)
     if RELEASED:
         implicit = direct * direct
     else:
         implicit = tl.where(keep, grad * grad, tl.zeros_like(grad))
     # inv_gamma 0 is the plain straight-through gradient, even where g * g overflows (0 * inf is NaN).
-    grad_mask = tl.where(inv_gamma == 0, direct, direct - inv_gamma * implicit)
+    grad_mask = tl.where(inv_gamma == 0, direct, direct - product(inv_gamma, implicit))
     # The sign flip as a product: triton 3.6 builds -x as 0 - x (3.8 as a negation), so -(+0.0) was +0.0
     # where the reference's grad_s is -0.0; x · -1 is exact and gives -0.0 on every version.
     return tl.where(keep, grad, tl.zeros_like(grad)), tl.where(negative, grad_mask * -1.0, grad_mask)

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
+from triton.language.extra import libdevice
 
 from ..structures import KINDS, Structure
 from . import interpreting
@@ -81,6 +82,22 @@ def check_threshold(op: str, threshold: torch.Tensor, scores: torch.Tensor, stru
                          f"{threshold.dtype} of shape {tuple(threshold.shape)}")
     if threshold.device != scores.device:
         raise ValueError(f"bipkernels.{op}: threshold is on {threshold.device} but scores are on {scores.device}")
+
+
+# Compiled kernels contract a · b + c into one fused multiply-add (rounded once) unless told not to; the
+# C++ and CUDA kernels never do (-ffp-contract=off, --fmad=false), and the triton backend's gradients
+# must equal theirs. libdevice's mul_rn is a product the compiler does not fuse. The interpreter computes
+# in NumPy, which never fuses, and has no libdevice.
+_FUSES = tl.constexpr(not INTERPRETING)
+
+
+@triton.jit
+def product(a, b):
+    """a · b (float32 or float64), rounded on its own before any add it meets."""
+    if _FUSES:
+        return libdevice.mul_rn(a, b)
+    else:
+        return a * b
 
 
 @triton.jit

@@ -8,7 +8,7 @@ tensor is ever written. For input x (M, K), weight θ and scores s (N, K), g = �
                                I = m ⊙ G ⊙ G (paper) or (θ ⊙ G)² (released)
 
 Inputs of more than two dimensions are flattened to (M, K) rows. float32 (TF32 when torch allows it
-for float32 matmuls: torch.get_float32_matmul_precision() != "highest"), float16 and bfloat16; products
+for float32 matmuls: float32_matmuls_use_tf32), float16 and bfloat16; products
 accumulate in float32 and the hypergradient is computed from the float32 G (the unfused chain rounds G
 to the weight's dtype first). Every structure of a 2-D weight: unstructured, filter, channel, N:M, tile
 (mask_rule.kept). float64 has no matmul here: bipkernels.ops.masked_linear_fused sends it, like autocast
@@ -140,7 +140,7 @@ def _masked_weight_tile(weight_ptr, scores_ptr, block_scores_ptr, value, cut, ti
     return tl.where(keep, weight, tl.zeros_like(weight))
 
 
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "KIND", "TRANSPOSED"])
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "KIND", "TRANSPOSED", "TF32"])
 @triton.jit
 def _times_masked_weight_kernel(scores_ptr, block_scores_ptr, threshold_ptr, cols, inner, tile_cols, a_ptr,
                                 weight_ptr, bias_ptr, out_ptr, M, M_BUCKET, N, K, KIND: tl.constexpr,
@@ -175,7 +175,7 @@ def _times_masked_weight_kernel(scores_ptr, block_scores_ptr, threshold_ptr, col
              mask=(rows[:, None] < M) & (cols_out[None, :] < out_cols))
 
 
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "KIND", "PARTIAL"])
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "KIND", "PARTIAL", "TF32"])
 @triton.jit
 def _weight_grad_kernel(scores_ptr, block_scores_ptr, threshold_ptr, cols, inner, tile_cols, grad_out_ptr, x_ptr,
                         weight_ptr, inv_gamma_ptr, grad_weight_ptr, grad_scores_ptr, partial_ptr, rows_per_slice, M,
@@ -231,8 +231,19 @@ def _check(op: str, weight: torch.Tensor, scores: torch.Tensor, threshold: torch
 
 def _common(weight: torch.Tensor) -> dict:
     # TF32 exactly when torch uses it for float32 matmuls (nn.Linear); the interpreter's dot misreads bf16.
-    return dict(TF32=weight.dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest",
+    return dict(TF32=weight.dtype == torch.float32 and float32_matmuls_use_tf32(),
                 WIDEN=INTERPRETING and weight.dtype == torch.bfloat16)
+
+
+def float32_matmuls_use_tf32() -> bool:
+    """Whether torch runs float32 matmuls on CUDA in TF32, read from the precision settings: the CUDA
+    matmuls' own unless "none", else the global one (torch.get_float32_matmul_precision raises once these
+    were set, as torch.backends.fp32_precision = "tf32" does), or on a torch without them, the legacy
+    precision ("high" and "medium" allow TF32)."""
+    matmul = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if matmul is None:
+        return torch.get_float32_matmul_precision() != "highest"
+    return (matmul if matmul != "none" else torch.backends.fp32_precision) == "tf32"
 
 
 def _grid(rows: int, cols: int, slices: int = 1):

@@ -273,6 +273,40 @@ def test_autotuning_is_keyed_on_the_row_bucket(monkeypatch, seed):
         assert len(benchmarked) == 2 * 3 * rounds
 
 
+@pytest.mark.parametrize("setting", ["default", "legacy high", "legacy highest", "global tf32", "matmul tf32",
+                                     "global tf32, matmul ieee"])
+def test_tf32_follows_torchs_precision_settings(seed, setting):
+    """The fused float32 matmul uses TF32 when torch's float32 CUDA matmuls do, whichever API set it:
+    torch.get_float32_matmul_precision raises once the newer fp32_precision settings were made, so every
+    float32 call through the fused path failed after torch.backends.fp32_precision = "tf32"."""
+    from bipkernels.triton import masked_linear as kernels
+
+    saved = (torch.get_float32_matmul_precision(), torch.backends.fp32_precision,
+             torch.backends.cuda.matmul.fp32_precision)
+    try:
+        if setting.startswith("legacy"):
+            torch.set_float32_matmul_precision(setting.split()[1])
+        if setting.startswith("global"):
+            torch.backends.fp32_precision = "tf32"
+        if setting.startswith("matmul"):
+            torch.backends.cuda.matmul.fp32_precision = "tf32"
+        if setting.endswith("matmul ieee"):
+            torch.backends.cuda.matmul.fp32_precision = "ieee"
+        expected = setting in ("legacy high", "global tf32", "matmul tf32")
+        assert kernels.float32_matmuls_use_tf32() is expected
+        weight = torch.randn(6, 8)
+        assert kernels._common(weight)["TF32"] is expected and not kernels._common(weight.half())["TF32"]
+        threshold = torch.tensor([-math.inf, math.inf], dtype=torch.float64)
+        x = torch.randn(5, 8)
+        torch.testing.assert_close(torch.ops.bipkernels_triton.masked_linear(x, weight, weight, threshold, None,
+                                                                            0, 0, 0, 1), x @ weight.T)
+    finally:
+        torch.backends.fp32_precision = "none"
+        torch.backends.cuda.matmul.fp32_precision = "none"
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision = saved[1:]
+
+
 def test_errors_name_the_op(triton_backend):
     structure = parse_structure("unstructured")
     weight, keep_all = torch.randn(4, 6), torch.tensor([float("-inf"), float("inf")], dtype=torch.float64)
