@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# CMake build of bipkernels._C into build-cmake/, then a smoke test of the built module: with the CUDA
-# kernels where torch is a CUDA build and nvcc is found (as setup.py's BIPKERNELS_CUDA=auto; about 2
-# minutes more on 2 cores), BIPKERNELS_CUDA=0 for the CPU kernels alone. Run from the repository root.
+# CMake build of bipkernels._C into build-cmake/, then a smoke test of the built module. BIPKERNELS_CUDA
+# as for setup.py: auto (default) builds the CUDA kernels where torch is a CUDA build and nvcc is found
+# (2 to 4 minutes more on 2 cores), 1 builds them or fails, 0 builds the CPU kernels alone. Run from the
+# repository root.
 # PYTHON (default .venv/bin/python) must have torch and pybind11; MAX_JOBS (default 2) sets the
 # parallel compile jobs.
 set -euo pipefail
@@ -27,15 +28,23 @@ except ImportError:
 print(hits[0] if hits else '')")
 
 cuda_args=()
-cuda=OFF
+torch_has_cuda=0
+"$PYTHON" -c "import sys, torch; sys.exit(torch.version.cuda is None)" && torch_has_cuda=1
 if [[ -x "$CUDA_ROOT/bin/nvcc" ]]; then
   # A CUDA build of torch fails find_package(Torch) without them, even when nothing is compiled by nvcc.
   cuda_args+=(-DCUDA_TOOLKIT_ROOT_DIR="$CUDA_ROOT" -DCMAKE_CUDA_COMPILER="$CUDA_ROOT/bin/nvcc")
   if [[ -n "$nvrtc" ]]; then cuda_args+=(-DCUDA_nvrtc_LIBRARY="$nvrtc"); fi
-  if [[ ${BIPKERNELS_CUDA:-auto} != 0 ]] && "$PYTHON" -c "import sys, torch; sys.exit(torch.version.cuda is None)"; then
-    cuda=ON
-  fi
 fi
+case ${BIPKERNELS_CUDA:-auto} in
+  0) cuda=OFF ;;
+  1) cuda=ON
+     if [[ ! -x "$CUDA_ROOT/bin/nvcc" || $torch_has_cuda == 0 ]]; then
+       echo "cmake build: BIPKERNELS_CUDA=1, but nvcc ($CUDA_ROOT/bin/nvcc) or a CUDA build of torch is missing" >&2
+       exit 1
+     fi ;;
+  auto) if [[ -x "$CUDA_ROOT/bin/nvcc" && $torch_has_cuda == 1 ]]; then cuda=ON; else cuda=OFF; fi ;;
+  *) echo "cmake build: BIPKERNELS_CUDA must be auto, 0 or 1, got '$BIPKERNELS_CUDA'" >&2; exit 1 ;;
+esac
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 
 generator=()

@@ -244,7 +244,7 @@ def project(model: nn.Module, sparsity: float, scope: str = "global", group=None
     except Exception as caught:  # raised on every rank by _agree
         error = caught
     _agree(owner, error, group, block_scores if error is None else (), scope=scope if error is None else None,
-           sparsity=float(sparsity) if error is None else None)
+           sparsity=float(sparsity) + 0.0 if error is None else None)  # -0.0 is 0.0 (its bits overflowed)
     if scope == "layer":
         project_locally(model, sparsity, scope)
         return

@@ -25,6 +25,7 @@ NaN and ±inf, on every backend:
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from typing import NamedTuple
@@ -291,9 +292,10 @@ def unmasked_layers(model: nn.Module) -> dict[str, str]:
     nn.Conv1d, and layers excluded from ``convert``. Norms and biases (1-D) are not listed. Empty when
     every such weight is masked."""
     _check_model("unmasked_layers", model)
-    # A masked layer's weight parametrized (weight_norm) holds it in a child, which the mask covers.
+    # A masked layer's weight parametrized (weight_norm) lies in its parametrizations, which the mask
+    # covers; other modules inside a masked layer (an adapter) are its own.
     inside_masked = {id(child) for layer in model.modules() if isinstance(layer, MASKED_LAYERS)
-                     for child in layer.modules() if child is not layer}
+                     and hasattr(layer, "parametrizations") for child in layer.parametrizations.modules()}
     return {name: type(module).__name__ for name, module in model.named_modules()
             if not isinstance(module, MASKED_LAYERS) and id(module) not in inside_masked and any(
                 p.dim() >= 2 if key == "weight" else sum(size > 1 for size in p.shape) >= 2
@@ -331,21 +333,22 @@ def _masked_copy(layer: nn.Module, structure: Structure) -> nn.Module:
     return masked.train(layer.training)
 
 
-def carry_attributes(old: nn.Module, new: nn.Module) -> list[str]:
+def carry_attributes(old: nn.Module, new: nn.Module, memo: dict | None = None) -> list[str]:
     """``new`` (in place) takes the user's own attributes of ``old``: a tag, a flag, a gain that a hook
-    reads (a reference to ``old`` itself becomes one to ``new``). Not torch's (underscored, or settings
-    that ``new`` holds too), nor what is bound to ``old`` (its compiled call, a forward wrapped by
+    reads (a reference to ``old`` itself becomes one to ``new``), the same objects, or deep copies made
+    through ``memo`` (a copy of the model's, which maps ``old`` to ``new``). Not torch's (underscored, or
+    settings that ``new`` holds too), nor what is bound to ``old`` (its compiled call, a forward wrapped by
     accelerate's hooks), nor a masked layer's settings (MASKED_SETTINGS). Returns the names left out
     because ``new``'s class, parameters or buffers use them (sorted), for the caller to warn of."""
     settings = MASKED_SETTINGS if isinstance(old, _Masked) else ()
-    own = {name: new if value is old else value for name, value in vars(old).items()
+    own = {name: value for name, value in vars(old).items()
            if not name.startswith("_") and name not in vars(new) and name not in settings
            and name != "forward" and getattr(value, "__self__", None) is not old}
     taken = sorted(name for name in own if hasattr(type(new), name) or name in new._parameters
                    or name in new._buffers)
     for name, value in own.items():
-        if name not in taken:
-            new.__dict__[name] = value  # as the layer held it (setattr would register a module)
+        if name not in taken:  # as the layer held it (setattr would register a module)
+            new.__dict__[name] = new if value is old else value if memo is None else copy.deepcopy(value, memo)
     return taken
 
 
@@ -486,7 +489,8 @@ def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure 
                       f"convert projects every masked layer of the model to sparsity {sparsity}; to add layers to "
                       "a pruned model and keep its masks, convert the new part alone", stacklevel=2)
     if scope == "global" and sparsity < 1:
-        warn_emptied(op, [name for name, _ in ranked_layers(model) if name in after and not after[name].any()])
+        warn_emptied(op, [_shown(model, name) for name, _ in ranked_layers(model)
+                          if name in after and not after[name].any()])
     if scope == "layer" and sparsity > 0 and not meta:
         whole = [_shown(model, name) for name, layer in ranked_layers(model) if layer.mask().all()]
         if whole:
@@ -594,7 +598,8 @@ def freeze_masks(model: nn.Module) -> nn.Module:
     """Stops the masked layers' scores from training (requires_grad False; returns ``model``), so that an
     optimiser built on model.parameters() to fine-tune a pruned model keeps its masks: the thresholds are
     fixed numbers, so scores that an optimiser (or its weight decay) moves would change which blocks pass
-    them, and the sparsity with them. The backward then skips the score gradient. BiP and HYDRA train the
+    them, and the sparsity with them. (The fused backward still computes the score gradient: autograd
+    drops it.) BiP and HYDRA train the
     scores: a model frozen so is refused by neither, but its masks will not move (requires_grad_(True)
     on the scores undoes it)."""
     _check_model("freeze_masks", model)

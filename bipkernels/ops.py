@@ -169,10 +169,11 @@ def keep_count(n: int, sparsity: float) -> int:
 
 
 def _decimal_by_search(sparsity: float) -> tuple[int, int]:
-    """(digits, scale) of the decimal digits / 10**scale with the fewest places that reads as ``sparsity``,
-    in arithmetic dynamo traces: repr's own unless repr needs 16+ significant digits (the scaled float's
-    rounding may then pick a neighbour that reads the same). For keep_count near a half: s ≥ 0.5/n there,
-    so the search ends within 40 places."""
+    """(digits, scale) of a decimal digits / 10**scale that reads as ``sparsity``, in arithmetic dynamo
+    traces: repr's own wherever repr needs at most 15 significant digits; with 16 or 17, the scaled
+    float's rounding can miss repr's and go on to a longer decimal that reads the same (so a count near a
+    half can differ by one from the eager one). For keep_count near a half with n < 2^49: s ≥ 0.5/n
+    there, so the search ends within 40 places."""
     scale = 0
     while round(sparsity * 10.0**scale) / 10**scale != sparsity:
         scale += 1

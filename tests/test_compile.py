@@ -214,7 +214,8 @@ NEAR_HALVES = [(11_000_148, 1 - 0.8**5), (111_683, 0.12347), (11_000_000, 0.488)
 @pytest.mark.parametrize("dynamic", [None, True])
 def test_compiled_keep_count_equals_eager(dynamic):
     """keep_count under compilation (floats, a search for the decimal near a half; symbolic values
-    after the first call) gives the eager count, which reads the sparsity as the decimal it prints as."""
+    after the first call) gives the eager count, which reads the sparsity as the decimal it prints as, for
+    these sparsities near a half (the search can miss a decimal of 16 or 17 digits: _decimal_by_search)."""
     counted = torch.compile(lambda x, n, sparsity: x + bipkernels.keep_count(n, sparsity), fullgraph=True,
                             dynamic=dynamic, backend="eager")
     for n, sparsity in NEAR_HALVES:

@@ -279,6 +279,8 @@ def test_a_layer_scope_projection_names_the_layers_it_cannot_prune(seed):
     assert model[0].mask().all() and not model[1].mask().all()
     with pytest.warns(UserWarning, match=r"scope='layer' prunes nothing of the layer itself: too few blocks"):
         bipkernels.convert(nn.Conv2d(8, 8, 3, groups=8), 0.5, "channel", "layer")
+    with pytest.warns(UserWarning, match=r"the global projection keeps no block of the layer itself"):
+        bipkernels.convert(nn.Linear(4, 4), 0.99, "filter")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         bipkernels.convert(nn.Sequential(nn.Conv2d(8, 8, 3, groups=8)), 0.5, "filter", "layer")

@@ -250,6 +250,7 @@ def _check_agreement(rank: int, seed: int, device: torch.device) -> None:
         with pytest.raises(ValueError, match=r"the ranks ask for different sparsities \(from 0.5 to 0.7\)"):
             distributed.project(shard, (0.5, 0.7)[rank], scope, group=dist.group.WORLD)
     assert shard[0].mask().all()  # before any change
+    distributed.project(shard, (0.0, -0.0)[rank], "layer", group=dist.group.WORLD)  # one sparsity (-0.0 overflowed)
     # k past int64 keeps everything, as bipkernels.topk_threshold does.
     scores = torch.rand(5, device=device)
     assert torch.equal(distributed.topk_threshold([scores], 2**64)[0].cpu(),

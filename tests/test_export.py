@@ -106,6 +106,8 @@ def test_exports_keep_the_users_attributes(seed):
     net.conv1.register_forward_hook(lambda module, inputs, output: output * module.gain)
     net.bn2.tag = "stage 2"
     net.head.__dict__["itself"] = net.head  # not a submodule (setattr would register one: a cycle)
+    net.head.__dict__["partner"] = net.bn2
+    net.head.offset = torch.zeros(8, dtype=torch.float64)  # a tensor the export must not share
     model = randomize_masked(bipkernels.convert(net, 0.0, "filter"))
     bipkernels.project(model, 0.5, scope="layer")
     model.eval()
@@ -116,6 +118,9 @@ def test_exports_keep_the_users_attributes(seed):
         torch.testing.assert_close(exported.eval()(x), model(x), rtol=1e-12, atol=1e-12)
         assert exported.conv1.gain == 3.0 and exported.bn2.tag == "stage 2" and exported.head.itself is exported.head
         assert not {"structure", "inv_gamma", "implicit"} & set(vars(exported.head))
+    dense = bipkernels.export_dense(model)
+    assert dense.head.partner is dense.bn2 and dense.head.offset is not model.head.offset
+    torch.testing.assert_close(dense.head.offset, model.head.offset, rtol=0, atol=0)
 
 
 def test_export_carries_no_hook_of_bipkernels_own(seed):

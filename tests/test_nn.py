@@ -316,6 +316,8 @@ def test_moves_reach_the_threshold_without_reading_the_weight():
     normed.to("cpu")
     assert torch.equal(normed.parametrizations.weight[0]._u, vector)
     assert bipkernels.unmasked_layers(nn.Sequential(normed)) == {}  # the parametrization's child is masked
+    normed.adapter = nn.Linear(8, 8)  # but a layer of its own inside a masked one is dense, and listed
+    assert bipkernels.unmasked_layers(nn.Sequential(normed)) == {"0.adapter": "Linear"}
 
 
 def test_project_refuses_scores_on_the_meta_device():

@@ -448,6 +448,15 @@ def test_imp_returns_finite_scores_with_its_masks(monkeypatch, seed, structure):
     bipkernels.project(model, 0.3)
     assert kept_blocks(model) == bipkernels.keep_count(sum(layer.block_scores().numel() for _, layer in
                                                            bipkernels.masked_layers(model)), 0.3)
+    # A kept weight that training made NaN (or inf) keeps its block.
+    bipkernels.project(model, 0.8)
+    masks = bipkernels.masks(model)
+    with torch.no_grad():
+        kept = masks["0"].nonzero()[:2]
+        model[0].weight[kept[0, 0], kept[0, 1]] = float("nan")
+        model[0].weight[kept[1, 0], kept[1, 1]] = float("inf")
+    imp_module._finite_scores(model, 0.8, "global")
+    assert all(torch.equal(mask, masks[name]) for name, mask in bipkernels.masks(model).items())
 
 
 @pytest.mark.parametrize("method", ["bip", "omp", "imp", "hydra", "random"])

@@ -36,13 +36,14 @@ def plain_layer(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | Non
     return plain
 
 
-def carry_over(old: nn.Module, new: nn.Module) -> nn.Module:
+def carry_over(old: nn.Module, new: nn.Module, memo: dict | None = None) -> nn.Module:
     """``new`` (in place, returned) takes ``old``'s training mode, the requires_grad flag of each of its
     parameters by name (a parameter ``old`` lacks, such as a bias that folded constants made, takes the
     weight's), its hooks (the same functions: a user's hook acts on the export as on the model;
     removing it through its handle removes it from ``old`` only) and the user's own attributes
-    (nn.carry_attributes: a hook or a forward may read them)."""
-    taken = carry_attributes(old, new)
+    (nn.carry_attributes: a hook or a forward may read them; deep copies through ``memo`` when ``new``
+    goes into a copy of the model made with that memo)."""
+    taken = carry_attributes(old, new, memo)
     if taken:
         warnings.warn(f"bipkernels export: the attributes {taken} of a {type(old).__name__} are not carried over "
                       f"to its {type(new).__name__}, which uses those names itself", stacklevel=2)
@@ -59,9 +60,9 @@ def carry_over(old: nn.Module, new: nn.Module) -> nn.Module:
 
 def _plain_twin(layer) -> nn.Module:
     """The nn.Conv2d / nn.Linear of a masked layer with weight θ ⊙ m (exactly 0 where pruned, even where θ
-    is NaN or inf), the same bias, device, dtype, layout, training mode, requires_grad and hooks."""
+    is NaN or inf), the same bias, device, dtype and layout (carry_over gives it the rest)."""
     masked = ops.masked_weight(layer.weight.detach(), layer.scores.detach(), layer.threshold, layer.structure)
-    return carry_over(layer, plain_layer(layer, masked, layer.bias))
+    return plain_layer(layer, masked, layer.bias)
 
 
 def _tied(model: nn.Module, untied: set[int]) -> list[str]:
@@ -121,6 +122,10 @@ def export_dense(model: nn.Module, *, prune_masks: bool = False) -> nn.Module:
             twin.weight = twins.setdefault(id(layer.weight), twin.weight)
         else:
             untied.add(id(layer.weight))
+    # Then what the twins carry over, its attributes copied into the export: every twin is in the memo by
+    # now, so an attribute that refers to a masked layer refers to that layer's twin.
+    for _, layer in masked_layers(model):
+        carry_over(layer, twins[id(layer)], twins)
     tied = _tied(model, untied)
     if tied:
         warnings.warn(f"bipkernels.export_dense: weights tied in the model come apart ({'; '.join(tied)}): the "

@@ -72,7 +72,9 @@ def _finite_scores(model: nn.Module, sparsity: float, scope: str) -> None:
     for _, layer in masked_nn.masked_layers(model):
         arithmetic = score_dtype(layer.scores.dtype)
         floor = max(torch.finfo(layer.scores.dtype).tiny, torch.finfo(arithmetic).tiny ** 0.5)
-        layer.scores.copy_(torch.where(layer.mask(), layer.weight.abs().clamp_min(floor), 0))
+        # A kept weight that training made NaN keeps its block too (NaN scores are never kept).
+        magnitude = torch.nan_to_num(layer.weight.abs(), nan=floor, posinf=math.inf)
+        layer.scores.copy_(torch.where(layer.mask(), magnitude.clamp_min(floor), 0))
     masked_nn.project(model, sparsity, scope)
 
 
