@@ -376,7 +376,8 @@ def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure 
     Grouped and depthwise convolutions are converted (their weight is (out, in / groups, kh, kw): a
     channel block is an input channel of every group). Every MaskedLinear has a no-op forward pre-hook,
     which keeps an nn.TransformerEncoderLayer holding one off its inference fast path (that path reads
-    linear1/linear2.weight directly, unmasked). Returns ``model``; a bare nn.Conv2d / nn.Linear cannot be swapped in
+    linear1/linear2.weight directly, unmasked); the plain nn.Linear it replaces holds it too, since the
+    twin takes over its hook dicts (so that their handles keep working). Returns ``model``; a bare nn.Conv2d / nn.Linear cannot be swapped in
     place, so for one the masked twin is returned (holding the same Parameter objects): assign the result.
 
     Every argument is checked before the model is touched: a bad one (or a structure that does not fit
