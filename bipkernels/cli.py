@@ -191,7 +191,15 @@ def _resume_or_start(args, typed: set[str] | None, lock: OutputLock) -> tuple[ar
     elif resume_path.exists():
         sys.exit(f"bipkernels {args.command}: {resume_path} holds an interrupted run: continue it with --resume, "
                  "or delete it (or choose another --out) to start afresh")
+    else:
+        args.data = data.absolute_spec(args.data)
     splits = _setup(args)
+    digests = data.fingerprint(splits)
+    if state.get("data") not in (None, digests):  # None: a state saved before fingerprints, not checked
+        changed = [name for name, digest in digests.items() if state["data"].get(name) != digest]
+        sys.exit(f"bipkernels {args.command} --resume: the data of {args.data} changed since the run started "
+                 f"({', '.join(changed)} differ): the run would go on with other splits; start afresh (another "
+                 "--out, or delete its resume.pt)")
     lock.take()  # the folder exists now
     for leftover in remove_temporaries(out):
         print(f"removed {leftover}, the part of a write that a killed run left", file=sys.stderr)
@@ -202,7 +210,8 @@ def _resume_or_start(args, typed: set[str] | None, lock: OutputLock) -> tuple[ar
                   f"({', '.join(path.name for path in finished)}): this run writes its own", file=sys.stderr)
             for path in finished:
                 path.unlink()
-        state = {"args": {key: value for key, value in vars(args).items() if key != "resume"}}
+        state = {"args": {key: value for key, value in vars(args).items() if key != "resume"},
+                 "data": digests}
         save_atomically(state, resume_path)
     return args, state, splits
 
@@ -358,7 +367,7 @@ def prune(args, typed: set[str] | None = None) -> dict:
 
         def checkpoint(position):
             save_atomically({"solver": solver.state_dict(), "position": position, "args": state["args"],
-                             "dense_accuracy": dense_accuracy}, resume_path)
+                             "data": state.get("data"), "dense_accuracy": dense_accuracy}, resume_path)
 
         start = tuple(state.get("position", (0, 0)))
         if "solver" in state:

@@ -52,12 +52,20 @@ def cifar10(folder: str) -> dict[str, TensorDataset]:
         for path in paths:
             with open(path, "rb") as file:
                 batch = pickle.load(file, encoding="bytes")
-            images.append(torch.as_tensor(batch[b"data"], dtype=torch.uint8).reshape(-1, 3, 32, 32))
-            labels.append(torch.as_tensor(batch[b"labels"], dtype=torch.int64))
+            # The keys as the original files hold them (bytes), or as Python 3 writes a copy (str).
+            entries = {key.decode() if isinstance(key, bytes) else key: value for key, value in batch.items()}
+            if "data" not in entries or "labels" not in entries:
+                raise ValueError(f"cifar10: {path} holds no 'data' and 'labels' entries (keys {sorted(entries)})")
+            images.append(torch.as_tensor(entries["data"], dtype=torch.uint8).reshape(-1, 3, 32, 32))
+            labels.append(torch.as_tensor(entries["labels"], dtype=torch.int64))
+            if len(images[-1]) != len(labels[-1]):  # joined, the labels would shift onto other images
+                raise ValueError(f"cifar10: {path} holds {len(images[-1])} images but {len(labels[-1])} labels")
         return torch.cat(images).float() / 255.0, torch.cat(labels)
 
     train_images, train_labels = load(train_files)
     test_images, test_labels = load([root / "test_batch"])
+    if not len(test_labels):
+        raise ValueError(f"cifar10: {root / 'test_batch'} holds no images: nothing to test on")
     for name, labels in (("training", train_labels), ("test", test_labels)):
         outside = labels[(labels < 0) | (labels >= len(CIFAR10_CLASSES))]
         if len(outside):
@@ -82,6 +90,9 @@ def image_folder(folder: str, size: int = 32) -> dict:
     from torch.utils.data import Subset
 
     root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image_folder: no folder {root} (a ~ after 'folder:' is not expanded by the "
+                                "shell)" if folder.startswith("~") else f"image_folder: no folder {root}")
     names = [name for name in ("train", "val", "test") if (root / name).is_dir()]
     if "train" not in names or "test" not in names:
         raise FileNotFoundError(f"image_folder: {root} needs train/ and test/ sub-folders")
@@ -91,11 +102,18 @@ def image_folder(folder: str, size: int = 32) -> dict:
         raise ImportError(f"image_folder: reading the images of {root} needs torchvision, which does not import: "
                           f"{error} (pip install torchvision)") from error
     transform = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor()])
-    splits = {name: datasets.ImageFolder(str(root / name), transform) for name in names}
+    splits = {}
+    for name in names:
+        try:
+            splits[name] = datasets.ImageFolder(str(root / name), transform, loader=_rgb_image)
+        except FileNotFoundError as error:  # torchvision's names the class, not the folder
+            raise FileNotFoundError(f"image_folder: {root / name}: {error}") from None
     for name, split in splits.items():  # each split numbers its own class folders: they must be the same
         if split.classes != splits["train"].classes:
-            raise ValueError(f"image_folder: {root / name} has the classes {split.classes}, but train/ has "
-                             f"{splits['train'].classes}: every split needs the same class folders")
+            shown = [f"[{', '.join(map(ascii, classes))}]" for classes in (split.classes, splits["train"].classes)]
+            raise ValueError(f"image_folder: {root / name} has the classes {shown[0]}, but train/ has {shown[1]}: "
+                             "every split needs the same class folders (names as ascii() gives them: a name can "
+                             "differ in its Unicode form alone)")
     if "val" not in splits:
         if len(splits["train"]) < 2:
             raise ValueError(f"image_folder: {len(splits['train'])} training image in {root / 'train'}; without "
@@ -104,6 +122,23 @@ def image_folder(folder: str, size: int = 32) -> dict:
         n_val = max(1, len(order) // 10)
         splits["val"], splits["train"] = Subset(splits["train"], order[:n_val]), Subset(splits["train"], order[n_val:])
     return splits
+
+
+# 8-bit PIL modes, which torchvision's loader converts to RGB as they are; 16-bit and float ones ("I;16",
+# "I", "F") it would clip to 0–255, so a 16-bit grey image read as nearly all white.
+_EIGHT_BIT_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
+
+
+def _rgb_image(path: str):
+    """The image at ``path`` as an 8-bit RGB PIL image; ValueError naming the file for 16-bit or float ones."""
+    from PIL import Image
+
+    with open(path, "rb") as file:
+        image = Image.open(file)
+        if image.mode not in _EIGHT_BIT_MODES:
+            raise ValueError(f"image_folder: {path} is a {image.mode!r} image (16-bit or float), which an 8-bit "
+                             "conversion would clip: convert the data to 8-bit images first")
+        return image.convert("RGB")
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
@@ -123,6 +158,40 @@ def load(spec: str = "digits") -> dict:
     if kind == "digits":
         return digits()
     return cifar10(path) if kind == "cifar10" else image_folder(path)
+
+
+def absolute_spec(spec: str) -> str:
+    """``spec`` with its folder made absolute (~ expanded): a run saved with it resumes from anywhere, and
+    never on another folder of the same relative name."""
+    from pathlib import Path
+
+    kind, path = parse_spec(spec)
+    return spec if kind == "digits" else f"{kind}:{Path(path).expanduser().resolve()}"
+
+
+def fingerprint(splits: dict) -> dict[str, str]:
+    """{split: sha256 hex digest} of what each split of load() holds, to tell whether a data set changed
+    between a run and its resume (an image folder that gained one image reshuffles its validation tenth):
+    an image folder's files (relative to its split folder) and labels in the split's order; a tensor
+    data set's image shape and labels (its pixels are not read: the CIFAR files' are 150 MB)."""
+    import hashlib
+    from pathlib import Path
+
+    digests = {}
+    for name, split in sorted(splits.items()):
+        digest = hashlib.sha256()
+        if isinstance(split, TensorDataset):
+            images, labels = split.tensors
+            digest.update(repr(tuple(images.shape)).encode())
+            digest.update(labels.numpy().tobytes())
+        else:  # an ImageFolder, or the Subset of one that holds out the validation tenth
+            base, indices = (split.dataset, split.indices) if hasattr(split, "indices") else \
+                (split, range(len(split)))
+            for index in indices:
+                path, label = base.samples[index]
+                digest.update(f"{Path(path).relative_to(base.root)}\0{label}\n".encode())
+        digests[name] = digest.hexdigest()
+    return digests
 
 
 def describe(splits: dict) -> tuple[int, int]:

@@ -160,6 +160,23 @@ def test_resume_names_the_options_it_ignores(tmp_path, capsys):
     assert json.loads((tmp_path / "results.json").read_text())["epochs"] == 0
 
 
+def test_a_resume_on_data_that_changed_stops(tmp_path, capsys):
+    """resume.pt holds a fingerprint of the data: a resumed run whose data changed since (an image folder
+    that gained an image reshuffles its validation tenth, so validation images were trained on) stops,
+    naming the splits; a state saved before fingerprints resumes unchecked; a new run saves its data
+    folder as an absolute path, so a resume from elsewhere reads the same folder."""
+    digits = data.fingerprint(data.digits())
+    args = {"command": "prune", "epochs": 0, "pretrain_epochs": 0}
+    save_atomically({"args": args, "data": {**digits, "train": "0" * 64}}, tmp_path / "resume.pt")
+    with pytest.raises(SystemExit, match=r"bipkernels prune --resume: the data of digits changed since the run "
+                                         r"started \(train differ\)"):
+        main(["prune", "--resume", "--out", str(tmp_path)])
+    save_atomically({"args": args}, tmp_path / "resume.pt")
+    main(["prune", "--resume", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "results.json").read_text())["epochs"] == 0
+    assert cli.data.absolute_spec("cifar10:here") == f"cifar10:{os.path.abspath('here')}"
+
+
 def test_resume_from_python_names_every_option_that_differs(tmp_path, capsys):
     """cli.prune(args) from Python cannot tell typed values from defaults: every difference is named."""
     save_atomically({"args": {"command": "prune", "epochs": 0, "pretrain_epochs": 0, "sparsity": 0.5, "lr": 0.1}},
@@ -256,7 +273,7 @@ def test_a_fresh_start_does_not_overwrite_an_interrupted_run(tmp_path, command):
     (["--structure", "2:4"], "layer 'stem.0' (Conv2d): structure 2:4"),
     (["--structure", "2:4"], "(--exclude LAYER leaves a layer dense)"),
     (["--exclude", "nosuch"], "exclude names no module of the model: ['nosuch']"),
-    (["--data", "folder:/no/such/folder"], "needs train/ and test/"),
+    (["--data", "folder:/no/such/folder"], "image_folder: no folder /no/such/folder"),
     (["--mode", "faithful", "--batch-size", "2000"], "leave no BiP step"),
 ])
 def test_a_setup_that_cannot_run_stops_before_any_file(tmp_path, capsys, argv, message):

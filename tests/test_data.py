@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 
 import pytest
 import torch
@@ -100,6 +101,75 @@ def test_too_few_training_images_say_so(tmp_path):
     write_image_folder(tmp_path / "folder", counts=(("train", 1), ("test", 1)), labels=("cat",))
     with pytest.raises(ValueError, match="image_folder: 1 training image"):
         data.load(f"folder:{tmp_path / 'folder'}")
+
+
+def test_cifar10_batches_are_checked_file_by_file(tmp_path):
+    """A batch whose images and labels differ in number was joined with the labels shifted onto the next
+    file's images; a copy written by Python 3 (str keys) loads as the original (bytes keys) does; an empty
+    test batch is an error, not a test accuracy of 0."""
+    write_cifar(tmp_path)
+    root = tmp_path / "cifar-10-batches-py"
+    with open(root / "data_batch_1", "rb") as file:
+        batch = pickle.load(file)
+    with open(root / "data_batch_1", "wb") as file:
+        pickle.dump({"data": batch[b"data"], "labels": batch[b"labels"]}, file)
+    assert torch.equal(data.cifar10(str(tmp_path))["train"].tensors[1][:10], torch.tensor(batch[b"labels"]))
+    with open(root / "data_batch_1", "wb") as file:
+        pickle.dump({b"data": batch[b"data"], b"labels": batch[b"labels"][:9]}, file)
+    with pytest.raises(ValueError, match=r"cifar10: .*data_batch_1 holds 10 images but 9 labels"):
+        data.cifar10(str(tmp_path))
+    with open(root / "data_batch_1", "wb") as file:
+        pickle.dump({b"images": batch[b"data"]}, file)
+    with pytest.raises(ValueError, match=r"data_batch_1 holds no 'data' and 'labels' entries \(keys \['images'\]\)"):
+        data.cifar10(str(tmp_path))
+    write_cifar(tmp_path / "empty_test")
+    with open(tmp_path / "empty_test" / "cifar-10-batches-py" / "test_batch", "wb") as file:
+        pickle.dump({b"data": batch[b"data"][:0], b"labels": []}, file)
+    with pytest.raises(ValueError, match=r"test_batch holds no images: nothing to test on"):
+        data.cifar10(str(tmp_path / "empty_test"))
+
+
+@needs_torchvision
+def test_image_folder_refuses_what_it_would_misread_and_names_where(tmp_path):
+    """16-bit and float images were clipped to 0–255 by the RGB conversion (a 50% grey 16-bit image read
+    as white); a missing folder, an empty class folder and class names that differ in their Unicode form
+    alone are named."""
+    import numpy as np
+    from PIL import Image
+
+    write_image_folder(tmp_path / "deep")
+    Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16)).save(tmp_path / "deep" / "test" / "cat" / "0.png")
+    with pytest.raises(ValueError, match=r"image_folder: .*0.png is a 'I;16' image \(16-bit or float\)"):
+        data.load(f"folder:{tmp_path / 'deep'}")["test"][0]
+    with pytest.raises(FileNotFoundError, match=r"image_folder: no folder .*nowhere"):
+        data.load(f"folder:{tmp_path / 'nowhere'}")
+    with pytest.raises(FileNotFoundError, match=r"image_folder: no folder ~/nowhere \(a ~ after 'folder:'"):
+        data.load("folder:~/nowhere")
+    write_image_folder(tmp_path / "empty")
+    (tmp_path / "empty" / "test" / "emu").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"image_folder: .*empty/test: .*emu"):
+        data.load(f"folder:{tmp_path / 'empty'}")
+    write_image_folder(tmp_path / "forms", labels=("caf\u00e9",))
+    (tmp_path / "forms" / "test" / "caf\u00e9").rename(tmp_path / "forms" / "test" / "cafe\u0301")
+    with pytest.raises(ValueError, match=re.escape("has the classes ['cafe\\u0301'], but train/ has ['caf\\xe9']")):
+        data.load(f"folder:{tmp_path / 'forms'}")
+
+
+@needs_torchvision
+def test_fingerprints_tell_a_changed_data_set(tmp_path):
+    """One image more in train/ reshuffles the held-out validation tenth: the fingerprint of each split
+    changes, as --resume checks; the same folder gives the same fingerprint."""
+    from PIL import Image
+
+    write_image_folder(tmp_path)
+    before = data.fingerprint(data.load(f"folder:{tmp_path}"))
+    assert data.fingerprint(data.load(f"folder:{tmp_path}")) == before
+    Image.new("RGB", (5, 5)).save(tmp_path / "train" / "cat" / "extra.png")
+    after = data.fingerprint(data.load(f"folder:{tmp_path}"))
+    assert after["train"] != before["train"] and after["test"] == before["test"]
+    assert data.fingerprint(data.digits()) == data.fingerprint(data.digits())
+    assert data.absolute_spec("digits") == "digits"
+    assert data.absolute_spec("folder:rel/x") == f"folder:{(tmp_path.cwd() / 'rel' / 'x').resolve()}"
 
 
 def test_data_spec_errors():
