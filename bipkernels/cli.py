@@ -380,7 +380,10 @@ def prune(args, typed: set[str] | None = None) -> dict:
             checkpoint(start)  # from here on a resumed run skips pretraining
 
         def on_step(epoch, step):
-            if stop.signal is not None:
+            # A stop request that came during the last step lets the run finish, as one after it does:
+            # what is left is evaluation and the files (stopping would leave them to a --resume).
+            last = epoch == args.epochs - 1 and step == per_epoch
+            if stop.signal is not None and not last:
                 checkpoint((epoch, step))
                 return True
             if step == per_epoch:

@@ -246,7 +246,8 @@ def test_missing_torchvision_for_image_folders_is_a_message(tmp_path, monkeypatc
 
 def test_a_stop_request_after_the_last_step_lets_the_run_finish(tmp_path, monkeypatch):
     """SIGINT while the batch norms recalibrate (after the last BiP step): no KeyboardInterrupt, the
-    results are written and resume.pt is gone."""
+    results are written and resume.pt is gone. So does a SIGTERM during the last step itself (it used to
+    exit 130, leaving the evaluation to a --resume)."""
 
     recalibrate = cli.recalibrate_batchnorm
 
@@ -255,8 +256,23 @@ def test_a_stop_request_after_the_last_step_lets_the_run_finish(tmp_path, monkey
         return recalibrate(*args, **kwargs)
 
     monkeypatch.setattr(cli, "recalibrate_batchnorm", interrupted)
-    main(["prune", "--pretrain-epochs", "0", "--epochs", "1", "--out", str(tmp_path)])
-    assert (tmp_path / "results.json").exists() and not (tmp_path / "resume.pt").exists()
+    main(["prune", "--pretrain-epochs", "0", "--epochs", "1", "--out", str(tmp_path / "after")])
+    assert (tmp_path / "after" / "results.json").exists() and not (tmp_path / "after" / "resume.pt").exists()
+    monkeypatch.setattr(cli, "recalibrate_batchnorm", recalibrate)
+    steps = cli.steps_per_epoch(len(data.digits()["train"]), 64)
+    iterate = bipkernels.BiP._iterate
+    sent = []
+
+    def stepped(solver, *args, **kwargs):
+        if solver.iteration == steps - 1:  # the last step of the run
+            os.kill(os.getpid(), signal.SIGTERM)
+            sent.append(solver.iteration)
+        return iterate(solver, *args, **kwargs)
+
+    monkeypatch.setattr(bipkernels.BiP, "_iterate", stepped)
+    main(["prune", "--pretrain-epochs", "0", "--epochs", "1", "--out", str(tmp_path / "during")])
+    assert sent and (tmp_path / "during" / "results.json").exists()
+    assert not (tmp_path / "during" / "resume.pt").exists()
 
 
 @pytest.mark.parametrize("command", ["prune", "compare"])

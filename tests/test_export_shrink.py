@@ -834,3 +834,12 @@ def test_a_reduction_behind_a_module_called_whole_says_why_it_keeps_channels(see
         model = bipkernels.convert(EncodedTokens(), 0.5, "channel", scope="layer").eval()
     _, report = bipkernels.export_shrunk(model, torch.randn(2, 3, 16, 16), warn=False)
     assert "mean (a reduction of a tensor whose channel dim no op before it shows" in report.kept["head"], report.kept
+
+
+def test_example_inputs_of_another_type_are_named_in_short():
+    """A dict of inputs is refused naming its type, with a short repr: the message held every value of
+    every tensor."""
+    with pytest.raises(TypeError, match=r"example_inputs must be a tensor or a tuple of the forward's arguments, "
+                                        r"got dict \{'x': tensor") as raised:
+        bipkernels.export_shrunk(nn.Linear(3, 3), {"x": torch.randn(1000, 3)})
+    assert len(str(raised.value)) < 200
