@@ -377,8 +377,9 @@ def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure 
     channel block is an input channel of every group). Every MaskedLinear has a no-op forward pre-hook,
     which keeps an nn.TransformerEncoderLayer holding one off its inference fast path (that path reads
     linear1/linear2.weight directly, unmasked); the plain nn.Linear it replaces holds it too, since the
-    twin takes over its hook dicts (so that their handles keep working). Returns ``model``; a bare nn.Conv2d / nn.Linear cannot be swapped in
-    place, so for one the masked twin is returned (holding the same Parameter objects): assign the result.
+    twin takes over its hook dicts (so that their handles keep working). Returns ``model``; a bare
+    nn.Conv2d / nn.Linear cannot be swapped in place, so for one the masked twin is returned (holding the
+    same Parameter objects): assign the result.
 
     Every argument is checked before the model is touched: a bad one (or a structure that does not fit
     one of the layers, named in the error) leaves ``model`` as it was.
@@ -600,9 +601,8 @@ def freeze_masks(model: nn.Module) -> nn.Module:
     optimiser built on model.parameters() to fine-tune a pruned model keeps its masks: the thresholds are
     fixed numbers, so scores that an optimiser (or its weight decay) moves would change which blocks pass
     them, and the sparsity with them. (The fused backward still computes the score gradient: autograd
-    drops it.) BiP and HYDRA train the
-    scores: a model frozen so is refused by neither, but its masks will not move (requires_grad_(True)
-    on the scores undoes it)."""
+    drops it.) BiP and HYDRA train the scores: a model frozen so is refused by neither, but its masks will
+    not move (requires_grad_(True) on the scores undoes it)."""
     _check_model("freeze_masks", model)
     for _, layer in masked_layers(model):
         layer.scores.requires_grad_(False)
