@@ -6,6 +6,9 @@ training data, for model selection), 25% test (touched once, at the end).
 
 from __future__ import annotations
 
+import sys
+import time
+
 import torch
 from torch.utils.data import TensorDataset
 
@@ -84,7 +87,10 @@ def cifar10(folder: str) -> dict[str, TensorDataset]:
 
 def image_folder(folder: str, size: int = 32) -> dict:
     """torchvision's ImageFolder layout: ``train/`` (and ``test/``; ``val/`` if present, else 10% of train
-    held out by a fixed permutation), one sub-folder per class. Images resized to ``size``×``size``."""
+    held out by a fixed permutation), one sub-folder per class. Images resized to ``size``×``size``.
+
+    Every image of every split is decoded once here (see _check_images): a file that is no image, a
+    truncated one or a 16-bit one is a ValueError naming it, before a run writes anything."""
     from pathlib import Path
 
     from torch.utils.data import Subset
@@ -114,6 +120,7 @@ def image_folder(folder: str, size: int = 32) -> dict:
             raise ValueError(f"image_folder: {root / name} has the classes {shown[0]}, but train/ has {shown[1]}: "
                              "every split needs the same class folders (names as ascii() gives them: a name can "
                              "differ in its Unicode form alone)")
+    _check_images(splits, root)
     if "val" not in splits:
         if len(splits["train"]) < 2:
             raise ValueError(f"image_folder: {len(splits['train'])} training image in {root / 'train'}; without "
@@ -129,12 +136,35 @@ def image_folder(folder: str, size: int = 32) -> dict:
 _EIGHT_BIT_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
 
 
+# A check of the images that runs longer than this many seconds reports its progress (a large set).
+PROGRESS_SECONDS = 5.0
+
+
+def _check_images(splits: dict, root) -> None:
+    """Decodes every image of the ImageFolder ``splits`` once, as training will, so that a bad file is a
+    ValueError naming it now, not an exit in the middle of a run (the images are read lazily, a batch at a
+    time). Costs about one epoch's decoding; prints its progress to stderr every PROGRESS_SECONDS."""
+    paths = [path for split in splits.values() for path, _ in split.samples]
+    last_report = time.monotonic()
+    for done, path in enumerate(paths, 1):
+        _rgb_image(path)
+        if time.monotonic() - last_report >= PROGRESS_SECONDS:
+            print(f"image_folder: checked {done} of {len(paths)} images in {root}", file=sys.stderr, flush=True)
+            last_report = time.monotonic()
+
+
 def _rgb_image(path: str):
-    """The image at ``path`` as an 8-bit RGB PIL image; ValueError naming the file for 16-bit or float ones."""
+    """The image at ``path`` as an 8-bit RGB PIL image; ValueError naming the file for one that does not
+    decode (not an image, truncated) and for 16-bit or float ones."""
     from PIL import Image
 
     with open(path, "rb") as file:
-        image = Image.open(file)
+        try:
+            image = Image.open(file)
+            image.load()
+        except Exception as error:  # by format, PIL's decoders raise OSError, ValueError, SyntaxError, ...
+            raise ValueError(f"image_folder: {path} does not decode as an image ({type(error).__name__}: "
+                             f"{error})") from error
         if image.mode not in _EIGHT_BIT_MODES:
             raise ValueError(f"image_folder: {path} is a {image.mode!r} image (16-bit or float), which an 8-bit "
                              "conversion would clip: convert the data to 8-bit images first")

@@ -156,6 +156,33 @@ def test_image_folder_refuses_what_it_would_misread_and_names_where(tmp_path):
 
 
 @needs_torchvision
+@pytest.mark.parametrize("split, damage", [("train", "garbage"), ("train", "truncated"), ("val", "garbage"),
+                                           ("test", "truncated")])
+def test_an_image_that_does_not_decode_is_named_before_anything_is_written(tmp_path, seed, split, damage):
+    """The images are read a batch at a time: a bad one past the two that prune's trial forward reads
+    stopped the run in its training, after resume.pt was written. Every image of every split is decoded
+    up front, and a bad one (not an image; a PNG cut short) named."""
+    root = tmp_path / "images"
+    write_image_folder(root, counts=(("train", 10), ("val", 2), ("test", 3)))
+    files = sorted((root / split).rglob("*.png"))
+    bad = files[int(torch.randint(len(files), ()))]
+    if damage == "garbage":
+        bad.write_bytes(b"not an image")
+    else:  # noise, so that half the file cuts its pixel data (a small flat image's fits in its first bytes)
+        from PIL import Image
+
+        Image.fromarray(torch.randint(256, (32, 32, 3), dtype=torch.uint8).numpy()).save(bad)
+        bad.write_bytes(bad.read_bytes()[:bad.stat().st_size // 2])
+    with pytest.raises(ValueError, match=rf"image_folder: {re.escape(str(bad))} does not decode as an image"):
+        data.load(f"folder:{root}")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=rf"bipkernels prune: folder:.* {re.escape(str(bad))} does not decode"):
+        main(["prune", "--data", f"folder:{root}", "--model", "resnet20", "--pretrain-epochs", "1", "--epochs", "1",
+              "--batch-size", "4", "--out", str(out)])
+    assert not out.exists()
+
+
+@needs_torchvision
 def test_fingerprints_tell_a_changed_data_set(tmp_path):
     """One image more in train/ reshuffles the held-out validation tenth: the fingerprint of each split
     changes, as --resume checks; the same folder gives the same fingerprint."""
