@@ -149,7 +149,7 @@ class _Masked:
                               error_msgs):
         # A plain nn.Conv2d / nn.Linear state has no scores or threshold: start from |θ| and keep-all. A
         # masked layer's state that lacks only its scores is not plain: its threshold cuts trained scores,
-        # not |θ| (strict loading reports the missing key).
+        # not |θ|.
         weight = state_dict.get(prefix + "weight")
         if weight is not None and prefix + "scores" not in state_dict and prefix + "threshold" not in state_dict:
             state_dict[prefix + "scores"] = weight.detach().abs()
@@ -157,6 +157,19 @@ class _Masked:
             state_dict[prefix + "threshold"] = keep_all_threshold(weight.device)
             state_dict.setdefault(prefix + "_extra_state", self.get_extra_state())
         scores, threshold = state_dict.get(prefix + "scores"), state_dict.get(prefix + "threshold")
+        saved = state_dict.get(prefix + "_extra_state")
+        structure = Structure(*saved["structure"]) if isinstance(saved, dict) and "structure" in saved else \
+            self.structure
+        if (scores is None) != (threshold is None) and structure.uses_threshold:
+            # A threshold cuts the scores it was projected from: either alone, beside the layer's own other half
+            # (which strict=False would keep), makes a mask of another count. Raised whatever ``strict`` (torch
+            # passes True here and sorts missing keys out later); nothing of the layer is copied.
+            present, absent = ("threshold", "scores") if scores is None else ("scores", "threshold")
+            missing_keys.append(prefix + absent)
+            error_msgs.append(f"While loading \"{prefix}{present}\" without \"{prefix}{absent}\": "
+                              f"{type(self).__name__}'s mask is its scores cut by its threshold, which go together; "
+                              "load both, or neither (a plain layer's state: scores |θ|, keep-all).")
+            return
         if isinstance(scores, torch.Tensor) and not scores.is_floating_point():  # nothing of the layer copied
             error_msgs.append(f"While copying the parameter named \"{prefix}scores\", {type(self).__name__}'s scores "
                               f"must be float32, float64, float16 or bfloat16, got {scores.dtype}.")

@@ -73,6 +73,38 @@ def test_a_masked_state_without_scores_or_with_integer_scores_does_not_load(seed
     assert torch.equal(fresh.weight, weight)
 
 
+@pytest.mark.parametrize("structure", ["unstructured", "filter", "tile2x3"])
+@pytest.mark.parametrize("absent", ["scores", "threshold"])
+def test_scores_or_threshold_alone_do_not_load_also_without_strict(seed, structure, absent):
+    """strict=False kept the layer's own other half: a trained threshold over the layer's scores (or trained
+    scores under the layer's threshold) made a mask of another count, with no error. Either alone is an
+    error naming both keys, strict or not, before any of the layer is copied; N:M layers, whose mask
+    needs no threshold, load their scores alone."""
+    trained = nn.Sequential(bipkernels.MaskedLinear(16, 8, structure=structure))
+    with torch.no_grad():
+        trained[0].scores.copy_(torch.rand(8, 16))
+    bipkernels.project(trained, 0.5)
+    state = trained.state_dict()
+    del state[f"0.{absent}"]
+    present = "threshold" if absent == "scores" else "scores"
+    fresh = nn.Sequential(bipkernels.MaskedLinear(16, 8, structure=structure))
+    bipkernels.project(fresh, 0.25)
+    before = copy.deepcopy(fresh.state_dict())
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match=f"While loading \"0.{present}\" without \"0.{absent}\""):
+            fresh.load_state_dict(state, strict=strict)
+        assert all(torch.equal(fresh.state_dict()[name], value) for name, value in before.items()
+                   if isinstance(value, torch.Tensor))
+    n_of_m = bipkernels.MaskedLinear(16, 8, structure="2:4")
+    with torch.no_grad():
+        n_of_m.scores.copy_(torch.rand(8, 16))
+    state = n_of_m.state_dict()
+    del state["threshold"]
+    loaded = bipkernels.MaskedLinear(16, 8, structure="2:4")
+    loaded.load_state_dict(state, strict=False)
+    assert torch.equal(loaded.mask(), n_of_m.mask())
+
+
 @pytest.mark.parametrize("structure", ["unstructured", "filter", "channel", "2:4", "tile2x3"])
 @pytest.mark.parametrize("implicit", ["paper", "released"])
 def test_fused_backward_equals_autograd_through_the_reference(seed, structure, implicit):
