@@ -10,6 +10,10 @@ gives the gradients the torch backend (bipkernels.reference) gives:
 topk_threshold, block_mask and hypergrad have none (a threshold, a bool mask, gradients): bipkernels.ops
 runs them without grad on every backend. The masked layers never reach these: they call the ops inside
 their own autograd.Functions (bipkernels.autograd), whose backward is the fused hypergradient.
+
+And the one vmap rule they need: torch.vmap's fallback (a loop over the batch) serves the ops of tensor
+arguments, but not topk_threshold, whose scores are a list ("Batching rule not implemented ... could not
+generate a fallback", where the torch backend's reference vmaps as it is).
 """
 
 from __future__ import annotations
@@ -47,9 +51,22 @@ def _block_scores_backward(ctx, grad):
 
 
 def register(namespace: str) -> None:
-    """Registers the derivatives of ``namespace``'s masked_weight and block_scores ("bipkernels" for the
-    C++ ops, "bipkernels_triton" for the triton ones, once they are defined)."""
+    """Registers the derivatives of ``namespace``'s masked_weight and block_scores, and the vmap rule of its
+    topk_threshold ("bipkernels" for the C++ ops, "bipkernels_triton" for the triton ones, once they are
+    defined)."""
     ops = getattr(torch.ops, namespace)
+
+    def topk_threshold_batched(info, in_dims, block_scores, k, absolute=False):
+        # One top-k per batch entry, over that entry's tensors (an unbatched tensor takes part in every one),
+        # as the reference gives under vmap: (batch, L, 2); (0, L, 2) for an empty batch.
+        rows = [ops.topk_threshold([scores if dim is None else scores.select(dim, entry)
+                                    for scores, dim in zip(block_scores, in_dims[0])], k, absolute)
+                for entry in range(info.batch_size)]
+        if not rows:
+            return torch.empty(0, len(block_scores), 2, dtype=torch.float64, device=block_scores[0].device), 0
+        return torch.stack(rows), 0
+
+    torch.library.register_vmap(f"{namespace}::topk_threshold", topk_threshold_batched)
 
     def masked_weight_backward(ctx, grad):
         scores, threshold = ctx.saved_tensors

@@ -63,6 +63,27 @@ def with_specials(scores: torch.Tensor) -> torch.Tensor:
     return out.reshape(scores.shape)
 
 
+def check_topk_threshold_under_vmap(dtype=torch.float32, empty_batch: bool = True) -> None:
+    """torch.vmap of bipkernels.topk_threshold on the backend in force equals the reference entry by entry:
+    the list form batched along dim 1 beside an unbatched tensor (ties, NaN, ±inf, -0.0), the per-tensor
+    form with absolute=True under two nested vmaps, and (``empty_batch``) an empty batch."""
+    from bipkernels import ops, reference
+
+    first, second = (with_specials(tied_scores(shape, dtype, levels=4)) for shape in ((7, 5), (3, 5)))
+    shared = tied_scores((11,), dtype, levels=4)
+    k = int(torch.randint(0, 23, ()))
+    got = torch.vmap(lambda a, b, c: ops.topk_threshold([a, b, c], k), in_dims=(1, 1, None))(first, second, shared)
+    assert torch.equal(got, torch.stack([reference.topk_threshold([first[:, i], second[:, i], shared], k)
+                                         for i in range(5)])), (k, got)
+    grid = tied_scores((2, 3, 6), dtype, levels=4)
+    got = torch.vmap(torch.vmap(lambda scores: ops.topk_threshold(scores, 2, absolute=True)))(grid)
+    assert torch.equal(got, torch.stack([torch.stack([reference.topk_threshold([row], 2, True)[0] for row in rows])
+                                         for rows in grid]))
+    if empty_batch:
+        assert torch.vmap(lambda scores: ops.topk_threshold([scores], 2))(torch.rand(0, 4, dtype=dtype)).shape == \
+            (0, 1, 2)
+
+
 # Score lists of the GPU select (csrc/include/bipkernels/gpu_select.h): chunk edges (4096), more tensors than
 # one launch's table (128), empty tensors, and more than 512 tensors before a launch's table (rows_kernel's
 # block sum of the ties before it then reads beyond its first half).

@@ -13,8 +13,8 @@ import bipkernels
 from bipkernels import ops, reference
 from bipkernels.structures import parse_structure
 
-from conftest import (HAS_CPU_KERNELS, SHAPES, STRUCTURES, fits, force_backend, score_lists, tied_scores, topk_ks,
-                      with_specials)
+from conftest import (HAS_CPU_KERNELS, SHAPES, STRUCTURES, check_topk_threshold_under_vmap, fits, force_backend,
+                      score_lists, tied_scores, topk_ks, with_specials)
 
 needs_cpu_kernels = pytest.mark.skipif(not HAS_CPU_KERNELS, reason="the compiled extension is not built")
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
@@ -58,6 +58,16 @@ def test_topk_threshold(monkeypatch, seed, dtype, sizes):
             kept = sum(int(reference.kept_blocks(t.to(reference.score_dtype(dtype)), row).sum())
                        for t, row in zip(tensors, got))
             assert kept == min(k, sum(int((~t.isnan()).sum()) for t in tensors))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_cpu_kernels)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_topk_threshold_under_vmap_equals_the_reference_per_entry(monkeypatch, seed, backend, dtype):
+    """The cpu op had no batching rule (its scores are a list, which vmap's fallback cannot split):
+    torch.vmap raised "Batching rule not implemented", where the torch backend's reference vmaps."""
+    force_backend(monkeypatch, backend)
+    # The reference's sort and gather do not take vmap's empty batch (torch's limit); the rule does.
+    check_topk_threshold_under_vmap(dtype, empty_batch=backend != "torch")
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_cpu_kernels)])

@@ -10,7 +10,7 @@ import torch
 
 from bipkernels import ops, reference
 
-from conftest import DTYPES, needs_interpreter, tied_scores, with_specials
+from conftest import DTYPES, check_topk_threshold_under_vmap, needs_interpreter, tied_scores, with_specials
 
 pytestmark = needs_interpreter
 _BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
@@ -89,3 +89,9 @@ def test_signed_zeros_are_one_score(triton_backend, seed, dtype):
         for k in (above + 1, above + zeros // 2, above + zeros - 1):  # cuts among the zeros
             got = ops.topk_threshold(tensors, k, absolute=absolute)
             assert torch.equal(got, reference.topk_threshold(tensors, k, absolute)), (k, absolute, got)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_under_vmap_equals_the_reference_per_entry(triton_backend, seed, dtype):
+    """The op had no batching rule: its scores are a list, which vmap's fallback cannot split."""
+    check_topk_threshold_under_vmap(dtype)
