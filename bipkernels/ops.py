@@ -259,6 +259,11 @@ def topk_threshold(block_scores_list, k: int, *, absolute: bool = False) -> torc
     Exactly min(k, non-NaN count) blocks are kept; ties go to the lowest global flat index (list order,
     then flat index). Row i = (value, cut) of tensor i, on the tensors' device. k = 0 keeps nothing;
     k >= the number of blocks keeps every non-NaN block. No host synchronisation.
+
+    k is a bound on the kept count, not an index (torch.topk raises past n): how many blocks can be kept
+    depends on the values (NaN blocks never are), which only a host synchronisation could read, so no k
+    can be checked against it; a k past the block count is the same case, kept alike on every backend.
+    keep_count(n, sparsity) gives a k in [0, n]; a negative k is a ValueError.
     """
     op = "topk_threshold"
     if isinstance(block_scores_list, torch.Tensor):
