@@ -283,7 +283,10 @@ MASKED_LAYERS = (MaskedConv2d, MaskedLinear)
 
 
 def masked_layers(model: nn.Module) -> list[tuple[str, _Masked]]:
-    """(name, layer) of every masked layer of ``model``, in module order (the global tie order)."""
+    """A list of (name, layer), one per masked layer of ``model``, in module order (the global tie order);
+    empty for a model without one. A list, not named_modules' generator: a snapshot, which stays valid
+    while the caller swaps or converts layers of the model, and which can be counted and tested for
+    emptiness."""
     _check_model("masked_layers", model)
     return [(name, module) for name, module in model.named_modules() if isinstance(module, MASKED_LAYERS)]
 
