@@ -158,8 +158,9 @@ def _resume_or_start(args, typed: set[str] | None, lock: OutputLock) -> tuple[ar
     given) and its state; exits naming the file if there is none, it cannot be
     read or it is another command's; the options ``typed`` on the command line (argparse dests; None from
     Python, where typed and default values look alike: every option) that differ from the saved ones are
-    named as ignored. Otherwise the arguments as given, saved there as the
-    state {"args": ...} once _setup has checked them; exits if OUT holds an interrupted run, which that
+    named as ignored, and so is a torch thread count other than the saved one. Otherwise the arguments as
+    given, saved there as the state {"args": ...} (with the data's fingerprint and the thread count) once
+    _setup has checked them; exits if OUT holds an interrupted run, which that
     would overwrite, and deletes the results of a finished run there (named), which the new run replaces.
     Either way it first deletes the temporary files that a killed write left in OUT."""
     out = Path(args.out)
@@ -200,6 +201,13 @@ def _resume_or_start(args, typed: set[str] | None, lock: OutputLock) -> tuple[ar
         sys.exit(f"bipkernels {args.command} --resume: the data of {args.data} changed since the run started "
                  f"({', '.join(changed)} differ): the run would go on with other splits; start afresh (another "
                  "--out, or delete its resume.pt)")
+    threads = torch.get_num_threads()
+    if state.get("threads") not in (None, threads):  # None: a state saved before thread counts, not checked
+        # torch's CPU convolutions, matmuls and batch norm split their sums by the thread count (bipkernels'
+        # own kernels do not): the resumed weights would differ in their last bits from an uninterrupted run.
+        print(f"bipkernels {args.command} --resume: the run started with {state['threads']} torch threads and "
+              f"goes on with {threads}: its weights can differ in the last bits from an uninterrupted run's "
+              f"(OMP_NUM_THREADS={state['threads']} repeats that one bit for bit)", file=sys.stderr)
     lock.take()  # the folder exists now
     for leftover in remove_temporaries(out):
         print(f"removed {leftover}, the part of a write that a killed run left", file=sys.stderr)
@@ -211,7 +219,7 @@ def _resume_or_start(args, typed: set[str] | None, lock: OutputLock) -> tuple[ar
             for path in finished:
                 path.unlink()
         state = {"args": {key: value for key, value in vars(args).items() if key != "resume"},
-                 "data": digests}
+                 "data": digests, "threads": threads}
         save_atomically(state, resume_path)
     return args, state, splits
 
@@ -367,7 +375,8 @@ def prune(args, typed: set[str] | None = None) -> dict:
 
         def checkpoint(position):
             save_atomically({"solver": solver.state_dict(), "position": position, "args": state["args"],
-                             "data": state.get("data"), "dense_accuracy": dense_accuracy}, resume_path)
+                             "data": state.get("data"), "threads": state.get("threads"),
+                             "dense_accuracy": dense_accuracy}, resume_path)
 
         start = tuple(state.get("position", (0, 0)))
         if "solver" in state:

@@ -177,6 +177,28 @@ def test_a_resume_on_data_that_changed_stops(tmp_path, capsys):
     assert cli.data.absolute_spec("cifar10:here") == f"cifar10:{os.path.abspath('here')}"
 
 
+def test_a_resume_with_another_thread_count_says_so(tmp_path, capsys, monkeypatch):
+    """torch's CPU convolutions and batch norm split their sums by the thread count, so a resume with
+    another count than the run started with cannot end bit for bit as the uninterrupted run: resume.pt
+    keeps the count (every save of it) and a resume with another names both; with the same count, or a
+    state saved before counts, it says nothing."""
+    saves = []
+    monkeypatch.setattr(cli, "save_atomically", lambda state, path: (saves.append((path.name, state)),
+                                                                     save_atomically(state, path)))
+    main(["prune", "--epochs", "1", "--pretrain-epochs", "0", "--out", str(tmp_path / "fresh")])
+    threads = torch.get_num_threads()
+    resume_states = [state for name, state in saves if name == "resume.pt"]
+    assert len(resume_states) >= 2 and all(state["threads"] == threads for state in resume_states)
+    args = {"command": "prune", "epochs": 0, "pretrain_epochs": 0}
+    for saved, named in ((threads + 2, True), (threads, False), (None, False)):
+        save_atomically({"args": args, **({} if saved is None else {"threads": saved})}, tmp_path / "resume.pt")
+        capsys.readouterr()
+        main(["prune", "--resume", "--out", str(tmp_path)])
+        notice = (f"bipkernels prune --resume: the run started with {saved} torch threads and goes on with "
+                  f"{threads}: its weights can differ in the last bits")
+        assert (notice in capsys.readouterr().err) == named, saved
+
+
 def test_resume_from_python_names_every_option_that_differs(tmp_path, capsys):
     """cli.prune(args) from Python cannot tell typed values from defaults: every difference is named."""
     save_atomically({"args": {"command": "prune", "epochs": 0, "pretrain_epochs": 0, "sparsity": 0.5, "lr": 0.1}},
