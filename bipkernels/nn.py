@@ -83,6 +83,22 @@ class _Masked:
                 self.scores.copy_(self.weight.abs())
                 self.threshold.copy_(keep_all_threshold())
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule before it compiles any, and puts what it returns in
+        # the model's place: a plain twin would change the user's model, so the error says what to script.
+        raise TypeError(self._not_torchscript("torch.jit.script"))
+
+    def _not_torchscript(self, how: str) -> str:
+        return (f"{how} of {self!r}: its forward runs Python that TorchScript cannot hold (the fused autograd "
+                "Function, the choice of backend); script or trace bipkernels.export_dense(model) instead (plain "
+                "layers holding θ ⊙ m, the deployment form), or torch.export.export the model")
+
+    def _refuse_jit_trace(self) -> None:
+        """TypeError under torch.jit.trace, whose graph would hold a Python call it cannot save (and whose
+        check fails on the forward's two code paths) instead of saying so."""
+        if torch.jit.is_tracing():
+            raise TypeError(self._not_torchscript("torch.jit.trace"))
+
     def _masked_weight_inputs(self) -> tuple:
         return self.weight, self.scores, self.threshold, self.structure, self.inv_gamma, self.implicit
 
@@ -258,6 +274,7 @@ class MaskedConv2d(_Masked, nn.Conv2d):
         self._init_mask(parsed)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._refuse_jit_trace()
         return self._with_masked_weight(self._conv_forward, input)
 
 
@@ -273,6 +290,7 @@ class MaskedLinear(_Masked, nn.Linear):
         self.register_forward_pre_hook(_keep_forward)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._refuse_jit_trace()
         if ops.masked_linear_fused(input, self.weight):  # the mask applied inside the matmuls (triton)
             return autograd.masked_linear(input, self.weight, self.bias, self.scores, self.threshold, self.structure,
                                           self.inv_gamma, self.implicit)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import pickle
 import warnings
 
@@ -285,3 +286,66 @@ def test_exports_refuse_what_they_cannot_copy_naming_it():
                          (x[:0], r"example_inputs\[0\] is empty \(shape \(0, 3, 8, 8\)\)")):
         with pytest.raises(ValueError, match=rf"bipkernels.export_shrunk: {message}"):
             bipkernels.export_shrunk(model, bad)
+
+
+def _saved_and_loaded(save, load, program):
+    """``program`` through ``save`` into a buffer and back through ``load``: a deployment's file round trip."""
+    buffer = io.BytesIO()
+    save(program, buffer)
+    buffer.seek(0)
+    return load(buffer)
+
+
+def _deployment_case():
+    """(model, x, small, other, expected): Net pruned by filters with random scores and batch norms in eval
+    mode, an example input x, export_shrunk's model for x, and the model's outputs on ``other``, inputs of
+    another batch size."""
+    model = randomize_masked(bipkernels.convert(Net(), 0.0, "filter"))
+    bipkernels.project(model, 0.5, scope="layer")
+    model.eval()
+    x = torch.randn(3, 4, 6, 6)
+    small, _ = bipkernels.export_shrunk(model, x, warn=False)
+    other = torch.randn(5, 4, 6, 6)
+    with torch.no_grad():
+        expected = model(other)
+    return model, x, small, other, expected
+
+
+def test_torch_export_of_the_model_and_its_exports_round_trips_with_a_dynamic_batch(seed):
+    """torch.export.export of the masked model (its custom ops and their fake kernels trace), of export_dense
+    and of export_shrunk, with the batch dimension dynamic, saved and loaded: the loaded programs give the
+    masked model's eval-mode outputs on another batch size. Only the masked model's program holds bipkernels
+    ops; the exports' hold torch's alone."""
+    model, x, small, other, expected = _deployment_case()
+    for name, module in (("masked", model), ("dense", bipkernels.export_dense(model).eval()), ("shrunk", small)):
+        program = torch.export.export(module, (x,), dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+        custom = {str(node.target) for node in program.graph.nodes if str(node.target).startswith("bipkernels")}
+        assert bool(custom) == (name == "masked"), (name, custom)
+        loaded = _saved_and_loaded(torch.export.save, torch.export.load, program)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.module()(other), expected, msg=name)
+
+
+def test_torchscript_takes_the_exports_and_names_them_for_a_masked_model(seed):
+    """torch.jit.trace and torch.jit.script of export_dense and export_shrunk save, load and give the masked
+    model's eval-mode outputs on another batch size. Of the masked model itself, torch.jit.trace failed its
+    own check ('Graphs differed across invocations') or, unchecked, gave a graph that torch.jit.save refused
+    ("Could not export Python function call '_MaskedWeight'"), and torch.jit.script stopped at "Unknown
+    type annotation: 'nn.Parameter'": both are a TypeError naming the layer and the export to use, and
+    the model is left as it was."""
+    model, x, small, other, expected = _deployment_case()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch 2.14 deprecates TorchScript; users still run it
+        for name, module in (("dense", bipkernels.export_dense(model).eval()), ("shrunk", small)):
+            for compiled in (torch.jit.trace(module, (x,)), torch.jit.script(module)):
+                loaded = _saved_and_loaded(torch.jit.save, torch.jit.load, compiled)
+                with torch.no_grad():
+                    torch.testing.assert_close(loaded(other), expected, msg=name)
+        layers = dict(model.named_modules())
+        for how, run in (("trace", lambda: torch.jit.trace(model, (x,))), ("script", lambda: torch.jit.script(model))):
+            with pytest.raises(TypeError, match=rf"torch.jit.{how} of MaskedConv2d\(4, 8, kernel_size=\(3, 3\).* "
+                                                r"structure=filter\): .* bipkernels.export_dense\(model\)"):
+                run()
+            assert dict(model.named_modules()) == layers
+        with torch.no_grad():
+            torch.testing.assert_close(model(other), expected, rtol=0, atol=0)
