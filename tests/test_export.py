@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import pickle
 import warnings
 
@@ -137,7 +138,9 @@ def test_export_carries_no_hook_of_bipkernels_own(seed):
 def test_export_dense_keeps_what_ties_it_can_and_names_the_rest(seed):
     """A Linear head tied to an embedding (GPT-2): pruned, the export holds θ ⊙ m in the head and θ in the
     embedding, as the masked model computes, and says that the tie came apart; unpruned, the tie stays.
-    A bias shared with another layer stays shared."""
+    A bias shared with another layer stays shared. Every export says so under its own name, pointing at
+    its caller (export_shrunk and export_semi_structured warned as 'bipkernels.export_dense', from their
+    own files)."""
 
     class Tied(nn.Module):
         def __init__(self):
@@ -150,12 +153,17 @@ def test_export_dense_keeps_what_ties_it_can_and_names_the_rest(seed):
             return self.head(hidden) + self.side(hidden)
 
     tokens = torch.randint(0, 10, (3, 5))
-    for sparsity, tied in ((0.0, True), (0.5, False)):
+    exports = {"export_dense": bipkernels.export_dense,
+               "export_shrunk": lambda model: bipkernels.export_shrunk(model, tokens, warn=False)[0],
+               "export_semi_structured": lambda model: bipkernels.export_semi_structured(model, warn=False)[0]}
+    for (sparsity, tied), (name, export) in itertools.product(((0.0, True), (0.5, False)), exports.items()):
         model = bipkernels.convert(Tied().double(), sparsity, exclude="side")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            dense = bipkernels.export_dense(model)
-        assert ["embed.weight and head.weight" in str(w.message) for w in caught] == ([] if tied else [True])
+            dense = export(model)
+        assert [str(w.message).startswith(f"bipkernels.{name}: weights tied in the model come apart (embed.weight "
+                                          "and head.weight)") and w.filename == __file__ for w in caught] == \
+            ([] if tied else [True]), [(str(w.message), w.filename) for w in caught]
         assert (dense.head.weight is dense.embed.weight) == tied
         assert dense.side.bias is dense.head.bias
         torch.testing.assert_close(dense(tokens), model(tokens), rtol=0, atol=0)

@@ -109,6 +109,13 @@ def export_dense(model: nn.Module, *, prune_masks: bool = False) -> nn.Module:
     if not isinstance(prune_masks, bool):
         raise TypeError(f"bipkernels.export_dense: prune_masks must be a bool, got {type(prune_masks).__name__} "
                         f"{prune_masks!r}")
+    dense = dense_copy("export_dense", model)
+    return apply_prune_masks(dense, masks(model)) if prune_masks else dense
+
+
+def dense_copy(op: str, model: nn.Module) -> nn.Module:
+    """export_dense's copy of ``model`` (checked by check_exportable), for bipkernels.``op``, which the
+    warning about weights that come apart names (the user called ``op``, the warning points at its caller)."""
     # Seeding deepcopy's memo swaps each masked layer for its twin wherever the model refers to it,
     # without copying scores that the export throws away. A bias, and a weight nothing prunes, that
     # other modules also hold stay shared with them through the twin's copy.
@@ -128,11 +135,10 @@ def export_dense(model: nn.Module, *, prune_masks: bool = False) -> nn.Module:
         carry_over(layer, twins[id(layer)], twins)
     tied = _tied(model, untied)
     if tied:
-        warnings.warn(f"bipkernels.export_dense: weights tied in the model come apart ({'; '.join(tied)}): the "
-                      "masked layer computed with θ ⊙ m and the others with θ, and so does the export, but its "
-                      "state_dict loaded into an architecture that ties them gives other outputs", stacklevel=2)
-    dense = copy.deepcopy(model, memo=twins)
-    return apply_prune_masks(dense, masks(model)) if prune_masks else dense
+        warnings.warn(f"bipkernels.{op}: weights tied in the model come apart ({'; '.join(tied)}): the masked "
+                      "layer computed with θ ⊙ m and the others with θ, and so does the export, but its state_dict "
+                      "loaded into an architecture that ties them gives other outputs", stacklevel=3)
+    return copy.deepcopy(model, memo=twins)
 
 
 def apply_prune_masks(model: nn.Module, layer_masks: dict[str, torch.Tensor]) -> nn.Module:

@@ -7,7 +7,7 @@ import warnings
 from torch import nn
 
 from ..nn import MaskedConv2d, masked_layers
-from .dense import check_exportable, export_dense
+from .dense import check_exportable, dense_copy
 
 
 def export_semi_structured(model: nn.Module, *, warn: bool = True) -> tuple[nn.Module, dict[str, str]]:
@@ -28,7 +28,7 @@ def export_semi_structured(model: nn.Module, *, warn: bool = True) -> tuple[nn.M
     check_exportable("export_semi_structured", model)
     if not isinstance(warn, bool):
         raise TypeError(f"bipkernels.export_semi_structured: warn must be a bool, got {type(warn).__name__} {warn!r}")
-    dense = export_dense(model)
+    dense = dense_copy("export_semi_structured", model)
     left = {}
     for name, layer in masked_layers(model):
         structure = layer.structure

@@ -10,7 +10,7 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
-from .dense import carry_over, check_exportable, export_dense, plain_layer
+from .dense import carry_over, check_exportable, dense_copy, plain_layer
 from .spaces import ChannelGraph, Recorder, group_view, is_depthwise, pads_with_zeros, zero_columns
 
 
@@ -271,7 +271,7 @@ def export_shrunk(model: nn.Module, example_inputs, *, warn: bool = True) -> tup
             raise ValueError(f"bipkernels.export_shrunk: example_inputs[{index}] holds NaN or inf: a pruned filter's "
                              "constant output is recorded from them and folded into the next layer's bias, so every "
                              "output of the smaller model would carry it")
-    dense = export_dense(model).eval()
+    dense = dense_copy("export_shrunk", model).eval()
     try:
         _outputs(dense, inputs)  # forked: a forward that draws random numbers leaves the caller's stream alone
     except Exception as error:  # the user's input, not a fault of the export: say so before tracing
