@@ -725,6 +725,28 @@ def test_prune_runs_the_evaluated_splits_before_the_model_changes(seed):
     assert not bipkernels.masked_layers(model)
 
 
+def test_prune_points_a_language_model_to_the_solver_that_takes_its_loss(seed):
+    """A language model's (batch, tokens, vocabulary) logits with next-token targets: prune's cross_entropy
+    reads classes in dim 1, and its error said the targets should be (batch, vocabulary), with no word of
+    the way that trains such a model. It now names BiP.fit's loss_fn, and that way runs under autocast."""
+    vocabulary, width = 12, 8
+    model = nn.Sequential(nn.Embedding(vocabulary, width), nn.Linear(width, width), nn.GELU(),
+                          nn.Linear(width, vocabulary))
+    tokens = torch.randint(0, vocabulary, (32, 6))
+    data = TensorDataset(tokens[:, :-1], tokens[:, 1:])
+    with pytest.raises(ValueError, match=r"prune: train_data: class-index targets of shape \(2, 5\), but the model's "
+                                         r"outputs of shape \(2, 5, 12\) take \(2, 12\) .* classes in the last dim .* "
+                                         r"bipkernels.BiP\(model, sparsity, ...\).fit\(data, epochs, loss_fn=...\)"):
+        bipkernels.prune(model, data, "bip", 0.5, epochs=1, batch_size=8)
+    assert not bipkernels.masked_layers(model)
+    solver = bipkernels.BiP(model, 0.5, total_steps=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        solver.fit(data, 1, batch_size=8,
+                   loss_fn=lambda logits, targets: F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten()))
+    kept = sum(int(mask.sum()) for mask in bipkernels.masks(model).values())
+    assert len(bipkernels.masks(model)) == 2 and kept == bipkernels.keep_count(width * (width + vocabulary), 0.5)
+
+
 @pytest.mark.parametrize(("method", "bad"), [("bip", {"lr": -1.0}), ("bip", {"lower_steps": 2}),
                                              ("imp", {"rate": 1.5}), ("imp", {"rewind_state": {"0.weight": 0}}),
                                              ("omp", {"lr": -1.0}), ("hydra", {"score_lr": float("nan")})])

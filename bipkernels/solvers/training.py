@@ -297,9 +297,15 @@ def check_targets(owner: str, model: nn.Module, dataset: Dataset, inputs: torch.
         return
     indices_shape = outputs.shape[:1] + outputs.shape[2:]
     if targets.shape != indices_shape:
+        # A language model's (batch, tokens, vocabulary) logits with next-token targets: say what trains it.
+        last_dim = outputs.dim() > 2 and targets.shape == outputs.shape[:-1]
+        hint = ("; these targets fit classes in the last dim (a sequence model's (batch, tokens, classes) "
+                "logits), which prune's cross_entropy and accuracy do not read: train such a model with "
+                "bipkernels.BiP(model, sparsity, ...).fit(data, epochs, loss_fn=...) and a loss of your own, "
+                "e.g. cross_entropy(logits.flatten(0, -2), targets.flatten())") if last_dim else ""
         raise ValueError(f"{owner}: class-index targets of shape {tuple(targets.shape)}, but the model's outputs of "
                          f"shape {tuple(outputs.shape)} take {tuple(indices_shape)} (one class index per output, "
-                         "classes in dim 1)")
+                         f"classes in dim 1){hint}")
     if type(dataset) is TensorDataset and len(dataset.tensors) == 2 and not dataset.tensors[1].is_floating_point():
         targets = dataset.tensors[1]
     classes = outputs.shape[1]
