@@ -154,6 +154,32 @@ def test_masks_across_parallel_chunks(monkeypatch, seed, structure_name):
 
 
 @needs_cpu_kernels
+@pytest.mark.parametrize("structure_name, shape", [
+    ("2:4", (3, 8, 17, 17)),  # groups of 4 * 289 elements: longer than a batch, decided one by one
+    ("2:4", (3, 4, 16, 16)),  # groups of exactly one batch (1024 elements)
+    ("3:8", (5, 16, 5, 5)),  # five groups of 200 to a batch
+    ("1:2", (700, 6)),  # a Linear weight: 2-element groups, 512 to a batch
+])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nm_masks_for_every_group_extent(monkeypatch, seed, structure_name, shape, dtype):
+    """The CPU N:M kernels decide a batch of whole groups at a time (up to 1024 elements), each element against
+    the rivals at one distance at a time, and decide one by one the elements within a group's extent of the
+    tensor's ends and groups longer than a batch: every group extent gives the reference's results bit for
+    bit, ties, NaN and infinities included."""
+    force_backend(monkeypatch, "cpu")
+    structure = parse_structure(structure_name)
+    scores = with_specials(tied_scores(shape, dtype, levels=4))
+    weight, grad = torch.randn(shape, dtype=torch.float64).to(dtype), torch.randn(shape, dtype=torch.float64).to(dtype)
+    assert torch.equal(ops.block_mask(scores, None, structure), reference.block_mask(scores, None, structure))
+    assert torch.equal(ops.masked_weight(weight, scores, None, structure),
+                       reference.masked_weight(weight, scores, None, structure))
+    got = ops.hypergrad(grad, weight, scores, None, structure, inv_gamma=0.5)
+    want = reference.hypergrad(grad, weight, scores, None, structure, 0.5, "paper")
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
+
+
+@needs_cpu_kernels
 def test_pruned_nan_and_inf_weights_give_zero(monkeypatch, seed):
     force_backend(monkeypatch, "cpu")
     weight = torch.full((6, 7), float("nan"))
