@@ -45,26 +45,27 @@ inline void for_each_nm_element(const Rule& rule, int64_t begin, int64_t end, co
 // channels). An element's rivals lie m * inner after it (a larger |s| beats it) and m * inner before it
 // (an equal |s| beats it too: a lower position), m = 1..M-1, as far as its slab reaches, and how far that
 // is depends only on its offset in the slab. So the batch compares every element with the rivals at one
-// offset at a time, each comparison masked by whether that rival is in its group: loops over contiguous
+// distance at a time, each comparison masked by whether that rival is in its group: loops over contiguous
 // memory that the compiler vectorises, where a scan of each element's group did not (on 512x512x3x3:
-// 2:4 block_mask and masked_weight 2-3× faster, hypergrad about 2×). The reads at a masked-out offset stay
-// inside the tensor because batches keep `reach` from its ends; the elements near the ends, the head of
-// a chunk before its first whole slab, and slabs longer than a batch are decided one by one.
+// 2:4 block_mask and masked_weight 2-3× faster, hypergrad about 2×). |s| is taken once per element into a
+// buffer (half and bfloat16 scores widen in software) with `reach` elements of margin on each side, which
+// only the masked-out comparisons read. The partial slabs at a chunk's ends, and slabs longer than a
+// batch, are decided one by one.
 template <typename Rule, typename Body>
 inline void for_each_nm_decision(const Rule& rule, int64_t begin, int64_t end, const Body& body) {
   using scalar_t = std::remove_cv_t<std::remove_pointer_t<decltype(rule.scores)>>;
   using score_t = decltype(rule.value);
   constexpr int64_t kBatch = 1024;
   const BlockLayout& layout = rule.layout;
-  const int64_t slab = layout.b * layout.inner, reach = slab - layout.inner, numel = layout.rows * layout.cols;
+  const int64_t slab = layout.b * layout.inner, reach = slab - layout.inner;
   const int64_t batch = kBatch / slab * slab;
-  const int64_t batched_begin = std::min(end, ceil_div(std::max(begin, reach), slab) * slab);
-  const int64_t batched_end =
-      batch == 0 ? batched_begin : std::max(batched_begin, std::min(end, numel - reach) / slab * slab);
+  const int64_t batched_begin = std::min(end, ceil_div(begin, slab) * slab);
+  const int64_t batched_end = batch == 0 ? batched_begin : std::max(batched_begin, end / slab * slab);
   for_each_nm_element(rule, begin, batched_begin, body);
   if (batched_begin < batched_end) {
     int32_t slab_offset[kBatch], beaten[kBatch];
-    score_t magnitude[kBatch];
+    score_t margined[3 * kBatch] = {};  // reach < slab <= kBatch on each side of the batch
+    score_t* magnitude = margined + reach;
     bool decisions[kBatch];
     // int32 throughout (slab <= kBatch here), so that the compared lanes are as wide as float scores.
     const int32_t kept_count = static_cast<int32_t>(layout.a), slab32 = static_cast<int32_t>(slab);
@@ -84,11 +85,11 @@ inline void for_each_nm_decision(const Rule& rule, int64_t begin, int64_t end, c
         // Summed as 0/1 masks, not branched on: random scores would mispredict half of the branches.
         for (int64_t t = 0; t < count; ++t) {
           beaten[t] += static_cast<int32_t>(slab_offset[t] < slab32 - distance) &
-                       static_cast<int32_t>(std::fabs(static_cast<score_t>(scores[t + distance])) > magnitude[t]);
+                       static_cast<int32_t>(magnitude[t + distance] > magnitude[t]);
         }
         for (int64_t t = 0; t < count; ++t) {
           beaten[t] += static_cast<int32_t>(slab_offset[t] >= distance) &
-                       static_cast<int32_t>(std::fabs(static_cast<score_t>(scores[t - distance])) >= magnitude[t]);
+                       static_cast<int32_t>(magnitude[t - distance] >= magnitude[t]);
         }
       }
       for (int64_t t = 0; t < count; ++t) decisions[t] = (magnitude[t] == magnitude[t]) & (beaten[t] < kept_count);
