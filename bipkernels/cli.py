@@ -473,11 +473,15 @@ def compare(args, typed: set[str] | None = None) -> list[dict]:
                                   out / "compare.json")
             save_atomically(state, out / "resume.pt")
         # Still under the stop request: a SIGINT from here on lets the table and plots finish.
-        header = f"{'method':<8}" + "".join(f"{f'{s:.0%} acc':>10}{'time':>7}" for s in args.sparsities)
+        # Every digit the sparsity has: rounded to whole percents, 0.98 and 0.985 were both "98%", 0.999 "100%".
+        labels = [f"{100 * sparsity:g}% acc" for sparsity in args.sparsities]
+        widths = [max(10, len(label) + 1) for label in labels]
+        header = f"{'method':<8}" + "".join(f"{label:>{width}}{'time':>7}" for label, width in zip(labels, widths))
         print(f"\ntest accuracy and wall time (s) on {args.data}; dense {dense_accuracy:.4f}\n{header}")
         for method in args.methods:
             row = [r for r in results if r["method"] == method]
-            print(f"{method:<8}" + "".join(f"{r['test_accuracy']:>10.4f}{r['wall_time_s']:>7.1f}" for r in row))
+            print(f"{method:<8}" + "".join(f"{r['test_accuracy']:>{width}.4f}{r['wall_time_s']:>7.1f}"
+                                           for r, width in zip(row, widths)))
         _plot(results, args, out)
         (out / "resume.pt").unlink()
     return results

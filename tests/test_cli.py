@@ -111,6 +111,23 @@ def test_compare_writes_table_json_and_plots(tmp_path, capsys):
     assert (tmp_path / "accuracy.png").stat().st_size > 0 and (tmp_path / "time.png").stat().st_size > 0
 
 
+def _fake_prune(model, train_data, method, sparsity, **_):
+    """A stand-in for bipkernels.prune in compare: the record of a run, without the run."""
+    return model, {"method": method, "target_sparsity": sparsity, "sparsity": sparsity, "test_accuracy": sparsity / 2,
+                   "wall_time_s": 0.0}
+
+
+def test_compare_table_names_each_sparsity_with_all_its_digits(tmp_path, capsys, monkeypatch):
+    """Rounded to whole percents, the columns of 0.98 and 0.985 were both "98% acc" and 0.999 "100% acc"."""
+    monkeypatch.setattr(cli, "prune_with", _fake_prune)
+    main(["compare", "--pretrain-epochs", "0", "--methods", "omp", "--sparsities", "0.98", "0.985", "0.999",
+          "--out", str(tmp_path)])
+    table = capsys.readouterr().out.splitlines()
+    header = table.index(next(line for line in table if line.startswith("method")))
+    assert table[header].split() == ["method", "98%", "acc", "time", "98.5%", "acc", "time", "99.9%", "acc", "time"]
+    assert table[header + 1].split() == ["omp", "0.4900", "0.0", "0.4925", "0.0", "0.4995", "0.0"]
+
+
 def test_compare_killed_between_its_two_writes_loses_no_result(tmp_path, monkeypatch):
     """After each run compare writes compare.json and resume.pt: a kill right after the first of the two
     (a stand-in exception on the second), after the last run, loses nothing on --resume. With resume.pt
