@@ -12,6 +12,7 @@ import argparse
 import copy
 import fcntl
 import json
+import math
 import os
 import pickle
 import signal
@@ -230,6 +231,8 @@ def _setup(args) -> dict:
     is written (a resume.pt left by it would block the corrected command). The model is built, loaded,
     converted and run on two training images in training mode (it must return logits) as a throwaway,
     with the RNG state restored after."""
+    if args.command == "compare":
+        _check_nm_sparsities(args)
     checkpoint = _checkpoint(args) if args.checkpoint else None
     try:
         splits = data.load(args.data)
@@ -270,6 +273,22 @@ def _setup(args) -> dict:
     except OSError as error:
         sys.exit(f"bipkernels {args.command}: --out {args.out}: {error}")
     return splits
+
+
+def _check_nm_sparsities(args) -> None:
+    """Exit unless every --sparsities value is the one an N:M --structure gives (every masked layer is N:M):
+    N of every M weights stay whatever the sparsity asked, so the other values would run again at that
+    sparsity and the table and plots would show them under the sparsity asked."""
+    structure = parse_structure(args.structure)
+    if structure.kind != "nm":
+        return
+    fixed = 1 - structure.a / structure.b
+    other = [sparsity for sparsity in args.sparsities if not math.isclose(sparsity, fixed)]
+    if other:
+        sys.exit(f"bipkernels compare: --structure {args.structure} keeps {structure.a} of every {structure.b} "
+                 f"weights (sparsity {fixed:g}) whatever the sparsity asked: --sparsities "
+                 f"{' '.join(map(str, other))} would run at {fixed:g} and be shown as asked; give --sparsities "
+                 f"{fixed:g}")
 
 
 def _checkpoint(args) -> dict:

@@ -128,6 +128,22 @@ def test_compare_table_names_each_sparsity_with_all_its_digits(tmp_path, capsys,
     assert table[header + 1].split() == ["omp", "0.4900", "0.0", "0.4925", "0.0", "0.4995", "0.0"]
 
 
+def test_compare_with_an_nm_structure_takes_only_its_sparsity(tmp_path, capsys, monkeypatch):
+    """2:4 keeps half of every layer whatever the sparsity asked: --sparsities 0.9 ran again at 0.5 and the
+    table and plots showed it as 90%."""
+    monkeypatch.setattr(cli, "prune_with", _fake_prune)
+    arguments = ["compare", "--structure", "2:4", "--exclude", "stem.0", "--pretrain-epochs", "0", "--methods", "omp"]
+    with pytest.raises(SystemExit) as stopped:
+        main(arguments + ["--sparsities", "0.5", "0.9", "0", "--out", str(tmp_path / "refused")])
+    assert str(stopped.value) == ("bipkernels compare: --structure 2:4 keeps 2 of every 4 weights (sparsity 0.5) "
+                                  "whatever the sparsity asked: --sparsities 0.9 0.0 would run at 0.5 and be shown "
+                                  "as asked; give --sparsities 0.5")
+    assert not (tmp_path / "refused").exists()
+    main(arguments + ["--sparsities", "0.5", "--out", str(tmp_path / "run")])
+    assert [r["target_sparsity"] for r in json.loads((tmp_path / "run" / "compare.json").read_text())["results"]] \
+        == [0.5]
+
+
 def test_compare_killed_between_its_two_writes_loses_no_result(tmp_path, monkeypatch):
     """After each run compare writes compare.json and resume.pt: a kill right after the first of the two
     (a stand-in exception on the second), after the last run, loses nothing on --resume. With resume.pt
