@@ -362,9 +362,11 @@ def hypergrad(grad: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, th
 
     grad_θ = m ⊙ g; grad_s = sign(s) ⊙ (θ ⊙ g − inv_gamma · I) with I = m ⊙ g ⊙ g (``implicit="paper"``)
     or (θ ⊙ g)² (``"released"``, the official code's G1 ⊙ G2); sign(s) = -1 for s < 0, else +1 (the mask
-    ranks |s|). inv_gamma = 0 is HYDRA's straight-through score gradient. Shapes and dtype of ``weight``;
-    half types compute in float32. The arguments in DESIGN.md's order; ``p`` (the block norm, see
-    block_scores) by keyword.
+    ranks |s|). The official code subtracts inv_gamma · I from its score gradient without the sign, so there
+    the implicit term of a negative score shrinks |s|; here it moves |s| alike for either sign (the two agree
+    where s ≥ 0, as scores initialised to |θ| are). inv_gamma = 0 is HYDRA's straight-through score gradient.
+    Shapes and dtype of ``weight``; half types compute in float32. The arguments in DESIGN.md's order; ``p``
+    (the block norm, see block_scores) by keyword.
     """
     check_float("hypergrad", "weight", weight)  # its dtype bounds inv_gamma
     inv_gamma = check_implicit_term("bipkernels.hypergrad", inv_gamma, implicit, weight.dtype)
