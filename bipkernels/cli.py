@@ -160,8 +160,9 @@ def _resume_or_start(args, typed: set[str] | None, lock: OutputLock) -> tuple[ar
     read or it is another command's; the options ``typed`` on the command line (argparse dests; None from
     Python, where typed and default values look alike: every option) that differ from the saved ones are
     named as ignored, and so is a torch thread count other than the saved one. Otherwise the arguments as
-    given, saved there as the state {"args": ...} (with the data's fingerprint and the thread count) once
-    _setup has checked them; exits if OUT holds an interrupted run, which that
+    given (--data's folder and --checkpoint made absolute), saved there as the state {"args": ...} (with the
+    data's fingerprint and the thread count) once _setup has checked them; exits if OUT holds an interrupted
+    run, which that
     would overwrite, and deletes the results of a finished run there (named), which the new run replaces.
     Either way it first deletes the temporary files that a killed write left in OUT."""
     out = Path(args.out)
@@ -193,8 +194,10 @@ def _resume_or_start(args, typed: set[str] | None, lock: OutputLock) -> tuple[ar
     elif resume_path.exists():
         sys.exit(f"bipkernels {args.command}: {resume_path} holds an interrupted run: continue it with --resume, "
                  "or delete it (or choose another --out) to start afresh")
-    else:
+    else:  # saved absolute: a resume from another folder reads the same files, not others of the same name
         args.data = data.absolute_spec(args.data)
+        if args.checkpoint:
+            args.checkpoint = str(Path(args.checkpoint).expanduser().resolve())
     splits = _setup(args)
     digests = data.fingerprint(splits)
     if state.get("data") not in (None, digests):  # None: a state saved before fingerprints, not checked

@@ -144,6 +144,33 @@ def test_compare_with_an_nm_structure_takes_only_its_sparsity(tmp_path, capsys, 
         == [0.5]
 
 
+def test_compare_resumed_from_another_folder_reads_the_same_checkpoint(tmp_path, monkeypatch):
+    """--checkpoint is saved as an absolute path, as --data is: saved as typed (relative), a resume from
+    another folder could not read it, or read another file of the same name there."""
+    main(["prune", "--pretrain-epochs", "0", "--epochs", "0", "--sparsity", "0.5", "--out", str(tmp_path / "pruned")])
+    (tmp_path / "start").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    os.replace(tmp_path / "pruned" / "dense.pt", tmp_path / "start" / "dense.pt")
+    calls = []
+
+    def stopping_after_one_run(model, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return _fake_prune(model, *args, **kwargs)
+
+    monkeypatch.setattr(cli, "prune_with", stopping_after_one_run)
+    monkeypatch.chdir(tmp_path / "start")
+    out = str(tmp_path / "compare")
+    assert main(["compare", "--checkpoint", "dense.pt", "--methods", "omp", "random", "--sparsities", "0.5",
+                 "--out", out]) == 130
+    monkeypatch.setattr(cli, "prune_with", _fake_prune)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["compare", "--resume", "--out", out]) == 0
+    results = json.loads((tmp_path / "compare" / "compare.json").read_text())["results"]
+    assert [r["method"] for r in results] == ["omp", "random"]
+
+
 def test_compare_killed_between_its_two_writes_loses_no_result(tmp_path, monkeypatch):
     """After each run compare writes compare.json and resume.pt: a kill right after the first of the two
     (a stand-in exception on the second), after the last run, loses nothing on --resume. With resume.pt
