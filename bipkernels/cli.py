@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -212,6 +213,13 @@ def _resume_or_start(args, typed: set[str] | None, lock: OutputLock) -> tuple[ar
         print(f"bipkernels {args.command} --resume: the run started with {state['threads']} torch threads and "
               f"goes on with {threads}: its weights can differ in the last bits from an uninterrupted run's "
               f"(OMP_NUM_THREADS={state['threads']} repeats that one bit for bit)", file=sys.stderr)
+    # compare loads the checkpoint again on every resume: another file there would give the remaining runs
+    # another dense model (None: no --checkpoint, or a state saved before its digest was kept: not checked).
+    checkpoint_digest = _file_digest(Path(args.checkpoint)) if args.checkpoint else None
+    if state.get("checkpoint", checkpoint_digest) != checkpoint_digest:
+        sys.exit(f"bipkernels {args.command} --resume: --checkpoint {args.checkpoint} changed since the run started: "
+                 "the run would go on from another dense model; start afresh (another --out, or delete its "
+                 "resume.pt)")
     lock.take()  # the folder exists now
     for leftover in remove_temporaries(out):
         print(f"removed {leftover}, the part of a write that a killed run left", file=sys.stderr)
@@ -223,9 +231,18 @@ def _resume_or_start(args, typed: set[str] | None, lock: OutputLock) -> tuple[ar
             for path in finished:
                 path.unlink()
         state = {"args": {key: value for key, value in vars(args).items() if key != "resume"},
-                 "data": digests, "threads": threads}
+                 "data": digests, "threads": threads, "checkpoint": checkpoint_digest}
         save_atomically(state, resume_path)
     return args, state, splits
+
+
+def _file_digest(path: Path) -> str:
+    """The sha256 hex digest of the file at ``path``, read in blocks (a checkpoint may be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _setup(args) -> dict:

@@ -144,13 +144,17 @@ def test_compare_with_an_nm_structure_takes_only_its_sparsity(tmp_path, capsys, 
         == [0.5]
 
 
-def test_compare_resumed_from_another_folder_reads_the_same_checkpoint(tmp_path, monkeypatch):
-    """--checkpoint is saved as an absolute path, as --data is: saved as typed (relative), a resume from
-    another folder could not read it, or read another file of the same name there."""
-    main(["prune", "--pretrain-epochs", "0", "--epochs", "0", "--sparsity", "0.5", "--out", str(tmp_path / "pruned")])
-    (tmp_path / "start").mkdir()
-    (tmp_path / "elsewhere").mkdir()
-    os.replace(tmp_path / "pruned" / "dense.pt", tmp_path / "start" / "dense.pt")
+def _dense_checkpoint(tmp_path, path, seed: int = 0) -> None:
+    """A dense.pt of an untrained digits model (prune with no epochs writes it) at ``path``."""
+    out = tmp_path / f"dense-{seed}"
+    main(["prune", "--pretrain-epochs", "0", "--epochs", "0", "--sparsity", "0.5", "--seed", str(seed),
+          "--out", str(out)])
+    os.replace(out / "dense.pt", path)
+
+
+def _compare_stopped_after_one_run(monkeypatch, *arguments) -> None:
+    """compare (omp and random at 0.5, runs faked) stopped as by Ctrl-C once its first run is saved; leaves
+    prune_with faked for a resume."""
     calls = []
 
     def stopping_after_one_run(model, *args, **kwargs):
@@ -160,15 +164,37 @@ def test_compare_resumed_from_another_folder_reads_the_same_checkpoint(tmp_path,
         return _fake_prune(model, *args, **kwargs)
 
     monkeypatch.setattr(cli, "prune_with", stopping_after_one_run)
+    assert main(["compare", "--methods", "omp", "random", "--sparsities", "0.5", *arguments]) == 130
+    monkeypatch.setattr(cli, "prune_with", _fake_prune)
+
+
+def test_compare_resumed_from_another_folder_reads_the_same_checkpoint(tmp_path, monkeypatch):
+    """--checkpoint is saved as an absolute path, as --data is: saved as typed (relative), a resume from
+    another folder could not read it, or read another file of the same name there."""
+    (tmp_path / "start").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    _dense_checkpoint(tmp_path, tmp_path / "start" / "dense.pt")
     monkeypatch.chdir(tmp_path / "start")
     out = str(tmp_path / "compare")
-    assert main(["compare", "--checkpoint", "dense.pt", "--methods", "omp", "random", "--sparsities", "0.5",
-                 "--out", out]) == 130
-    monkeypatch.setattr(cli, "prune_with", _fake_prune)
+    _compare_stopped_after_one_run(monkeypatch, "--checkpoint", "dense.pt", "--out", out)
     monkeypatch.chdir(tmp_path / "elsewhere")
     assert main(["compare", "--resume", "--out", out]) == 0
     results = json.loads((tmp_path / "compare" / "compare.json").read_text())["results"]
     assert [r["method"] for r in results] == ["omp", "random"]
+
+
+def test_compare_resumed_with_another_checkpoint_at_its_path_stops(tmp_path, monkeypatch):
+    """compare loads --checkpoint again on every resume: a file replaced since (another run's dense.pt
+    written there) gave the remaining runs another dense model than the finished ones, in one compare.json."""
+    checkpoint, out = tmp_path / "dense.pt", tmp_path / "compare"
+    _dense_checkpoint(tmp_path, checkpoint)
+    _compare_stopped_after_one_run(monkeypatch, "--checkpoint", str(checkpoint), "--out", str(out))
+    _dense_checkpoint(tmp_path, checkpoint, seed=1)
+    with pytest.raises(SystemExit, match=re.escape(
+            f"bipkernels compare --resume: --checkpoint {checkpoint} changed since the run started: the run would "
+            "go on from another dense model; start afresh (another --out, or delete its resume.pt)")):
+        main(["compare", "--resume", "--out", str(out)])
+    assert len(torch.load(out / "resume.pt", weights_only=False)["results"]) == 1
 
 
 def test_compare_killed_between_its_two_writes_loses_no_result(tmp_path, monkeypatch):
