@@ -4,6 +4,8 @@ bit-exact resume, and `prune` end to end."""
 from __future__ import annotations
 
 import copy
+import importlib
+import math
 import re
 import warnings
 
@@ -17,6 +19,8 @@ from torch.utils.data import TensorDataset
 import bipkernels
 from bipkernels import reference
 from bipkernels.structures import parse_structure
+from bipkernels.solvers.bip import steps_per_epoch
+from bipkernels.solvers.hydra import hydra
 from bipkernels.solvers.imp import imp, imp_rounds
 from bipkernels.solvers.omp import omp
 from bipkernels.solvers.training import (batch_count, epoch_batches, evaluate, fetch, model_device,
@@ -907,3 +911,219 @@ def test_an_exclude_of_every_layer_is_refused_with_the_model_untouched(seed, met
                              batch_size=16)
     assert not bipkernels.masked_layers(model) and type(model[0]) is nn.Conv2d
     assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+
+
+def oracle_gradients(weights, biases, masks, inputs, targets):
+    """(g, bias gradients) of tiny_model's two linear layers: g = ∂l/∂z of each effective weight z = m ⊙ θ,
+    by dense autograd."""
+    effective = [(weight * mask).requires_grad_() for weight, mask in zip(weights, masks)]
+    bias = [b.clone().requires_grad_() for b in biases]
+    hidden = F.relu(F.linear(inputs, effective[0], bias[0]))
+    F.cross_entropy(F.linear(hidden, effective[1], bias[1]), targets).backward()
+    return [z.grad for z in effective], [b.grad for b in bias]
+
+
+def oracle_masks(scores, sparsity):
+    """The global top-k of |s| over the layers (ties have probability 0 in float64)."""
+    flat = torch.cat([score.abs().flatten() for score in scores])
+    kept = torch.zeros(flat.shape, dtype=torch.bool)
+    kept[flat.topk(bipkernels.keep_count(flat.numel(), sparsity)).indices] = True
+    return [part.view_as(score) for part, score in zip(kept.split([s.numel() for s in scores]), scores)]
+
+
+class BiPOracle:
+    """BiP on tiny_model (float64) by hand, as the paper and torch.optim.SGD define each update: weights and
+    biases take SGD with weight decay (grad + wd·θ) and momentum (buffer = grad at the first step, then
+    μ·buffer + grad) on m ⊙ g; scores take SGD with momentum on sign(s) ⊙ (θ ⊙ g − inv_gamma · m ⊙ g ⊙ g);
+    both rates follow the cosine 0.5·(1 + cos(π·t / total_steps)) at iteration t; after every iteration
+    the masks are the global top-k of |s|."""
+
+    def __init__(self, model, sparsity, lr, score_lr, momentum, score_momentum, weight_decay, inv_gamma,
+                 total_steps):
+        layers = (model[0], model[2])
+        self.weights = [layer.weight.detach().clone() for layer in layers]
+        self.biases = [layer.bias.detach().clone() for layer in layers]
+        self.scores = [layer.weight.detach().abs() for layer in layers]  # convert's |θ|
+        self.sparsity, self.masks = sparsity, oracle_masks(self.scores, sparsity)
+        self.lr, self.score_lr, self.momentum, self.score_momentum = lr, score_lr, momentum, score_momentum
+        self.weight_decay, self.inv_gamma, self.total_steps = weight_decay, inv_gamma, total_steps
+        self.buffers, self.iteration = {}, 0
+
+    def _sgd(self, key, value, grad, lr, momentum):
+        buffer = self.buffers.get(key)
+        self.buffers[key] = buffer = grad.clone() if buffer is None else momentum * buffer + grad
+        return value - lr * buffer
+
+    def _factor(self):
+        return 0.5 * (1.0 + math.cos(math.pi * min(self.iteration / self.total_steps, 1.0)))
+
+    def _weight_step(self, g, bias_grads):
+        lr = self.lr * self._factor()
+        for i in range(2):
+            self.weights[i] = self._sgd(("weight", i), self.weights[i],
+                                        self.masks[i] * g[i] + self.weight_decay * self.weights[i], lr, self.momentum)
+            self.biases[i] = self._sgd(("bias", i), self.biases[i],
+                                       bias_grads[i] + self.weight_decay * self.biases[i], lr, self.momentum)
+
+    def _score_step(self, g):
+        lr = self.score_lr * self._factor()
+        for i in range(2):
+            sign = torch.where(self.scores[i] < 0, -1.0, 1.0).double()
+            grad = sign * (self.weights[i] * g[i] - self.inv_gamma * self.masks[i] * g[i] * g[i])
+            self.scores[i] = self._sgd(("scores", i), self.scores[i], grad, lr, self.score_momentum)
+
+    def _gradients(self, batch):
+        return oracle_gradients(self.weights, self.biases, self.masks, *batch)
+
+    def step(self, lower_batches, upper_batch=None):
+        """Fused (no ``upper_batch``): both levels from one backward at θ on lower_batches[0]. Faithful: a
+        weight step on each lower batch, then the score step at the new θ on ``upper_batch``."""
+        if upper_batch is None:
+            g, bias_grads = self._gradients(lower_batches[0])
+            self._score_step(g)  # at θ before its step
+            self._weight_step(g, bias_grads)
+        else:
+            for batch in lower_batches:
+                self._weight_step(*self._gradients(batch))
+            self._score_step(self._gradients(upper_batch)[0])
+        self.masks = oracle_masks(self.scores, self.sparsity)
+        self.iteration += 1
+
+
+def float64_task(seed):
+    inputs, targets = tiny_task(n=64, seed=seed).tensors
+    return TensorDataset(inputs.double(), targets)
+
+
+@pytest.mark.parametrize("mode", ["fused", "faithful"])
+def test_fit_takes_the_papers_updates_step_by_step(seed, mode):
+    """Two epochs of BiP.fit against BiPOracle on the batches that fit takes (epoch_batches; faithful:
+    each lower step on its own batch, the score step on the next one), with every setting away from
+    zero and one, so that each of them (momenta, weight decay, rates, their schedules, the implicit term
+    and its inv_gamma) changes the result."""
+    data, model = float64_task(seed), tiny_model(seed).double()
+    lower_steps, batch_size, epochs = (1 if mode == "fused" else 2), 8, 2
+    per_step = 1 if mode == "fused" else lower_steps + 1
+    total_steps = epochs * (64 // batch_size // per_step)
+    settings = dict(lr=0.2, score_lr=0.5, momentum=0.7, score_momentum=0.8, weight_decay=0.05, inv_gamma=0.3,
+                    total_steps=total_steps)
+    oracle = BiPOracle(model, 0.6, **settings)
+    solver = bipkernels.BiP(model, 0.6, mode=mode, lower_steps=lower_steps, **settings)
+    solver.fit(data, epochs, batch_size=batch_size, seed=seed)
+    run_oracle(oracle, data, epochs, batch_size, seed, per_step)
+    assert solver.iteration == oracle.iteration == total_steps
+    assert_model_is_the_oracles(model, oracle)
+
+
+def run_oracle(oracle, data, epochs, batch_size, seed, per_step=1):
+    """``oracle`` through the steps of BiP.fit(data, epochs, batch_size, seed): the batches of epoch_batches
+    in groups of ``per_step`` (1: fused; faithful: the lower batches, then the upper one)."""
+    for epoch in range(epochs):
+        batches = [tuple(tensor[indices] for tensor in data.tensors)
+                   for indices in epoch_batches(data, batch_size, seed, epoch)]
+        for start in range(0, len(batches) - per_step + 1, per_step):
+            group = batches[start:start + per_step]
+            oracle.step(group) if per_step == 1 else oracle.step(group[:-1], group[-1])
+
+
+def assert_model_is_the_oracles(model, oracle):
+    for i, layer in enumerate((model[0], model[2])):
+        torch.testing.assert_close(layer.weight.detach(), oracle.weights[i], rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(layer.bias.detach(), oracle.biases[i], rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(layer.scores.detach(), oracle.scores[i], rtol=1e-7, atol=1e-9)
+        assert torch.equal(layer.mask(), oracle.masks[i])
+
+
+def test_hydra_searches_the_scores_with_the_weights_frozen_and_no_implicit_term(seed):
+    """HYDRA's score phase is BiPOracle with weight rate, momentum and decay 0 and inv_gamma 0 (the
+    straight-through gradient θ ⊙ g alone): the weights stay as they were, the scores take every step."""
+    data, model = float64_task(seed), tiny_model(seed).double()
+    weights = [model[i].weight.detach().clone() for i in (0, 2)]
+    steps = 2 * steps_per_epoch(64, 16)
+    oracle = BiPOracle(model, 0.7, lr=0.0, score_lr=0.3, momentum=0.0, score_momentum=0.9, weight_decay=0.0,
+                       inv_gamma=0.0, total_steps=steps)
+    hydra(model, data, 0.7, score_epochs=2, finetune_epochs=0, score_lr=0.3, batch_size=16, seed=seed)
+    run_oracle(oracle, data, 2, 16, seed)
+    assert oracle.iteration == steps
+    assert all(torch.equal(model[i].weight, weight) for i, weight in zip((0, 2), weights))
+    assert_model_is_the_oracles(model, oracle)
+
+
+def test_recalibration_averages_the_batches_statistics(seed):
+    """recalibrate_batchnorm: a running mean and variance are the averages over the batches of the batch
+    means and unbiased variances (momentum None: a cumulative average, whatever the statistics held), and
+    the norm keeps its momentum."""
+    inputs = torch.randn(40, 3, 5, 5, dtype=torch.float64) * 2 + 1
+    norm = nn.BatchNorm2d(3, momentum=0.3).double()
+    norm.running_mean.fill_(7.0)
+    recalibrate_batchnorm(nn.Sequential(norm), TensorDataset(inputs, torch.zeros(40, dtype=torch.long)), batch_size=8)
+    batches = inputs.split(8)
+    torch.testing.assert_close(norm.running_mean, torch.stack([b.mean((0, 2, 3)) for b in batches]).mean(0))
+    torch.testing.assert_close(norm.running_var, torch.stack([b.var((0, 2, 3)) for b in batches]).mean(0))
+    assert norm.momentum == 0.3
+
+
+@pytest.mark.parametrize("method", ["bip", "omp"])
+def test_prune_recalibrates_the_batch_norms_under_the_final_masks(seed, method):
+    """After pruning, a batch norm's running statistics are those of its inputs over the training data
+    (one batch of 96: their mean and unbiased variance) through the pruned layer before it."""
+    data = tiny_task(seed=seed)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(12, 24), nn.BatchNorm1d(24), nn.ReLU(), nn.Linear(24, 3))
+    bipkernels.prune(model, data, method, 0.7, epochs=1, finetune_epochs=1, batch_size=16, seed=seed)
+    with torch.no_grad():
+        hidden = model[0](data.tensors[0])
+    torch.testing.assert_close(model[1].running_mean, hidden.mean(0))
+    torch.testing.assert_close(model[1].running_var, hidden.var(0))
+
+
+@pytest.mark.parametrize("mode", ["fused", "faithful"])
+def test_prune_schedules_bip_over_exactly_its_steps(seed, monkeypatch, mode):
+    """prune builds its BiP with total_steps = epochs × steps_per_epoch (of the mode): the run ends exactly
+    there, where both cosine schedules reach rate 0."""
+    solvers = []
+
+    class Recorded(bipkernels.BiP):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            solvers.append(self)
+
+    monkeypatch.setattr(importlib.import_module("bipkernels.solvers.prune"), "BiP", Recorded)
+    bipkernels.prune(tiny_model(seed), tiny_task(seed=seed), "bip", 0.5, epochs=2, batch_size=16, mode=mode)
+    (solver,) = solvers
+    assert solver.iteration == solver.total_steps == 2 * steps_per_epoch(96, 16, mode)
+    for optimizer in (solver.weight_optimizer, solver.score_optimizer):
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_imp_prunes_the_remaining_by_the_trained_magnitudes_and_rewinds_every_round(seed, monkeypatch):
+    """IMP by hand, with training replaced by fresh random weights (so that each round's ranking is known):
+    round r keeps keep_count(n, 1 − 0.8^r) weights (the target in the last), the largest |θ| that the
+    previous round trained among those it kept (the model's own weights for the first round; a pruned
+    weight never comes back), and trains from the rewind weights."""
+    generator = torch.Generator().manual_seed(seed)
+    rounds = []  # each round's (weights it trains from, masks, weights it trained to)
+
+    def random_training(model, *args, **kwargs):
+        layers = (model[0], model[2])
+        start, masks = [layer.weight.detach().clone() for layer in layers], [layer.mask() for layer in layers]
+        with torch.no_grad():
+            for layer in layers:
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator))
+        rounds.append((start, masks, [layer.weight.detach().clone() for layer in layers]))
+        return 0
+
+    monkeypatch.setattr(importlib.import_module("bipkernels.solvers.imp"), "train_weights", random_training)
+    model = tiny_model(seed)
+    rewind = {key: torch.randn(value.shape, generator=generator) for key, value in model.state_dict().items()}
+    ranked = [model[0].weight.detach().clone(), model[2].weight.detach().clone()]
+    kept = [torch.ones(weight.shape, dtype=torch.bool) for weight in ranked]
+    imp(model, tiny_task(), 0.6, rewind_state=rewind, epochs_per_round=1)
+    targets = [1 - 0.8**r for r in range(1, 5)] + [0.6]  # 20% of the remaining per round, the last capped
+    assert len(rounds) == len(targets)
+    for (start, masks, trained), target in zip(rounds, targets):
+        kept = oracle_masks([torch.where(mask, weight.abs(), 0.0) for mask, weight in zip(kept, ranked)], target)
+        assert all(torch.equal(mask, expected) for mask, expected in zip(masks, kept))
+        assert torch.equal(start[0], rewind["0.weight"]) and torch.equal(start[1], rewind["2.weight"])
+        ranked = trained
+    assert torch.equal(model[0].mask(), kept[0]) and torch.equal(model[2].mask(), kept[1])
