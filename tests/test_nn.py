@@ -598,3 +598,16 @@ def test_block_scores_differentiate_twice(monkeypatch, seed, backend, p):
     hessian = torch.autograd.functional.hessian(lambda s: bipkernels.block_scores(s, "filter", p=p).sum(), scores)
     expected = torch.eye(12, dtype=torch.float64) * (2.0 if p == 2 else 0.0)
     torch.testing.assert_close(hessian.reshape(12, 12), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("make", [lambda: bipkernels.MaskedLinear(7, 5), lambda: bipkernels.MaskedConv2d(3, 4, 3)])
+def test_a_new_masked_layer_ranks_its_weights_magnitudes(seed, make):
+    """A masked layer built directly starts with scores |θ|, as convert's: projected, it keeps the
+    weights of the largest magnitude."""
+    layer = make()
+    model = nn.Sequential(layer)
+    bipkernels.project(model, 0.6)
+    magnitudes = layer.weight.detach().abs().flatten()
+    expected = torch.zeros(magnitudes.shape, dtype=torch.bool)
+    expected[magnitudes.topk(bipkernels.keep_count(magnitudes.numel(), 0.6)).indices] = True
+    assert torch.equal(layer.mask().flatten(), expected)
