@@ -17,7 +17,7 @@ import torch
 import bipkernels
 from bipkernels import cli, data, models
 from bipkernels.cli import main
-from bipkernels.solvers.training import save_atomically
+from bipkernels.solvers.training import save_atomically, train_weights
 
 from conftest import needs_torchvision, resuming_text
 
@@ -549,3 +549,18 @@ def test_the_resume_message_of_a_stop_at_an_epochs_last_step_names_the_next_epoc
     assert cli._position_text((0, 17), 5, 17) == "at epoch 2 of 5, step 1 of 17"
     assert cli._position_text((4, 17), 5, 17) == "after the last epoch (saving the result)"
     assert cli._position_text((1, 3), 5, 17) == "at epoch 2 of 5, step 4 of 17"
+
+
+def test_the_rewind_point_is_the_model_after_the_first_pretraining_epoch(tmp_path):
+    """dense.pt's "rewind" (the early-training weights IMP rewinds to) holds the model after pretraining
+    epoch 1 of the run: the same pretraining (seed, model, lr 0.1, its schedule over all the epochs)
+    stopped there by its on_epoch."""
+    main(["prune", "--pretrain-epochs", "2", "--epochs", "0", "--out", str(tmp_path)])
+    splits = data.load("digits")
+    torch.manual_seed(0)
+    model = models.build("small-resnet", *reversed(data.describe(splits)))
+    train_weights(model, splits["train"], 2, lr=0.1, batch_size=64, seed=0, label="pretrain",
+                  on_epoch=lambda state: True)
+    rewind = torch.load(tmp_path / "dense.pt")["rewind"]
+    assert rewind.keys() == model.state_dict().keys()
+    assert all(torch.equal(rewind[key], value) for key, value in model.state_dict().items())
