@@ -254,3 +254,11 @@ def test_an_empty_cifar_batch_is_named_before_anything_is_written(tmp_path):
     with pytest.raises(SystemExit, match=r"bipkernels prune: cifar10:.* EOFError"):
         main(["prune", "--data", f"cifar10:{tmp_path / 'cifar'}", "--model", "resnet20", "--out", str(out)])
     assert not (out / "resume.pt").exists()
+
+
+def test_describe_counts_every_class_of_a_tensor_data_set(seed):
+    """describe's classes are the labels 0 to C − 1 of the training split: C, the model's output count."""
+    classes = int(torch.randint(2, 12, ()))
+    splits = {"train": torch.utils.data.TensorDataset(torch.rand(classes, 3, 8, 8), torch.randperm(classes))}
+    assert data.describe(splits) == (3, classes)
+    assert data.describe(data.digits()) == (1, 10)
