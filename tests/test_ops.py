@@ -264,6 +264,30 @@ def test_dense_layouts(monkeypatch, seed, layout, structure_name, mixed):
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_cpu_kernels)])
+@pytest.mark.parametrize("shape", [(6, 12, 1, 5), (6, 12, 3, 1), (6, 1, 3, 5), (1, 12, 3, 5)])
+def test_dense_layouts_with_a_dimension_of_size_one(monkeypatch, seed, backend, shape):
+    """A channels_last weight with a dimension of size 1 (a (1, k) kernel, one input channel) is dense
+    whatever that dimension's stride (c10 ignores it): an unstructured mask keeps the weight's layout
+    on every backend and in the fake kernels (reference.keeps_weight_layout), as the kernels do."""
+    force_backend(monkeypatch, backend)
+    weight, grad = (torch.randn(shape, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+                    for _ in range(2))
+    scores = tied_scores(shape).contiguous(memory_format=torch.channels_last)
+    threshold = backend_threshold(scores, parse_structure("unstructured"))
+    assert reference.keeps_weight_layout(parse_structure("unstructured"), weight, scores, grad)
+    masked = ops.masked_weight(weight, scores, threshold)
+    assert masked.stride() == weight.stride()
+    assert torch.equal(masked, torch.where(reference.block_mask(scores.contiguous(), threshold,
+                                                                parse_structure("unstructured")), weight, 0.0))
+    for result in ops.hypergrad(grad, weight, scores, threshold, inv_gamma=0.5):
+        assert result.stride() == weight.stride()
+    if backend == "cpu":  # the fake kernels give the real results' strides
+        torch.library.opcheck(torch.ops.bipkernels.masked_weight.default, (weight, scores, threshold, 0, 1, 1, 1))
+        torch.library.opcheck(torch.ops.bipkernels.hypergrad.default,
+                              (grad, weight, scores, threshold, 0, 1, 1, 1, 0.5, 0))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_cpu_kernels)])
 def test_empty_results_have_standard_strides(monkeypatch, backend):
     """An empty tensor counts as contiguous whatever its strides, so .contiguous() kept the (1, 0) of
     empty scores in the reference's results while the C++ kernels gave (1, 1) (a property test's find)."""
