@@ -400,6 +400,24 @@ def test_block_scores_do_not_depend_on_the_memory_layout(monkeypatch, seed, back
             assert torch.equal(ops.block_scores(stored, structure), want), name
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_cpu_kernels)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_inv_gamma_of_half_weights_is_bounded_by_float32(monkeypatch, seed, backend, dtype):
+    """Half-type weights compute the hypergradient in float32, so inv_gamma is checked against float32's
+    range (check_implicit_term), not the weights' own: 1e5 (past float16's 65504) is a valid setting and
+    gives the reference's gradients; 1e39 (past float32's) is refused naming inv_gamma."""
+    force_backend(monkeypatch, backend)
+    structure = parse_structure("unstructured")
+    scores = tied_scores((6, 8), dtype)
+    weight, grad = (torch.randn(6, 8, dtype=torch.float64).mul(1e-3).to(dtype) for _ in range(2))
+    threshold = backend_threshold(scores, structure)
+    got = ops.hypergrad(grad, weight, scores, threshold, inv_gamma=1e5)
+    want = reference.hypergrad(grad, weight, scores, threshold, structure, 1e5)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    with pytest.raises(ValueError, match="inv_gamma"):
+        ops.hypergrad(grad, weight, scores, threshold, inv_gamma=1e39)
+
+
 def test_keep_count_rounding():
     assert ops.keep_count(10, 0.9) == 1
     assert ops.keep_count(5, 0.5) == 3  # round half up
