@@ -85,6 +85,22 @@ def test_topk_threshold_absolute_equals_the_unstructured_block_scores_first(monk
                 block_scores[:1], k)[0]), k
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_cpu_kernels)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_topk_threshold_signed_zeros_are_one_score(monkeypatch, seed, backend, dtype):
+    """+0.0 and -0.0 are one score: where the k-th score is 0, its ties (of either sign) go to the lowest
+    global index. The select's keys fold -0.0 onto +0.0 (select.h key_of_bits); unfolded, -0.0 ranked
+    below +0.0 and the count of kept ties went wrong."""
+    force_backend(monkeypatch, backend)
+    sizes = [37, 0, 50]
+    tensors = [(torch.rand(n, dtype=torch.float64) < 0.5).double() * torch.rand(n, dtype=torch.float64) for n in sizes]
+    tensors = [torch.where(torch.rand(n) < 0.5, -t, t).to(dtype) for n, t in zip(sizes, tensors)]  # ±0.0
+    zeros = sum(int((t == 0).sum()) for t in tensors)
+    for k in range(sum(sizes) - zeros, sum(sizes) + 1):  # the k-th score is 0 (or all are kept)
+        want = reference.topk_threshold(tensors, k)
+        assert torch.equal(ops.topk_threshold(tensors, k), want), k
+
+
 @needs_cpu_kernels
 def test_topk_threshold_wide_ranges_and_signs(monkeypatch, seed):
     # Keys across the whole float range, negatives and subnormals: every radix digit is exercised.
