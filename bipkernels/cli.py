@@ -308,7 +308,7 @@ def _check_nm_sparsities(args) -> None:
         sys.exit(f"bipkernels compare: --structure {args.structure} keeps {structure.a} of every {structure.b} "
                  f"weights (sparsity {fixed:g}) whatever the sparsity asked: --sparsities "
                  f"{' '.join(map(str, other))} would run at {fixed:g} and be shown as asked; give --sparsities "
-                 f"{fixed:g}")
+                 f"{fixed!r}")  # every digit: 1:3's 0.666667 is not 1 - 1/3, and would be refused again
 
 
 def _checkpoint(args) -> dict:

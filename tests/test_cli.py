@@ -564,3 +564,18 @@ def test_the_rewind_point_is_the_model_after_the_first_pretraining_epoch(tmp_pat
     rewind = torch.load(tmp_path / "dense.pt")["rewind"]
     assert rewind.keys() == model.state_dict().keys()
     assert all(torch.equal(rewind[key], value) for key, value in model.state_dict().items())
+
+
+def test_compare_with_an_nm_structure_takes_the_sparsity_its_refusal_names(tmp_path):
+    """1 - N/M has more digits than {:g} shows: for 1:3 the refusal said "give --sparsities 0.666667", a value
+    that it refused again, so no sparsity that one could type from it got past the check. (The test model's
+    32 channels take no M = 3: the run given the named value stops at the model, past the check.)"""
+    arguments = ["compare", "--structure", "1:3", "--pretrain-epochs", "0", "--methods", "omp"]
+    with pytest.raises(SystemExit) as stopped:
+        main(arguments + ["--sparsities", "0.5", "--out", str(tmp_path / "refused")])
+    named = str(stopped.value).rsplit("give --sparsities ", 1)[1]
+    assert float(named) == 1 - 1 / 3
+    with pytest.raises(SystemExit) as stopped:
+        main(arguments + ["--sparsities", named, "--out", str(tmp_path / "run")])
+    assert "whatever the sparsity asked" not in str(stopped.value)
+    assert "not a multiple of M = 3" in str(stopped.value)
