@@ -513,7 +513,7 @@ def compare(args, typed: set[str] | None = None) -> list[dict]:
             save_atomically(state, out / "resume.pt")
         # Still under the stop request: a SIGINT from here on lets the table and plots finish.
         # Every digit the sparsity has: rounded to whole percents, 0.98 and 0.985 were both "98%", 0.999 "100%".
-        labels = [f"{100 * sparsity:g}% acc" for sparsity in args.sparsities]
+        labels = [f"{100 * sparsity:.15g}% acc" for sparsity in args.sparsities]  # .15g: 0.29 is not 28.99...
         widths = [max(10, len(label) + 1) for label in labels]
         header = f"{'method':<8}" + "".join(f"{label:>{width}}{'time':>7}" for label, width in zip(labels, widths))
         print(f"\ntest accuracy and wall time (s) on {args.data}; dense {dense_accuracy:.4f}\n{header}")

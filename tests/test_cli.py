@@ -579,3 +579,14 @@ def test_compare_with_an_nm_structure_takes_the_sparsity_its_refusal_names(tmp_p
         main(arguments + ["--sparsities", named, "--out", str(tmp_path / "run")])
     assert "whatever the sparsity asked" not in str(stopped.value)
     assert "not a multiple of M = 3" in str(stopped.value)
+
+
+def test_compare_table_tells_apart_sparsities_with_seven_digits(tmp_path, capsys, monkeypatch):
+    """{:g} keeps six digits: 0.9999991 and 0.9999999 were the columns "99.9999% acc" and "100% acc", one of them
+    a sparsity no run had (and 0.12345671, 0.12345679 were one label twice)."""
+    monkeypatch.setattr(cli, "prune_with", _fake_prune)
+    main(["compare", "--pretrain-epochs", "0", "--methods", "omp", "--sparsities", "0.9999991", "0.9999999",
+          "0.12345671", "0.12345679", "0.29", "--out", str(tmp_path)])
+    table = capsys.readouterr().out.splitlines()
+    header = next(line for line in table if line.startswith("method"))
+    assert header.split()[1::3] == ["99.99991%", "99.99999%", "12.345671%", "12.345679%", "29%"]
