@@ -187,7 +187,7 @@ def _resume_or_start(args, typed: set[str] | None, lock: OutputLock) -> tuple[ar
                          **state["args"]}
         ignored = [f"--{key.replace('_', '-')} {value}" for key, value in vars(args).items()
                    if (typed is None or key in typed) and key in state["args"] and key != "out"
-                   and value != state["args"][key]]
+                   and _as_saved(key, value) != state["args"][key]]
         if ignored:
             print(f"bipkernels {args.command} --resume: ignored {', '.join(ignored)}: the interrupted run goes on with "
                   f"its own arguments", file=sys.stderr)
@@ -195,10 +195,8 @@ def _resume_or_start(args, typed: set[str] | None, lock: OutputLock) -> tuple[ar
     elif resume_path.exists():
         sys.exit(f"bipkernels {args.command}: {resume_path} holds an interrupted run: continue it with --resume, "
                  "or delete it (or choose another --out) to start afresh")
-    else:  # saved absolute: a resume from another folder reads the same files, not others of the same name
-        args.data = data.absolute_spec(args.data)
-        if args.checkpoint:
-            args.checkpoint = str(Path(args.checkpoint).expanduser().resolve())
+    else:
+        args.data, args.checkpoint = _as_saved("data", args.data), _as_saved("checkpoint", args.checkpoint)
     splits = _setup(args)
     digests = data.fingerprint(splits)
     if state.get("data") not in (None, digests):  # None: a state saved before fingerprints, not checked
@@ -234,6 +232,20 @@ def _resume_or_start(args, typed: set[str] | None, lock: OutputLock) -> tuple[ar
                  "data": digests, "threads": threads, "checkpoint": checkpoint_digest}
         save_atomically(state, resume_path)
     return args, state, splits
+
+
+def _as_saved(key: str, value):
+    """An argument as a run saves it: --data's folder and --checkpoint absolute (~ expanded), so that a resume
+    from another folder reads the same files, not others of the same name, and a resume's typed relative path
+    to the same file is not named as ignored; any other value (or one that is no data spec) as it is."""
+    if key == "checkpoint" and value:
+        return str(Path(value).expanduser().resolve())
+    if key == "data":
+        try:
+            return data.absolute_spec(value)
+        except (TypeError, ValueError):  # a bad spec typed with --resume: named as ignored, as typed
+            return value
+    return value
 
 
 def _file_digest(path: Path) -> str:

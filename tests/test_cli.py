@@ -183,6 +183,18 @@ def test_compare_resumed_from_another_folder_reads_the_same_checkpoint(tmp_path,
     assert [r["method"] for r in results] == ["omp", "random"]
 
 
+def test_a_resume_typed_with_the_same_relative_checkpoint_names_nothing_ignored(tmp_path, monkeypatch, capsys):
+    """The saved --checkpoint is absolute: the same relative path typed again with --resume is the same
+    file, not an option to name as ignored (it was: 'ignored --checkpoint dense.pt'); another file is."""
+    _dense_checkpoint(tmp_path, tmp_path / "dense.pt")
+    monkeypatch.chdir(tmp_path)
+    _compare_stopped_after_one_run(monkeypatch, "--checkpoint", "dense.pt", "--out", "compare")
+    capsys.readouterr()
+    assert main(["compare", "--resume", "--out", "compare", "--checkpoint", "./dense.pt", "--data", "digits"]) == 0
+    assert "ignored" not in capsys.readouterr().err
+    assert len(json.loads((tmp_path / "compare" / "compare.json").read_text())["results"]) == 2
+
+
 def test_compare_resumed_with_another_checkpoint_at_its_path_stops(tmp_path, monkeypatch):
     """compare loads --checkpoint again on every resume: a file replaced since (another run's dense.pt
     written there) gave the remaining runs another dense model than the finished ones, in one compare.json."""
