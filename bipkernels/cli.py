@@ -426,7 +426,7 @@ def prune(args, typed: set[str] | None = None) -> dict:
 
         def checkpoint(position):
             save_atomically({"solver": solver.state_dict(), "position": position, "args": state["args"],
-                             "data": state.get("data"), "threads": state.get("threads"),
+                             **{key: state.get(key) for key in ("data", "threads", "checkpoint")},
                              "dense_accuracy": dense_accuracy}, resume_path)
 
         start = tuple(state.get("position", (0, 0)))

@@ -58,7 +58,8 @@ def register(namespace: str) -> None:
 
     def topk_threshold_batched(info, in_dims, block_scores, k, absolute=False):
         # One top-k per batch entry, over that entry's tensors (an unbatched tensor takes part in every one),
-        # as the reference gives under vmap: (batch, L, 2); (0, L, 2) for an empty batch.
+        # as the reference gives under vmap: (batch, L, 2). An empty batch gives (0, L, 2) (the reference
+        # cannot: torch's vmap of its reshape raises there).
         rows = [ops.topk_threshold([scores if dim is None else scores.select(dim, entry)
                                     for scores, dim in zip(block_scores, in_dims[0])], k, absolute)
                 for entry in range(info.batch_size)]
