@@ -279,6 +279,25 @@ def test_dense_layouts(monkeypatch, seed, layout, structure_name, mixed):
         assert torch.equal(result, want)
 
 
+@needs_cpu_kernels
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_hypergrad_of_a_gradient_in_another_layout(monkeypatch, seed, layout):
+    """hypergrad where only the gradient's layout differs from the weight's and the scores' (autograd may
+    hand a contiguous gradient to a channels_last weight): the unstructured mask cannot run over memory
+    order, the results are contiguous and equal the reference."""
+    force_backend(monkeypatch, "cpu")
+    structure = parse_structure("unstructured")
+    weight, scores = LAYOUTS[layout](torch.randn(6, 12, 3, 5, dtype=torch.float64)), \
+        LAYOUTS[layout](tied_scores((6, 12, 3, 5)))
+    grad = torch.randn(6, 12, 3, 5, dtype=torch.float64)
+    threshold = backend_threshold(scores, structure)
+    got = ops.hypergrad(grad, weight, scores, threshold, structure, inv_gamma=0.5, implicit="released")
+    for result, want in zip(got, reference.hypergrad(grad, weight, scores, threshold, structure, 0.5, "released"),
+                            strict=True):
+        assert result.is_contiguous()
+        assert torch.equal(result, want)
+
+
 @pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_cpu_kernels)])
 @pytest.mark.parametrize("shape", [(6, 12, 1, 5), (6, 12, 3, 1), (6, 1, 3, 5), (1, 12, 3, 5)])
 def test_dense_layouts_with_a_dimension_of_size_one(monkeypatch, seed, backend, shape):
