@@ -426,6 +426,8 @@ def test_grouped_convolution_sheds_as_many_channels_in_each_group(seed):
     assert small.reduce[0].out_channels == small.grouped[0].in_channels == 4 and small.grouped[0].groups == 4
     # Filters: 1, 2 | 4, 5 | 7, 8 | 9, 11 stay (9 kept to even out the last group).
     assert small.grouped[0].out_channels == small.grouped[1].num_features == small.expand.in_channels == 8
+    # The lowest-numbered removable filter of the short group stays (9, not 10), with each group's channel 1.
+    assert torch.equal(small.grouped[0].weight, model.grouped[0].weight[[1, 2, 4, 5, 7, 8, 9, 11]][:, 1:])
     assert "grouped.0, a grouped convolution" in report.kept["reduce.0"]
     assert "1 zero input channel (grouped.0 keeps as many channels in each of its groups)" in report.kept["expand"]
     assert set(report.kept) == {"reduce.0", "expand"} and len(warned) == 1
