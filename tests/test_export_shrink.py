@@ -187,6 +187,24 @@ def test_shrink_repeats_until_no_filter_reads_only_removed_channels(seed):
         torch.testing.assert_close(small(x), model(x), rtol=1e-12, atol=1e-12)
 
 
+def test_the_report_names_only_what_the_smaller_model_keeps(seed):
+    """A carrier that the first round keeps goes in the second: the report is the last round's."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 3, 3, padding=1), nn.Conv2d(3, 2, 1))
+    model = model.double().eval()
+    with torch.no_grad():  # channels 0, 1: constants 1 and 2 behind the zero padding of the 3×3 layer ...
+        model[0].weight[:2] = 0
+        model[0].bias[:2] = torch.tensor([1.0, 2.0])
+        model[2].weight[1:, :2] = 0  # ... whose only filter that reads them, 0, is unread
+        model[3].weight[:, 0] = 0
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    small, report = bipkernels.export_shrunk(model, x)
+    # Round 1 keeps channel 1 to carry channel 0's constant into filter 0; round 2 removes both.
+    assert report.shapes == {"0": ((4, 3, 1, 1), (2, 3, 1, 1)), "2": ((3, 4, 3, 3), (2, 2, 3, 3)),
+                             "3": ((2, 3, 1, 1), (2, 2, 1, 1))}
+    assert report.kept == {}
+    _assert_same_outputs(small, model, x)
+
+
 def test_zero_kernel_taps_are_not_zero_features(seed):
     """A convolution's kernel position that no filter uses is no removable feature (features are what a
     flatten makes of a channel): nothing to report."""
