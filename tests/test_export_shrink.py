@@ -808,6 +808,20 @@ def test_shrink_of_a_product_of_flattened_features(seed):
     torch.testing.assert_close(small(x), model(x), rtol=0, atol=0)
 
 
+def test_a_shrunk_batch_norm_keeps_its_settings(seed):
+    """eps, momentum, affine and track_running_stats stay: train-mode fine-tuning updates the running
+    statistics as the model's own batch norm does."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, eps=1e-3, momentum=0.3), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    model = randomize_masked(model.double()).eval()
+    with torch.no_grad():
+        model[0].weight[1] = 0
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    small, _ = bipkernels.export_shrunk(model, x)
+    assert small[1].num_features == 3
+    assert (small[1].eps, small[1].momentum, small[1].affine, small[1].track_running_stats) == (1e-3, 0.3, True, True)
+    _assert_same_outputs(small, model, x)
+
+
 def test_batch_norm_on_flattened_features_carries_no_constant(seed):
     """BatchNorm1d over a flattened map gives each of a channel's features its own affine map: a pruned
     filter's constant is no longer one value per channel, so it cannot fold into the next bias (this
