@@ -391,6 +391,31 @@ def test_shrink_leaves_the_random_stream_of_a_forward_that_draws(seed):
     assert torch.equal(torch.get_rng_state(), state)
 
 
+def test_a_dropout_that_drops_in_eval_mode_keeps_its_constants(seed):
+    """F.dropout(x, p) drops in eval mode too (training=True by default): a pruned filter's constant
+    behind it is no constant, and stays."""
+    model, x = Noisy().double().eval(), torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        model.conv.weight[1] = 0
+        model.conv.bias[1] = 1.0
+    small, report = bipkernels.export_shrunk(model, x, warn=False)
+    assert report.shapes == {} and "1 zero filter (dropout (an op shrinking does not handle)" in report.kept["conv"]
+
+
+def test_an_average_over_its_windows_own_values_keeps_a_constant_constant(seed):
+    """AvgPool2d with padding and count_include_pad=False divides by the values it averages: a pruned
+    filter's constant stays constant through it and folds into the next layer's bias."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.AvgPool2d(3, 1, 1, count_include_pad=False),
+                          nn.Conv2d(4, 2, 1)).double().eval()
+    with torch.no_grad():
+        model[0].weight[1] = 0
+        model[0].bias[1] = 1.0
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    small, report = bipkernels.export_shrunk(model, x)
+    assert small[0].out_channels == small[3].in_channels == 3 and not report.kept
+    _assert_same_outputs(small, model, x)
+
+
 def test_concatenated_channels_go_where_every_reader_lets_them(seed):
     model = randomize_masked(Joined().double()).eval()
     with torch.no_grad():
@@ -647,9 +672,10 @@ def test_shrink_keeps_channels_where_layouts_meet(seed):
 
 class Pitfalls(nn.Module):
     """Where a zero filter must stay: its constant summed over tokens (T times the constant, T set by the
-    input), a 2-D pool over a 3-D tensor (read as one unbatched sample, pooling dim 1), a PReLU and a
-    softmax stored under the names of channel-wise ops, a weight also read directly, an average over
-    border windows by a fixed divisor, and an in-place ReLU on a tensor another layer read before it."""
+    input; by x.sum and by torch.sum), a 2-D pool over a 3-D tensor (read as one unbatched sample, pooling
+    dim 1), a PReLU and a softmax stored under the names of channel-wise ops, a weight also read directly,
+    an average over border windows by a fixed divisor, and an in-place ReLU on a tensor another layer read
+    before it."""
 
     def __init__(self):
         super().__init__()
@@ -661,6 +687,7 @@ class Pitfalls(nn.Module):
         self.conv3, self.pool3, self.head3 = nn.Conv2d(4, 6, 1), nn.AvgPool2d(3, 1, 1, divisor_override=4), \
             nn.Conv2d(6, 3, 1)
         self.conv4, self.head4, self.head5 = nn.Conv2d(4, 6, 1), nn.Conv2d(6, 3, 1), nn.Conv2d(6, 3, 1)
+        self.fc9, self.fc10 = nn.Linear(4, 6), nn.Linear(6, 3)
 
     def forward(self, x):  # x: (B, T, 4)
         image = x.transpose(1, 2)[..., None]  # (B, 4, T, 1)
@@ -670,7 +697,8 @@ class Pitfalls(nn.Module):
                 self.fc6(self.sigmoid(self.fc5(x))),
                 self.fc8(F.relu(self.fc7(x))) + F.linear(x, self.fc7.weight)[..., :3],
                 self.head3(self.pool3(F.relu(self.conv3(image)))),
-                self._in_place(image))
+                self._in_place(image),
+                self.fc10(torch.sum(F.gelu(self.fc9(x)), dim=1)))  # the function, as fc2's sum is the method
 
     def _in_place(self, image):
         features = self.conv4(image)
@@ -684,7 +712,7 @@ def test_shrink_keeps_what_only_looks_removable(seed):
     with torch.no_grad():
         nn.init.uniform_(model.relu.weight, -1, 1)
         model.conv3.bias.uniform_(1.0, 2.0)  # a zero constant would average to zero (and could go)
-        for layer in (model.fc1, model.conv, model.conv2, model.fc5, model.fc7, model.conv3, model.conv4):
+        for layer in (model.fc1, model.conv, model.conv2, model.fc5, model.fc7, model.conv3, model.conv4, model.fc9):
             layer.weight[[0, 2]] = 0
     small, report = bipkernels.export_shrunk(model, torch.randn(2, 5, 4, dtype=torch.float64), warn=False)
     assert report.shapes == {}
