@@ -526,6 +526,22 @@ def test_a_group_whose_input_channels_another_layer_reads_stays(seed):
     _assert_same_outputs(small, model, x)
 
 
+def test_groups_that_cannot_go_whole_from_either_side_stay(seed):
+    """Group 1 could lose its input channels but not its filters, group 3 its filters but not its input
+    channels (the shortcut reads them): a group stays where either side keeps something, so both stay."""
+    model = randomize_masked(GroupedWithShortcut().double()).eval()
+    with torch.no_grad():
+        model.reduce[0].weight[2:4] = model.reduce[0].bias[2:4] = model.reduce[1].running_mean[2:4] = 0
+        model.reduce[1].bias[2:4] = -1.0  # channels 2, 3 (group 1's input channels): 0 after the ReLU
+        model.grouped[0].weight[9:] = 0  # group 3's filters
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    small, report = bipkernels.export_shrunk(model, x, warn=False)
+    assert small.grouped[0].groups == 4 and small.grouped[0].weight.shape == (12, 2, 3, 3) and report.shapes == {}
+    assert "its group 1 cannot go whole, some of its filters stay" in report.kept["reduce.0"]
+    assert "its group 3 cannot go whole, some of its input channels stay" in report.kept["grouped.0"]
+    _assert_same_outputs(small, model, x)
+
+
 @pytest.mark.parametrize("multiplier", [1, 2])
 def test_a_depthwise_convolution_loses_the_groups_of_its_pruned_channels(seed, multiplier):
     """groups == input channels: a group is one input channel and its ``multiplier`` filters (with 1, a
