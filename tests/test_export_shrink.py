@@ -452,6 +452,34 @@ class Grouped(nn.Module):
         return self.expand(self.grouped(self.reduce(x)))
 
 
+class TwoSigns(nn.Module):
+    """One activation read behind zero padding twice: through a ReLU, and negated through a ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.positive, self.negative = nn.Conv2d(4, 2, 3, padding=1), nn.Conv2d(4, 2, 3, padding=1)
+
+    def forward(self, x):
+        hidden = self.conv(x)
+        return self.positive(F.relu(hidden)) + self.negative(F.relu(hidden * -1.0))
+
+
+def test_no_carrier_where_every_constant_is_zero_at_some_reader(seed):
+    """Constants -1 and 2 are 0 and 2 behind one reader's padding, 1 and 0 behind the other's: no channel
+    can carry the other's constant at both (its value would divide by 0), so both stay."""
+    model = TwoSigns().double().eval()
+    with torch.no_grad():
+        model.conv.weight[:2] = 0
+        model.conv.bias[:2] = torch.tensor([-1.0, 2.0])
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    small, report = bipkernels.export_shrunk(model, x, warn=False)
+    assert report.shapes == {}
+    assert report.kept == {"conv": "1 zero filter (its constant value meets the zero padding of negative), "
+                                   "1 zero filter (its constant value meets the zero padding of positive)"}
+    _assert_same_outputs(small, model, x)
+
+
 def test_grouped_convolution_sheds_as_many_channels_in_each_group(seed):
     model = randomize_masked(Grouped().double()).eval()
     with torch.no_grad():
