@@ -71,6 +71,17 @@ def test_forward_and_backward_match_the_reference(seed, name, dtype):
     _check(x, weight, scores, _threshold(scores, structure), structure, bias, grad)
 
 
+def test_a_bfloat16_bias_of_subnormals_is_added_exactly(seed):
+    """y = 0 · (m ⊙ θ)ᵀ + bias is the bias itself, subnormal bfloat16 values included (the interpreter's
+    bfloat16 conversion rounds those wrongly: the kernel widens them by their bits)."""
+    N, K = 9, 8
+    weight, scores = torch.randn(N, K).bfloat16(), tied_scores((N, K), torch.bfloat16)
+    bits = torch.randint(1, 128, (N,), dtype=torch.int16) | (torch.randint(0, 2, (N,), dtype=torch.int16) << 15)
+    bias = bits.view(torch.bfloat16)  # random subnormals of either sign
+    got = ops.masked_linear(torch.zeros(3, K, dtype=torch.bfloat16), weight, scores, None, "2:4", bias)
+    assert torch.equal(got, bias.expand(3, N))
+
+
 @pytest.mark.parametrize("leading, N, K", [((2, 5), 9, 13), ((), 7, 11), ((0,), 5, 3), ((4,), 5, 0), ((4,), 0, 6)])
 def test_leading_and_empty_sizes(seed, leading, N, K):
     structure = parse_structure("unstructured")
