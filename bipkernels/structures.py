@@ -116,7 +116,8 @@ class Structure:
 
 
 def parse_structure(structure: str | Structure = "unstructured", p: int | None = None) -> Structure:
-    """A Structure from its spelling ("unstructured", "filter", "channel", "2:4", "tile4x4") or itself.
+    """A Structure from its spelling ("unstructured", "filter", "channel", "2:4", "tile4x4"; any case,
+    surrounding spaces ignored, "tile:4x4" read as "tile4x4") or itself.
 
     ``p`` (1 or 2), when given, replaces the structure's norm.
     """

@@ -293,6 +293,13 @@ def test_exclude_covers_the_named_module_and_everything_inside(seed):
     assert [name for name, _ in bipkernels.masked_layers(model)] == ["1"]
 
 
+def test_structure_spellings():
+    """parse_structure reads any case, ignores surrounding spaces, and reads tile:HxW as tileHxW."""
+    assert parse_structure(" Filter\n") == Structure("filter") and parse_structure("CHANNEL") == Structure("channel")
+    assert parse_structure("TILE4X2") == parse_structure("tile:4x2") == Structure("tile", 4, 2)
+    assert parse_structure(" 2:4 ", p=2) == Structure("nm", 2, 4, 2)
+
+
 def test_valid_edge_values_are_accepted(seed):
     scores = torch.rand(4, 6, dtype=F64)
     assert ops.keep_count(0, 0.5) == 0 and ops.keep_count(9, 0) == 9 and ops.keep_count(9, 1) == 0
