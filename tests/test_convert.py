@@ -369,6 +369,26 @@ def test_weight_reads_through_attributes_and_metadata_are_told_apart(seed):
     assert model.calls == 1 and model.cached is cached  # the trace's changes put back
 
 
+class CastsWeights(nn.Module):
+    """x.type_as(fc.weight) reads fc's dtype only (fc masks); proj.weight.to(hidden) reads proj's values
+    (proj stays dense)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.proj = nn.Linear(4, 6), nn.Linear(6, 3, bias=False)
+
+    def forward(self, x):
+        hidden = self.fc(x.type_as(self.fc.weight))
+        return F.linear(hidden, self.proj.weight.to(hidden))
+
+
+def test_a_weight_cast_reads_its_values_and_a_cast_to_its_dtype_does_not(seed):
+    model = CastsWeights()
+    with pytest.warns(UserWarning, match=r"reads their weights directly.*: proj$"):
+        bipkernels.convert(model, 0.5)
+    assert isinstance(model.fc, bipkernels.MaskedLinear) and type(model.proj) is nn.Linear
+
+
 def test_converting_again_still_sees_direct_reads(seed):
     """The masked layers of a model converted once are traced as single calls (their forward does not
     trace): a layer left dense for a direct read stays dense when the model is converted again."""
