@@ -251,6 +251,10 @@ def test_semi_structured_lists_every_layer_it_leaves_dense():
         assert "is not 2:4" in bipkernels.export_semi_structured(unstructured, warn=False)[1]["0"]
     with pytest.raises(TypeError, match=r"export_semi_structured: warn must be a bool, got int 0"):
         bipkernels.export_semi_structured(unstructured, warn=0)
+    # 1:4 is a 2:4 pattern too (torch refuses it here, on the CPU); 2:8 is not.
+    for structure, why in (("1:4", "CUDA"), ("2:8", "its structure 2:8 is not 2:4")):
+        model = bipkernels.convert(nn.Sequential(nn.Linear(64, 64)), structure=structure)
+        assert why in bipkernels.export_semi_structured(model, warn=False)[1]["0"], structure
 
 
 @pytest.mark.skipif(not HAS_CUDA_GPU or torch.cuda.get_device_capability() < (8, 0),
