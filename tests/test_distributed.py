@@ -67,6 +67,11 @@ def _check_sharded_thresholds(rank: int, seed: int, device: torch.device) -> Non
     scores = torch.tensor([1.0, 1.0, 1.0, 4.0 + rank], device=device)
     expected = bipkernels.topk_threshold([torch.tensor([1.0, 1.0, 1.0, 4.0 + r]) for r in range(WORLD)], 3)
     assert torch.equal(distributed.topk_threshold(scores, 3).cpu(), expected[rank])
+    # +0.0 and -0.0 are one score, tied in flat order: each k from 3 on cuts among zeros of both signs.
+    zeros = [torch.tensor([1.0, -0.0, 0.0, -0.0]), torch.tensor([0.0, -0.0, 2.0, 0.0])]
+    for k in range(1, 9):
+        expected = bipkernels.topk_threshold(zeros, k)[rank]
+        assert torch.equal(distributed.topk_threshold(zeros[rank].to(device), k).cpu(), expected), k
 
 
 def _layers() -> nn.Sequential:
