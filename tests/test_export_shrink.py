@@ -416,6 +416,21 @@ def test_an_average_over_its_windows_own_values_keeps_a_constant_constant(seed):
     _assert_same_outputs(small, model, x)
 
 
+@pytest.mark.parametrize("padding_mode", ["reflect", "replicate", "circular"])
+def test_padding_by_the_input_own_values_keeps_a_constant_constant(seed, padding_mode):
+    """A convolution that pads with its input's own values sees a constant channel as a constant at the
+    border too: it folds into the bias, no carrier stays."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1, padding_mode=padding_mode))
+    model = model.double().eval()
+    with torch.no_grad():
+        model[0].weight[1] = 0
+        model[0].bias[1] = 1.0
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    small, report = bipkernels.export_shrunk(model, x)
+    assert small[0].out_channels == small[2].in_channels == 3 and not report.kept
+    _assert_same_outputs(small, model, x)
+
+
 def test_concatenated_channels_go_where_every_reader_lets_them(seed):
     model = randomize_masked(Joined().double()).eval()
     with torch.no_grad():
