@@ -402,32 +402,23 @@ def test_a_dropout_that_drops_in_eval_mode_keeps_its_constants(seed):
     assert report.shapes == {} and "1 zero filter (dropout (an op shrinking does not handle)" in report.kept["conv"]
 
 
-def test_an_average_over_its_windows_own_values_keeps_a_constant_constant(seed):
-    """AvgPool2d with padding and count_include_pad=False divides by the values it averages: a pruned
-    filter's constant stays constant through it and folds into the next layer's bias."""
-    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.AvgPool2d(3, 1, 1, count_include_pad=False),
-                          nn.Conv2d(4, 2, 1)).double().eval()
+_BORDERS = {"average of own values": lambda: [nn.AvgPool2d(3, 1, 1, count_include_pad=False), nn.Conv2d(4, 2, 1)],
+            **{mode: lambda mode=mode: [nn.Conv2d(4, 2, 3, padding=1, padding_mode=mode)]
+               for mode in ("reflect", "replicate", "circular")}}
+
+
+@pytest.mark.parametrize("border", list(_BORDERS))
+def test_a_constant_stays_constant_where_the_border_repeats_the_input(seed, border):
+    """An AvgPool2d with padding and count_include_pad=False (it divides by the values it averages), or a
+    convolution that pads with its input's own values, leaves a constant constant at the border: a pruned
+    filter's constant folds into the next layer's bias, and no carrier stays."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), *_BORDERS[border]()).double().eval()
     with torch.no_grad():
         model[0].weight[1] = 0
         model[0].bias[1] = 1.0
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
     small, report = bipkernels.export_shrunk(model, x)
-    assert small[0].out_channels == small[3].in_channels == 3 and not report.kept
-    _assert_same_outputs(small, model, x)
-
-
-@pytest.mark.parametrize("padding_mode", ["reflect", "replicate", "circular"])
-def test_padding_by_the_input_own_values_keeps_a_constant_constant(seed, padding_mode):
-    """A convolution that pads with its input's own values sees a constant channel as a constant at the
-    border too: it folds into the bias, no carrier stays."""
-    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1, padding_mode=padding_mode))
-    model = model.double().eval()
-    with torch.no_grad():
-        model[0].weight[1] = 0
-        model[0].bias[1] = 1.0
-    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
-    small, report = bipkernels.export_shrunk(model, x)
-    assert small[0].out_channels == small[2].in_channels == 3 and not report.kept
+    assert small[0].out_channels == small[-1].in_channels == 3 and not report.kept
     _assert_same_outputs(small, model, x)
 
 
