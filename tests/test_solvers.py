@@ -19,11 +19,12 @@ from torch.utils.data import TensorDataset
 import bipkernels
 from bipkernels import reference
 from bipkernels.structures import parse_structure
+from bipkernels.solvers import METHODS
 from bipkernels.solvers.bip import steps_per_epoch
 from bipkernels.solvers.hydra import hydra
 from bipkernels.solvers.imp import imp, imp_rounds
 from bipkernels.solvers.omp import omp
-from bipkernels.solvers.training import (batch_count, epoch_batches, evaluate, fetch, model_device,
+from bipkernels.solvers.training import (batch_count, epoch_batches, evaluate, fetch, mean_loss, model_device,
                                          recalibrate_batchnorm, schedule_factor, shard_size, split_batches,
                                          train_weights)
 
@@ -729,26 +730,74 @@ def test_prune_runs_the_evaluated_splits_before_the_model_changes(seed):
     assert not bipkernels.masked_layers(model)
 
 
-def test_prune_points_a_language_model_to_the_solver_that_takes_its_loss(seed):
-    """A language model's (batch, tokens, vocabulary) logits with next-token targets: prune's cross_entropy
-    reads classes in dim 1, and its error said the targets should be (batch, vocabulary), with no word of
-    the way that trains such a model. It now names BiP.fit's loss_fn, and that way runs under autocast."""
-    vocabulary, width = 12, 8
+def token_task(seed: int, vocabulary: int = 12, width: int = 8, sequences: int = 48, length: int = 5):
+    """A GPT-like model (token embedding, a per-token MLP, logits over the vocabulary) and next-token data
+    of a fixed random bigram map: (batch, tokens) inputs and targets, (batch, tokens, vocabulary) logits."""
+    generator = torch.Generator().manual_seed(seed)
+    successor = torch.randperm(vocabulary, generator=generator)
+    tokens = [torch.randint(0, vocabulary, (sequences,), generator=generator)]
+    for _ in range(length):
+        tokens.append(successor[tokens[-1]])
+    tokens = torch.stack(tokens, 1)
     model = nn.Sequential(nn.Embedding(vocabulary, width), nn.Linear(width, width), nn.GELU(),
                           nn.Linear(width, vocabulary))
-    tokens = torch.randint(0, vocabulary, (32, 6))
-    data = TensorDataset(tokens[:, :-1], tokens[:, 1:])
+    return model, TensorDataset(tokens[:, :-1], tokens[:, 1:])
+
+
+def token_loss(logits, targets):
+    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten())
+
+
+def test_prune_points_a_language_model_to_its_loss_fn(seed):
+    """A language model's (batch, tokens, vocabulary) logits with next-token targets: prune's default
+    cross_entropy reads classes in dim 1, and its error said the targets should be (batch, vocabulary), with
+    no word of the way that trains such a model. It names prune's loss_fn; BiP.fit's runs under autocast."""
+    model, data = token_task(seed)
     with pytest.raises(ValueError, match=r"prune: train_data: class-index targets of shape \(2, 5\), but the model's "
                                          r"outputs of shape \(2, 5, 12\) take \(2, 12\) .* classes in the last dim .* "
-                                         r"bipkernels.BiP\(model, sparsity, ...\).fit\(data, epochs, loss_fn=...\)"):
+                                         r"prune\(..., loss_fn=...\)"):
         bipkernels.prune(model, data, "bip", 0.5, epochs=1, batch_size=8)
     assert not bipkernels.masked_layers(model)
     solver = bipkernels.BiP(model, 0.5, total_steps=4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        solver.fit(data, 1, batch_size=8,
-                   loss_fn=lambda logits, targets: F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten()))
-    kept = sum(int(mask.sum()) for mask in bipkernels.masks(model).values())
-    assert len(bipkernels.masks(model)) == 2 and kept == bipkernels.keep_count(width * (width + vocabulary), 0.5)
+        solver.fit(data, 1, batch_size=8, loss_fn=token_loss)
+    assert len(bipkernels.masks(model)) == 2 and kept_blocks(model) == bipkernels.keep_count(8 * (8 + 12), 0.5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_prune_trains_every_method_on_a_loss_of_its_own(seed, method):
+    """prune trained every method on cross_entropy with classes in dim 1, and only BiP.fit took a loss of
+    the caller's: a language model could not be pruned by OMP, IMP, HYDRA or random pruning. With loss_fn,
+    each reaches its exact kept count and lowers the token loss, and reports the loss, not an accuracy."""
+    model, data = token_task(seed)
+    before = mean_loss(model, data, token_loss)
+    model, result = bipkernels.prune(model, data, method, 0.5, epochs=4, finetune_epochs=4, batch_size=8,
+                                     seed=seed, val_data=data, loss_fn=token_loss)
+    assert len(bipkernels.masks(model)) == 2 and kept_blocks(model) == bipkernels.keep_count(8 * (8 + 12), 0.5)
+    assert result["val_accuracy"] is None and result["test_loss"] is None
+    assert result["val_loss"] < before
+    assert result["val_loss"] == pytest.approx(mean_loss(model, data, token_loss))
+
+
+def test_prune_checks_its_loss_fn_before_it_changes_the_model(seed):
+    """With a loss of the caller's, prune does not impose the classification shapes, but still refuses,
+    before the model changes, a loss_fn that is not callable, fails on a split's first examples (here
+    targets of one token fewer in the validation data) or gives more than one value."""
+    model, data = token_task(seed)
+    inputs, targets = data.tensors
+    short = TensorDataset(inputs, targets[:, :-1])
+    cases = [("omp", None, lambda logits, targets: logits.sum() * targets, ValueError,
+              r"prune: train_data: loss_fn must give one value .* got shape \(2, 5\)"),
+             ("imp", short, token_loss, ValueError,
+              r"prune: val_data: loss_fn failed on the model's outputs of shape \(2, 5, 12\) and targets of "
+              r"shape \(2, 4\): ValueError: Expected input batch_size \(10\) to match target batch_size \(8\)"),
+             ("random", None, "cross_entropy", TypeError,
+              r"prune: loss_fn must be callable or None, got str 'cross_entropy'")]
+    for method, val_data, loss_fn, kind, message in cases:
+        with pytest.raises(kind, match=message):
+            bipkernels.prune(model, data, method, 0.5, finetune_epochs=1, batch_size=8, val_data=val_data,
+                             loss_fn=loss_fn)
+    assert not bipkernels.masked_layers(model)
 
 
 @pytest.mark.parametrize(("method", "bad"), [("bip", {"lr": -1.0}), ("bip", {"lower_steps": 2}),

@@ -40,7 +40,7 @@ from ..ops import check_int
 from ..structures import Structure
 from .training import (Progress, batch_count, check_dataset, check_masked_structure, check_settings, data_shard,
                        ddp_wrapper, epoch_batches, fetch, model_device, random_state, scheduler, set_random_state,
-                       shard_size)
+                       shard_size, training_loss)
 
 
 def steps_per_epoch(dataset_size: int, batch_size: int, mode: str = "fused", lower_steps: int = 1,
@@ -289,9 +289,10 @@ class BiP:
         """steps_per_epoch for this solver's mode and its model's data shard (data_shard)."""
         return steps_per_epoch(dataset_size, batch_size, self.mode, self.lower_steps, data_shard(self.model)[1])
 
-    def fit(self, dataset, epochs: int, batch_size: int = 64, seed: int = 0, loss_fn=nn.functional.cross_entropy,
+    def fit(self, dataset, epochs: int, batch_size: int = 64, seed: int = 0, loss_fn=None,
             start=(0, 0), on_step=None, label: str = "bip"):
-        """Train for ``epochs`` over ``dataset`` from ``start`` = (epoch, step within it).
+        """Train for ``epochs`` over ``dataset`` from ``start`` = (epoch, step within it), on
+        ``loss_fn(outputs, targets)`` (None: cross_entropy, training_loss).
 
         Batches follow epoch_batches(seed, epoch); a step consumes batches_per_step() of them (a trailing
         remainder is skipped). ``on_step(epoch, step)`` is called after every step (checkpoints, a stop
@@ -303,7 +304,8 @@ class BiP:
         alike on every rank (a rank that stops alone leaves the others waiting in the next gradient
         all-reduce).
         """
-        check_settings("BiP.fit", epochs=epochs, batch_size=batch_size, seed=seed)
+        check_settings("BiP.fit", epochs=epochs, batch_size=batch_size, seed=seed, loss_fn=loss_fn)
+        loss_fn = training_loss(loss_fn)
         if not (isinstance(start, (tuple, list)) and len(start) == 2
                 and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in start)):
             raise ValueError(f"BiP.fit: start must be (epoch, step), two ints >= 0, got {start!r}")

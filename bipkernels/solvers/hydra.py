@@ -11,15 +11,16 @@ from .training import check_data, check_settings, data_shard, train_weights
 
 def hydra(model: nn.Module, dataset, sparsity: float, structure=None, scope: str = "global",
           score_epochs: int = 10, finetune_epochs: int = 10, score_lr: float = 0.01, lr: float = 0.1,
-          batch_size: int = 64, seed: int = 0) -> int:
-    """Returns the forward/backward passes spent. ``structure`` as BiP's (None: the masked layers' own)."""
+          batch_size: int = 64, seed: int = 0, loss_fn=None) -> int:
+    """Returns the forward/backward passes spent. ``structure`` as BiP's (None: the masked layers' own).
+    Both phases train on ``loss_fn(outputs, targets)`` (None: cross_entropy)."""
     check_settings("hydra", sparsity=sparsity, structure="unstructured" if structure is None else structure,
                    scope=scope, score_epochs=score_epochs, finetune_epochs=finetune_epochs, score_lr=score_lr, lr=lr,
-                   batch_size=batch_size, seed=seed)
+                   batch_size=batch_size, seed=seed, loss_fn=loss_fn)
     steps = score_epochs * steps_per_epoch(len(dataset), batch_size, world_size=data_shard(model)[1])
     check_data("hydra", dataset, score_epochs + finetune_epochs)
     solver = BiP(model, sparsity, structure, scope, mode="fused", lr=0.0, weight_decay=0.0, momentum=0.0,
                  inv_gamma=0.0, score_lr=score_lr, total_steps=max(steps, 1))
-    solver.fit(dataset, score_epochs, batch_size, seed, label="hydra scores")
+    solver.fit(dataset, score_epochs, batch_size, seed, loss_fn=loss_fn, label="hydra scores")
     return solver.passes + train_weights(model, dataset, finetune_epochs, lr, batch_size, seed,
-                                         label="hydra finetune")
+                                         label="hydra finetune", loss_fn=loss_fn)

@@ -31,14 +31,15 @@ def imp_rounds(sparsity: float, rate: float = 0.2) -> list[float]:
 
 def imp(model: nn.Module, dataset, sparsity: float, structure="unstructured", scope: str = "global",
         rewind_state: dict | None = None, epochs_per_round: int = 5, lr: float = 0.05, rate: float = 0.2,
-        batch_size: int = 64, seed: int = 0) -> int:
-    """Prune ``model`` (trained) to ``sparsity`` in rounds; returns the forward/backward passes spent.
+        batch_size: int = 64, seed: int = 0, loss_fn=None) -> int:
+    """Prune ``model`` (trained) to ``sparsity`` in rounds, each retraining on ``loss_fn(outputs, targets)``
+    (None: cross_entropy); returns the forward/backward passes spent.
 
     ``rewind_state``: a dense state_dict to rewind to (default: the weights ``model`` starts with).
     Warns, as convert does, in the round where a global projection first keeps no block of a layer.
     """
     check_settings("imp", sparsity=sparsity, structure=structure, scope=scope, epochs_per_round=epochs_per_round,
-                   lr=lr, rate=rate, batch_size=batch_size, seed=seed)
+                   lr=lr, rate=rate, batch_size=batch_size, seed=seed, loss_fn=loss_fn)
     check_data("imp", dataset, epochs_per_round)
     check_rewind_state(model, rewind_state)
     rewind_state = {k: v.clone() if isinstance(v, torch.Tensor) else v
@@ -57,7 +58,7 @@ def imp(model: nn.Module, dataset, sparsity: float, structure="unstructured", sc
         # the batches of seed 0's next ones.
         passes += train_weights(model, dataset, epochs_per_round, lr, batch_size, seed,
                                 first_epoch=round_index * epochs_per_round,
-                                label=f"imp round {round_index + 1} ({target:.3f})")
+                                label=f"imp round {round_index + 1} ({target:.3f})", loss_fn=loss_fn)
     if sparsity > 0:
         _finite_scores(model, sparsity, scope)
     return passes

@@ -12,10 +12,11 @@ from .training import check_data, check_settings, convert_to_reset, project_nami
 
 
 def omp(model: nn.Module, dataset, sparsity: float, structure="unstructured", scope: str = "global",
-        finetune_epochs: int = 10, lr: float = 0.1, batch_size: int = 64, seed: int = 0) -> int:
-    """Prune ``model`` once by |θ| (global top-k of block magnitudes), then fine-tune; returns passes."""
+        finetune_epochs: int = 10, lr: float = 0.1, batch_size: int = 64, seed: int = 0, loss_fn=None) -> int:
+    """Prune ``model`` once by |θ| (global top-k of block magnitudes), then fine-tune on ``loss_fn`` (None:
+    cross_entropy); returns passes."""
     check_settings("omp", sparsity=sparsity, structure=structure, scope=scope, finetune_epochs=finetune_epochs, lr=lr,
-                   batch_size=batch_size, seed=seed)
+                   batch_size=batch_size, seed=seed, loss_fn=loss_fn)
     check_data("omp", dataset, finetune_epochs)
     if not masked_nn.masked_layers(model):
         masked_nn.convert(model, sparsity, structure, scope)  # scores |θ| (and convert's warnings)
@@ -24,7 +25,7 @@ def omp(model: nn.Module, dataset, sparsity: float, structure="unstructured", sc
             for _, layer in masked_nn.masked_layers(model):
                 layer.scores.copy_(layer.weight.abs())
         project_naming_emptied("omp", model, sparsity, scope)
-    return train_weights(model, dataset, finetune_epochs, lr, batch_size, seed, label="omp finetune")
+    return train_weights(model, dataset, finetune_epochs, lr, batch_size, seed, label="omp finetune", loss_fn=loss_fn)
 
 
 def _random_scores(scores: torch.Tensor, structure, generator: torch.Generator) -> torch.Tensor:
@@ -48,11 +49,13 @@ def _random_scores(scores: torch.Tensor, structure, generator: torch.Generator) 
 
 @torch.no_grad()
 def random_prune(model: nn.Module, dataset, sparsity: float, structure="unstructured", scope: str = "global",
-                 finetune_epochs: int = 10, lr: float = 0.1, batch_size: int = 64, seed: int = 0) -> int:
-    """The floor: a uniformly random mask with exactly k kept blocks, then fine-tuning; returns passes.
+                 finetune_epochs: int = 10, lr: float = 0.1, batch_size: int = 64, seed: int = 0,
+                 loss_fn=None) -> int:
+    """The floor: a uniformly random mask with exactly k kept blocks, then fine-tuning on ``loss_fn`` (None:
+    cross_entropy); returns passes.
     One uniform draw per block (_random_scores), so blocks of every size are equally likely to stay."""
     check_settings("random_prune", sparsity=sparsity, structure=structure, scope=scope,
-                   finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size, seed=seed)
+                   finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size, seed=seed, loss_fn=loss_fn)
     check_data("random_prune", dataset, finetune_epochs)
     convert_to_reset(model, structure, scope)
     generator = torch.Generator().manual_seed(seed)
@@ -60,4 +63,5 @@ def random_prune(model: nn.Module, dataset, sparsity: float, structure="unstruct
         layer.scores.copy_(_random_scores(layer.scores, layer.structure, generator))
     project_naming_emptied("random_prune", model, sparsity, scope)
     with torch.enable_grad():
-        return train_weights(model, dataset, finetune_epochs, lr, batch_size, seed, label="random finetune")
+        return train_weights(model, dataset, finetune_epochs, lr, batch_size, seed, label="random finetune",
+                             loss_fn=loss_fn)

@@ -15,7 +15,7 @@ from .hydra import hydra
 from .imp import check_rewind_state, imp, imp_rounds
 from .omp import omp, random_prune
 from .training import (SETTINGS, check_dataset, check_forward, check_masked_structure, check_settings, check_targets,
-                       data_shard, evaluate, fetch, forked_random_state, model_device, recalibrate_batchnorm)
+                       data_shard, evaluate, fetch, forked_random_state, mean_loss, model_device, recalibrate_batchnorm)
 
 METHODS = ("bip", "omp", "imp", "hydra", "random")
 # What each method runs: prune's options go to it as keyword arguments.
@@ -35,7 +35,8 @@ def _method_options(method: str) -> list[str]:
 
 def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0.9, *, structure=None,
           scope: str = "global", val_data=None, test_data=None, epochs: int = 10, finetune_epochs: int = 10,
-          batch_size: int = 64, seed: int = 0, rewind_state: dict | None = None, exclude=(), **options):
+          batch_size: int = 64, seed: int = 0, rewind_state: dict | None = None, exclude=(), loss_fn=None,
+          **options):
     """Prune a trained ``model`` (in place) with ``method`` and return (model, result).
 
     bip: ``epochs`` of BiP. omp, random: one shot, then ``finetune_epochs``. hydra: ``epochs`` of score search, then
@@ -50,9 +51,17 @@ def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0
     ``options`` go to what the method runs (BiP, omp, random_prune, hydra, imp): its keyword arguments that
     prune does not set itself, e.g. bip's mode, lr, score_lr, inv_gamma; imp's lr, rate. One it does not
     take is a TypeError that lists those it does, raised before the model changes.
+    ``loss_fn(outputs, targets)``: what every method trains on (BiP's and HYDRA's score search, every
+    fine-tuning and retraining), a scalar tensor; None: cross_entropy, classes in dim 1. A language model's
+    (batch, tokens, vocabulary) logits with next-token targets (batch, tokens) prune with e.g.
+    ``lambda logits, targets: cross_entropy(logits.flatten(0, -2), targets.flatten())``. Before the model
+    changes, its targets are checked only to be as many as the outputs, and loss_fn to run on two examples
+    of each split and give one value (the default checks the class indices against the outputs).
 
     result: method, target and reached global sparsity, per-layer sparsity, validation and test accuracy
-    (when the data are given), wall time, training epochs and forward/backward passes spent.
+    (when the data are given and loss_fn is None; else None: a loss of the caller's defines no accuracy),
+    validation and test loss (when the data are given and loss_fn is not None: mean_loss, its mean per
+    example in eval mode; else None), wall time, training epochs and forward/backward passes spent.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"prune: model must be a torch.nn.Module, got {type(model).__name__} {model!r}")
@@ -76,7 +85,7 @@ def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0
         raise ValueError(f"prune: exclude={exclude!r}, but the model is already masked: its plain layers stay dense "
                          "as they are, and exclude names layers to leave out of converting an unmasked model")
     check_settings("prune", sparsity=sparsity, structure=structure, scope=scope, epochs=epochs,
-                   finetune_epochs=finetune_epochs, batch_size=batch_size, seed=seed)
+                   finetune_epochs=finetune_epochs, batch_size=batch_size, seed=seed, loss_fn=loss_fn)
     check_masked_structure("prune", model, given)
     for name, data in (("train_data", train_data), ("val_data", val_data), ("test_data", test_data)):
         if data is not None or name == "train_data":  # before the model changes, not after the run
@@ -86,7 +95,8 @@ def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0
             except (ValueError, TypeError, IndexError) as error:  # an exception's own type where it rebuilds so
                 kind = type(error) if type(error) in (ValueError, TypeError, IndexError) else ValueError
                 raise kind(f"prune: {name}: {type(error).__name__}: {error}") from error
-            check_targets(f"prune: {name}", model, data, *examples, evaluated=name != "train_data")
+            check_targets(f"prune: {name}", model, data, *examples, evaluated=name != "train_data",
+                          loss_fn=loss_fn)
     # The method's own settings too, before a convert with exclude changes the model (the method checks
     # them again, as it runs: its bad setting would have left the model converted, and a retry refused).
     check_settings("prune", **{name: value for name, value in options.items() if name in SETTINGS})
@@ -113,10 +123,10 @@ def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0
         if torch.cuda.is_initialized():
             torch.cuda.manual_seed_all(seed)
         started = time.perf_counter()
-        common = dict(structure=structure, scope=scope, batch_size=batch_size, seed=seed)
+        common = dict(structure=structure, scope=scope, batch_size=batch_size, seed=seed, loss_fn=loss_fn)
         if method == "bip":
             solver = BiP(model, sparsity, given, scope, total_steps=max(steps, 1), **options)
-            solver.fit(train_data, epochs, batch_size, seed)
+            solver.fit(train_data, epochs, batch_size, seed, loss_fn)
             passes, spent = solver.passes, epochs
         elif method in ("omp", "random"):
             run = omp if method == "omp" else random_prune
@@ -137,8 +147,10 @@ def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0
         "target_sparsity": sparsity,
         "sparsity": masked_nn.sparsity(model),
         "layers": {name: 1.0 - float(layer.mask().float().mean()) for name, layer in masked_nn.masked_layers(model)},
-        "val_accuracy": evaluate(model, val_data) if val_data is not None else None,
-        "test_accuracy": evaluate(model, test_data) if test_data is not None else None,
+        "val_accuracy": evaluate(model, val_data) if val_data is not None and loss_fn is None else None,
+        "test_accuracy": evaluate(model, test_data) if test_data is not None and loss_fn is None else None,
+        "val_loss": mean_loss(model, val_data, loss_fn) if val_data is not None and loss_fn is not None else None,
+        "test_loss": mean_loss(model, test_data, loss_fn) if test_data is not None and loss_fn is not None else None,
         "wall_time_s": time.perf_counter() - started,
         "epochs": spent,
         "passes": passes,

@@ -43,6 +43,12 @@ def _optional_flag(owner, name, value):
         raise TypeError(f"{owner + ': ' if owner else ''}{name} must be True, False or None, got {value!r}")
 
 
+def _optional_callable(owner, name, value):
+    if value is not None and not callable(value):
+        raise TypeError(f"{owner + ': ' if owner else ''}{name} must be callable or None, got "
+                        f"{type(value).__name__} {value!r}")
+
+
 def _int(minimum, maximum=None):
     return lambda owner, name, value: check_int(owner, name, value, minimum, maximum)
 
@@ -69,7 +75,14 @@ SETTINGS = {
     "implicit": _choice(IMPLICIT_FORMS),
     **dict.fromkeys(("schedule", "score_schedule"), _choice(SCHEDULES)),
     "step_scores_in_backward": _optional_flag,
+    "loss_fn": _optional_callable,  # loss_fn(outputs, targets) -> a scalar tensor; None: cross_entropy
 }
+
+
+def training_loss(loss_fn):
+    """The loss that training calls as loss_fn(outputs, targets): ``loss_fn``, or cross_entropy (classes in
+    dim 1 of the outputs) for None."""
+    return nn.functional.cross_entropy if loss_fn is None else loss_fn
 
 
 def check_settings(owner: str, **settings) -> None:
@@ -266,12 +279,16 @@ def modes_kept(model: nn.Module):
 
 @torch.no_grad()
 def check_targets(owner: str, model: nn.Module, dataset: Dataset, inputs: torch.Tensor, targets: torch.Tensor,
-                  evaluated: bool = False) -> None:
+                  evaluated: bool = False, loss_fn=None) -> None:
     """ValueError naming ``owner`` where the model's outputs for ``inputs`` (a few examples, run in eval
     mode without gradients; every module's mode and the random streams are restored after) and ``targets``
-    cannot go together in cross_entropy: class indices outside [0, classes) other than its ignore_index -100
-    (all of a TensorDataset's targets, else the examples'), class indices of another shape than the outputs
-    less their class dim, or float targets (probabilities) of another shape than the outputs. Classes are
+    cannot go together in ``loss_fn``. A loss of the caller's (not None): its shapes are its own (the
+    outputs need not even be batch-first: (tokens, batch, vocabulary), or batch and tokens flattened), so
+    loss_fn(outputs, targets) must just run and give a single value (a ValueError naming the error
+    otherwise: a loss that fails on targets of another batch size says so). None, cross_entropy: class
+    indices outside [0, classes) other than its ignore_index -100 (all of a TensorDataset's targets, else
+    the examples'), class indices of another shape than the outputs less their class dim, or float targets
+    (probabilities) of another shape than the outputs. Classes are
     dim 1 of the outputs ((N, C) or dense (N, C, ...)). A forward that fails on so few examples (a batch
     norm without running statistics) or outputs of fewer than 2 dims are left to training, unless the data
     are ``evaluated`` only (validation, test: run just so, after all the training), where a failing
@@ -288,6 +305,9 @@ def check_targets(owner: str, model: nn.Module, dataset: Dataset, inputs: torch.
         raise kind(f"{owner}: the model's forward (eval mode, no gradients) failed on its first examples, inputs "
                    f"of shape {tuple(inputs.shape)} and dtype {inputs.dtype}: {type(error).__name__}: {error}") \
             from error
+    if loss_fn is not None:
+        _check_loss(owner, loss_fn, outputs, targets)
+        return
     if not (isinstance(outputs, torch.Tensor) and outputs.dim() >= 2 and len(outputs) == len(inputs)):
         return
     if targets.is_floating_point() or targets.is_complex():
@@ -300,9 +320,9 @@ def check_targets(owner: str, model: nn.Module, dataset: Dataset, inputs: torch.
         # A language model's (batch, tokens, vocabulary) logits with next-token targets: say what trains it.
         last_dim = outputs.dim() > 2 and targets.shape == outputs.shape[:-1]
         hint = ("; these targets fit classes in the last dim (a sequence model's (batch, tokens, classes) "
-                "logits), which prune's cross_entropy and accuracy do not read: train such a model with "
-                "bipkernels.BiP(model, sparsity, ...).fit(data, epochs, loss_fn=...) and a loss of your own, "
-                "e.g. cross_entropy(logits.flatten(0, -2), targets.flatten())") if last_dim else ""
+                "logits), which the default cross_entropy and accuracy do not read: prune such a model with "
+                "a loss of your own, prune(..., loss_fn=...), e.g. cross_entropy(logits.flatten(0, -2), "
+                "targets.flatten())") if last_dim else ""
         raise ValueError(f"{owner}: class-index targets of shape {tuple(targets.shape)}, but the model's outputs of "
                          f"shape {tuple(outputs.shape)} take {tuple(indices_shape)} (one class index per output, "
                          f"classes in dim 1){hint}")
@@ -313,6 +333,24 @@ def check_targets(owner: str, model: nn.Module, dataset: Dataset, inputs: torch.
     if outside.numel():
         raise ValueError(f"{owner}: target {int(outside[0])} is not a class index of the model's {classes} classes "
                          f"(0 to {classes - 1}, or cross_entropy's ignore_index -100)")
+
+
+def _check_loss(owner: str, loss_fn, outputs, targets: torch.Tensor) -> None:
+    """check_targets for a loss of the caller's: ``loss_fn`` runs on ``outputs`` and ``targets`` and gives
+    one value."""
+    described = f"outputs of shape {tuple(outputs.shape)}" if isinstance(outputs, torch.Tensor) else \
+        f"outputs of type {type(outputs).__name__}"
+    try:
+        loss = loss_fn(outputs, targets)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as error:
+        raise ValueError(f"{owner}: loss_fn failed on the model's {described} and targets of shape "
+                         f"{tuple(targets.shape)}: {type(error).__name__}: {error}") from error
+    if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
+        got = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"{owner}: loss_fn must give one value (a tensor to call backward on), got {got} for the "
+                         f"model's {described} and targets of shape {tuple(targets.shape)}")
 
 
 @torch.no_grad()
@@ -351,18 +389,24 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu") if tensor is None else tensor.device
 
 
+def _evaluated_batches(owner: str, model: nn.Module, dataset: Dataset, batch_size: int):
+    """(outputs, targets) of ``model``, set to eval mode, for ``dataset`` in order, batches of ``batch_size``
+    (the last one shorter); TypeError naming ``owner`` unless the dataset is map-style."""
+    check_dataset(owner, "dataset", dataset)
+    model.eval()
+    device = model_device(model)
+    for indices in torch.arange(len(dataset)).split(batch_size):
+        inputs, targets = fetch(dataset, indices, device)
+        yield model(inputs), targets
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256) -> float:
     """Top-1 accuracy of ``model`` on ``dataset`` (eval mode): targets are class indices, one per example
     ((N,) or (N, 1)), or float targets (probabilities, one-hot rows) of the outputs' shape (N, C > 1),
     whose most likely class counts (the first of equals), as training takes both."""
-    check_dataset("evaluate", "dataset", dataset)
-    model.eval()
-    device = model_device(model)
     correct = 0
-    for indices in torch.arange(len(dataset)).split(batch_size):
-        inputs, targets = fetch(dataset, indices, device)
-        outputs = model(inputs)
+    for outputs, targets in _evaluated_batches("evaluate", model, dataset, batch_size):
         predicted = outputs.argmax(1)
         if targets.is_floating_point() and targets.shape == outputs.shape and outputs.shape[1] > 1:
             targets = targets.argmax(1)
@@ -371,6 +415,18 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256) -> float
                              f"index per example ({predicted.numel()})")
         correct += int((predicted == targets.reshape(predicted.shape)).sum())
     return correct / max(len(dataset), 1)
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, dataset: Dataset, loss_fn, batch_size: int = 256) -> float:
+    """``loss_fn(outputs, targets)`` of ``model`` (eval mode) over ``dataset`` in batches of ``batch_size``,
+    each batch's value weighted by its examples: the mean per example of a loss that averages over its
+    batch (as cross_entropy's default does; a token loss averages over tokens, so batches of unequal
+    token counts weigh by examples, not tokens). Empty data: nan."""
+    total = 0.0
+    for outputs, targets in _evaluated_batches("mean_loss", model, dataset, batch_size):
+        total += float(loss_fn(outputs, targets)) * len(targets)
+    return total / len(dataset) if len(dataset) else math.nan
 
 
 @torch.no_grad()
@@ -500,9 +556,10 @@ _TRAINING_STATE = {"model", "optimizer", "schedule", "epoch", "passes", "rng"}  
 
 def train_weights(model: nn.Module, dataset: Dataset, epochs: int, lr: float = 0.05, batch_size: int = 64,
                   seed: int = 0, weight_decay: float = 1e-4, schedule: str = "cosine", label: str = "train",
-                  loss_fn=nn.functional.cross_entropy, *, first_epoch: int = 0, start: dict | None = None,
+                  loss_fn=None, *, first_epoch: int = 0, start: dict | None = None,
                   on_epoch=None) -> int:
-    """SGD (momentum 0.9) on every parameter but the mask scores, masks fixed; returns the passes spent
+    """SGD (momentum 0.9) on every parameter but the mask scores, masks fixed, on ``loss_fn(outputs,
+    targets)`` (None: cross_entropy, training_loss); returns the passes spent
     (those of the call that saved ``start`` included). A DistributedDataParallel ``model`` trains on its
     rank's share of each epoch (epoch_batches, data_shard). Epoch i takes the batches of epoch
     ``first_epoch`` + i of ``seed`` (epoch_batches): calls that continue one run (IMP's rounds) give it
@@ -515,7 +572,8 @@ def train_weights(model: nn.Module, dataset: Dataset, epochs: int, lr: float = 0
     call never stopped.
     """
     check_settings("train_weights", epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                   weight_decay=weight_decay, schedule=schedule, first_epoch=first_epoch)
+                   weight_decay=weight_decay, schedule=schedule, first_epoch=first_epoch, loss_fn=loss_fn)
+    loss_fn = training_loss(loss_fn)
     if first_epoch + epochs > 2**32:  # epoch_batches' generators keep 32 bits: epoch 2^32 would be epoch 0
         raise ValueError(f"train_weights: first_epoch + epochs must be at most 2^32, got {first_epoch} + {epochs}")
     if on_epoch is not None and not callable(on_epoch):
