@@ -97,5 +97,7 @@ for op in ("block_scores", "topk_threshold", "block_mask", "masked_weight", "hyp
         sys.exit(f"smoke test: {op} has kernels {kernels.get(op)}, expected {sorted(expected)}")
 if module.with_cuda != (cuda == "ON"):
     sys.exit(f"smoke test: with_cuda is {module.with_cuda} in a build with BIPKERNELS_CUDA={cuda}")
+if bool(module.cuda_archs) != (cuda == "ON"):
+    sys.exit(f"smoke test: cuda_archs is {module.cuda_archs!r} in a build with BIPKERNELS_CUDA={cuda}")
 PY
 echo "cmake build: ok"
