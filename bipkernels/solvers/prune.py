@@ -55,8 +55,8 @@ def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0
     fine-tuning and retraining), a scalar tensor; None: cross_entropy, classes in dim 1. A language model's
     (batch, tokens, vocabulary) logits with next-token targets (batch, tokens) prune with e.g.
     ``lambda logits, targets: cross_entropy(logits.flatten(0, -2), targets.flatten())``. Before the model
-    changes, its targets are checked only to be as many as the outputs, and loss_fn to run on two examples
-    of each split and give one value (the default checks the class indices against the outputs).
+    changes, loss_fn must run on two examples of each split and give one value (the targets' shapes are the
+    loss's own business; the default checks the class indices against the outputs).
 
     result: method, target and reached global sparsity, per-layer sparsity, validation and test accuracy
     (when the data are given and loss_fn is None; else None: a loss of the caller's defines no accuracy),
