@@ -23,8 +23,8 @@ _TAKE_METADATA = {"type_as", "to"}  # x.type_as(weight), x.to(weight): the weigh
 
 
 class _Tracer(fx.Tracer):
-    """fx's tracer, with ``leaves`` (module types) and TorchScript modules kept as single calls: the
-    masked layers' forward has control flow that a trace cannot follow."""
+    """fx's tracer, with ``leaves`` (module types) and TorchScript modules kept as single calls: a masked
+    layer's use of its own weight, in its forward, is no direct read."""
 
     def __init__(self, leaves: tuple):
         super().__init__()

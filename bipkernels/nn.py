@@ -31,7 +31,7 @@ import warnings
 from typing import NamedTuple
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.nn import functional as F
 
 from . import autograd, ops, reference
@@ -93,11 +93,33 @@ class _Masked:
                 "Function, the choice of backend); script or trace bipkernels.export_dense(model) instead (plain "
                 "layers holding θ ⊙ m, the deployment form), or torch.export.export the model")
 
-    def _refuse_jit_trace(self) -> None:
-        """TypeError under torch.jit.trace, whose graph would hold a Python call it cannot save (and whose
-        check fails on the forward's two code paths) instead of saying so."""
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """The torch layer's output with θ ⊙ m for its weight: (N, C_in, H, W) -> (N, C_out, H', W') for a
+        convolution (or unbatched, without N), (..., in) -> (..., out) for a linear layer."""
+        if isinstance(input, fx.Proxy):
+            return self._traced_call(input)
         if torch.jit.is_tracing():
+            # The graph would hold a Python call it cannot save (and its check fails on the forward's two code
+            # paths) instead of saying so.
             raise TypeError(self._not_torchscript("torch.jit.trace"))
+        return self._masked_forward(input)
+
+    def _traced_call(self, input: fx.Proxy) -> fx.Proxy:
+        """Under torch.fx.symbolic_trace: the graph node ``masked_layer(layer, input)``, the layer a get_attr
+        node (a trace hands a module argument so): one call per masked layer.
+
+        The graph then runs the layer's forward as it runs eagerly (backend choice, fused kernels and
+        backward, saved-tensor hooks, inv_gamma and implicit read at each call), where tracing through it
+        would meet its Python choices on proxies. Not a call_module node: the GraphModule would call the
+        layer, running its hooks, which the trace has already recorded around this node (as for any module
+        it traces through). TypeError for a bare masked layer traced as the root: a graph cannot take its
+        own root as an attribute.
+        """
+        if input.tracer.root is self:
+            raise TypeError(f"torch.fx.symbolic_trace of a bare {type(self).__name__}: a masked layer traces as one "
+                            "call of bipkernels.nn.masked_layer on the layer, which the graph takes from the model "
+                            "holding it; trace a model holding it (nn.Sequential(layer))")
+        return masked_layer(self, input)  # fx.wrap'd: a trace records the call
 
     def _masked_weight_inputs(self) -> tuple:
         return self.weight, self.scores, self.threshold, self.structure, self.inv_gamma, self.implicit
@@ -273,8 +295,7 @@ class MaskedConv2d(_Masked, nn.Conv2d):
                          device, dtype)
         self._init_mask(parsed)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._refuse_jit_trace()
+    def _masked_forward(self, input: torch.Tensor) -> torch.Tensor:
         return self._with_masked_weight(self._conv_forward, input)
 
 
@@ -289,8 +310,7 @@ class MaskedLinear(_Masked, nn.Linear):
         # (θ, unmasked) straight to one fused kernel, skipping their forward, unless a submodule has a hook.
         self.register_forward_pre_hook(_keep_forward)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._refuse_jit_trace()
+    def _masked_forward(self, input: torch.Tensor) -> torch.Tensor:
         if ops.masked_linear_fused(input, self.weight):  # the mask applied inside the matmuls (triton)
             return autograd.masked_linear(input, self.weight, self.bias, self.scores, self.threshold, self.structure,
                                           self.inv_gamma, self.implicit)
@@ -298,6 +318,15 @@ class MaskedLinear(_Masked, nn.Linear):
 
 
 MASKED_LAYERS = (MaskedConv2d, MaskedLinear)
+
+
+# Wrapped for torch.fx (a trace records a call of it, not what it runs) wherever a trace meets it: in a
+# masked layer's forward, and in the code of a GraphModule traced again (which unpickling one does).
+@fx.wrap
+def masked_layer(layer: _Masked, input: torch.Tensor) -> torch.Tensor:
+    """``layer``'s forward on ``input`` without its hooks: what a torch.fx graph of a model holding masked
+    layers calls for each of them (see _Masked._traced_call; the trace records the hooks around it)."""
+    return layer._masked_forward(input)
 
 
 def masked_layers(model: nn.Module) -> list[tuple[str, _Masked]]:
@@ -411,7 +440,9 @@ def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure 
     channel block is an input channel of every group). Every MaskedLinear has a no-op forward pre-hook,
     which keeps an nn.TransformerEncoderLayer holding one off its inference fast path (that path reads
     linear1/linear2.weight directly, unmasked); the plain nn.Linear it replaces holds it too, since the
-    twin takes over its hook dicts (so that their handles keep working). Returns ``model``; a bare
+    twin takes over its hook dicts (so that their handles keep working). torch.fx.symbolic_trace of the
+    converted model shows each masked layer as one call ``masked_layer(layer, input)`` (the layer a get_attr
+    node), which runs the layer's own forward and fused backward. Returns ``model``; a bare
     nn.Conv2d / nn.Linear cannot be swapped in place, so for one the masked twin is returned (holding the
     same Parameter objects): assign the result.
 

@@ -16,7 +16,7 @@ from torch.nn.utils import prune as torch_prune
 
 import bipkernels
 
-from conftest import HAS_CUDA_GPU, randomize_masked
+from conftest import HAS_CPU_KERNELS, HAS_CUDA_GPU, force_backend, needs_torchvision, randomize_masked
 
 
 class Net(nn.Module):
@@ -364,3 +364,101 @@ def test_torchscript_takes_the_exports_and_names_them_for_a_masked_model(seed):
             assert dict(model.named_modules()) == layers
         with torch.no_grad():
             torch.testing.assert_close(model(other), expected, rtol=0, atol=0)
+
+
+def _outputs_and_gradients(run, model: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> list[torch.Tensor]:
+    """run(x) and the gradients of its product with ``grad`` with respect to x and every parameter of
+    ``model`` (the masked layers' weights and scores: the hypergradient)."""
+    out = run(x)
+    return [out, *torch.autograd.grad(out, [x, *model.parameters()], grad)]
+
+
+@pytest.mark.skipif(not HAS_CPU_KERNELS, reason="needs the compiled CPU kernels")
+@pytest.mark.parametrize("structure", ["unstructured", "filter", "channel", "2:4", "tile4x4"])
+def test_fx_symbolic_trace_calls_each_masked_layer_once_and_computes_what_the_model_does(seed, monkeypatch,
+                                                                                          structure):
+    """torch.fx.symbolic_trace of a masked model (it raised "symbolically traced variables cannot be used as
+    inputs to control flow"): one call of bipkernels.nn.masked_layer per masked layer, the graph reading
+    none of their tensors itself, and the GraphModule's outputs and gradients (input, weights, biases,
+    scores) bit-equal to the model's in train and eval mode on the cpu backend, with the solver's settings
+    (inv_gamma, implicit) set after the trace and a forward hook on a layer (run once, not twice)."""
+    force_backend(monkeypatch, "cpu")
+    model = randomize_masked(bipkernels.convert(Net().double(), 0.0, structure))
+    if model.conv1.structure.uses_threshold:
+        bipkernels.project(model, 0.5, scope="layer")
+    gain = float(torch.randn(()))
+    model.conv2.register_forward_hook(lambda layer, args, output: output * gain)
+    traced = torch.fx.symbolic_trace(model)
+    calls = [node for node in traced.graph.nodes if node.op == "call_function" and
+             node.target is bipkernels.nn.masked_layer]
+    assert [node.args[0].target for node in calls] == ["conv1", "conv2", "head"], traced.graph
+    assert {node.target for node in traced.graph.nodes if node.op == "get_attr"} == {"conv1", "conv2", "head"}
+    assert traced.conv1 is model.conv1 and traced.bn1 is model.bn1  # the graph holds the model's layers
+    for _, layer in bipkernels.masked_layers(model):
+        layer.inv_gamma, layer.implicit = float(torch.rand(())), "released"
+    for training in (True, False):
+        model.train(training)
+        traced.train(training)
+        x = torch.randn(3, 4, 6, 6, dtype=torch.float64, requires_grad=True)
+        grad = torch.randn(3, 8, dtype=torch.float64)
+        expected = _outputs_and_gradients(model, model, x, grad)
+        got = _outputs_and_gradients(traced, model, x, grad)
+        for name, want, have in zip(["output", "input", *dict(model.named_parameters())], expected, got):
+            assert torch.equal(have, want), (training, name)
+
+
+def test_a_traced_masked_model_traces_again_and_pickles(seed):
+    """A GraphModule of a masked model traced again (symbolic_trace of it, or unpickling it, which traces its
+    code) keeps one call of bipkernels.nn.masked_layer per masked layer (it traced into the layer's forward
+    and raised "symbolically traced variables cannot be used as inputs to control flow") and the model's
+    outputs."""
+    model = randomize_masked(bipkernels.convert(Net().double(), 0.0, "filter")).eval()
+    bipkernels.project(model, 0.5, scope="layer")
+    traced = torch.fx.symbolic_trace(model)
+    x = torch.randn(3, 4, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x)
+        for again in (torch.fx.symbolic_trace(traced), pickle.loads(pickle.dumps(traced))):
+            assert [node.args[0].target for node in again.graph.nodes if node.op == "call_function"
+                    and node.target is bipkernels.nn.masked_layer] == ["conv1", "conv2", "head"], again.graph
+            assert torch.equal(again(x), expected)
+
+
+def test_fx_symbolic_trace_of_a_bare_masked_layer_says_to_trace_a_model_holding_it():
+    """A graph cannot take its own root as the layer its node calls: a TypeError that says what to trace
+    (it was fx's "symbolically traced variables cannot be used as inputs to control flow")."""
+    layer = bipkernels.convert(nn.Linear(4, 3), 0.5)
+    with pytest.raises(TypeError, match=r"torch.fx.symbolic_trace of a bare MaskedLinear: .*"
+                                        r"\(nn.Sequential\(layer\)\)"):
+        torch.fx.symbolic_trace(layer)
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(torch.fx.symbolic_trace(nn.Sequential(layer))(x), layer(x), rtol=0, atol=0)
+
+
+@needs_torchvision
+def test_torchvision_feature_extractor_of_a_masked_resnet_gives_its_features_and_hypergradient(seed):
+    """torchvision's create_feature_extractor (a torch.fx trace) of a converted ResNet-18 gives the features
+    that hooks on the model read, and the same score gradients through them."""
+    from torchvision.models import resnet18
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    model = randomize_masked(bipkernels.convert(resnet18(num_classes=10).double(), 0.0, "filter"))
+    bipkernels.project(model, 0.5, scope="layer")
+    extractor = create_feature_extractor(model, {"layer2.1.conv2": "inner", "layer3": "block"})
+    features = {}
+    model.layer2[1].conv2.register_forward_hook(lambda layer, args, output: features.__setitem__("inner", output))
+    model.layer3.register_forward_hook(lambda layer, args, output: features.__setitem__("block", output))
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    for training in (True, False):
+        model.train(training)
+        extractor.train(training)
+        model(x)
+        got = extractor(x)
+        scores = [layer.scores for _, layer in bipkernels.masked_layers(model)]  # those after a feature: None
+        for name in ("inner", "block"):
+            assert torch.equal(got[name], features[name]), (training, name)
+            grad = torch.randn_like(got[name])
+            expected, have = (torch.autograd.grad(output, scores, grad, retain_graph=True, allow_unused=True)
+                              for output in (features[name], got[name]))
+            assert [score is None for score in have] == [score is None for score in expected]
+            assert all(torch.equal(a, b) for a, b in zip(have, expected) if a is not None), (training, name)
