@@ -54,6 +54,25 @@ class _Recompute(NamedTuple):
     storage_offset: int
 
 
+def _masked_weight_laid_out(inputs: tuple) -> torch.Tensor:
+    """autograd.masked_weight(*inputs) in the memory format of the weight (inputs[0]): a channels_last
+    (out, in / groups, kh, kw) weight gives a channels_last θ ⊙ m, other weights their op's result as it is.
+
+    The ops give structured masks' results (and all of the triton backend's) contiguous, and a convolution
+    picks its algorithm, its output's layout and so the last bits of its values from the weight's layout
+    as well as the input's: nn.Conv2d with a channels_last weight and a contiguous input gives a
+    channels_last output, and the masked layer must give the same (one copy of the weight where the op's
+    result is contiguous). Not under torch.func transforms: a vmapped weight cannot say whether it is
+    channels_last (functorch raises), and their results carry no layout of their own.
+    """
+    masked = autograd.masked_weight(*inputs)
+    weight = inputs[0]
+    if (weight.dim() == 4 and not torch._C._are_functorch_transforms_active() and not weight.is_contiguous()
+            and weight.is_contiguous(memory_format=torch.channels_last)):
+        return masked.contiguous(memory_format=torch.channels_last)
+    return masked
+
+
 # The attributes _init_mask gives a masked layer beside the torch layer's: an export leaves them.
 MASKED_SETTINGS = ("structure", "inv_gamma", "implicit")
 
@@ -125,8 +144,8 @@ class _Masked:
         return self.weight, self.scores, self.threshold, self.structure, self.inv_gamma, self.implicit
 
     def masked_weight(self) -> torch.Tensor:
-        """θ ⊙ m, differentiable with respect to both ``weight`` and ``scores``."""
-        return autograd.masked_weight(*self._masked_weight_inputs())
+        """θ ⊙ m in the weight's memory format, differentiable with respect to both ``weight`` and ``scores``."""
+        return _masked_weight_laid_out(self._masked_weight_inputs())
 
     def _with_masked_weight(self, function, input: torch.Tensor) -> torch.Tensor:
         """function(input, θ ⊙ m, bias), keeping no θ ⊙ m for the backward.
@@ -145,7 +164,7 @@ class _Masked:
         swaps them in for the forward only).
         """
         inputs = self._masked_weight_inputs()
-        masked = autograd.masked_weight(*inputs)
+        masked = _masked_weight_laid_out(inputs)
         if (not torch.is_grad_enabled() or torch.compiler.is_compiling() or type(masked) is not torch.Tensor
                 or torch._C._are_functorch_transforms_active()
                 or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
@@ -169,7 +188,7 @@ class _Masked:
                 raise RuntimeError(f"{type(self).__name__}: weight, scores or threshold changed in place between "
                                    "the forward and the backward, so θ ⊙ m cannot be recomputed (a second backward "
                                    "through a BiP step with step_scores_in_backward=True does this)")
-            return autograd.masked_weight(*inputs).as_strided(saved.size, saved.stride, saved.storage_offset)
+            return _masked_weight_laid_out(inputs).as_strided(saved.size, saved.stride, saved.storage_offset)
 
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             return function(input, masked, self.bias)

@@ -139,6 +139,36 @@ def randomize_masked(model: nn.Module) -> nn.Module:
     return model
 
 
+def check_channels_last_conv_equals_torchs(structure: str) -> None:
+    """A MaskedConv2d with a channels_last weight (model.to(memory_format=torch.channels_last)) on a contiguous
+    input, on the backend in force: kept whole it equals that nn.Conv2d bit for bit, output layout and
+    gradients included; pruned, it equals nn.Conv2d holding θ ⊙ m (also channels_last). The convolution
+    picks its algorithm, and its output's layout, from the weight's layout too."""
+    plain = nn.Conv2d(4, 6, 3, padding=1, dtype=torch.float64).to(memory_format=torch.channels_last)
+    masked = MaskedConv2d(4, 6, 3, padding=1, dtype=torch.float64, structure=structure)
+    masked.load_state_dict(plain.state_dict())
+    masked = masked.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 4, 5, 7, dtype=torch.float64)
+    for sparsity in (0.0, 0.5):
+        from bipkernels import project
+
+        project(masked, sparsity)
+        with torch.no_grad():
+            plain.weight.copy_(torch.where(masked.mask(), masked.weight, 0))
+        outputs, input_grads, weight_grads = [], [], []
+        for layer in (masked, plain):
+            layer.zero_grad(set_to_none=True)
+            inputs = x.clone().requires_grad_()
+            output = layer(inputs)
+            output.backward(torch.ones_like(output))
+            outputs.append(output)
+            input_grads.append(inputs.grad)
+            weight_grads.append(torch.where(masked.mask(), layer.weight.grad, 0))
+        for name, (got, want) in zip(("output", "input grad", "weight grad"), (outputs, input_grads, weight_grads)):
+            assert got.stride() == want.stride(), (sparsity, name, got.stride(), want.stride())
+            assert torch.equal(got, want), (sparsity, name, (got - want).abs().max())
+
+
 def resuming_text(saved: dict) -> str:
     """The start of what ``bipkernels prune --resume`` prints of where it goes on, for the contents of the
     resume.pt it resumes (a BiP state: its position is (epochs done, steps done in the next epoch))."""

@@ -15,7 +15,7 @@ from bipkernels import autograd, reference
 from bipkernels.nn import keep_all_threshold
 from bipkernels.structures import parse_structure
 
-from conftest import force_backend, half_threshold, tied_scores
+from conftest import check_channels_last_conv_equals_torchs, force_backend, half_threshold, tied_scores
 
 CONV_ARGS = [
     dict(in_channels=3, out_channels=5, kernel_size=3),
@@ -33,6 +33,13 @@ def test_conv_keep_all_equals_dense_and_loads_plain_state(seed, kwargs):
     x = torch.randn(2, kwargs["in_channels"], 9, 7, dtype=torch.float64)
     assert torch.equal(masked(x), dense(x))
     assert torch.equal(masked.scores, dense.weight.abs())
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("structure", ["unstructured", "filter", "tile2x2"])
+def test_a_channels_last_conv_equals_torchs_bit_for_bit(monkeypatch, seed, backend, structure):
+    force_backend(monkeypatch, backend)
+    check_channels_last_conv_equals_torchs(structure)
 
 
 @pytest.mark.parametrize("bias", [True, False])

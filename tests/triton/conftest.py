@@ -36,6 +36,7 @@ _shared = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_shared)
 fits, tied_scores, with_specials = _shared.fits, _shared.tied_scores, _shared.with_specials
 check_topk_threshold_under_vmap = _shared.check_topk_threshold_under_vmap
+check_channels_last_conv_equals_torchs = _shared.check_channels_last_conv_equals_torchs
 
 needs_interpreter = pytest.mark.skipif(not INTERPRETING, reason="runs CPU tensors through TRITON_INTERPRET=1")
 needs_gpu = pytest.mark.skipif(not HAS_CUDA_GPU or INTERPRETING, reason="needs a CUDA GPU and TRITON_INTERPRET unset")

@@ -12,7 +12,8 @@ from bipkernels import triton as bipkernels_triton
 from bipkernels.reference import IMPLICIT_FORMS
 from bipkernels.structures import parse_structure
 
-from conftest import DTYPES, assert_close, fits, needs_interpreter, tied_scores, with_specials
+from conftest import (DTYPES, assert_close, check_channels_last_conv_equals_torchs, fits, needs_interpreter,
+                      tied_scores, with_specials)
 
 pytestmark = needs_interpreter
 STRUCTURES = ["unstructured", "filter", "channel", "2:4", "1:3", "tile3x5", "tile1x1"]
@@ -124,6 +125,12 @@ def test_non_contiguous_inputs(triton_backend, seed):
     got = ops.hypergrad(grad, weight, scores, threshold, structure, inv_gamma=0.5)
     want = reference.hypergrad(grad.contiguous(), weight.contiguous(), scores.contiguous(), threshold, structure, 0.5)
     assert all(torch.equal(g, w) for g, w in zip(got, want))  # float32 in float32, no fused multiply-add
+
+
+@pytest.mark.parametrize("structure", ["unstructured", "filter"])
+def test_a_channels_last_conv_equals_torchs_bit_for_bit(triton_backend, seed, structure):
+    """The triton ops give contiguous results; the masked layer still convolves in the weight's layout."""
+    check_channels_last_conv_equals_torchs(structure)
 
 
 @pytest.mark.parametrize("shape", [(0, 5), (4, 0), (0,), (3, 0, 2, 2)])
