@@ -522,6 +522,9 @@ def test_examples_keep_their_targets_as_they_come(seed):
         fetch(TensorDataset(inputs, inputs, inputs), torch.arange(2), "cpu")
     column = TensorDataset(tiny_task().tensors[0], tiny_task().tensors[1][:, None])  # (N, 1) class indices
     assert evaluate(tiny_model(), column) == evaluate(tiny_model(), tiny_task()) <= 1.0
+    assert mean_loss(tiny_model(), column) == mean_loss(tiny_model(), tiny_task(), F.cross_entropy)
+    # A loss of the caller's (class_indices=False) gets the targets as they are stacked.
+    assert fetch(TensorDataset(inputs, labels.int()[:, None]), torch.arange(4), "cpu", False)[1].dtype == torch.int32
 
 
 def test_float_targets_of_the_outputs_shape_count_their_most_likely_class(seed):
@@ -777,6 +780,26 @@ def test_prune_trains_every_method_on_a_loss_of_its_own(seed, method):
     assert result["val_accuracy"] is None and result["test_loss"] is None
     assert result["val_loss"] < before
     assert result["val_loss"] == pytest.approx(mean_loss(model, data, token_loss))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_loss_of_its_own_gets_the_targets_as_the_data_give_them(seed, method):
+    """The squeeze of (N, 1) integer targets to (N,) and their cast to int64 are for the default
+    cross_entropy: a loss of the caller's got them too, so a language model's one-token sequences came as
+    (B,) int64 instead of (B, 1) int32. Every place that hands it targets (prune's check, training,
+    the validation loss) now gives them stacked as they come."""
+    model, data = token_task(seed, length=1)
+    inputs, targets = data.tensors
+    data = TensorDataset(inputs, targets.int())
+    seen = set()
+
+    def recording_loss(logits, targets):
+        seen.add((tuple(targets.shape[1:]), targets.dtype))
+        return token_loss(logits, targets.long())
+
+    bipkernels.prune(model, data, method, 0.5, epochs=1, finetune_epochs=1, batch_size=8, seed=seed,
+                     val_data=data, loss_fn=recording_loss)
+    assert seen == {((1,), torch.int32)}
 
 
 def test_prune_checks_its_loss_fn_before_it_changes_the_model(seed):

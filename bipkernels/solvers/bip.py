@@ -305,7 +305,7 @@ class BiP:
         all-reduce).
         """
         check_settings("BiP.fit", epochs=epochs, batch_size=batch_size, seed=seed, loss_fn=loss_fn)
-        loss_fn = training_loss(loss_fn)
+        class_indices, loss_fn = loss_fn is None, training_loss(loss_fn)  # targets for cross_entropy, or as given
         if not (isinstance(start, (tuple, list)) and len(start) == 2
                 and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in start)):
             raise ValueError(f"BiP.fit: start must be (epoch, step), two ints >= 0, got {start!r}")
@@ -340,7 +340,8 @@ class BiP:
             self.model.train()
             total, first_step = 0.0, first if epoch == start[0] else 0
             for index in range(first_step, len(groups)):
-                closures = [self._closure(dataset, indices, device, loss_fn) for indices in groups[index]]
+                closures = [self._closure(dataset, indices, device, loss_fn, class_indices)
+                            for indices in groups[index]]
                 if self.mode == "fused":
                     loss = self._iterate(closures[0], None, own_closures=True)
                 else:  # every lower step on its own batch, then the upper step on the next one
@@ -355,9 +356,9 @@ class BiP:
             progress.update(epoch + 1, **loss_field, sparsity=masked_nn.sparsity(self.model))
         return epochs, 0
 
-    def _closure(self, dataset, indices, device, loss_fn):
+    def _closure(self, dataset, indices, device, loss_fn, class_indices):
         def closure():
-            inputs, targets = fetch(dataset, indices, device)
+            inputs, targets = fetch(dataset, indices, device, class_indices)
             loss = loss_fn(self.model(inputs), targets)
             # Under a group, a shard without parameters has nothing to train but still steps with the others.
             if loss.requires_grad or any(p.requires_grad for p in self.model.parameters()):

@@ -91,7 +91,7 @@ def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0
         if data is not None or name == "train_data":  # before the model changes, not after the run
             check_dataset("prune", name, data)
             try:  # two examples: (input, target) pairs
-                examples = fetch(data, torch.arange(min(len(data), 2)), model_device(model))
+                examples = fetch(data, torch.arange(min(len(data), 2)), model_device(model), loss_fn is None)
             except (ValueError, TypeError, IndexError) as error:  # an exception's own type where it rebuilds so
                 kind = type(error) if type(error) in (ValueError, TypeError, IndexError) else ValueError
                 raise kind(f"prune: {name}: {type(error).__name__}: {error}") from error

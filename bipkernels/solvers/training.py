@@ -236,11 +236,14 @@ def epoch_batches(dataset: Dataset, batch_size: int, seed: int, epoch: int, shar
     return split_batches(order, batch_size)
 
 
-def fetch(dataset: Dataset, indices: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+def fetch(dataset: Dataset, indices: torch.Tensor, device, class_indices: bool = True
+          ) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch (inputs, targets) of ``dataset`` at ``indices`` on ``device``: each example an (input, target)
-    pair, stacked as they come. Float targets keep their dtype and shape; integer or bool ones are class
-    indices: int64, one per example (a (1,)-shaped one included). A TensorDataset of two tensors whose
-    examples are its own (not a subclass's) is sliced directly."""
+    pair, stacked as they come. With ``class_indices`` (what the default cross_entropy and accuracy read)
+    integer or bool targets become int64, one per example (an (N, 1) column squeezed to (N,)); float ones
+    keep their dtype and shape. Without it (a loss of the caller's, whose targets are its own: a language
+    model's one-token sequences stay (N, 1)) every target stays as stacked. A TensorDataset of two tensors
+    whose examples are its own (not a subclass's) is sliced directly."""
     if type(dataset).__getitem__ is TensorDataset.__getitem__ and len(dataset.tensors) == 2:
         inputs, targets = (t[indices] for t in dataset.tensors)
     else:
@@ -251,7 +254,7 @@ def fetch(dataset: Dataset, indices: torch.Tensor, device) -> tuple[torch.Tensor
             raise ValueError(f"the data's examples must be (input, target) pairs, got {got}")
         inputs = torch.stack([torch.as_tensor(s[0]) for s in samples])
         targets = torch.stack([torch.as_tensor(s[1]) for s in samples])
-    if not (targets.is_floating_point() or targets.is_complex()):  # class indices, as cross_entropy takes them
+    if class_indices and not (targets.is_floating_point() or targets.is_complex()):  # as cross_entropy takes them
         targets = targets.long()
         if targets.dim() == 2 and targets.shape[1] == 1:
             targets = targets.squeeze(1)
@@ -389,14 +392,15 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu") if tensor is None else tensor.device
 
 
-def _evaluated_batches(owner: str, model: nn.Module, dataset: Dataset, batch_size: int):
+def _evaluated_batches(owner: str, model: nn.Module, dataset: Dataset, batch_size: int, class_indices: bool):
     """(outputs, targets) of ``model``, set to eval mode, for ``dataset`` in order, batches of ``batch_size``
-    (the last one shorter); TypeError naming ``owner`` unless the dataset is map-style."""
+    (the last one shorter), the targets as fetch gives them with ``class_indices``; TypeError naming
+    ``owner`` unless the dataset is map-style."""
     check_dataset(owner, "dataset", dataset)
     model.eval()
     device = model_device(model)
     for indices in torch.arange(len(dataset)).split(batch_size):
-        inputs, targets = fetch(dataset, indices, device)
+        inputs, targets = fetch(dataset, indices, device, class_indices)
         yield model(inputs), targets
 
 
@@ -406,7 +410,7 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256) -> float
     ((N,) or (N, 1)), or float targets (probabilities, one-hot rows) of the outputs' shape (N, C > 1),
     whose most likely class counts (the first of equals), as training takes both."""
     correct = 0
-    for outputs, targets in _evaluated_batches("evaluate", model, dataset, batch_size):
+    for outputs, targets in _evaluated_batches("evaluate", model, dataset, batch_size, True):
         predicted = outputs.argmax(1)
         if targets.is_floating_point() and targets.shape == outputs.shape and outputs.shape[1] > 1:
             targets = targets.argmax(1)
@@ -418,13 +422,16 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256) -> float
 
 
 @torch.no_grad()
-def mean_loss(model: nn.Module, dataset: Dataset, loss_fn, batch_size: int = 256) -> float:
+def mean_loss(model: nn.Module, dataset: Dataset, loss_fn=None, batch_size: int = 256) -> float:
     """``loss_fn(outputs, targets)`` of ``model`` (eval mode) over ``dataset`` in batches of ``batch_size``,
     each batch's value weighted by its examples: the mean per example of a loss that averages over its
     batch (as cross_entropy's default does; a token loss averages over tokens, so batches of unequal
-    token counts weigh by examples, not tokens). Empty data: nan."""
+    token counts weigh by examples, not tokens). The targets reach ``loss_fn`` as training gives them:
+    stacked as they come, or as class indices for None (cross_entropy, training_loss). Empty data: nan."""
     total = 0.0
-    for outputs, targets in _evaluated_batches("mean_loss", model, dataset, batch_size):
+    batches = _evaluated_batches("mean_loss", model, dataset, batch_size, loss_fn is None)
+    loss_fn = training_loss(loss_fn)
+    for outputs, targets in batches:
         total += float(loss_fn(outputs, targets)) * len(targets)
     return total / len(dataset) if len(dataset) else math.nan
 
@@ -573,7 +580,7 @@ def train_weights(model: nn.Module, dataset: Dataset, epochs: int, lr: float = 0
     """
     check_settings("train_weights", epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                    weight_decay=weight_decay, schedule=schedule, first_epoch=first_epoch, loss_fn=loss_fn)
-    loss_fn = training_loss(loss_fn)
+    class_indices, loss_fn = loss_fn is None, training_loss(loss_fn)  # targets for cross_entropy, or as given
     if first_epoch + epochs > 2**32:  # epoch_batches' generators keep 32 bits: epoch 2^32 would be epoch 0
         raise ValueError(f"train_weights: first_epoch + epochs must be at most 2^32, got {first_epoch} + {epochs}")
     if on_epoch is not None and not callable(on_epoch):
@@ -603,7 +610,7 @@ def train_weights(model: nn.Module, dataset: Dataset, epochs: int, lr: float = 0
         model.train()
         total = 0.0
         for indices in epoch_batches(dataset, batch_size, seed, first_epoch + epoch, shard):
-            inputs, targets = fetch(dataset, indices, device)
+            inputs, targets = fetch(dataset, indices, device, class_indices)
             model.zero_grad(set_to_none=True)  # the scores' gradients too: no optimiser here clears them
             loss = loss_fn(model(inputs), targets)
             loss.backward()
