@@ -93,6 +93,14 @@ class _Masked:
         self.inv_gamma = 0.0
         self.implicit = "paper"
 
+    def __setattr__(self, name: str, value) -> None:
+        # Scores of another kind (class indices, counts) would otherwise fail later, inside an op that cannot
+        # say which layer's they are.
+        if name == "scores" and isinstance(value, torch.Tensor) and value.dtype not in ops._FLOATING:
+            raise TypeError(f"{type(self).__name__}: scores must be float32, float64, float16 or bfloat16, got "
+                            f"{value.dtype}")
+        super().__setattr__(name, value)
+
     def reset_parameters(self) -> None:
         """The torch layer's initialisation of weight and bias, then scores |θ| and the keep-all threshold, as
         a new layer starts (to_empty, then reset_parameters, is deferred initialisation)."""

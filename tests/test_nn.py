@@ -80,6 +80,23 @@ def test_a_masked_state_without_scores_or_with_integer_scores_does_not_load(seed
     assert torch.equal(fresh.weight, weight)
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+def test_scores_set_of_a_non_float_dtype_name_the_layer(seed, dtype):
+    """Integer scores set on a layer failed only in its forward, from inside block_mask or masked_weight,
+    naming the op and not the layer: the assignment is the error now, naming the layer, scores and the
+    dtype, and it leaves the layer's scores as they were. Float scores still set and run."""
+    for layer in (bipkernels.MaskedLinear(7, 5), bipkernels.MaskedConv2d(3, 4, 3)):
+        scores = layer.scores
+        with pytest.raises(TypeError, match=rf"{type(layer).__name__}: scores must be float32, float64, float16 or "
+                                            rf"bfloat16, got {dtype}"):
+            layer.scores = nn.Parameter(torch.randint(0, 2, layer.weight.shape).to(dtype), requires_grad=False)
+        assert layer.scores is scores
+        layer.scores = nn.Parameter(torch.rand(layer.weight.shape))
+        x = torch.randn(2, 7) if isinstance(layer, nn.Linear) else torch.randn(2, 3, 5, 5)
+        torch.testing.assert_close(layer(x), layer._conv_forward(x, layer.weight, layer.bias)
+                                   if isinstance(layer, nn.Conv2d) else F.linear(x, layer.weight, layer.bias))
+
+
 @pytest.mark.parametrize("structure", ["unstructured", "filter", "tile2x3"])
 @pytest.mark.parametrize("absent", ["scores", "threshold"])
 def test_scores_or_threshold_alone_do_not_load_also_without_strict(seed, structure, absent):
