@@ -160,7 +160,8 @@ def keeps_weight_layout(structure: Structure, weight: torch.Tensor, *others: tor
             and all(other.stride() == weight.stride() for other in others))
 
 
-def _in_result_layout(result: torch.Tensor, keep_layout: bool, weight: torch.Tensor) -> torch.Tensor:
+def in_result_layout(result: torch.Tensor, keep_layout: bool, weight: torch.Tensor) -> torch.Tensor:
+    """``result`` (of weight's shape) in weight's strides for ``keep_layout``, else contiguous."""
     if not keep_layout:  # an empty tensor counts as contiguous whatever its strides: give it standard ones
         return result.contiguous() if result.numel() else result.new_empty(result.shape)
     return result.new_empty_strided(weight.shape, weight.stride()).copy_(result)  # (ops._empty_result: why)
@@ -171,7 +172,7 @@ def masked_weight(weight: torch.Tensor, scores: torch.Tensor, threshold: torch.T
     """θ where kept and exactly 0 where pruned (a select: a pruned NaN or inf weight gives 0)."""
     mask = block_mask(scores, threshold, structure)
     masked = torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
-    return _in_result_layout(masked, keeps_weight_layout(structure, weight, scores), weight)
+    return in_result_layout(masked, keeps_weight_layout(structure, weight, scores), weight)
 
 
 def hypergrad(grad: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, threshold: torch.Tensor | None,
@@ -179,7 +180,7 @@ def hypergrad(grad: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, th
     """(grad_θ, grad_s) of z = m ⊙ θ given g = ∂l/∂z; see the module docstring."""
     gradients = hypergrad_of_mask(grad, weight, scores, block_mask(scores, threshold, structure), inv_gamma, implicit)
     keep_layout = keeps_weight_layout(structure, weight, scores, grad)
-    return tuple(_in_result_layout(result, keep_layout, weight) for result in gradients)
+    return tuple(in_result_layout(result, keep_layout, weight) for result in gradients)
 
 
 def hypergrad_of_mask(grad: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor,

@@ -54,6 +54,15 @@ def tied_scores(shape, dtype=torch.float64, levels: int = 8, device="cpu") -> to
     return (values * signs).to(dtype=dtype, device=device)
 
 
+# Dense layouts of a 4-D tensor other than the contiguous one (the permuted one keeps no two neighbouring
+# dims together in memory: none merge into one).
+LAYOUTS = {
+    "channels_last": lambda t: t.contiguous(memory_format=torch.channels_last),
+    "permuted": lambda t: t.permute(2, 0, 3, 1).contiguous().permute(1, 3, 0, 2),  # dense, no named format
+    "transposed": lambda t: t.transpose(0, 1).contiguous().transpose(0, 1),
+}
+
+
 def with_specials(scores: torch.Tensor) -> torch.Tensor:
     """A copy with a few NaN, +inf, -inf and -0.0 entries at random places."""
     out = scores.clone().reshape(-1)

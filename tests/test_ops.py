@@ -13,8 +13,8 @@ import bipkernels
 from bipkernels import ops, reference
 from bipkernels.structures import parse_structure
 
-from conftest import (HAS_CPU_KERNELS, SHAPES, STRUCTURES, check_topk_threshold_under_vmap, fits, force_backend,
-                      score_lists, tied_scores, topk_ks, with_specials)
+from conftest import (HAS_CPU_KERNELS, LAYOUTS, SHAPES, STRUCTURES, check_topk_threshold_under_vmap, fits,
+                      force_backend, score_lists, tied_scores, topk_ks, with_specials)
 
 needs_cpu_kernels = pytest.mark.skipif(not HAS_CPU_KERNELS, reason="the compiled extension is not built")
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
@@ -242,13 +242,6 @@ def test_non_contiguous_inputs(monkeypatch, seed, structure_name):
     for got, want in zip(ops.hypergrad(grad, weight, scores, threshold, structure, inv_gamma=0.5),
                          reference.hypergrad(grad, weight, scores, threshold, structure, 0.5)):
         assert torch.equal(got, want)
-
-
-LAYOUTS = {
-    "channels_last": lambda t: t.contiguous(memory_format=torch.channels_last),
-    "permuted": lambda t: t.permute(2, 0, 3, 1).contiguous().permute(1, 3, 0, 2),  # dense, no named format
-    "transposed": lambda t: t.transpose(0, 1).contiguous().transpose(0, 1),
-}
 
 
 @needs_cpu_kernels

@@ -3,7 +3,9 @@
     grad_θ = m ⊙ g      grad_s = sign(s) ⊙ (θ ⊙ g − inv_gamma · I),  I = m ⊙ g ⊙ g (paper) or (θ ⊙ g)² (released)
 
 computed in the score type (float32 for half types). ``values`` is the arithmetic alone; the masked
-matmul's weight-gradient epilogue applies it too.
+matmul's weight-gradient epilogue applies it too. Under an unstructured mask, dense g, θ and s of one
+layout (channels_last, any permutation) run where they lie, into results of that layout, as the C++
+kernels and the reference give them (keeps_weight_layout).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from ..reference import IMPLICIT_FORMS
+from ..reference import IMPLICIT_FORMS, in_result_layout, keeps_weight_layout
 from . import mask_rule
 from .layout import (check_float, check_like, launch_size, narrow, on_device, product, structure_of, traceable,
                      widen)
@@ -59,13 +61,15 @@ def implicit_is_released(op: str, weight: torch.Tensor, inv_gamma: float, implic
 
 @triton.jit
 def _hypergrad_kernel(scores_ptr, block_scores_ptr, threshold_ptr, cols, inner, tile_cols, grad_ptr, weight_ptr,
-                      inv_gamma_ptr, grad_weight_ptr, grad_scores_ptr, n, parts, KIND: tl.constexpr, A: tl.constexpr,
-                      B: tl.constexpr, F64: tl.constexpr, RELEASED: tl.constexpr, BLOCK: tl.constexpr):
-    """g is the sum of the ``parts`` slices (each n long) at grad_ptr, added in slice order."""
+                      inv_gamma_ptr, grad_weight_ptr, grad_scores_ptr, n, parts, size0, stride0, size1, stride1,
+                      size2, stride2, size3, stride3, KIND: tl.constexpr, A: tl.constexpr, B: tl.constexpr,
+                      F64: tl.constexpr, ORDER: tl.constexpr, RELEASED: tl.constexpr, BLOCK: tl.constexpr):
+    """g is the sum of the ``parts`` slices (each n long) at grad_ptr, added in slice order. ``flat``: the
+    elements' memory offsets, in logical order unless ORDER (mask_rule.Order)."""
     flat = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = flat < n
     keep = mask_rule.kept_flat(scores_ptr, block_scores_ptr, threshold_ptr, flat, valid, cols, inner, tile_cols,
-                               KIND, A, B, F64)
+                               size0, stride0, size1, stride1, size2, stride2, size3, stride3, KIND, A, B, F64, ORDER)
     grad = mask_rule.to_score(tl.load(grad_ptr + flat, mask=valid), F64)
     offsets = flat
     for _ in range(1, parts):
@@ -81,29 +85,41 @@ def _hypergrad_kernel(scores_ptr, block_scores_ptr, threshold_ptr, cols, inner, 
 
 
 def launch(mask: mask_rule.Mask, grad: torch.Tensor, weight: torch.Tensor, inv_gamma: float, released: bool,
-           grad_weight: torch.Tensor, grad_scores: torch.Tensor) -> None:
-    """Writes grad_θ and grad_s (contiguous, like ``weight``: contiguous and not empty) from g = the sum of
-    grad's slices of weight's size in order (grad (slices, *weight.shape) or weight.shape, contiguous, any
-    float dtype); ``mask`` from mask_rule.prepare for weight's scores."""
+           grad_weight: torch.Tensor, grad_scores: torch.Tensor, order: mask_rule.Order = mask_rule.LOGICAL) -> None:
+    """Writes grad_θ and grad_s (laid out like ``weight``, not empty) from g = the sum of grad's slices of
+    weight's size in order (grad (slices, *weight.shape) or weight.shape, any float dtype); ``mask`` from
+    mask_rule.prepare for weight's scores. All contiguous, or for an ``order`` (mask_rule.memory_order;
+    an unstructured mask, one slice) all of weight's strides."""
     traceable(_hypergrad_kernel)[(triton.cdiv(weight.numel(), _BLOCK),)](
         *mask.args, grad, weight, inv_gamma_tensor(inv_gamma, weight.device), grad_weight, grad_scores,
-        weight.numel(), grad.numel() // weight.numel(), **mask.meta, RELEASED=released, BLOCK=_BLOCK)
+        weight.numel(), grad.numel() // weight.numel(), *order.args, **mask.meta, **order.meta, RELEASED=released,
+        BLOCK=_BLOCK)
 
 
 @triton_op("bipkernels_triton::hypergrad", mutates_args=())
 def hypergrad(grad: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, threshold: torch.Tensor, kind: int,
               a: int, b: int, p: int, inv_gamma: float, implicit: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_θ, grad_s), contiguous, shape and dtype of ``weight`` (bipkernels.ops.hypergrad)."""
+    """(grad_θ, grad_s), shape and dtype of ``weight``, in its layout under keeps_weight_layout, else
+    contiguous (bipkernels.ops.hypergrad)."""
     op = "hypergrad"
     check_float(op, "weight", weight)
     check_like(op, "grad", grad, "weight", weight)
     check_like(op, "scores", scores, "weight", weight)
     structure = structure_of(op, scores, kind, a, b, p)
     released = implicit_is_released(op, weight, inv_gamma, implicit)
-    grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-    grad_scores = torch.empty_like(grad_weight)
+    keep_layout = keeps_weight_layout(structure, weight, scores, grad)
+    order = mask_rule.memory_order(weight) if keep_layout else None
+    weight_in = weight
+    if order is None:  # contiguous copies
+        grad, weight_in, scores = grad.contiguous(), weight.contiguous(), scores.contiguous()
+        grad_weight, grad_scores = (torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+                                    for _ in range(2))
+    else:  # strides given, not empty_like: a fake (torch.compile's) empty_like of an empty tensor is contiguous
+        grad_weight, grad_scores = (weight.new_empty_strided(weight.shape, weight.stride()) for _ in range(2))
     if weight.numel():
         with on_device(weight):
-            mask = mask_rule.prepare(op, scores.contiguous(), threshold, structure)
-            launch(mask, grad.contiguous(), weight.contiguous(), inv_gamma, released, grad_weight, grad_scores)
+            mask = mask_rule.prepare(op, scores, threshold, structure)
+            launch(mask, grad, weight_in, inv_gamma, released, grad_weight, grad_scores, order or mask_rule.LOGICAL)
+    if keep_layout and order is None:  # a layout of more dims than the kernel indexes: the results take weight's
+        return in_result_layout(grad_weight, True, weight), in_result_layout(grad_scores, True, weight)
     return grad_weight, grad_scores

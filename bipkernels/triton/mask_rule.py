@@ -77,13 +77,36 @@ def kept(scores_ptr, block_scores_ptr, value, cut, row, col, valid, cols, inner,
 
 
 @triton.jit
+def logical_index(offset, size0, stride0, size1, stride1, size2, stride2, size3, stride3, ORDER: tl.constexpr):
+    """The row-major index of the element at memory ``offset`` of a dense tensor whose ORDER dims (Order:
+    merged, size > 1, in logical order) have these sizes and strides; ORDER 0: the offset itself."""
+    index = offset
+    if ORDER > 0:
+        index = (offset // stride0) % size0
+    if ORDER > 1:
+        index = index * size1 + (offset // stride1) % size1
+    if ORDER > 2:
+        index = index * size2 + (offset // stride2) % size2
+    if ORDER > 3:
+        index = index * size3 + (offset // stride3) % size3
+    return index
+
+
+@triton.jit
 def kept_flat(scores_ptr, block_scores_ptr, threshold_ptr, flat, valid, cols, inner, tile_cols,
-              KIND: tl.constexpr, A: tl.constexpr, B: tl.constexpr, F64: tl.constexpr):
-    """``kept`` at int64 flat indices of the weight (the elementwise kernels' entry)."""
+              size0, stride0, size1, stride1, size2, stride2, size3, stride3,
+              KIND: tl.constexpr, A: tl.constexpr, B: tl.constexpr, F64: tl.constexpr, ORDER: tl.constexpr):
+    """``kept`` at int64 flat indices of the weight (the elementwise kernels' entry): logical indices, or
+    for an unstructured mask with an Order (ORDER > 0, its sizes and strides) memory offsets."""
     value, cut = load_threshold(threshold_ptr, F64)
-    row = flat // cols  # unused (and compiled away) for unstructured masks
-    return kept(scores_ptr, block_scores_ptr, value, cut, row, flat - row * cols, valid, cols, inner, tile_cols,
-                KIND, A, B, F64)
+    if KIND == UNSTRUCTURED and ORDER > 0:  # tied scores rank by logical index, wherever they lie
+        index = logical_index(flat, size0, stride0, size1, stride1, size2, stride2, size3, stride3, ORDER)
+        keep = is_kept(_magnitude(scores_ptr, flat, valid, F64), value, cut, index)
+    else:
+        row = flat // cols  # unused (and compiled away) for unstructured masks
+        keep = kept(scores_ptr, block_scores_ptr, value, cut, row, flat - row * cols, valid, cols, inner, tile_cols,
+                    KIND, A, B, F64)
+    return keep
 
 
 class Mask(NamedTuple):
@@ -94,8 +117,45 @@ class Mask(NamedTuple):
     meta: dict
 
 
+_ORDER_DIMS = 4  # the most dims logical_index reads
+
+
+class Order(NamedTuple):
+    """Where the elements of the tensors an elementwise kernel runs over lie: ``args`` the (size, stride)
+    pairs that kept_flat takes (padded with (1, 1)), ``meta`` its ORDER, how many of them count (0: the
+    elements lie in logical order)."""
+
+    args: tuple
+    meta: dict
+
+
+LOGICAL = Order((1, 1) * _ORDER_DIMS, {"ORDER": 0})
+
+
+def memory_order(tensor: torch.Tensor) -> Order | None:
+    """The Order of a dense ``tensor`` (reference.keeps_weight_layout), for a kernel that runs over it
+    where it lies: its dims of size > 1 in logical order, each run that memory keeps together (stride =
+    the next one's stride × size) merged into one. LOGICAL where that leaves the dims of a contiguous
+    tensor; None where it leaves more than logical_index reads (a permuted layout of 5 or more dims: at
+    most 3 for a channels_last 4-D or 5-D one), which then runs on contiguous copies."""
+    dims = []
+    for size, stride in zip(tensor.shape, tensor.stride()):
+        if size == 1:  # any stride: it moves nothing
+            continue
+        if dims and dims[-1][1] == stride * size:
+            dims[-1] = (dims[-1][0] * size, stride)
+        else:
+            dims.append((size, stride))
+    if len(dims) <= 1 and all(stride == 1 for _, stride in dims):
+        return LOGICAL
+    if len(dims) > _ORDER_DIMS:
+        return None
+    return Order(tuple(n for dim in dims + [(1, 1)] * (_ORDER_DIMS - len(dims)) for n in dim), {"ORDER": len(dims)})
+
+
 def prepare(op: str, scores: torch.Tensor, threshold: torch.Tensor, structure: Structure) -> Mask:
-    """The keep rule of contiguous ``scores``: block scores computed here for filter, channel and tile
+    """The keep rule of contiguous ``scores`` (or, for an unstructured mask, scores in the layout of an
+    Order, which the kernel then takes too): block scores computed here for filter, channel and tile
     (unused placeholders stand in for the block scores, and for N:M's threshold, that are never read)."""
     check_threshold(op, threshold, scores, structure)
     matrix = matrix_of(scores.shape, structure)

@@ -34,7 +34,7 @@ if not HAS_TRITON:
 _spec = importlib.util.spec_from_file_location("bipkernels_tests_conftest", Path(__file__).parents[1] / "conftest.py")
 _shared = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_shared)
-fits, tied_scores, with_specials = _shared.fits, _shared.tied_scores, _shared.with_specials
+fits, tied_scores, with_specials, LAYOUTS = _shared.fits, _shared.tied_scores, _shared.with_specials, _shared.LAYOUTS
 check_topk_threshold_under_vmap = _shared.check_topk_threshold_under_vmap
 check_channels_last_conv_equals_torchs = _shared.check_channels_last_conv_equals_torchs
 

@@ -97,6 +97,11 @@ def run_every_op() -> None:
             ops.masked_weight(scores, scores, threshold, *args)
             for implicit in (0, 1):
                 ops.hypergrad(scores, scores, scores, threshold, *args, 0.1, implicit)
+    # An unstructured mask over a channels_last weight: the path that runs where the elements lie.
+    for dtype in (torch.float32, torch.float64):
+        last = torch.rand(4, 6, 3, 3, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        ops.masked_weight(last, last, threshold, *kinds[0])
+        ops.hypergrad(last, last, last, threshold, *kinds[0], 0.1, 0)
     for dtype in (torch.float32, torch.float64):
         ops.topk_threshold([torch.rand(5, dtype=dtype), torch.rand(7, dtype=dtype)], 3)
     for dtype, structures in ((torch.bfloat16, kinds), (torch.float32, kinds[:1]), (torch.float16, kinds[:1])):

@@ -12,7 +12,7 @@ from bipkernels import triton as bipkernels_triton
 from bipkernels.reference import IMPLICIT_FORMS
 from bipkernels.structures import parse_structure
 
-from conftest import (DTYPES, assert_close, check_channels_last_conv_equals_torchs, fits, needs_interpreter,
+from conftest import (DTYPES, LAYOUTS, assert_close, check_channels_last_conv_equals_torchs, fits, needs_interpreter,
                       tied_scores, with_specials)
 
 pytestmark = needs_interpreter
@@ -129,8 +129,89 @@ def test_non_contiguous_inputs(triton_backend, seed):
 
 @pytest.mark.parametrize("structure", ["unstructured", "filter"])
 def test_a_channels_last_conv_equals_torchs_bit_for_bit(triton_backend, seed, structure):
-    """The triton ops give contiguous results; the masked layer still convolves in the weight's layout."""
+    """Structured masks' results are contiguous; the masked layer still convolves in the weight's layout."""
     check_channels_last_conv_equals_torchs(structure)
+
+
+def _permuted_5d(t: torch.Tensor) -> torch.Tensor:
+    """A dense 5-D layout in which no two neighbouring dims lie together: five dims to index, more than the
+    kernels take (mask_rule.memory_order), so it runs on contiguous copies and takes the layout after."""
+    return t.permute(1, 3, 0, 4, 2).contiguous().permute(2, 0, 4, 1, 3)
+
+
+def _layout_inputs(layout: str, mixed: bool):
+    """Scores (tied, cut inside the ties by the threshold), weight and grad in ``layout``, float64; with
+    ``mixed`` the scores contiguous."""
+    shape, to_layout = ((3, 4, 5, 2, 3), _permuted_5d) if layout == "permuted_5d" else ((6, 12, 3, 5), LAYOUTS[layout])
+    weight, grad = (to_layout(torch.randn(shape, dtype=torch.float64)) for _ in range(2))
+    scores = tied_scores(shape)
+    return (scores if mixed else to_layout(scores)), weight, grad
+
+
+@pytest.mark.parametrize("layout", [*LAYOUTS, "permuted_5d"])
+@pytest.mark.parametrize("name", ["unstructured", "filter", "2:4"])
+@pytest.mark.parametrize("mixed", [False, True])
+def test_dense_layouts_keep_the_strides_the_reference_gives(triton_backend, seed, layout, name, mixed):
+    """masked_weight and hypergrad of a channels_last (or other dense) weight gave contiguous results,
+    where torch's elementwise ops, the C++ kernels and the reference keep the weight's layout for an
+    unstructured mask over tensors of one layout (reference.keeps_weight_layout). Now the strides are the
+    reference's, and the values equal its values bit for bit (tied scores: the tie rule ranks by logical
+    index wherever the elements lie)."""
+    structure = parse_structure(name)
+    scores, weight, grad = _layout_inputs(layout, mixed)
+    blocks = reference.block_scores(scores, structure)
+    threshold = reference.topk_threshold([blocks], blocks.numel() // 2)[0] if structure.uses_threshold else None
+    got = [ops.masked_weight(weight, scores, threshold, structure),
+           *ops.hypergrad(grad, weight, scores, threshold, structure, inv_gamma=0.5, implicit="released")]
+    want = [reference.masked_weight(weight, scores, threshold, structure),
+            *reference.hypergrad(grad, weight, scores, threshold, structure, 0.5, "released")]
+    assert reference.keeps_weight_layout(structure, weight, scores, grad) == (name == "unstructured" and not mixed)
+    for result, expected in zip(got, want, strict=True):
+        assert result.stride() == expected.stride()
+        torch.testing.assert_close(result, expected, **EXACT)
+    if name == "unstructured" and not mixed:  # the gradient alone in another layout: contiguous, as the reference
+        for result, expected in zip(ops.hypergrad(grad.contiguous(), weight, scores, threshold, structure, 0.5),
+                                    reference.hypergrad(grad.contiguous(), weight, scores, threshold, structure, 0.5)):
+            assert result.is_contiguous() and result.stride() == expected.stride()
+            torch.testing.assert_close(result, expected, **EXACT)
+
+
+class _NoLaunch:
+    """What wrap_triton does with a launch under torch.compile's fake tensors: nothing (the interpreter
+    cannot run a kernel on them)."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@pytest.mark.parametrize("layout", [*LAYOUTS, "permuted_5d"])
+def test_fake_results_promise_the_strides_of_the_real_ones(monkeypatch, seed, layout):
+    """A triton_op's fake kernel (what torch.compile and torch.export plan with) is its own body run on
+    fake tensors: with the launches left out, as wrap_triton leaves them, its results have the strides
+    of the eager results, those of the reference, in every layout, empty weights of odd strides included."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from bipkernels.triton import hypergrad, masked_weight
+
+    bipkernels_triton.load()
+    kernels = torch.ops.bipkernels_triton
+    threshold = torch.tensor([0.5, 7.0], dtype=torch.float64)
+    scores, weight, grad = _layout_inputs(layout, False)
+    empty = torch.empty(0, 3, 4, dtype=torch.float64).as_strided((0, 3, 4), (1, 7, 100))
+    for tensors in ((scores, weight, grad), (empty, empty, empty), (scores.contiguous(), weight, grad)):
+        eager = [kernels.masked_weight(tensors[1], tensors[0], threshold, 0, 1, 1, 1),
+                 *kernels.hypergrad(tensors[2], tensors[1], tensors[0], threshold, 0, 1, 1, 1, 0.5, 0)]
+        structure = parse_structure("unstructured")
+        want = [reference.masked_weight(tensors[1], tensors[0], threshold, structure),
+                *reference.hypergrad(tensors[2], tensors[1], tensors[0], threshold, structure, 0.5)]
+        assert [t.stride() for t in eager] == [t.stride() for t in want]
+        with monkeypatch.context() as patch, FakeTensorMode() as mode:
+            for module in (masked_weight, hypergrad):
+                patch.setattr(module, "traceable", lambda kernel: _NoLaunch())
+            fakes = [mode.from_tensor(t) for t in (*tensors, threshold)]
+            planned = [kernels.masked_weight(fakes[1], fakes[0], fakes[3], 0, 1, 1, 1),
+                       *kernels.hypergrad(fakes[2], fakes[1], fakes[0], fakes[3], 0, 1, 1, 1, 0.5, 0)]
+        assert [t.stride() for t in planned] == [t.stride() for t in eager]
 
 
 @pytest.mark.parametrize("shape", [(0, 5), (4, 0), (0,), (3, 0, 2, 2)])
