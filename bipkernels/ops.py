@@ -350,9 +350,8 @@ def check_implicit_term(owner: str, inv_gamma, implicit, dtype: torch.dtype | No
     inv_gamma = check_number(owner, "inv_gamma", inv_gamma)
     if dtype is None:
         return inv_gamma
-    arithmetic = reference.score_dtype(dtype)
-    return check_number(owner, f"inv_gamma (in the {arithmetic} arithmetic of {dtype} weights)", inv_gamma,
-                        maximum=torch.finfo(arithmetic).max)
+    return check_number(owner, f"inv_gamma (in the {reference.score_dtype(dtype)} arithmetic of {dtype} weights)",
+                        inv_gamma, maximum=reference.largest_inv_gamma(dtype))
 
 
 def hypergrad(grad: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, threshold: torch.Tensor | None,

@@ -38,6 +38,13 @@ def score_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def largest_inv_gamma(dtype: torch.dtype) -> float:
+    """The largest inv_gamma that hypergrad takes for weights of ``dtype``: the largest finite value of their
+    arithmetic (score_dtype), since an infinite one times a pruned entry's zero implicit term would give NaN
+    there, not θ ⊙ g (every backend's check: ops.check_implicit_term, the triton ops, checks.h)."""
+    return torch.finfo(score_dtype(dtype)).max
+
+
 def _matrix(tensor: torch.Tensor, structure: Structure) -> torch.Tensor:
     rows, cols, _, _ = structure.matrix_shape(tensor.shape)
     return tensor.reshape(rows, cols)

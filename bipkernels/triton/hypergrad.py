@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from ..reference import IMPLICIT_FORMS, in_result_layout, keeps_weight_layout
+from ..reference import IMPLICIT_FORMS, in_result_layout, keeps_weight_layout, largest_inv_gamma, score_dtype
 from . import mask_rule
 from .layout import (check_float, check_like, launch_size, narrow, on_device, product, structure_of, traceable,
                      widen)
@@ -47,12 +47,11 @@ def inv_gamma_tensor(inv_gamma: float, device: torch.device) -> torch.Tensor:
 
 def implicit_is_released(op: str, weight: torch.Tensor, inv_gamma: float, implicit: int) -> bool:
     """Whether ``implicit`` names the released form, after checking it (0 or 1) and inv_gamma: a number in
-    [0, largest finite] of the arithmetic (float32 unless ``weight`` is float64), as checks.h does, since
-    an infinite one times a pruned entry's zero implicit term would give NaN there. ValueError names both."""
+    [0, reference.largest_inv_gamma] for ``weight``'s dtype, as checks.h and the ops do. ValueError names
+    both."""
     if implicit not in range(len(IMPLICIT_FORMS)):
         raise ValueError(f"bipkernels.{op}: implicit must be 0 (paper) or 1 (released), got {implicit}")
-    arithmetic = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    largest = torch.finfo(arithmetic).max
+    arithmetic, largest = score_dtype(weight.dtype), largest_inv_gamma(weight.dtype)
     if not 0 <= inv_gamma <= largest:  # NaN fails too
         raise ValueError(f"bipkernels.{op}: inv_gamma must be a number in [0, {largest:g}] (the {arithmetic} "
                          f"arithmetic of {weight.dtype} weights), got {inv_gamma}")
