@@ -58,7 +58,7 @@ def _masked_weight_laid_out(inputs: tuple) -> torch.Tensor:
     """autograd.masked_weight(*inputs) in the memory format of the weight (inputs[0]): a channels_last
     (out, in / groups, kh, kw) weight gives a channels_last θ ⊙ m, other weights their op's result as it is.
 
-    The ops give structured masks' results (and all of the triton backend's) contiguous, and a convolution
+    The ops give structured masks' results contiguous (their blocks are in logical order), and a convolution
     picks its algorithm, its output's layout and so the last bits of its values from the weight's layout
     as well as the input's: nn.Conv2d with a channels_last weight and a contiguous input gives a
     channels_last output, and the masked layer must give the same (one copy of the weight where the op's
