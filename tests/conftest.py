@@ -64,11 +64,14 @@ LAYOUTS = {
 
 
 def with_specials(scores: torch.Tensor) -> torch.Tensor:
-    """A copy with a few NaN, +inf, -inf and -0.0 entries at random places."""
+    """A copy with a few NaN, +inf, -inf and -0.0 entries at random places (on the device of ``scores``)."""
     out = scores.clone().reshape(-1)
     if out.numel() >= 4:
         places = torch.randperm(out.numel())[:4]
-        out[places] = torch.tensor([float("nan"), float("inf"), float("-inf"), -0.0], dtype=out.dtype)
+        # The values on the scores' device: a CUDA tensor refuses a CPU tensor of several values in an
+        # indexed assignment (only a CPU scalar crosses devices there).
+        out[places] = torch.tensor([float("nan"), float("inf"), float("-inf"), -0.0], dtype=out.dtype,
+                                   device=out.device)
     return out.reshape(scores.shape)
 
 

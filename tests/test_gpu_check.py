@@ -1,6 +1,6 @@
 """benchmarks/gpu_check.sh and `python -m benchmarks` as a GPU loan meets them, checked without a GPU: the
-script runs against a stand-in python whose build fails, and the benchmark runner against a pytest run
-that fails."""
+script runs against a stand-in python whose build fails, the benchmark runner against a pytest run that
+fails, and the GPU tests' input generators on fake CUDA tensors."""
 
 from __future__ import annotations
 
@@ -9,6 +9,11 @@ import os
 import subprocess
 import tarfile
 from pathlib import Path
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from conftest import tied_scores, with_specials
 
 ROOT = Path(__file__).parents[1]
 
@@ -73,3 +78,12 @@ def test_benchmark_tables_are_written_for_a_run_that_failed(tmp_path, monkeypatc
     monkeypatch.setattr(runner, "plot", lambda results, path: False)
     assert runner.main(["-k", "nothing"]) == 2
     assert len(list(tmp_path.glob("*.md"))) == 1
+
+
+def test_specials_are_written_on_the_device_of_cuda_scores():
+    """tests/triton/test_gpu.py puts NaN and infinities into CUDA scores with with_specials: FakeTensorMode
+    checks an indexed assignment's devices as a GPU does (a CUDA tensor takes a CPU tensor of values only
+    when it is one scalar), so fake CUDA tensors find here what failed every such test on a GPU."""
+    with FakeTensorMode():
+        scores = with_specials(tied_scores((6, 5), torch.bfloat16, device="cuda"))
+    assert scores.device.type == "cuda" and scores.dtype == torch.bfloat16 and scores.shape == (6, 5)
