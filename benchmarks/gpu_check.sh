@@ -13,14 +13,15 @@
 #
 #     bash benchmarks/gpu_check.sh OUT_DIR [STAGE ...]
 #
-# Stages: build cuda triton auto bench memcheck racecheck large (the default, in this order), and, asked for
-# by name only, e2e (BiP iteration and peak-memory benchmarks) and large-cpu (the CPU >2^31 tests, ~13 GB).
+# Stages: build cuda triton auto linear bench memcheck racecheck large (the default, in this order), and,
+# asked for by name only, e2e (BiP iteration and peak-memory benchmarks) and large-cpu (the CPU >2^31 tests,
+# ~13 GB).
 # Environment: BUDGET_S (default 540: the whole call), PYTHON (default python3: the lent machines' python
 # with torch; `python` may not be on their PATH). The exit status is 1 if any stage failed or was cut short.
 set -uo pipefail
 out=$(mkdir -p "${1:?usage: gpu_check.sh OUT_DIR [STAGE ...]}" && cd "$1" && pwd)
 shift
-stages=${*:-build cuda triton auto bench memcheck racecheck large}
+stages=${*:-build cuda triton auto linear bench memcheck racecheck large}
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 deadline=$(( $(date +%s) + ${BUDGET_S:-540} ))
@@ -88,9 +89,13 @@ stage cuda 150 "${pytest[@]}" tests/test_cuda.py tests/test_build.py "tests/test
   tests/test_export.py::test_semi_structured_linear_equals_dense_on_gpu
 # The compiled kernels (test_gpu.py skips under the interpreter), one matmul tile shape: one compile a case.
 stage triton 150 env TRITON_INTERPRET=0 BIPKERNELS_TRITON_AUTOTUNE=0 "${pytest[@]}" tests/triton/test_gpu.py
-# The triton-vs-cuda groups first (bipkernels.triton.AUTO_ON_CUDA is filled from them), then the rest.
+# What bipkernels.triton.AUTO_ON_CUDA is filled from first (benchmarks/test_triton.py), each in a stage of
+# its own so that one cut short keeps the others: the triton-vs-cuda groups, then for its masked_linear row
+# the fused matmul against the unfused layer (autotuned: nine tile shapes to compile), then the rest.
 stage auto 120 $python -m benchmarks -k "triton_vs_cuda"
-stage bench 240 $python -m benchmarks -k "(triton or cuda or gpu) and not triton_vs_cuda and not iteration and not peak_memory"
+stage linear 240 $python -m benchmarks -k "masked_linear_triton"
+stage bench 240 $python -m benchmarks -k "(triton or cuda or gpu) and not triton_vs_cuda and not masked_linear_triton \
+  and not iteration and not peak_memory"
 # The sanitizers slow every launch down many times over: float32 op tests, and the topk select. Without
 # the caching allocator memcheck sees each tensor's own bounds, not a pooled block's.
 stage memcheck 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 $sanitizer --tool memcheck --error-exitcode 1 \
