@@ -33,6 +33,7 @@ if ! bin=$($python -c 'import os, sys, torch; print(os.path.dirname(sys.executab
 fi
 PATH=$bin:$PATH
 logs=$(mktemp -d)
+results_since=$(mktemp)  # its time stamp tells the benchmark results of this run from older ones
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($python -c \
   "import torch; print('.'.join(map(str, torch.cuda.get_device_capability())))")}
@@ -45,7 +46,10 @@ needs_extension=" cuda memcheck racecheck large e2e large-cpu "
 failed=0
 build_failed=0
 
-pack() {  # OUT_DIR/gpu_check.tar.gz from the logs so far, replaced whole (a kill never leaves half of one)
+pack() {  # OUT_DIR/gpu_check.tar.gz from the logs and results so far, replaced whole (a kill never leaves
+  # half of one); the benchmark results each time too, so that a run killed from outside keeps them.
+  mkdir -p "$logs/results"
+  find benchmarks/results -type f -newer "$results_since" -exec cp {} "$logs/results"/ \;
   tar -czf "$out/gpu_check.tar.gz.part" -C "$logs" . && mv "$out/gpu_check.tar.gz.part" "$out/gpu_check.tar.gz"
 }
 
@@ -105,11 +109,8 @@ stage racecheck 60 $sanitizer --tool racecheck --error-exitcode 1 --target-proce
 stage large 120 env BIPKERNELS_LARGE_TESTS=1 "${pytest[@]}" tests/test_cuda.py -m large
 stage e2e 300 $python -m benchmarks -k "cuda and (iteration or peak_memory)"
 stage large-cpu 300 env BIPKERNELS_LARGE_TESTS=1 "${pytest[@]}" tests -m large --ignore=tests/test_cuda.py
-mkdir -p "$logs/results"
-cp benchmarks/results/"$($python -c 'from benchmarks.__main__ import device_name; print(device_name())')"* \
-  "$logs/results"/ 2>/dev/null || true
 $python -m bipkernels info >"$logs/info.txt" 2>&1
 nvidia-smi >"$logs/nvidia-smi.txt" 2>&1
 pack
-rm -rf "$logs"
+rm -rf "$logs" "$results_since"
 exit $failed

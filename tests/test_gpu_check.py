@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import torch
@@ -19,7 +21,8 @@ from conftest import tied_scores, with_specials
 ROOT = Path(__file__).parents[1]
 
 # Answers what gpu_check.sh asks its python: the arch and device name, pip (the build fails), pytest and
-# the benchmark runner (pass, printing their arguments). The bin folder it names is its own.
+# the benchmark runner (pass, printing their arguments; the runner writes a result, and with
+# FAKE_HANG_PID_FILE set the bench stage's hangs, its pid in that file). The bin folder it names is its own.
 FAKE_PYTHON = """#!/usr/bin/env bash
 case "$1" in
   -c) case "$2" in
@@ -30,24 +33,38 @@ case "$1" in
   -m) case "$2" in
         pip) echo "build error"; exit 1 ;;
         pytest) echo "pytest ran: ${*:3}" ;;
-        benchmarks) echo "benchmarks ran: ${*:3}" ;;
+        benchmarks) echo "benchmarks ran: ${*:3}"; touch "benchmarks/results/FAKE-GPU-$$.json"
+                    if [[ -n "${FAKE_HANG_PID_FILE:-}" && "$*" == *"and not"* ]]; then
+                      echo $$ >"$FAKE_HANG_PID_FILE"; exec sleep 60
+                    fi ;;
         bipkernels) echo "bipkernels info" ;;
       esac ;;
 esac
 """
 
 
-def run_gpu_check(tmp_path, *stages: str) -> tuple[subprocess.CompletedProcess, Path]:
-    """gpu_check.sh's ``stages`` run against FAKE_PYTHON; returns the run and its OUT_DIR."""
+def gpu_check_command(tmp_path, *stages: str) -> tuple[list[str], dict[str, str], Path]:
+    """(argv, environment, OUT_DIR) of gpu_check.sh's ``stages`` against FAKE_PYTHON, the script copied
+    into a repository of its own under ``tmp_path`` (benchmark results are written beside it), whose
+    benchmarks/results holds an earlier run's result, old.json."""
     python = tmp_path / "bin" / "python3"
     python.parent.mkdir()
     python.write_text(FAKE_PYTHON)
     python.chmod(0o755)
+    results = tmp_path / "repo" / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    (results / "old.json").write_text("{}")
+    os.utime(results / "old.json", (0, 0))
+    script = results.parent / "gpu_check.sh"
+    script.write_text((ROOT / "benchmarks" / "gpu_check.sh").read_text())
     out = tmp_path / "out"
-    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out), *stages],
-                            capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHON": str(python), "BUDGET_S": "100"})
-    return result, out
+    return ["bash", str(script), str(out), *stages], {**os.environ, "PYTHON": str(python), "BUDGET_S": "100"}, out
+
+
+def run_gpu_check(tmp_path, *stages: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """gpu_check.sh's ``stages`` run against FAKE_PYTHON (gpu_check_command); returns the run and OUT_DIR."""
+    argv, env, out = gpu_check_command(tmp_path, *stages)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env), out
 
 
 def stage_logs(out: Path) -> dict[str, str]:
@@ -124,3 +141,26 @@ def test_specials_are_written_on_the_device_of_cuda_scores():
     with FakeTensorMode():
         scores = with_specials(tied_scores((6, 5), torch.bfloat16, device="cuda"))
     assert scores.device.type == "cuda" and scores.dtype == torch.bfloat16 and scores.shape == (6, 5)
+
+
+def test_gpu_check_killed_from_outside_keeps_the_finished_benchmark_results(tmp_path):
+    """The archive rewritten after each stage holds the benchmark results written so far, not only at the
+    end: a run killed from outside (the device tool's time limit) still brings back those of the stages it
+    finished, and none of an earlier run."""
+    argv, env, out = gpu_check_command(tmp_path, "auto", "bench")
+    hanging = tmp_path / "hanging.pid"
+    script = subprocess.Popen(argv, env={**env, "FAKE_HANG_PID_FILE": str(hanging)}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not (hanging.exists() and hanging.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        script.kill()
+        script.wait()
+        if hanging.exists() and hanging.read_text().strip():
+            os.kill(int(hanging.read_text()), signal.SIGKILL)
+    assert "auto: ok" in (out / "summary.txt").read_text()
+    with tarfile.open(out / "gpu_check.tar.gz") as archive:
+        results = [Path(name).name for name in archive.getnames() if "/results/" in name]
+    assert len(results) == 1 and results[0].startswith("FAKE-GPU-"), results
