@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Everything a GPU machine has to check, in one call that fits a short loan: build the extension with the
-# CUDA kernels for this GPU, the CUDA tests, the compiled Triton kernels, the kernel benchmarks (what
-# bipkernels.triton.AUTO_ON_CUDA and the README's GPU table need), compute-sanitizer and the >2^31-element
-# tests. Stages run in that order (most wanted first) under one time budget: a stage gets at most its own
-# cap and what is left of the budget, is stopped with SIGINT when either runs out (pytest still prints
+# CUDA kernels for this GPU, the CUDA tests, the compiled Triton kernels, the >2^31-element tests, the
+# kernel benchmarks (what bipkernels.triton.AUTO_ON_CUDA and the README's GPU table need) and
+# compute-sanitizer. Stages run in that order (most wanted first) under one time budget: a stage gets at
+# most its own cap and what is left of the budget, is stopped with SIGINT when either runs out (pytest still prints
 # what it ran), and a stage with under 20 s left is reported as not run. When the build fails, the stages
 # that need the extension are reported as not run; the Triton tests and benchmarks still run.
 #
@@ -13,7 +13,7 @@
 #
 #     bash benchmarks/gpu_check.sh OUT_DIR [STAGE ...]
 #
-# Stages: build cuda triton auto linear bench memcheck racecheck large (the default, in this order), and,
+# Stages: build cuda triton large auto linear bench memcheck racecheck (the default, in this order), and,
 # asked for by name only, e2e (BiP iteration and peak-memory benchmarks) and large-cpu (the CPU >2^31 tests,
 # ~13 GB).
 # Environment: BUDGET_S (default 540: the whole call), PYTHON (default python3: the lent machines' python
@@ -21,7 +21,7 @@
 set -uo pipefail
 out=$(mkdir -p "${1:?usage: gpu_check.sh OUT_DIR [STAGE ...]}" && cd "$1" && pwd)
 shift
-stages=${*:-build cuda triton auto linear bench memcheck racecheck large}
+stages=${*:-build cuda triton large auto linear bench memcheck racecheck}
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 deadline=$(( $(date +%s) + ${BUDGET_S:-540} ))
@@ -93,6 +93,8 @@ stage cuda 150 "${pytest[@]}" tests/test_cuda.py tests/test_build.py "tests/test
   tests/test_export.py::test_semi_structured_linear_equals_dense_on_gpu
 # The compiled kernels (test_gpu.py skips under the interpreter), one matmul tile shape: one compile a case.
 stage triton 150 env TRITON_INTERPRET=0 BIPKERNELS_TRITON_AUTOTUNE=0 "${pytest[@]}" tests/triton/test_gpu.py
+# Issue 9's >2^31-element ops on the GPU: a correctness check, so before the benchmarks.
+stage large 120 env BIPKERNELS_LARGE_TESTS=1 "${pytest[@]}" tests/test_cuda.py -m large
 # What bipkernels.triton.AUTO_ON_CUDA is filled from first (benchmarks/test_triton.py), each in a stage of
 # its own so that one cut short keeps the others: the triton-vs-cuda groups, then for its masked_linear row
 # the fused matmul against the unfused layer (autotuned: nine tile shapes to compile), then the rest.
@@ -106,7 +108,6 @@ stage memcheck 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 $sanitizer --tool memchec
   --target-processes all "${pytest[@]}" tests/test_cuda.py -k "ops_match_reference and float32"
 stage racecheck 60 $sanitizer --tool racecheck --error-exitcode 1 --target-processes all \
   "${pytest[@]}" tests/test_cuda.py -k "(topk_threshold_matches or large_block_reduction) and float32"
-stage large 120 env BIPKERNELS_LARGE_TESTS=1 "${pytest[@]}" tests/test_cuda.py -m large
 stage e2e 300 $python -m benchmarks -k "cuda and (iteration or peak_memory)"
 stage large-cpu 300 env BIPKERNELS_LARGE_TESTS=1 "${pytest[@]}" tests -m large --ignore=tests/test_cuda.py
 $python -m bipkernels info >"$logs/info.txt" 2>&1
