@@ -212,9 +212,9 @@ def test_masked_weight_and_hypergrad_match_their_formulas(monkeypatch, backend, 
     pruned = (~mask).nonzero(as_tuple=True)
     poisoned[pruned] = torch.tensor([math.nan, math.inf, -math.inf], dtype=dtype)[
         torch.randint(0, 3, (len(pruned[0]),), generator=generator)]
-    # The weight's layout for an unstructured mask over tensors of one dense layout, else contiguous.
-    # The triton ops' results are contiguous (README, support matrix).
-    keeps_layout = (backend != "triton" and structure.kind == "unstructured"
+    # The weight's layout for an unstructured mask over tensors of one dense layout, else contiguous
+    # (every backend: README, support matrix, ³).
+    keeps_layout = (structure.kind == "unstructured"
                     and scores.stride() == weight.stride() == grad.stride()
                     and torch.empty_like(weight).stride() == weight.stride())
     strides = weight.stride() if keeps_layout else torch.empty(weight.shape).stride()
