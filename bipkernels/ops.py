@@ -14,6 +14,7 @@ Keep counts: ``keep_count(n, sparsity)`` = round-half-up((1 − sparsity) · n),
 
 from __future__ import annotations
 
+import importlib
 import math
 import numbers
 import os
@@ -27,10 +28,14 @@ from .reference import IMPLICIT_FORMS
 from .structures import KINDS, Structure, parse_structure
 
 try:
-    from . import _C
+    # import_module, not `from . import _C`: while the package initialises, the latter reports a missing _C as
+    # "partially initialized module ... (most likely due to a circular import)", which sends users astray.
+    _C = importlib.import_module(f"{__package__}._C")
 except ImportError as _error:  # a source checkout without a build, or a build for another torch
     _C = None
-    warnings.warn(f"bipkernels: the compiled extension is not available ({_error}); "
+    _why = (f"{__package__}._C is not built: `pip install --no-build-isolation .` in the source tree builds it"
+            if isinstance(_error, ModuleNotFoundError) and _error.name == f"{__package__}._C" else str(_error))
+    warnings.warn(f"bipkernels: the compiled extension is not available ({_why}); "
                   "every op runs the pure-PyTorch reference", stacklevel=2)
 
 BACKENDS = ("torch", "cpu", "cuda", "triton")

@@ -81,6 +81,32 @@ def test_missing_extension_warns_once_and_runs_the_reference():
     assert result.stdout.split() == ["7", "1"]
 
 
+def test_a_source_tree_without_a_build_says_the_extension_is_not_built(tmp_path):
+    """The warning names the cause: `from . import _C` during the package's import called a missing _C a
+    "partially initialized module ... (most likely due to a circular import)"."""
+    shutil.copytree(ROOT / "bipkernels", tmp_path / "bipkernels", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    code = (
+        "import importlib.machinery, sys, warnings\n"
+        # Only the standard finders: an editable install's finder would fetch the checkout's _C for the copy.
+        "standard = (importlib.machinery.BuiltinImporter, importlib.machinery.FrozenImporter,"
+        " importlib.machinery.PathFinder)\n"
+        "sys.meta_path[:] = [finder for finder in sys.meta_path if finder in standard]\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import bipkernels\n"
+        "print(bipkernels.__file__, bipkernels.ops._C)\n"
+        "print(*[str(w.message) for w in caught if 'compiled extension' in str(w.message)], sep='\\n')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    where, *messages = result.stdout.strip().splitlines()
+    assert where == f"{tmp_path / 'bipkernels' / '__init__.py'} None"
+    assert messages == ["bipkernels: the compiled extension is not available (bipkernels._C is not built: "
+                        "`pip install --no-build-isolation .` in the source tree builds it); every op runs the "
+                        "pure-PyTorch reference"]
+
+
 def test_cli_info_prints_the_build_facts():
     result = _python("from bipkernels.cli import main; main(['info'])")
     assert result.returncode == 0, result.stderr
