@@ -323,7 +323,8 @@ def topk_masks(scores_list, k: int | None, structure: str | Structure = "unstruc
     scores_list = [scores_list] if isinstance(scores_list, torch.Tensor) else list(scores_list)
     if not parsed.uses_threshold:
         if k is not None:
-            raise ValueError(f"bipkernels.topk_masks: N:M structure {parsed} keeps N of every M; k must be None, got {k!r}")
+            raise ValueError(f"bipkernels.topk_masks: N:M structure {parsed} keeps N of every M; "
+                             f"k must be None, got {k!r}")
         return [block_mask(scores, None, parsed) for scores in scores_list]
     check_int("bipkernels.topk_masks", "k", k)
     thresholds = topk_threshold([block_scores(scores, parsed) for scores in scores_list], k)

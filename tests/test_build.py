@@ -116,7 +116,8 @@ def test_cli_info_prints_the_build_facts():
     from importlib import metadata, util
 
     installed = util.find_spec("triton") is not None
-    assert (f"triton: {metadata.version('triton')}" if installed else "triton: not installed") in result.stdout.splitlines()
+    triton_line = f"triton: {metadata.version('triton')}" if installed else "triton: not installed"
+    assert triton_line in result.stdout.splitlines()
     assert all(("triton" in backends) == installed for backends in build_info()["ops"].values())
 
 
