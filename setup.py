@@ -5,11 +5,14 @@ CPU kernels are always built. CUDA kernels (csrc/cuda/*.cu) are built when BIPKE
   1               required: the build fails if it cannot build them
   0               never
 TORCH_CUDA_ARCH_LIST picks the archs (default here: 9.0 when no GPU is visible to pick from) and MAX_JOBS
-the parallel compile jobs. Build with --no-build-isolation to reuse the installed torch.
+the parallel compile jobs. Build with --no-build-isolation to reuse the installed torch. The CUDA toolkit is
+CUDA_HOME (or CUDA_PATH) when set, else the one the nvcc on PATH belongs to.
 """
 
 import os
 import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +20,24 @@ from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent.resolve()
 VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "bipkernels" / "version.py").read_text()).group(1)
+
+
+def nvcc_toolkit() -> str | None:
+    """The root of the CUDA toolkit that the nvcc on PATH runs from, as nvcc reports it (None without one).
+
+    torch's own guess when CUDA_HOME is unset, the folder above `which nvcc`, is /usr/local for a link or a
+    wrapper script at /usr/local/bin/nvcc: the build then compiled every kernel and failed to link -lcudart.
+    """
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    try:
+        dryrun = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                                capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    here = re.search(r"^#\$ _HERE_=(.+)$", dryrun.stderr + dryrun.stdout, re.MULTILINE)  # the real nvcc's bin/
+    return str(Path(here.group(1).strip()).parent.resolve()) if here else None
 
 
 def cuda_wanted(torch, cpp_extension):
@@ -44,10 +65,18 @@ def cuda_library_includes():
 
 def extensions():
     import torch
+
+    # Before cpp_extension is imported: it reads CUDA_HOME once, at import.
+    cuda_allowed = os.environ.get("BIPKERNELS_CUDA", "auto").lower() != "0"
+    if cuda_allowed and not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")):
+        toolkit = nvcc_toolkit()
+        if toolkit is not None:
+            os.environ["CUDA_HOME"] = toolkit
     from torch.utils import cpp_extension
 
     with_cuda, why = cuda_wanted(torch, cpp_extension)
-    sources = ["python/module.cpp", "csrc/registration.cpp", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))]
+    sources = ["python/module.cpp", "csrc/registration.cpp",
+               *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))]
     include_dirs = [str(ROOT / "csrc" / "include"), str(ROOT / "csrc")]
     macros = [
         ("BIPKERNELS_VERSION", f'"{VERSION}"'),
@@ -67,7 +96,8 @@ def extensions():
         except ImportError:
             pass
         macros += [("BIPKERNELS_WITH_CUDA", None), ("BIPKERNELS_CUDA_ARCHS", f'"{archs}"')]
-    print(f"bipkernels setup: CPU kernels: yes; CUDA kernels: {'yes (archs ' + archs + ')' if with_cuda else 'no'} [{why}]; "
+    cuda_kernels = f"yes (archs {archs})" if with_cuda else "no"
+    print(f"bipkernels setup: CPU kernels: yes; CUDA kernels: {cuda_kernels} [{why}]; "
           f"MAX_JOBS={os.environ.get('MAX_JOBS', 'auto')}", flush=True)
     kind = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
     # nvcc must not contract a*b+c into an FMA: the CUDA kernels' arithmetic must equal the CPU kernels'.

@@ -121,6 +121,27 @@ def test_cli_info_prints_the_build_facts():
     assert all(("triton" in backends) == installed for backends in build_info()["ops"].values())
 
 
+def test_setup_builds_with_the_toolkit_of_the_nvcc_on_path_not_the_folder_above_it(tmp_path):
+    """An nvcc on PATH that is a wrapper (/usr/local/bin/nvcc running /usr/local/cuda-13.0/bin/nvcc): torch
+    guessed CUDA_HOME=/usr/local from it, and the build compiled every kernel, then failed to link -lcudart."""
+    real_bin = tmp_path / "cuda-13.0" / "bin"
+    wrapper_bin = tmp_path / "local" / "bin"
+    for folder, script in ((real_bin, 'echo "#\\$ _HERE_=$(cd "$(dirname "$0")" && pwd)" >&2\n'),
+                           (wrapper_bin, f'exec {real_bin / "nvcc"} "$@"\n')):
+        folder.mkdir(parents=True)
+        (folder / "nvcc").write_text("#!/bin/sh\n" + script)
+        (folder / "nvcc").chmod(0o755)
+    code = ("import runpy\n"
+            f"runpy.run_path({str(ROOT / 'setup.py')!r})['extensions']()\n"
+            "from torch.utils import cpp_extension\n"
+            "print(cpp_extension.CUDA_HOME)\n")
+    env = {name: value for name, value in os.environ.items() if name not in ("CUDA_HOME", "CUDA_PATH")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                            env={**env, "PATH": f"{wrapper_bin}{os.pathsep}{env['PATH']}", "BIPKERNELS_CUDA": "auto"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == str(tmp_path / "cuda-13.0")
+
+
 def test_sdist_holds_every_file_that_the_build_and_the_tests_read(tmp_path):
     """An sdist must build where the repository is not: setuptools alone packs the .cpp files setup.py lists
     but no header (csrc/include, csrc/cpu/*.h) and no .cu, so the build from it failed at the first #include."""
