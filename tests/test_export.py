@@ -216,6 +216,9 @@ def test_prune_masks_are_the_exact_masks(seed):
            ({"conv1": masks["conv1"].float() / 2}, ValueError, "the mask of 'conv1' must hold only 0 and 1"),
            ({"conv1": masks["conv1"].tolist()}, TypeError, "the mask of 'conv1' must be a tensor, got list"),
            ([("conv1", masks["conv1"])], TypeError, "layer_masks must be a dict"),
+           # A mask without values (NotImplementedError from torch, after conv1's mask was attached):
+           ({"conv1": masks["conv1"], "head": masks["head"].to("meta")}, ValueError,
+            "the mask of 'head' is on the meta device"),
            ]
     for layer_masks, error, message in bad:
         with pytest.raises(error, match=rf"bipkernels.apply_prune_masks: {message}"):
@@ -278,7 +281,8 @@ def test_exports_refuse_what_they_cannot_copy_naming_it():
     """A deployment user's mistakes: a torch.compile wrapper (its state_dict keys gain '_orig_mod.'), layers
     pruned with torch.nn.utils.prune (deepcopy refused their computed weight with torch's own error), torch's
     masks attached to the masked model itself (its export then lost the mask buffers), and example inputs
-    holding NaN (folded into the biases: every output of the smaller model was NaN) or none."""
+    holding NaN (folded into the biases: every output of the smaller model was NaN), none, or none to read
+    (on the meta device: torch's RuntimeError from reading them)."""
     model = bipkernels.convert(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)), 0.5, "filter")
     x = torch.randn(2, 3, 8, 8)
     exports = [lambda m: bipkernels.export_dense(m), lambda m: bipkernels.export_shrunk(m, x, warn=False),
@@ -297,7 +301,8 @@ def test_exports_refuse_what_they_cannot_copy_naming_it():
     poisoned = x.clone()
     poisoned[0, 0, 0, 0] = float("nan")
     for bad, message in ((poisoned, r"example_inputs\[0\] holds NaN or inf"),
-                         (x[:0], r"example_inputs\[0\] is empty \(shape \(0, 3, 8, 8\)\)")):
+                         (x[:0], r"example_inputs\[0\] is empty \(shape \(0, 3, 8, 8\)\)"),
+                         (x.to("meta"), r"example_inputs\[0\] is on the meta device")):
         with pytest.raises(ValueError, match=rf"bipkernels.export_shrunk: {message}"):
             bipkernels.export_shrunk(model, bad)
 

@@ -149,8 +149,8 @@ def apply_prune_masks(model: nn.Module, layer_masks: dict[str, torch.Tensor]) ->
     see the exact masks. An empty dict changes nothing. A mask may also hold 0 and 1 in another dtype
     (torch's own ``weight_mask`` buffers are float). Every entry is checked before any is attached:
     ValueError names a layer that is missing or has no weight, a mask of another shape than its weight, or
-    one with values other than 0 and 1 (it would scale the weights), or a masked layer (export first);
-    TypeError a mask that is no tensor.
+    one with values other than 0 and 1 (it would scale the weights) or none (on the meta device), or a masked
+    layer (export first); TypeError a mask that is no tensor.
     """
     op = "bipkernels.apply_prune_masks"
     _check_model("apply_prune_masks", model)
@@ -168,6 +168,8 @@ def apply_prune_masks(model: nn.Module, layer_masks: dict[str, torch.Tensor]) ->
                              "bipkernels.export_dense(model) (or call export_dense(model, prune_masks=True))")
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"{op}: the mask of {name!r} must be a tensor, got {type(mask).__name__}")
+        if mask.is_meta:  # checked with the rest: attaching it would fail after the masks before it
+            raise ValueError(f"{op}: the mask of {name!r} is on the meta device, with no values to attach")
         if tuple(mask.shape) != tuple(module.weight.shape):
             raise ValueError(f"{op}: {name} has weight shape {tuple(module.weight.shape)} "
                              f"but its mask has shape {tuple(mask.shape)}")

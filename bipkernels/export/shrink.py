@@ -267,6 +267,9 @@ def export_shrunk(model: nn.Module, example_inputs, *, warn: bool = True) -> tup
         if isinstance(tensor, torch.Tensor) and tensor.numel() == 0:
             raise ValueError(f"bipkernels.export_shrunk: example_inputs[{index}] is empty (shape "
                              f"{tuple(tensor.shape)}): the export is checked against the model's outputs on them")
+        if isinstance(tensor, torch.Tensor) and tensor.is_meta:  # the finiteness check below reads values
+            raise ValueError(f"bipkernels.export_shrunk: example_inputs[{index}] is on the meta device: the constant "
+                             "outputs of pruned filters are recorded from the values")
         if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not tensor.isfinite().all():
             raise ValueError(f"bipkernels.export_shrunk: example_inputs[{index}] holds NaN or inf: a pruned filter's "
                              "constant output is recorded from them and folded into the next layer's bias, so every "
