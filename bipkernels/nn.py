@@ -307,9 +307,14 @@ def _constructor_checks(layer: str, structure, dtype) -> Structure:
         raise type(error)(f"{layer}: {error}") from None
 
 
-def _check_model(op: str, model) -> None:
+def check_module(owner: str, model) -> None:
+    """TypeError naming ``owner`` (the function called) unless ``model`` is a torch.nn.Module."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"bipkernels.{op}: model must be a torch.nn.Module, got {type(model).__name__} {model!r}")
+        raise TypeError(f"{owner}: model must be a torch.nn.Module, got {type(model).__name__} {model!r}")
+
+
+def _check_model(op: str, model) -> None:
+    check_module(f"bipkernels.{op}", model)
 
 
 class MaskedConv2d(_Masked, nn.Conv2d):

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
 import bipkernels
@@ -18,6 +19,7 @@ from bipkernels.solvers.bip import steps_per_epoch
 from bipkernels.solvers.hydra import hydra
 from bipkernels.solvers.imp import imp, imp_rounds
 from bipkernels.solvers.omp import omp, random_prune
+from bipkernels.solvers.training import evaluate, mean_loss, recalibrate_batchnorm, train_weights
 from bipkernels.structures import Structure, parse_structure
 
 from conftest import needs_torchvision
@@ -205,6 +207,21 @@ CASES = {
     "imp_rounds sparsity": (lambda: imp_rounds(1.5), ValueError, "sparsity", "1.5"),
     "hydra score_epochs": (lambda: hydra(_model(), _data(), 0.5, score_epochs=-1), ValueError, "score_epochs", "-1"),
     "hydra score_lr": (lambda: hydra(_model(), _data(), 0.5, score_lr=math.inf), ValueError, "score_lr", "inf"),
+    "hydra no data": (lambda: hydra(_model(), None, 0.5), TypeError, "hydra: the training data", "NoneType"),
+    # Each solver names itself for a model that is none (masked_layers or an AttributeError named nothing).
+    **{f"{solver.__name__} not a model": (lambda solver=solver: solver("net", _data(), 0.5), TypeError,
+                                          f"{solver.__name__}: model", "'net'")
+       for solver in (omp, random_prune, imp, hydra, train_weights)},
+    **{f"{check.__name__} not a model": (lambda check=check: check(None, _data()), TypeError,
+                                         f"{check.__name__}: model", "None")
+       for check in (evaluate, recalibrate_batchnorm)},
+    "mean_loss not a model": (lambda: mean_loss([], _data(), F.cross_entropy), TypeError, "mean_loss: model", "[]"),
+    # batch_size was handed to Tensor.split unchecked: RuntimeError for 0 and -1, torch's TypeError for others.
+    "evaluate batch_size 0": (lambda: evaluate(_model(), _data(), 0), ValueError, "evaluate: batch_size", "0"),
+    "mean_loss batch_size -1": (lambda: mean_loss(_model(), _data(), F.cross_entropy, -1), ValueError,
+                                "mean_loss: batch_size", "-1"),
+    "recalibrate_batchnorm batch_size 2.5": (lambda: recalibrate_batchnorm(_model(), _data(), 2.5), ValueError,
+                                             "recalibrate_batchnorm: batch_size", "2.5"),
     "prune not a model": (lambda: bipkernels.prune(None, _data()), TypeError, "model", "None"),
     "prune method": (lambda: bipkernels.prune(_model(), _data(), "magic"), ValueError, "method", "'magic'"),
     "prune sparsity": (lambda: bipkernels.prune(_model(), _data(), "omp", 2), ValueError, "sparsity", "2"),
@@ -314,3 +331,5 @@ def test_valid_edge_values_are_accepted(seed):
     bipkernels.BiP(_model(), 0.0, momentum=0.0, lr=0, inv_gamma=0, lower_steps=1, total_steps=1).fit(
         _data(), epochs=0, batch_size=1, seed=2**32 - 1)
     assert imp_rounds(1.0) == [1.0] and imp_rounds(0.0) == []
+    # Empty data of any map-style kind (a list: fetch cannot stack no examples): mean_loss nan, as documented.
+    assert math.isnan(mean_loss(_model(), [], F.cross_entropy)) and evaluate(_model(), []) == 0.0

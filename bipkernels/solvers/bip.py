@@ -104,8 +104,7 @@ class BiP:
                            lower_steps=lower_steps, schedule=schedule, score_schedule=score_schedule,
                            total_steps=total_steps, step_scores_in_backward=step_scores_in_backward)
             check_levels("BiP", mode, lower_steps)
-            if not isinstance(model, nn.Module):
-                raise TypeError(f"BiP: model must be a torch.nn.Module, got {type(model).__name__} {model!r}")
+            masked_nn.check_module("BiP", model)
             if group is not None and ddp_wrapper(model) is not None:
                 raise ValueError("BiP: group= is for a model sharded over the ranks, but this one is (or holds) a "
                                  "DistributedDataParallel replica: every rank would count its copy of every block "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..nn import check_module
 from .bip import BiP, steps_per_epoch
 from .training import check_data, check_settings, data_shard, train_weights
 
@@ -14,11 +15,12 @@ def hydra(model: nn.Module, dataset, sparsity: float, structure=None, scope: str
           batch_size: int = 64, seed: int = 0, loss_fn=None) -> int:
     """Returns the forward/backward passes spent. ``structure`` as BiP's (None: the masked layers' own).
     Both phases train on ``loss_fn(outputs, targets)`` (None: cross_entropy)."""
+    check_module("hydra", model)
     check_settings("hydra", sparsity=sparsity, structure="unstructured" if structure is None else structure,
                    scope=scope, score_epochs=score_epochs, finetune_epochs=finetune_epochs, score_lr=score_lr, lr=lr,
                    batch_size=batch_size, seed=seed, loss_fn=loss_fn)
+    check_data("hydra", dataset, score_epochs + finetune_epochs)  # before len(dataset)
     steps = score_epochs * steps_per_epoch(len(dataset), batch_size, world_size=data_shard(model)[1])
-    check_data("hydra", dataset, score_epochs + finetune_epochs)
     solver = BiP(model, sparsity, structure, scope, mode="fused", lr=0.0, weight_decay=0.0, momentum=0.0,
                  inv_gamma=0.0, score_lr=score_lr, total_steps=max(steps, 1))
     solver.fit(dataset, score_epochs, batch_size, seed, loss_fn=loss_fn, label="hydra scores")

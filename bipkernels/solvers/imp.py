@@ -38,6 +38,7 @@ def imp(model: nn.Module, dataset, sparsity: float, structure="unstructured", sc
     ``rewind_state``: a dense state_dict to rewind to (default: the weights ``model`` starts with).
     Warns, as convert does, in the round where a global projection first keeps no block of a layer.
     """
+    masked_nn.check_module("imp", model)
     check_settings("imp", sparsity=sparsity, structure=structure, scope=scope, epochs_per_round=epochs_per_round,
                    lr=lr, rate=rate, batch_size=batch_size, seed=seed, loss_fn=loss_fn)
     check_data("imp", dataset, epochs_per_round)

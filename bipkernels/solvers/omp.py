@@ -15,6 +15,7 @@ def omp(model: nn.Module, dataset, sparsity: float, structure="unstructured", sc
         finetune_epochs: int = 10, lr: float = 0.1, batch_size: int = 64, seed: int = 0, loss_fn=None) -> int:
     """Prune ``model`` once by |θ| (global top-k of block magnitudes), then fine-tune on ``loss_fn`` (None:
     cross_entropy); returns passes."""
+    masked_nn.check_module("omp", model)
     check_settings("omp", sparsity=sparsity, structure=structure, scope=scope, finetune_epochs=finetune_epochs, lr=lr,
                    batch_size=batch_size, seed=seed, loss_fn=loss_fn)
     check_data("omp", dataset, finetune_epochs)
@@ -54,6 +55,7 @@ def random_prune(model: nn.Module, dataset, sparsity: float, structure="unstruct
     """The floor: a uniformly random mask with exactly k kept blocks, then fine-tuning on ``loss_fn`` (None:
     cross_entropy); returns passes.
     One uniform draw per block (_random_scores), so blocks of every size are equally likely to stay."""
+    masked_nn.check_module("random_prune", model)
     check_settings("random_prune", sparsity=sparsity, structure=structure, scope=scope,
                    finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size, seed=seed, loss_fn=loss_fn)
     check_data("random_prune", dataset, finetune_epochs)

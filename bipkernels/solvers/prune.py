@@ -63,8 +63,7 @@ def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0
     validation and test loss (when the data are given and loss_fn is not None: mean_loss, its mean per
     example in eval mode; else None), wall time, training epochs and forward/backward passes spent.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"prune: model must be a torch.nn.Module, got {type(model).__name__} {model!r}")
+    masked_nn.check_module("prune", model)
     if method not in METHODS:
         raise ValueError(f"prune: method must be one of {METHODS}, got {method!r}")
     computed = next((name for name in options if name in _COMPUTED.get(method, {})), None)

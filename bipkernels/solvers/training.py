@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from ..nn import SCOPES, convert, masked_layers, project, ranked_layers, warn_emptied
+from ..nn import SCOPES, check_module, convert, masked_layers, project, ranked_layers, warn_emptied
 from ..ops import check_int, check_number, check_sparsity
 from ..reference import IMPLICIT_FORMS
 from ..structures import parse_structure
@@ -394,12 +394,16 @@ def model_device(model: nn.Module) -> torch.device:
 
 def _evaluated_batches(owner: str, model: nn.Module, dataset: Dataset, batch_size: int, class_indices: bool):
     """(outputs, targets) of ``model``, set to eval mode, for ``dataset`` in order, batches of ``batch_size``
-    (the last one shorter), the targets as fetch gives them with ``class_indices``; TypeError naming
-    ``owner`` unless the dataset is map-style."""
+    (the last one shorter; none for empty data), the targets as fetch gives them with ``class_indices``;
+    TypeError or ValueError naming ``owner`` for a model that is no nn.Module, a dataset that is not map-style
+    or a batch size that is no int >= 1, before anything runs."""
+    check_module(owner, model)
+    check_settings(owner, batch_size=batch_size)
     check_dataset(owner, "dataset", dataset)
     model.eval()
     device = model_device(model)
-    for indices in torch.arange(len(dataset)).split(batch_size):
+    # No batch at all for empty data: fetch cannot stack no examples.
+    for indices in torch.arange(len(dataset)).split(batch_size) if len(dataset) else ():
         inputs, targets = fetch(dataset, indices, device, class_indices)
         yield model(inputs), targets
 
@@ -441,6 +445,8 @@ def recalibrate_batchnorm(model: nn.Module, dataset: Dataset, batch_size: int = 
     """Recompute every batch norm's running statistics under the current masks (a pass over ``dataset``
     in train mode, cumulative averages): without it a pruned network can fall to chance accuracy. Empty
     data leave the statistics as they are (reset, they would be 0 and 1: chance accuracy again)."""
+    check_module("recalibrate_batchnorm", model)
+    check_settings("recalibrate_batchnorm", batch_size=batch_size)
     check_dataset("recalibrate_batchnorm", "dataset", dataset)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms or not len(dataset):
@@ -578,6 +584,7 @@ def train_weights(model: nn.Module, dataset: Dataset, epochs: int, lr: float = 0
     call with the same arguments; training continues after its epoch and ends with exactly the model of a
     call never stopped.
     """
+    check_module("train_weights", model)
     check_settings("train_weights", epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                    weight_decay=weight_decay, schedule=schedule, first_epoch=first_epoch, loss_fn=loss_fn)
     class_indices, loss_fn = loss_fn is None, training_loss(loss_fn)  # targets for cross_entropy, or as given
