@@ -222,6 +222,17 @@ CASES = {
                                 "mean_loss: batch_size", "-1"),
     "recalibrate_batchnorm batch_size 2.5": (lambda: recalibrate_batchnorm(_model(), _data(), 2.5), ValueError,
                                              "recalibrate_batchnorm: batch_size", "2.5"),
+    # data.load's dict of splits where one split goes: KeyError 0 from the first example read.
+    "prune whole splits dict": (lambda: bipkernels.prune(_model(), {"train": _data(), "test": _data()}), TypeError,
+                                "train_data", "'train'"),
+    "BiP.fit whole splits dict": (lambda: bipkernels.BiP(_model(), 0.5).fit({"train": _data()}, 1, 4), TypeError,
+                                  "dataset", "'train'"),
+    "evaluate whole splits dict": (lambda: evaluate(_model(), {"test": _data()}), TypeError, "dataset", "'test'"),
+    # An empty split: torch.stack's RuntimeError (a list), or a test accuracy of 0.0 (an empty TensorDataset).
+    "prune empty train_data": (lambda: bipkernels.prune(_model(), [], "omp"), ValueError, "train_data",
+                               "no examples"),
+    "prune empty test_data": (lambda: bipkernels.prune(_model(), _data(), "omp", test_data=_data(0)), ValueError,
+                              "test_data", "no examples"),
     "prune not a model": (lambda: bipkernels.prune(None, _data()), TypeError, "model", "None"),
     "prune method": (lambda: bipkernels.prune(_model(), _data(), "magic"), ValueError, "method", "'magic'"),
     "prune sparsity": (lambda: bipkernels.prune(_model(), _data(), "omp", 2), ValueError, "sparsity", "2"),

@@ -42,6 +42,7 @@ def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0
     bip: ``epochs`` of BiP. omp, random: one shot, then ``finetune_epochs``. hydra: ``epochs`` of score search, then
     ``finetune_epochs``. imp: rounds of 20% with ``finetune_epochs`` each, rewinding to ``rewind_state``.
     Before evaluation the batch-norm statistics are recalibrated on ``train_data`` under the final masks.
+    ``val_data`` / ``test_data``: None, or evaluated at the end; every split given must hold examples.
     ``seed`` fixes the batches and every draw from torch's generators (dropout): the run draws from
     generators of its own, seeded with it, so one call gives one model and the caller's stream is untouched.
     ``structure``: None is unstructured for a model without masked layers and the layers' own otherwise.
@@ -89,6 +90,9 @@ def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0
     for name, data in (("train_data", train_data), ("val_data", val_data), ("test_data", test_data)):
         if data is not None or name == "train_data":  # before the model changes, not after the run
             check_dataset("prune", name, data)
+            if not len(data):  # fetch cannot stack no examples; an empty split would score 0.0 or train nothing
+                raise ValueError(f"prune: {name} holds no examples: " + (
+                    "nothing would train" if name == "train_data" else f"give {name}=None to skip its evaluation"))
             try:  # two examples: (input, target) pairs
                 examples = fetch(data, torch.arange(min(len(data), 2)), model_device(model), loss_fn is None)
             except (ValueError, TypeError, IndexError) as error:  # an exception's own type where it rebuilds so

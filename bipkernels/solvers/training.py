@@ -95,10 +95,13 @@ def check_settings(owner: str, **settings) -> None:
 def check_dataset(owner: str, name: str, dataset) -> None:
     """TypeError naming ``owner`` and ``name`` unless ``dataset`` is map-style: a length and examples by
     index (a torch Dataset, a TensorDataset, a list of (input, target) pairs). The solvers batch the
-    examples themselves, so a DataLoader is not one: its .dataset is."""
-    if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+    examples themselves, so a DataLoader is not one: its .dataset is; nor is a dict of splits (data.load's
+    {"train": ..., "test": ...}), whose examples by index 0, 1, ... do not exist: one of its splits is. (A
+    dict keyed by the indices 0 to len - 1 is a map-style dataset.)"""
+    splits = isinstance(dataset, dict) and any(not isinstance(key, int) for key in dataset)
+    if splits or not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
         hint = ": pass its .dataset (the solvers batch the examples themselves)" if isinstance(dataset, DataLoader) \
-            else ""
+            else f" with keys {sorted(dataset, key=repr)[:4]}: pass one split of it" if splits else ""
         raise TypeError(f"{owner}: {name} must be a map-style dataset (len() and examples by index), got "
                         f"{type(dataset).__name__}{hint}")
 
