@@ -315,6 +315,20 @@ def test_convert_and_bip_leave_the_model_untouched_on_a_bad_argument(seed):
         assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
 
 
+@pytest.mark.parametrize("method", ["omp", "random", "imp", "hydra", "bip"])
+def test_every_method_refuses_a_model_with_nothing_to_mask_and_leaves_it_as_it_was(seed, method):
+    """A model of norms alone, and a bare nn.Linear (convert returns its masked twin, the model stays plain):
+    OMP fine-tuned them unpruned, or failed in torch's optimiser ("empty parameter list"); random pruning
+    and IMP said to convert the model first. Every method now says what BiP says."""
+    examples = TensorDataset(torch.randn(8, 6), torch.randint(0, 3, (8,)))
+    for model in (nn.Sequential(nn.BatchNorm1d(6), nn.ReLU()), nn.Linear(6, 3)):
+        before = {key: value.clone() for key, value in model.state_dict().items()}
+        with pytest.raises(ValueError, match="the model has no nn.Conv2d or nn.Linear layer inside it to mask"):
+            bipkernels.prune(model, examples, method, 0.5, epochs=1, finetune_epochs=1, batch_size=4)
+        assert type(model) in (nn.Sequential, nn.Linear) and not bipkernels.masked_layers(model)
+        assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+
+
 def test_exclude_covers_the_named_module_and_everything_inside(seed):
     model = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), nn.Linear(4, 2))
     bipkernels.convert(model, 0.5, exclude="0")

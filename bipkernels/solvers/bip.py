@@ -39,8 +39,8 @@ from .. import nn as masked_nn
 from ..ops import check_int
 from ..structures import Structure
 from .training import (Progress, batch_count, check_dataset, check_masked_structure, check_settings, data_shard,
-                       ddp_wrapper, epoch_batches, fetch, model_device, random_state, scheduler, set_random_state,
-                       shard_size, training_loss)
+                       ddp_wrapper, epoch_batches, fetch, model_device, nothing_to_mask, random_state, scheduler,
+                       set_random_state, shard_size, training_loss)
 
 
 def steps_per_epoch(dataset_size: int, batch_size: int, mode: str = "fused", lower_steps: int = 1,
@@ -171,10 +171,7 @@ class BiP:
             count = torch.tensor(count, device=distributed.collective_device([], self.group))
             torch.distributed.all_reduce(count, group=self.group)
         if not int(count):
-            where = "inside it" if self.group is None else "on any rank of the group"
-            raise ValueError(f"BiP: the model has no nn.Conv2d or nn.Linear layer {where} to mask (convert swaps "
-                             "a model's layers, not the model itself; left dense here: "
-                             f"{masked_nn.unmasked_layers(self.model) or 'no layer with a weight'})")
+            raise nothing_to_mask("BiP", self.model, "inside it" if self.group is None else "on any rank of the group")
 
     def _project(self) -> None:
         if self.group is None:

@@ -45,7 +45,7 @@ def imp(model: nn.Module, dataset, sparsity: float, structure="unstructured", sc
     check_rewind_state(model, rewind_state)
     rewind_state = {k: v.clone() if isinstance(v, torch.Tensor) else v
                     for k, v in (rewind_state or model.state_dict()).items()}
-    convert_to_reset(model, structure, scope)
+    convert_to_reset("imp", model, structure, scope)
     passes, emptied = 0, set()
     for round_index, target in enumerate(imp_rounds(sparsity, rate)):
         with torch.no_grad():

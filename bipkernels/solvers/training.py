@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from ..nn import SCOPES, check_module, convert, masked_layers, project, ranked_layers, warn_emptied
+from ..nn import SCOPES, check_module, convert, masked_layers, project, ranked_layers, unmasked_layers, warn_emptied
 from ..ops import check_int, check_number, check_sparsity
 from ..reference import IMPLICIT_FORMS
 from ..structures import parse_structure
@@ -127,15 +127,26 @@ def check_masked_structure(owner: str, model: nn.Module, structure) -> None:
                              "layers' own, or convert an unmasked model")
 
 
-def convert_to_reset(model: nn.Module, structure, scope: str) -> None:
+def nothing_to_mask(owner: str, model: nn.Module, where: str = "inside it") -> ValueError:
+    """The error, naming ``owner``, for a solver whose convert of ``model`` masked nothing: it holds no
+    nn.Conv2d or nn.Linear ``where``, or is one itself (convert cannot swap the model in place), so nothing
+    would be pruned; convert changed nothing of it."""
+    return ValueError(f"{owner}: the model has no nn.Conv2d or nn.Linear layer {where} to mask (convert swaps a "
+                      "model's layers, not the model itself; left dense here: "
+                      f"{unmasked_layers(model) or 'no layer with a weight'})")
+
+
+def convert_to_reset(owner: str, model: nn.Module, structure, scope: str) -> None:
     """Prepares ``model`` for a solver that sets every mask itself next: a model without masked layers is
     converted at sparsity 0 (structure ``structure``); one with masked layers is pruned in those alone, as BiP
     and HYDRA prune it (its plain layers stay dense: those a convert(..., exclude=) left out), and they are
-    projected to keep everything."""
+    projected to keep everything. nothing_to_mask, for ``owner``, where the convert masks nothing."""
     if masked_layers(model):
         project(model, 0.0, scope)
     else:
         convert(model, 0.0, structure, scope)
+        if not masked_layers(model):
+            raise nothing_to_mask(owner, model)
 
 
 def project_naming_emptied(owner: str, model: nn.Module, sparsity: float, scope: str,
