@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import ops
-from .nn import SCOPES, ranked_layers
+from .nn import SCOPES, check_module, ranked_layers
 from .nn import project as project_locally
 
 _DIGIT_BITS = 16
@@ -65,6 +65,15 @@ def collective_device(block_scores: list, group) -> torch.device:
     if dist.get_backend(group) == "nccl":  # NCCL communicates CUDA tensors only
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def check_group(owner: str, group) -> None:
+    """TypeError naming ``owner`` unless ``group`` is None or a torch.distributed process group. Checked on
+    each rank before any collective (and before BiP converts the model): a group of another type cannot
+    carry the agreement (_agree) that raises the other errors on every rank."""
+    if group is not None and not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
+        raise TypeError(f"{owner}: group must be a torch.distributed process group (e.g. "
+                        f"torch.distributed.group.WORLD) or None, got {type(group).__name__} {group!r}")
 
 
 def check_devices(owner: str, tensors: list, backend: str) -> None:
@@ -159,6 +168,7 @@ def topk_threshold(block_scores_list, k: int, group=None) -> torch.Tensor:
     the select). Host synchronisations: the agreement's, besides the collectives themselves.
     """
     owner = "bipkernels.distributed.topk_threshold"
+    check_group(owner, group)
     if isinstance(block_scores_list, torch.Tensor):  # the per-tensor form, as bipkernels.topk_threshold's
         return topk_threshold([block_scores_list], k, group)[0]
     error = None
@@ -232,8 +242,10 @@ def project(model: nn.Module, sparsity: float, scope: str = "global", group=None
     pass the same ``sparsity`` and ``scope`` (checked: see _agree).
     """
     owner = "bipkernels.distributed.project"
+    check_group(owner, group)
     error, layers, block_scores = None, [], []
     try:
+        check_module(owner, model)
         if scope not in SCOPES:
             raise ValueError(f"{owner}: scope must be one of {SCOPES}, got {scope!r}")
         ops.check_sparsity(sparsity, owner)

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
 import bipkernels
-from bipkernels import data, models, ops
+from bipkernels import data, distributed, models, ops
 from bipkernels.cli import main
 from bipkernels.solvers.bip import steps_per_epoch
 from bipkernels.solvers.hydra import hydra
@@ -233,6 +233,14 @@ CASES = {
                                "no examples"),
     "prune empty test_data": (lambda: bipkernels.prune(_model(), _data(), "omp", test_data=_data(0)), ValueError,
                               "test_data", "no examples"),
+    # A group that is no process group: torch's AttributeError or ValueError, after BiP had converted the model.
+    "BiP group": (lambda: bipkernels.BiP(_model(), 0.5, group="world"), TypeError, "BiP: group", "'world'"),
+    "distributed.project group": (lambda: distributed.project(bipkernels.convert(_model()), 0.5, group=1), TypeError,
+                                  "group", "1"),
+    "distributed.topk_threshold group": (lambda: distributed.topk_threshold([torch.rand(3)], 1, group="g"),
+                                         TypeError, "group", "'g'"),
+    "distributed.project not a model": (lambda: distributed.project(None, 0.5), TypeError,
+                                        "distributed.project: model", "None"),
     "prune not a model": (lambda: bipkernels.prune(None, _data()), TypeError, "model", "None"),
     "prune method": (lambda: bipkernels.prune(_model(), _data(), "magic"), ValueError, "method", "'magic'"),
     "prune sparsity": (lambda: bipkernels.prune(_model(), _data(), "omp", 2), ValueError, "sparsity", "2"),
@@ -308,8 +316,9 @@ def test_convert_and_bip_leave_the_model_untouched_on_a_bad_argument(seed):
     before = {key: value.clone() for key, value in model.state_dict().items()}
     for call in (lambda: bipkernels.convert(model, 0.5, "2:4"), lambda: bipkernels.convert(model, 1.5),
                  lambda: bipkernels.convert(model, 0.5, exclude=["0", "nope"]),
-                 lambda: bipkernels.BiP(model, 0.5, lr=-1.0), lambda: bipkernels.BiP(model, 2.0)):
-        with pytest.raises(ValueError):
+                 lambda: bipkernels.BiP(model, 0.5, lr=-1.0), lambda: bipkernels.BiP(model, 2.0),
+                 lambda: bipkernels.BiP(model, 0.5, group="world")):
+        with pytest.raises((ValueError, TypeError)):
             call()
         assert not bipkernels.masked_layers(model)
         assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())

@@ -97,6 +97,7 @@ class BiP:
         self._failure = None  # why the state matches no run, after a step failed halfway
         self.group = group
         failure = None
+        distributed.check_group("BiP", group)  # before the model changes, and before raise_together uses it
         try:  # under a group every check in here raises on every rank (raise_together)
             check_settings("BiP", sparsity=sparsity, structure=to_convert, scope=scope, mode=mode, lr=lr,
                            score_lr=score_lr, momentum=momentum, score_momentum=score_momentum,
