@@ -338,6 +338,25 @@ def test_every_method_refuses_a_model_with_nothing_to_mask_and_leaves_it_as_it_w
         assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
 
 
+@pytest.mark.parametrize("solver", [omp, random_prune, imp, hydra])
+def test_solvers_check_the_data_against_the_model_before_they_convert_it(seed, solver):
+    """Called directly (prune checks the data itself), each solver converted the model, then training raised
+    torch's RuntimeError (inputs of the wrong shape), IndexError (a class index out of range) or an error
+    naming nobody (examples that are no pairs), leaving the model converted."""
+    wrong_inputs = TensorDataset(torch.randn(12, 3, 5, 5), torch.randint(0, 3, (12,)))
+    wrong_classes = TensorDataset(torch.randn(12, 2, 5, 5), torch.full((12,), 7))
+    no_pairs = [torch.randn(2, 5, 5)] * 12
+    for bad, message in ((wrong_inputs, "the model's forward .* failed on the first training batch"),
+                         (wrong_classes, "target 7 is not a class index of the model's 3 classes"),
+                         (no_pairs, "the data's examples must be .input, target. pairs")):
+        model = _model()
+        before = {key: value.clone() for key, value in model.state_dict().items()}
+        with pytest.raises(ValueError, match=rf"^{solver.__name__}: .*{message}"):
+            solver(model, bad, 0.5, batch_size=4)
+        assert not bipkernels.masked_layers(model)
+        assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+
+
 def test_exclude_covers_the_named_module_and_everything_inside(seed):
     model = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), nn.Linear(4, 2))
     bipkernels.convert(model, 0.5, exclude="0")

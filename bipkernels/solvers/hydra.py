@@ -7,7 +7,7 @@ from torch import nn
 
 from ..nn import check_module
 from .bip import BiP, steps_per_epoch
-from .training import check_data, check_settings, data_shard, train_weights
+from .training import check_data, check_settings, check_training_data, data_shard, train_weights
 
 
 def hydra(model: nn.Module, dataset, sparsity: float, structure=None, scope: str = "global",
@@ -20,6 +20,7 @@ def hydra(model: nn.Module, dataset, sparsity: float, structure=None, scope: str
                    scope=scope, score_epochs=score_epochs, finetune_epochs=finetune_epochs, score_lr=score_lr, lr=lr,
                    batch_size=batch_size, seed=seed, loss_fn=loss_fn)
     check_data("hydra", dataset, score_epochs + finetune_epochs)  # before len(dataset)
+    check_training_data("hydra", model, dataset, score_epochs + finetune_epochs, batch_size, seed, loss_fn)
     steps = score_epochs * steps_per_epoch(len(dataset), batch_size, world_size=data_shard(model)[1])
     solver = BiP(model, sparsity, structure, scope, mode="fused", lr=0.0, weight_decay=0.0, momentum=0.0,
                  inv_gamma=0.0, score_lr=score_lr, total_steps=max(steps, 1))

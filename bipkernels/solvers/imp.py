@@ -16,7 +16,8 @@ from torch import nn
 
 from .. import nn as masked_nn
 from ..reference import score_dtype
-from .training import check_data, check_settings, convert_to_reset, project_naming_emptied, train_weights
+from .training import (check_data, check_settings, check_training_data, convert_to_reset, project_naming_emptied,
+                       train_weights)
 
 
 def imp_rounds(sparsity: float, rate: float = 0.2) -> list[float]:
@@ -42,6 +43,7 @@ def imp(model: nn.Module, dataset, sparsity: float, structure="unstructured", sc
     check_settings("imp", sparsity=sparsity, structure=structure, scope=scope, epochs_per_round=epochs_per_round,
                    lr=lr, rate=rate, batch_size=batch_size, seed=seed, loss_fn=loss_fn)
     check_data("imp", dataset, epochs_per_round)
+    check_training_data("imp", model, dataset, epochs_per_round, batch_size, seed, loss_fn)
     check_rewind_state(model, rewind_state)
     rewind_state = {k: v.clone() if isinstance(v, torch.Tensor) else v
                     for k, v in (rewind_state or model.state_dict()).items()}

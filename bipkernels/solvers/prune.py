@@ -14,8 +14,8 @@ from .bip import BiP, check_levels, steps_per_epoch
 from .hydra import hydra
 from .imp import check_rewind_state, imp, imp_rounds
 from .omp import omp, random_prune
-from .training import (SETTINGS, check_dataset, check_forward, check_masked_structure, check_settings, check_targets,
-                       data_shard, evaluate, fetch, forked_random_state, mean_loss, model_device, recalibrate_batchnorm)
+from .training import (SETTINGS, check_dataset, check_examples, check_forward, check_masked_structure, check_settings,
+                       data_shard, evaluate, forked_random_state, mean_loss, recalibrate_batchnorm)
 
 METHODS = ("bip", "omp", "imp", "hydra", "random")
 # What each method runs: prune's options go to it as keyword arguments.
@@ -93,13 +93,7 @@ def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0
             if not len(data):  # fetch cannot stack no examples; an empty split would score 0.0 or train nothing
                 raise ValueError(f"prune: {name} holds no examples: " + (
                     "nothing would train" if name == "train_data" else f"give {name}=None to skip its evaluation"))
-            try:  # two examples: (input, target) pairs
-                examples = fetch(data, torch.arange(min(len(data), 2)), model_device(model), loss_fn is None)
-            except (ValueError, TypeError, IndexError) as error:  # an exception's own type where it rebuilds so
-                kind = type(error) if type(error) in (ValueError, TypeError, IndexError) else ValueError
-                raise kind(f"prune: {name}: {type(error).__name__}: {error}") from error
-            check_targets(f"prune: {name}", model, data, *examples, evaluated=name != "train_data",
-                          loss_fn=loss_fn)
+            check_examples(f"prune: {name}", model, data, evaluated=name != "train_data", loss_fn=loss_fn)
     # The method's own settings too, before a convert with exclude changes the model (the method checks
     # them again, as it runs: its bad setting would have left the model converted, and a retry refused).
     check_settings("prune", **{name: value for name, value in options.items() if name in SETTINGS})

@@ -352,6 +352,32 @@ def check_targets(owner: str, model: nn.Module, dataset: Dataset, inputs: torch.
                          f"(0 to {classes - 1}, or cross_entropy's ignore_index -100)")
 
 
+def check_examples(owner: str, model: nn.Module, dataset: Dataset, evaluated: bool = False, loss_fn=None) -> None:
+    """check_targets on the first two examples of ``dataset`` (nothing for empty data), whose read failing
+    (examples that are no (input, target) pairs, inputs that do not stack) is an error of its own type
+    (ValueError for another) naming ``owner`` and the error."""
+    if not len(dataset):
+        return
+    try:
+        examples = fetch(dataset, torch.arange(min(len(dataset), 2)), model_device(model), loss_fn is None)
+    except (ValueError, TypeError, IndexError) as error:  # an exception's own type where it rebuilds so
+        kind = type(error) if type(error) in (ValueError, TypeError, IndexError) else ValueError
+        raise kind(f"{owner}: {type(error).__name__}: {error}") from error
+    check_targets(owner, model, dataset, *examples, evaluated=evaluated, loss_fn=loss_fn)
+
+
+def check_training_data(owner: str, model: nn.Module, dataset: Dataset, epochs: int, batch_size: int, seed: int,
+                        loss_fn=None) -> None:
+    """What a solver checks of its training data before it changes ``model`` (its settings and check_data
+    checked first), unless ``epochs`` is 0 (the data are not read): check_examples, then check_forward.
+    Training would raise the same errors from inside, with the model converted by then. prune runs them
+    itself, on every split."""
+    if not epochs:
+        return
+    check_examples(owner, model, dataset, loss_fn=loss_fn)
+    check_forward(owner, model, dataset, batch_size, seed)
+
+
 def _check_loss(owner: str, loss_fn, outputs, targets: torch.Tensor) -> None:
     """check_targets for a loss of the caller's: ``loss_fn`` runs on ``outputs`` and ``targets`` and gives
     one value."""
