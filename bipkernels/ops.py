@@ -405,8 +405,10 @@ def masked_linear_fused(input: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether a MaskedLinear call runs the fused masked matmul (masked_linear) instead of masked_weight
     then F.linear: when the triton backend is forced (BIPKERNELS_BACKEND=triton; raises where it cannot
     run) or bipkernels.triton.AUTO_ON_CUDA picks it for CUDA tensors, input and weight share a float32,
-    float16 or bfloat16 dtype and a device, and autocast is off. float64 always runs unfused."""
-    if weight.dtype not in _FUSED_LINEAR_DTYPES or input.dtype != weight.dtype or input.device != weight.device:
+    float16 or bfloat16 dtype and a device, and autocast is off. float64 always runs unfused, and so does an
+    input that is no tensor (where F.linear's TypeError names it, as nn.Linear's does)."""
+    if (not isinstance(input, torch.Tensor) or weight.dtype not in _FUSED_LINEAR_DTYPES or input.dtype != weight.dtype
+            or input.device != weight.device):
         return False
     forced = _forced_backend()
     if forced:

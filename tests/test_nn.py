@@ -58,6 +58,18 @@ def test_linear_keep_all_equals_dense_and_loads_plain_state(seed, bias):
     assert torch.equal(again.threshold, masked.threshold) and torch.equal(again.mask(), masked.mask())
 
 
+@pytest.mark.parametrize("make", [lambda: nn.Linear(3, 4), lambda: nn.Conv2d(1, 2, 3)])
+def test_an_input_that_is_no_tensor_is_torchs_type_error_as_for_the_plain_layer(seed, make):
+    """A masked layer raises the plain layer's TypeError for a list (MaskedLinear raised AttributeError:
+    'list' object has no attribute 'dtype', from the check for the fused matmul)."""
+    plain = make()
+    masked = bipkernels.convert(copy.deepcopy(plain), 0.5)
+    for layer in (plain, masked):
+        with pytest.raises(TypeError, match="must be Tensor, not list|invalid combination of arguments") as raised:
+            layer([[0.5, 1.0, 2.0]] * 3)
+        assert "list" in str(raised.value)
+
+
 def test_a_masked_state_without_scores_or_with_integer_scores_does_not_load(seed):
     """Only a state with neither scores nor threshold is a plain layer's (scores |θ|, keep-all): a masked
     layer's state that lacks its scores is missing a key (its threshold cut trained scores, not |θ|, and
