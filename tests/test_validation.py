@@ -357,6 +357,38 @@ def test_solvers_check_the_data_against_the_model_before_they_convert_it(seed, s
         assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
 
 
+def test_training_and_evaluation_check_the_data_against_the_model_first(seed):
+    """BiP.fit, train_weights, evaluate, mean_loss and recalibrate_batchnorm name themselves for data that
+    the model cannot take, before any step or reset. They raised torch's IndexError (a class index out of
+    range; train_weights after its first forward had moved the batch-norm statistics), RuntimeError (inputs
+    of the wrong shape; recalibrate_batchnorm after resetting the statistics) or an error naming nobody
+    (examples that are no pairs), and evaluate scored class indices out of range as misses."""
+    wrong_inputs = TensorDataset(torch.randn(12, 3, 5, 5), torch.randint(0, 3, (12,)))
+    wrong_classes = TensorDataset(torch.randn(12, 2, 5, 5), torch.full((12,), 7))
+    no_pairs = [torch.randn(2, 5, 5)] * 12
+    forward, classes, pairs = ("the model's forward .* failed", "target 7 is not a class index of the model's 3 "
+                               "classes", "ValueError: the data's examples must be .input, target. pairs")
+    model = bipkernels.convert(nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                             nn.Flatten(), nn.Linear(100, 3)))
+    with torch.no_grad():
+        model[1].running_mean.normal_()
+        model[1].running_var.uniform_(0.5, 2.0)
+    solver = bipkernels.BiP(model, 0.5)
+    cases = [("BiP.fit", lambda data: solver.fit(data, 1, 4), (wrong_classes, classes), (no_pairs, pairs),
+              (wrong_inputs, forward)),
+             ("train_weights", lambda data: train_weights(model, data, 1, batch_size=4), (wrong_classes, classes),
+              (no_pairs, pairs), (wrong_inputs, forward)),
+             ("evaluate", lambda data: evaluate(model, data), (wrong_classes, classes), (wrong_inputs, forward)),
+             ("mean_loss", lambda data: mean_loss(model, data, F.cross_entropy), (wrong_inputs, forward)),
+             ("recalibrate_batchnorm", lambda data: recalibrate_batchnorm(model, data), (wrong_inputs, forward))]
+    for owner, call, *bad in cases:
+        for data, message in bad:
+            before = {key: value.clone() for key, value in model.state_dict().items() if torch.is_tensor(value)}
+            with pytest.raises(ValueError, match=rf"^{owner}: .*{message}"):
+                call(data)
+            assert all(torch.equal(value, model.state_dict()[key]) for key, value in before.items()), (owner, message)
+
+
 def test_exclude_covers_the_named_module_and_everything_inside(seed):
     model = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), nn.Linear(4, 2))
     bipkernels.convert(model, 0.5, exclude="0")

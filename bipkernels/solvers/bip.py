@@ -38,9 +38,9 @@ from .. import distributed
 from .. import nn as masked_nn
 from ..ops import check_int
 from ..structures import Structure
-from .training import (Progress, batch_count, check_dataset, check_masked_structure, check_settings, data_shard,
-                       ddp_wrapper, epoch_batches, fetch, model_device, nothing_to_mask, random_state, scheduler,
-                       set_random_state, shard_size, training_loss)
+from .training import (Progress, batch_count, check_dataset, check_masked_structure, check_settings,
+                       check_training_data, data_shard, ddp_wrapper, epoch_batches, fetch, model_device,
+                       nothing_to_mask, random_state, scheduler, set_random_state, shard_size, training_loss)
 
 
 def steps_per_epoch(dataset_size: int, batch_size: int, mode: str = "fused", lower_steps: int = 1,
@@ -302,7 +302,6 @@ class BiP:
         all-reduce).
         """
         check_settings("BiP.fit", epochs=epochs, batch_size=batch_size, seed=seed, loss_fn=loss_fn)
-        class_indices, loss_fn = loss_fn is None, training_loss(loss_fn)  # targets for cross_entropy, or as given
         if not (isinstance(start, (tuple, list)) and len(start) == 2
                 and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in start)):
             raise ValueError(f"BiP.fit: start must be (epoch, step), two ints >= 0, got {start!r}")
@@ -328,6 +327,8 @@ class BiP:
                              f"{f' on each of {shard[1]} ranks' if shard[1] > 1 else ''} make {batches} "
                              f"batch{'es' if batches != 1 else ''}{folded}, fewer than the {per_step} that one "
                              f"{self.mode} step takes: nothing would train")
+        check_training_data("BiP.fit", self.model, dataset, epochs - start[0], batch_size, seed, loss_fn)
+        class_indices, loss_fn = loss_fn is None, training_loss(loss_fn)  # targets for cross_entropy, or as given
         device = model_device(self.model)
         progress = Progress(epochs, label)
         epoch, first = start

@@ -432,19 +432,21 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu") if tensor is None else tensor.device
 
 
-def _evaluated_batches(owner: str, model: nn.Module, dataset: Dataset, batch_size: int, class_indices: bool):
+def _evaluated_batches(owner: str, model: nn.Module, dataset: Dataset, batch_size: int, loss_fn=None):
     """(outputs, targets) of ``model``, set to eval mode, for ``dataset`` in order, batches of ``batch_size``
-    (the last one shorter; none for empty data), the targets as fetch gives them with ``class_indices``;
-    TypeError or ValueError naming ``owner`` for a model that is no nn.Module, a dataset that is not map-style
-    or a batch size that is no int >= 1, before anything runs."""
+    (the last one shorter; none for empty data), the targets as fetch gives them for ``loss_fn`` (None:
+    class indices, for cross_entropy and the accuracy); TypeError or ValueError naming ``owner`` for a model
+    that is no nn.Module, a dataset that is not map-style, a batch size that is no int >= 1, or first examples
+    that the model or ``loss_fn`` cannot take (check_examples), before anything runs."""
     check_module(owner, model)
     check_settings(owner, batch_size=batch_size)
     check_dataset(owner, "dataset", dataset)
+    check_examples(owner, model, dataset, evaluated=True, loss_fn=loss_fn)
     model.eval()
     device = model_device(model)
     # No batch at all for empty data: fetch cannot stack no examples.
     for indices in torch.arange(len(dataset)).split(batch_size) if len(dataset) else ():
-        inputs, targets = fetch(dataset, indices, device, class_indices)
+        inputs, targets = fetch(dataset, indices, device, loss_fn is None)
         yield model(inputs), targets
 
 
@@ -454,7 +456,7 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256) -> float
     ((N,) or (N, 1)), or float targets (probabilities, one-hot rows) of the outputs' shape (N, C > 1),
     whose most likely class counts (the first of equals), as training takes both."""
     correct = 0
-    for outputs, targets in _evaluated_batches("evaluate", model, dataset, batch_size, True):
+    for outputs, targets in _evaluated_batches("evaluate", model, dataset, batch_size):
         predicted = outputs.argmax(1)
         if targets.is_floating_point() and targets.shape == outputs.shape and outputs.shape[1] > 1:
             targets = targets.argmax(1)
@@ -473,7 +475,7 @@ def mean_loss(model: nn.Module, dataset: Dataset, loss_fn=None, batch_size: int 
     token counts weigh by examples, not tokens). The targets reach ``loss_fn`` as training gives them:
     stacked as they come, or as class indices for None (cross_entropy, training_loss). Empty data: nan."""
     total = 0.0
-    batches = _evaluated_batches("mean_loss", model, dataset, batch_size, loss_fn is None)
+    batches = _evaluated_batches("mean_loss", model, dataset, batch_size, loss_fn)
     loss_fn = training_loss(loss_fn)
     for outputs, targets in batches:
         total += float(loss_fn(outputs, targets)) * len(targets)
@@ -491,6 +493,7 @@ def recalibrate_batchnorm(model: nn.Module, dataset: Dataset, batch_size: int = 
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms or not len(dataset):
         return
+    check_forward("recalibrate_batchnorm", model, dataset, batch_size, 0)  # before the statistics are reset
     momenta = [m.momentum for m in norms]
     for norm in norms:
         norm.reset_running_stats()
@@ -627,7 +630,6 @@ def train_weights(model: nn.Module, dataset: Dataset, epochs: int, lr: float = 0
     check_module("train_weights", model)
     check_settings("train_weights", epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                    weight_decay=weight_decay, schedule=schedule, first_epoch=first_epoch, loss_fn=loss_fn)
-    class_indices, loss_fn = loss_fn is None, training_loss(loss_fn)  # targets for cross_entropy, or as given
     if first_epoch + epochs > 2**32:  # epoch_batches' generators keep 32 bits: epoch 2^32 would be epoch 0
         raise ValueError(f"train_weights: first_epoch + epochs must be at most 2^32, got {first_epoch} + {epochs}")
     if on_epoch is not None and not callable(on_epoch):
@@ -638,6 +640,8 @@ def train_weights(model: nn.Module, dataset: Dataset, epochs: int, lr: float = 0
         got = f"keys {sorted(start)}, epoch {start.get('epoch')!r}" if isinstance(start, dict) else repr(start)
         raise ValueError(f"train_weights: start must be a state given to on_epoch (keys {sorted(_TRAINING_STATE)}, "
                          f"epoch in [0, {epochs}]), got {got}")
+    check_training_data("train_weights", model, dataset, epochs, batch_size, seed, loss_fn)
+    class_indices, loss_fn = loss_fn is None, training_loss(loss_fn)  # targets for cross_entropy, or as given
     score_ids = {id(layer.scores) for _, layer in masked_layers(model)}
     weights = [p for p in model.parameters() if id(p) not in score_ids]
     optimizer = torch.optim.SGD(weights, lr=lr, momentum=0.9, weight_decay=weight_decay)
