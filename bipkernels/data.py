@@ -12,6 +12,8 @@ import time
 import torch
 from torch.utils.data import TensorDataset
 
+from .ops import check_int
+
 SPLIT_SEED = 20221128  # fixed: every run sees the same train/validation/test images
 SPLIT_FRACTIONS = (0.60, 0.15)
 
@@ -90,15 +92,17 @@ def image_folder(folder: str, size: int = 32) -> dict:
     held out by a fixed permutation), one sub-folder per class. Images resized to ``size``×``size``.
 
     Every image of every split is decoded once here (see _check_images): a file that is no image, a
-    truncated one or a 16-bit one is a ValueError naming it, before a run writes anything."""
+    truncated one or a 16-bit one is a ValueError naming it, before a run writes anything. ``folder``: a str
+    or a pathlib.Path; ``size``: an int >= 1 (ValueError naming it otherwise)."""
     from pathlib import Path
 
     from torch.utils.data import Subset
 
+    size = check_int("image_folder", "size", size, 1)  # torchvision's Resize took True as 1, and named nothing
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"image_folder: no folder {root} (a ~ after 'folder:' is not expanded by the "
-                                "shell)" if folder.startswith("~") else f"image_folder: no folder {root}")
+                                "shell)" if str(folder).startswith("~") else f"image_folder: no folder {root}")
     names = [name for name in ("train", "val", "test") if (root / name).is_dir()]
     if "train" not in names or "test" not in names:
         raise FileNotFoundError(f"image_folder: {root} needs train/ and test/ sub-folders")

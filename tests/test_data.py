@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,6 +146,14 @@ def test_image_folder_refuses_what_it_would_misread_and_names_where(tmp_path):
         data.load(f"folder:{tmp_path / 'nowhere'}")
     with pytest.raises(FileNotFoundError, match=r"image_folder: no folder ~/nowhere \(a ~ after 'folder:'"):
         data.load("folder:~/nowhere")
+    # A pathlib.Path is a folder too (its missing folder raised AttributeError: no attribute 'startswith').
+    for missing in (tmp_path / "nowhere", Path("~/nowhere")):
+        with pytest.raises(FileNotFoundError, match=r"image_folder: no folder .*nowhere"):
+            data.image_folder(missing)
+    # A size that is no int >= 1: torchvision's errors named nothing, and True resized to 1×1.
+    for size in (0, True, 2.5, "32"):
+        with pytest.raises(ValueError, match=rf"image_folder: size must be an int >= 1, got {re.escape(repr(size))}"):
+            data.image_folder(tmp_path / "deep", size)
     write_image_folder(tmp_path / "empty")
     (tmp_path / "empty" / "test" / "emu").mkdir()
     with pytest.raises(FileNotFoundError, match=r"image_folder: .*empty/test: .*emu"):
