@@ -233,6 +233,10 @@ CASES = {
                                "no examples"),
     "prune empty test_data": (lambda: bipkernels.prune(_model(), _data(), "omp", test_data=_data(0)), ValueError,
                               "test_data", "no examples"),
+    # Tensors without values: torch's NotImplementedError from copying them to the model's device.
+    "prune data on the meta device": (lambda: bipkernels.prune(_model(), TensorDataset(
+        torch.randn(12, 2, 5, 5, device="meta"), torch.zeros(12, dtype=torch.long, device="meta"))), ValueError,
+                                      "prune: train_data", "meta device"),
     # A group that is no process group: torch's AttributeError or ValueError, after BiP had converted the model.
     "BiP group": (lambda: bipkernels.BiP(_model(), 0.5, group="world"), TypeError, "BiP: group", "'world'"),
     "distributed.project group": (lambda: distributed.project(bipkernels.convert(_model()), 0.5, group=1), TypeError,

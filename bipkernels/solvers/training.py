@@ -257,7 +257,8 @@ def fetch(dataset: Dataset, indices: torch.Tensor, device, class_indices: bool =
     integer or bool targets become int64, one per example (an (N, 1) column squeezed to (N,)); float ones
     keep their dtype and shape. Without it (a loss of the caller's, whose targets are its own: a language
     model's one-token sequences stay (N, 1)) every target stays as stacked. A TensorDataset of two tensors
-    whose examples are its own (not a subclass's) is sliced directly."""
+    whose examples are its own (not a subclass's) is sliced directly. ValueError for examples that are no
+    pairs, or that lie on the meta device while ``device`` does not."""
     if type(dataset).__getitem__ is TensorDataset.__getitem__ and len(dataset.tensors) == 2:
         inputs, targets = (t[indices] for t in dataset.tensors)
     else:
@@ -268,6 +269,8 @@ def fetch(dataset: Dataset, indices: torch.Tensor, device, class_indices: bool =
             raise ValueError(f"the data's examples must be (input, target) pairs, got {got}")
         inputs = torch.stack([torch.as_tensor(s[0]) for s in samples])
         targets = torch.stack([torch.as_tensor(s[1]) for s in samples])
+    if (inputs.is_meta or targets.is_meta) and torch.device(device).type != "meta":  # .to would raise
+        raise ValueError(f"the data's examples lie on the meta device, with no values to copy to {device}")
     if class_indices and not (targets.is_floating_point() or targets.is_complex()):  # as cross_entropy takes them
         targets = targets.long()
         if targets.dim() == 2 and targets.shape[1] == 1:
