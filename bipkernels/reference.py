@@ -51,7 +51,8 @@ def _matrix(tensor: torch.Tensor, structure: Structure) -> torch.Tensor:
 
 
 def block_scores(scores: torch.Tensor, structure: Structure) -> torch.Tensor:
-    """Σ|s| (p = 1) or Σs² (p = 2) per block; shape ``structure.block_scores_shape(scores.shape)``, dtype score_dtype."""
+    """Σ|s| (p = 1) or Σs² (p = 2) per block; shape ``structure.block_scores_shape(scores.shape)``, dtype
+    score_dtype."""
     out_dtype = score_dtype(scores.dtype)
     if structure.kind in ("unstructured", "nm"):
         return scores.to(out_dtype).abs()

@@ -378,18 +378,18 @@ def test_training_and_evaluation_check_the_data_against_the_model_first(seed):
         model[1].running_mean.normal_()
         model[1].running_var.uniform_(0.5, 2.0)
     solver = bipkernels.BiP(model, 0.5)
-    cases = [("BiP.fit", lambda data: solver.fit(data, 1, 4), (wrong_classes, classes), (no_pairs, pairs),
+    cases = [("BiP.fit", lambda split: solver.fit(split, 1, 4), (wrong_classes, classes), (no_pairs, pairs),
               (wrong_inputs, forward)),
-             ("train_weights", lambda data: train_weights(model, data, 1, batch_size=4), (wrong_classes, classes),
+             ("train_weights", lambda split: train_weights(model, split, 1, batch_size=4), (wrong_classes, classes),
               (no_pairs, pairs), (wrong_inputs, forward)),
-             ("evaluate", lambda data: evaluate(model, data), (wrong_classes, classes), (wrong_inputs, forward)),
-             ("mean_loss", lambda data: mean_loss(model, data, F.cross_entropy), (wrong_inputs, forward)),
-             ("recalibrate_batchnorm", lambda data: recalibrate_batchnorm(model, data), (wrong_inputs, forward))]
+             ("evaluate", lambda split: evaluate(model, split), (wrong_classes, classes), (wrong_inputs, forward)),
+             ("mean_loss", lambda split: mean_loss(model, split, F.cross_entropy), (wrong_inputs, forward)),
+             ("recalibrate_batchnorm", lambda split: recalibrate_batchnorm(model, split), (wrong_inputs, forward))]
     for owner, call, *bad in cases:
-        for data, message in bad:
+        for split, message in bad:
             before = {key: value.clone() for key, value in model.state_dict().items() if torch.is_tensor(value)}
             with pytest.raises(ValueError, match=rf"^{owner}: .*{message}"):
-                call(data)
+                call(split)
             assert all(torch.equal(value, model.state_dict()[key]) for key, value in before.items()), (owner, message)
 
 
