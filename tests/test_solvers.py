@@ -19,7 +19,7 @@ from torch.utils.data import TensorDataset
 import bipkernels
 from bipkernels import reference
 from bipkernels.structures import parse_structure
-from bipkernels.solvers import METHODS
+from bipkernels.solvers import METHODS, training
 from bipkernels.solvers.bip import steps_per_epoch
 from bipkernels.solvers.hydra import hydra
 from bipkernels.solvers.imp import imp, imp_rounds
@@ -117,9 +117,26 @@ def test_step_follows_the_hypergradient(seed, mode, implicit):
                                rtol=1e-5, atol=1e-7)
 
 
+class DrawingAsRead(torch.utils.data.Dataset):
+    """``base``'s examples with noise from torch's generator added as each is read (random augmentation)."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, index):
+        inputs, target = self.base[index]
+        return inputs + 0.1 * torch.randn(inputs.shape), target
+
+
+@pytest.mark.parametrize("augmented", [False, True], ids=["plain", "augmented"])
 @pytest.mark.parametrize("mode", ["fused", "faithful"])
-def test_resume_is_bit_exact(seed, mode):
-    data = tiny_task()
+def test_resume_is_bit_exact(seed, mode, augmented):
+    # Augmented: the data's draws continue only if fit's data checks, run again on resume after the
+    # state is restored, draw nothing from the generator.
+    data = DrawingAsRead(tiny_task(seed=seed)) if augmented else tiny_task(seed=seed)
 
     def make():
         model = tiny_model()
@@ -934,6 +951,21 @@ def test_a_forward_that_fails_on_the_first_batch_leaves_the_model_untouched(seed
     assert not bipkernels.masked_layers(model) and model.training
     assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
     assert torch.equal(torch.get_rng_state(), caller_stream)
+
+
+def test_the_training_data_checks_leave_the_stream_statistics_and_modes_as_they_were(seed):
+    """check_training_data (the solvers' check of their data: two examples, then the first batch's forward)
+    over data that draw as they are read: the caller's generator, which training draws from next, stays
+    where it was (the reads drew from it, outside the fork around the forward), as do the batch-norm
+    statistics and every module's mode."""
+    model = nn.Sequential(nn.Linear(12, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 3))
+    model[2].eval()  # a mode of its own inside a model in training mode
+    state = copy.deepcopy(model.state_dict())
+    caller_stream = torch.get_rng_state()
+    training.check_training_data("test", model, DrawingAsRead(tiny_task(seed=seed)), 1, 16, seed)
+    assert torch.equal(torch.get_rng_state(), caller_stream)
+    assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
+    assert [module.training for module in model.modules()] == [True, True, True, False, True]
 
 
 @pytest.mark.parametrize("method", ["bip", "omp", "imp", "hydra", "random"])

@@ -361,8 +361,9 @@ def check_examples(owner: str, model: nn.Module, dataset: Dataset, evaluated: bo
     (ValueError for another) naming ``owner`` and the error."""
     if not len(dataset):
         return
-    try:
-        examples = fetch(dataset, torch.arange(min(len(dataset), 2)), model_device(model), loss_fn is None)
+    try:  # forked: a dataset that draws as it reads (random augmentation) leaves the caller's stream as it was
+        with forked_random_state():
+            examples = fetch(dataset, torch.arange(min(len(dataset), 2)), model_device(model), loss_fn is None)
     except (ValueError, TypeError, IndexError) as error:  # an exception's own type where it rebuilds so
         kind = type(error) if type(error) in (ValueError, TypeError, IndexError) else ValueError
         raise kind(f"{owner}: {type(error).__name__}: {error}") from error
@@ -414,17 +415,20 @@ def check_forward(owner: str, model: nn.Module, dataset: Dataset, batch_size: in
     batches = epoch_batches(dataset, batch_size, seed, 0, data_shard(model))
     if not batches:
         return
-    inputs, _ = fetch(dataset, batches[0], model_device(model))
-    try:
-        with modes_kept(model), forked_random_state():
-            model.eval()(inputs)
-    except torch.cuda.OutOfMemoryError:  # a resource, not a model that does not fit the data
-        raise
-    except Exception as error:
-        kind = TypeError if isinstance(error, TypeError) else ValueError
-        raise kind(f"{owner}: the model's forward (eval mode, no gradients) failed on the first training batch, "
-                   f"inputs of shape {tuple(inputs.shape)} and dtype {inputs.dtype}: {type(error).__name__}: "
-                   f"{error}") from error
+    # The read forked too: a dataset that draws as it reads (random augmentation) would move the stream that
+    # training draws from next, and a resumed run, whose state is restored before this check, would differ.
+    with forked_random_state():
+        inputs, _ = fetch(dataset, batches[0], model_device(model))
+        try:
+            with modes_kept(model):
+                model.eval()(inputs)
+        except torch.cuda.OutOfMemoryError:  # a resource, not a model that does not fit the data
+            raise
+        except Exception as error:
+            kind = TypeError if isinstance(error, TypeError) else ValueError
+            raise kind(f"{owner}: the model's forward (eval mode, no gradients) failed on the first training "
+                       f"batch, inputs of shape {tuple(inputs.shape)} and dtype {inputs.dtype}: "
+                       f"{type(error).__name__}: {error}") from error
 
 
 def model_device(model: nn.Module) -> torch.device:
