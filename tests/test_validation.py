@@ -366,10 +366,12 @@ def test_training_and_evaluation_check_the_data_against_the_model_first(seed):
     the model cannot take, before any step or reset. They raised torch's IndexError (a class index out of
     range; train_weights after its first forward had moved the batch-norm statistics), RuntimeError (inputs
     of the wrong shape; recalibrate_batchnorm after resetting the statistics) or an error naming nobody
-    (examples that are no pairs), and evaluate scored class indices out of range as misses."""
+    (examples that are no pairs), and evaluate scored class indices out of range as misses.
+    recalibrate_batchnorm's read of the batch it checks named nobody either (no pairs, the meta device)."""
     wrong_inputs = TensorDataset(torch.randn(12, 3, 5, 5), torch.randint(0, 3, (12,)))
     wrong_classes = TensorDataset(torch.randn(12, 2, 5, 5), torch.full((12,), 7))
     no_pairs = [torch.randn(2, 5, 5)] * 12
+    on_meta = TensorDataset(torch.randn(12, 2, 5, 5, device="meta"), torch.zeros(12, dtype=torch.long, device="meta"))
     forward, classes, pairs = ("the model's forward .* failed", "target 7 is not a class index of the model's 3 "
                                "classes", "ValueError: the data's examples must be .input, target. pairs")
     model = bipkernels.convert(nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
@@ -384,7 +386,8 @@ def test_training_and_evaluation_check_the_data_against_the_model_first(seed):
               (no_pairs, pairs), (wrong_inputs, forward)),
              ("evaluate", lambda split: evaluate(model, split), (wrong_classes, classes), (wrong_inputs, forward)),
              ("mean_loss", lambda split: mean_loss(model, split, F.cross_entropy), (wrong_inputs, forward)),
-             ("recalibrate_batchnorm", lambda split: recalibrate_batchnorm(model, split), (wrong_inputs, forward))]
+             ("recalibrate_batchnorm", lambda split: recalibrate_batchnorm(model, split), (wrong_inputs, forward),
+              (no_pairs, pairs), (on_meta, "ValueError: the data's examples lie on the meta device"))]
     for owner, call, *bad in cases:
         for split, message in bad:
             before = {key: value.clone() for key, value in model.state_dict().items() if torch.is_tensor(value)}

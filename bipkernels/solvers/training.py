@@ -355,18 +355,27 @@ def check_targets(owner: str, model: nn.Module, dataset: Dataset, inputs: torch.
                          f"(0 to {classes - 1}, or cross_entropy's ignore_index -100)")
 
 
-def check_examples(owner: str, model: nn.Module, dataset: Dataset, evaluated: bool = False, loss_fn=None) -> None:
-    """check_targets on the first two examples of ``dataset`` (nothing for empty data), whose read failing
-    (examples that are no (input, target) pairs, inputs that do not stack) is an error of its own type
-    (ValueError for another) naming ``owner`` and the error."""
-    if not len(dataset):
-        return
-    try:  # forked: a dataset that draws as it reads (random augmentation) leaves the caller's stream as it was
+def _checked_read(owner: str, model: nn.Module, dataset: Dataset, indices: torch.Tensor,
+                  class_indices: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """fetch of ``indices`` for a check, on the model's device, drawing nothing from the caller's random
+    streams (a dataset that draws as it reads, random augmentation, would move the stream training draws
+    from next, and a resumed run, whose state is restored before its checks, would differ). A read that fails
+    (examples that are no (input, target) pairs, inputs that do not stack, examples on the meta device) is an
+    error of its own type (ValueError for another) naming ``owner`` and the error."""
+    try:
         with forked_random_state():
-            examples = fetch(dataset, torch.arange(min(len(dataset), 2)), model_device(model), loss_fn is None)
+            return fetch(dataset, indices, model_device(model), class_indices)
     except (ValueError, TypeError, IndexError) as error:  # an exception's own type where it rebuilds so
         kind = type(error) if type(error) in (ValueError, TypeError, IndexError) else ValueError
         raise kind(f"{owner}: {type(error).__name__}: {error}") from error
+
+
+def check_examples(owner: str, model: nn.Module, dataset: Dataset, evaluated: bool = False, loss_fn=None) -> None:
+    """check_targets on the first two examples of ``dataset`` (nothing for empty data), read by
+    _checked_read (an error naming ``owner`` where the read fails)."""
+    if not len(dataset):
+        return
+    examples = _checked_read(owner, model, dataset, torch.arange(min(len(dataset), 2)), loss_fn is None)
     check_targets(owner, model, dataset, *examples, evaluated=evaluated, loss_fn=loss_fn)
 
 
@@ -407,28 +416,26 @@ def check_forward(owner: str, model: nn.Module, dataset: Dataset, batch_size: in
     DistributedDataParallel model's): inputs of a size or dtype the model does not take. A solver calls it
     before it converts the model, which an error in training would leave converted.
 
-    The forward runs in eval mode without gradients, every module's mode and the random streams restored
-    after, so batch-norm statistics, dropout and the caller's random stream stay as they were. A forward
-    that fails only in training mode (a batch norm on one value per channel) is left to training. Empty
-    data: nothing to run. Running out of memory is raised as it is.
+    The batch is read by _checked_read (an error naming ``owner`` where the read fails). The forward runs in
+    eval mode without gradients, every module's mode and the random streams restored after, so batch-norm
+    statistics, dropout and the caller's random stream stay as they were. A forward that fails only in
+    training mode (a batch norm on one value per channel) is left to training. Empty data: nothing to run.
+    Running out of memory is raised as it is.
     """
     batches = epoch_batches(dataset, batch_size, seed, 0, data_shard(model))
     if not batches:
         return
-    # The read forked too: a dataset that draws as it reads (random augmentation) would move the stream that
-    # training draws from next, and a resumed run, whose state is restored before this check, would differ.
-    with forked_random_state():
-        inputs, _ = fetch(dataset, batches[0], model_device(model))
-        try:
-            with modes_kept(model):
-                model.eval()(inputs)
-        except torch.cuda.OutOfMemoryError:  # a resource, not a model that does not fit the data
-            raise
-        except Exception as error:
-            kind = TypeError if isinstance(error, TypeError) else ValueError
-            raise kind(f"{owner}: the model's forward (eval mode, no gradients) failed on the first training "
-                       f"batch, inputs of shape {tuple(inputs.shape)} and dtype {inputs.dtype}: "
-                       f"{type(error).__name__}: {error}") from error
+    inputs, _ = _checked_read(owner, model, dataset, batches[0])
+    try:
+        with modes_kept(model), forked_random_state():
+            model.eval()(inputs)
+    except torch.cuda.OutOfMemoryError:  # a resource, not a model that does not fit the data
+        raise
+    except Exception as error:
+        kind = TypeError if isinstance(error, TypeError) else ValueError
+        raise kind(f"{owner}: the model's forward (eval mode, no gradients) failed on the first training batch, "
+                   f"inputs of shape {tuple(inputs.shape)} and dtype {inputs.dtype}: {type(error).__name__}: "
+                   f"{error}") from error
 
 
 def model_device(model: nn.Module) -> torch.device:
