@@ -193,6 +193,10 @@ CASES = {
     "BiP.fit seed < 0": (lambda: _fit(seed=-1), ValueError, "seed", "-1"),
     "BiP.fit start": (lambda: _fit(start=(0, -1)), ValueError, "start", "(0, -1)"),
     "BiP.fit one batch, faithful": (lambda: _fit(batch_size=64, mode="faithful"), ValueError, "batch_size", "64"),
+    # A label is the progress line's name: labels given as targets (a tensor) were printed and ignored.
+    "BiP.fit label": (lambda: _fit(label=torch.tensor([0, 1])), TypeError, "BiP.fit: label", "Tensor"),
+    "train_weights label": (lambda: train_weights(_model(), _data(), 1, label=None), TypeError,
+                            "train_weights: label", "None"),
     "BiP.step closure": (lambda: bipkernels.BiP(_model(), 0.5).step(5), TypeError, "closure", "5"),
     "steps_per_epoch batch_size 0": (lambda: steps_per_epoch(100, 0), ValueError, "batch_size", "0"),
     "omp finetune_epochs": (lambda: omp(_model(), _data(), 0.5, finetune_epochs=-1), ValueError, "finetune_epochs",

@@ -293,15 +293,16 @@ class BiP:
 
         Batches follow epoch_batches(seed, epoch); a step consumes batches_per_step() of them (a trailing
         remainder is skipped). ``on_step(epoch, step)`` is called after every step (checkpoints, a stop
-        request: return True to stop there). Returns the position reached, a ``start`` for the next call:
-        (epochs, 0) after the last epoch (fit(dataset, 1) returns (1, 0)), else the (epoch, step) that
-        on_step stopped at (the arguments it was called with: epoch from 0, the steps of that epoch done).
+        request: return True to stop there); ``label`` (a str) names the progress line. Returns the position
+        reached, a ``start`` for the next call: (epochs, 0) after the last epoch (fit(dataset, 1) returns
+        (1, 0)), else the (epoch, step) that on_step stopped at (the arguments it was called with: epoch from
+        0, the steps of that epoch done).
         A DistributedDataParallel model: every rank steps on its own share of each epoch, ``batch_size``
         examples per rank (data_shard), and the loss it reports is its own share's; ``on_step`` must answer
         alike on every rank (a rank that stops alone leaves the others waiting in the next gradient
         all-reduce).
         """
-        check_settings("BiP.fit", epochs=epochs, batch_size=batch_size, seed=seed, loss_fn=loss_fn)
+        check_settings("BiP.fit", epochs=epochs, batch_size=batch_size, seed=seed, loss_fn=loss_fn, label=label)
         if not (isinstance(start, (tuple, list)) and len(start) == 2
                 and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in start)):
             raise ValueError(f"BiP.fit: start must be (epoch, step), two ints >= 0, got {start!r}")

@@ -49,6 +49,11 @@ def _optional_callable(owner, name, value):
                         f"{type(value).__name__} {value!r}")
 
 
+def _str(owner, name, value):
+    if not isinstance(value, str):
+        raise TypeError(f"{owner + ': ' if owner else ''}{name} must be a str, got {type(value).__name__} {value!r}")
+
+
 def _int(minimum, maximum=None):
     return lambda owner, name, value: check_int(owner, name, value, minimum, maximum)
 
@@ -76,6 +81,7 @@ SETTINGS = {
     **dict.fromkeys(("schedule", "score_schedule"), _choice(SCHEDULES)),
     "step_scores_in_backward": _optional_flag,
     "loss_fn": _optional_callable,  # loss_fn(outputs, targets) -> a scalar tensor; None: cross_entropy
+    "label": _str,  # the progress line's name; not the targets, which the dataset's examples hold
 }
 
 
@@ -639,11 +645,12 @@ def train_weights(model: nn.Module, dataset: Dataset, epochs: int, lr: float = 0
     state_dicts, ``epoch`` (epochs done), ``passes`` and the RNG states (random_state), in live tensors that later
     epochs change (save or copy them); it returns True to stop there. ``start``: such a state, saved by a
     call with the same arguments; training continues after its epoch and ends with exactly the model of a
-    call never stopped.
+    call never stopped. ``label`` (a str) names the progress line.
     """
     check_module("train_weights", model)
     check_settings("train_weights", epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                   weight_decay=weight_decay, schedule=schedule, first_epoch=first_epoch, loss_fn=loss_fn)
+                   weight_decay=weight_decay, schedule=schedule, first_epoch=first_epoch, loss_fn=loss_fn,
+                   label=label)
     if first_epoch + epochs > 2**32:  # epoch_batches' generators keep 32 bits: epoch 2^32 would be epoch 0
         raise ValueError(f"train_weights: first_epoch + epochs must be at most 2^32, got {first_epoch} + {epochs}")
     if on_epoch is not None and not callable(on_epoch):
