@@ -6,8 +6,10 @@ training data, for model selection), 25% test (touched once, at the end).
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.data import TensorDataset
@@ -35,14 +37,22 @@ def digits() -> dict[str, TensorDataset]:
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
+def _folder_path(owner: str, folder) -> Path:
+    """``folder`` (a str or an os.PathLike such as a pathlib.Path) as a Path; TypeError naming ``owner`` for
+    anything else (pathlib's own, for None, named nothing of ours)."""
+    if not isinstance(folder, (str, os.PathLike)):
+        raise TypeError(f"{owner}: folder must be a str or a pathlib.Path, got {type(folder).__name__} {folder!r}")
+    return Path(folder)
+
+
 def cifar10(folder: str) -> dict[str, TensorDataset]:
     """CIFAR-10 from a local folder in its python-pickle layout (``data_batch_1`` … ``data_batch_5``,
     ``test_batch``; the ``cifar-10-batches-py`` folder itself or its parent). Images (N, 3, 32, 32) float32
-    in [0, 1]. The last 10% of the training batches (a fixed split) is held out as validation."""
+    in [0, 1]. The last 10% of the training batches (a fixed split) is held out as validation. ``folder``: a
+    str or a pathlib.Path (TypeError naming it otherwise)."""
     import pickle
-    from pathlib import Path
 
-    root = Path(folder)
+    root = _folder_path("cifar10", folder)
     if (root / "cifar-10-batches-py").is_dir():
         root = root / "cifar-10-batches-py"
     # data_batch_1, data_batch_2, ... in numeric order; not copies such as data_batch_1.bak, which would
@@ -93,13 +103,11 @@ def image_folder(folder: str, size: int = 32) -> dict:
 
     Every image of every split is decoded once here (see _check_images): a file that is no image, a
     truncated one or a 16-bit one is a ValueError naming it, before a run writes anything. ``folder``: a str
-    or a pathlib.Path; ``size``: an int >= 1 (ValueError naming it otherwise)."""
-    from pathlib import Path
-
+    or a pathlib.Path (TypeError naming it otherwise); ``size``: an int >= 1 (ValueError naming it otherwise)."""
     from torch.utils.data import Subset
 
     size = check_int("image_folder", "size", size, 1)  # torchvision's Resize took True as 1, and named nothing
-    root = Path(folder)
+    root = _folder_path("image_folder", folder)
     if not root.is_dir():
         raise FileNotFoundError(f"image_folder: no folder {root} (a ~ after 'folder:' is not expanded by the "
                                 "shell)" if str(folder).startswith("~") else f"image_folder: no folder {root}")
@@ -197,8 +205,6 @@ def load(spec: str = "digits") -> dict:
 def absolute_spec(spec: str) -> str:
     """``spec`` with its folder made absolute (~ expanded): a run saved with it resumes from anywhere, and
     never on another folder of the same relative name."""
-    from pathlib import Path
-
     kind, path = parse_spec(spec)
     return spec if kind == "digits" else f"{kind}:{Path(path).expanduser().resolve()}"
 
@@ -209,7 +215,6 @@ def fingerprint(splits: dict) -> dict[str, str]:
     an image folder's files (relative to its split folder) and labels in the split's order; a tensor
     data set's image shape and labels (its pixels are not read: the CIFAR files' are 150 MB)."""
     import hashlib
-    from pathlib import Path
 
     digests = {}
     for name, split in sorted(splits.items()):

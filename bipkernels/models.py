@@ -8,6 +8,13 @@ from torch.nn import functional as F
 from .ops import check_int
 
 
+def _check_sizes(owner: str, **sizes) -> None:
+    """ValueError naming ``owner``, the size and its value unless each of ``sizes`` is an int >= 1 (torch's
+    layers raised RuntimeError for a negative one and built an empty head for 0 classes)."""
+    for name, value in sizes.items():
+        check_int(owner, name, value, 1)
+
+
 class BasicBlock(nn.Module):
     """Two 3×3 convolutions with batch norm and an identity (or 1×1 projection) shortcut."""
 
@@ -32,6 +39,7 @@ class SmallResNet(nn.Module):
 
     def __init__(self, num_classes: int = 10, width: int = 16, in_channels: int = 1):
         super().__init__()
+        _check_sizes("SmallResNet", num_classes=num_classes, width=width, in_channels=in_channels)
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
         self.layer1 = BasicBlock(width, width)
         self.layer2 = BasicBlock(width, 2 * width, stride=2)
@@ -48,6 +56,8 @@ class CifarResNet(nn.Module):
 
     def __init__(self, blocks_per_stage: int = 3, num_classes: int = 10, in_channels: int = 3):
         super().__init__()
+        _check_sizes("CifarResNet", blocks_per_stage=blocks_per_stage, num_classes=num_classes,
+                     in_channels=in_channels)
         self.stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
         stages, width = [], 16
         for stage, out in enumerate((16, 32, 64)):

@@ -261,6 +261,15 @@ CASES = {
     "data.load unknown": (lambda: data.load("mnist"), ValueError, "spec", "'mnist'"),
     "data.load folder missing": (lambda: data.load("cifar10:"), ValueError, "spec", "'cifar10:'"),
     "data.load not a str": (lambda: data.load(5), TypeError, "spec", "5"),
+    # pathlib's TypeError, which named neither the function nor the argument.
+    "data.cifar10 folder None": (lambda: data.cifar10(None), TypeError, "cifar10: folder", "None"),
+    "data.image_folder folder None": (lambda: data.image_folder(None), TypeError, "image_folder: folder", "None"),
+    # torch's RuntimeError (negative dimension), or a model built with an empty head (0 classes).
+    "models.SmallResNet num_classes": (lambda: models.SmallResNet(num_classes=-3), ValueError,
+                                       "SmallResNet: num_classes", "-3"),
+    "models.SmallResNet width": (lambda: models.SmallResNet(width=0), ValueError, "SmallResNet: width", "0"),
+    "models.CifarResNet blocks_per_stage": (lambda: models.CifarResNet(0), ValueError,
+                                            "CifarResNet: blocks_per_stage", "0"),
     "models.build not a str": (lambda: models.build(5, 10, 3), TypeError, "name", "5"),
     "models.build unknown": (lambda: models.build("no-such-net", 10, 3), ValueError, "name", "'no-such-net'"),
     "models.build num_classes": (lambda: models.build("resnet20", 0, 3), ValueError, "num_classes", "0"),
