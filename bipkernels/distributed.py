@@ -76,6 +76,26 @@ def check_group(owner: str, group) -> None:
                         f"torch.distributed.group.WORLD) or None, got {type(group).__name__} {group!r}")
 
 
+def _initialised() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _no_process_group(owner: str, group) -> ValueError:
+    """The error, naming ``owner``, for a collective called before init_process_group (torch's named nothing
+    of ours)."""
+    return ValueError(f"{owner}: group={group!r}, but torch.distributed has no process group: call "
+                      "torch.distributed.init_process_group on every rank first (a model held whole by one process "
+                      "needs none: bipkernels.project)")
+
+
+def group_backend(owner: str, group) -> str:
+    """The backend of ``group`` (None: the default group), as check_devices takes it; _no_process_group's
+    error before init_process_group."""
+    if not _initialised():
+        raise _no_process_group(owner, group)
+    return dist.get_backend(group)
+
+
 def check_devices(owner: str, tensors: list, backend: str) -> None:
     """ValueError naming ``owner`` unless ``tensors`` (this rank's scores) lie on one device that a
     ``backend`` collective takes: NCCL communicates CUDA tensors only. Checked before the first collective,
@@ -112,9 +132,9 @@ def _agree(owner: str, error: Exception | None, group, tensors=(), k: int | None
     its own sparsity would train on silently). Every rank sees the same reduced values, so every rank raises,
     or none. The all-reduce runs beside ``tensors`` (NCCL: on their GPU, whether or not it is the current
     one), else where the backend takes tensors. Without a process group a rank's own error is raised as it
-    is."""
-    if error is not None and not (dist.is_available() and dist.is_initialized()):
-        raise error
+    is, and no error is _no_process_group's."""
+    if not _initialised():
+        raise error or _no_process_group(owner, group)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     k_value = -1 if k is None else min(k, _LOW_63)
     scope_code = -1 if scope is None else SCOPES.index(scope)
@@ -181,7 +201,7 @@ def topk_threshold(block_scores_list, k: int, group=None) -> torch.Tensor:
                             f"{type(block_scores_list).__name__} {block_scores_list!r}") from None
         for index, scores in enumerate(block_scores_list):
             ops.check_float("distributed.topk_threshold", f"block_scores[{index}]", scores)
-        check_devices(owner, block_scores_list, dist.get_backend(group))
+        check_devices(owner, block_scores_list, group_backend(owner, group))
     except Exception as caught:  # raised on every rank by _agree
         error = caught
     _agree(owner, error, group, block_scores_list if error is None else (), k=k if error is None else None)
@@ -251,7 +271,7 @@ def project(model: nn.Module, sparsity: float, scope: str = "global", group=None
         ops.check_sparsity(sparsity, owner)
         if scope == "global":
             layers = [layer for _, layer in ranked_layers(model)]
-            check_devices(owner, [layer.scores for layer in layers], dist.get_backend(group))
+            check_devices(owner, [layer.scores for layer in layers], group_backend(owner, group))
             block_scores = [layer.block_scores() for layer in layers]  # before _agree: it may fail on one rank
     except Exception as caught:  # raised on every rank by _agree
         error = caught

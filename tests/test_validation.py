@@ -248,6 +248,12 @@ CASES = {
                                   "group", "1"),
     "distributed.topk_threshold group": (lambda: distributed.topk_threshold([torch.rand(3)], 1, group="g"),
                                          TypeError, "group", "'g'"),
+    # Without init_process_group: torch's ValueError, which named nothing of ours.
+    "distributed.project no process group": (lambda: distributed.project(bipkernels.convert(_model()), 0.5),
+                                             ValueError, "distributed.project: group=None", "init_process_group"),
+    "distributed.topk_threshold no process group": (lambda: distributed.topk_threshold([torch.rand(3)], 1),
+                                                    ValueError, "distributed.topk_threshold: group=None",
+                                                    "init_process_group"),
     "distributed.project not a model": (lambda: distributed.project(None, 0.5), TypeError,
                                         "distributed.project: model", "None"),
     "prune not a model": (lambda: bipkernels.prune(None, _data()), TypeError, "model", "None"),

@@ -113,7 +113,7 @@ class BiP:
             converted = self._mask_layers(structure, to_convert)
             if group is not None and scope == "global":  # before the projection's first collective
                 distributed.check_devices("BiP", [layer.scores for _, layer in masked_nn.ranked_layers(model)],
-                                          torch.distributed.get_backend(group))
+                                          distributed.group_backend("BiP", group))
         except Exception as error:
             if group is None:
                 raise
