@@ -416,6 +416,26 @@ def test_training_and_evaluation_check_the_data_against_the_model_first(seed):
             assert all(torch.equal(value, model.state_dict()[key]) for key, value in before.items()), (owner, message)
 
 
+def test_prune_names_itself_for_the_errors_of_what_it_runs(seed):
+    """A user called prune: errors raised by what it runs (bipkernels.convert for exclude, IMP's rewind_state
+    check, the method's own) named those alone ("bipkernels.convert: ...", "imp: ...", "omp: ..."). They begin
+    with "prune: " now and still say where they came from."""
+    cases = [(_model, dict(method="omp", exclude=["7"]), ValueError, "bipkernels.convert: exclude names no module"),
+             (_model, dict(method="imp", rewind_state=[1]), TypeError, "imp: rewind_state must be a state_dict"),
+             (_model, dict(method="imp", rewind_state={"x": torch.zeros(1)}), ValueError,
+              "imp: rewind_state lacks 4 of the model's 4 parameters"),
+             (lambda: nn.Sequential(nn.Flatten(), nn.BatchNorm1d(50)), dict(method="omp"), ValueError,
+              "omp: the model has no nn.Conv2d or nn.Linear layer"),
+             (lambda: nn.Sequential(nn.Flatten(), nn.BatchNorm1d(50)), dict(method="bip"), ValueError,
+              "BiP: the model has no nn.Conv2d or nn.Linear layer")]
+    for model, arguments, kind, message in cases:
+        with pytest.raises(kind, match=rf"^prune: {message}") as raised:
+            bipkernels.prune(model(), _data(), sparsity=0.5, epochs=1, finetune_epochs=1, batch_size=4, **arguments)
+        assert type(raised.value) is kind and raised.value.__cause__ is not None
+    with pytest.raises(TypeError, match=r"^prune\(\) missing 1 required positional argument"):  # Python's own
+        bipkernels.prune(_model())
+
+
 def test_exclude_covers_the_named_module_and_everything_inside(seed):
     model = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), nn.Linear(4, 2))
     bipkernels.convert(model, 0.5, exclude="0")

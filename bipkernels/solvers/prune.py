@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
 import warnings
@@ -33,6 +34,27 @@ def _method_options(method: str) -> list[str]:
             if parameter.default is not parameter.empty and name not in own and name not in _COMPUTED.get(method, {})]
 
 
+def _named_by(owner: str):
+    """Decorator: a ValueError or TypeError (exactly those types: a subclass is the caller's to catch as it is)
+    that escapes the function and does not name ``owner`` first ("owner:", or Python's "owner()" for
+    arguments that do not bind) gets "``owner``: " before its message, the original chained. Errors from what
+    the function runs (bipkernels.convert for its exclude, IMP's rewind_state check, the method's own checks,
+    a loss_fn of the caller's) then name what the user called, and still say where they came from:
+    "prune: bipkernels.convert: exclude names no module ..."."""
+    def decorate(function):
+        @functools.wraps(function)
+        def named(*args, **kwargs):
+            try:
+                return function(*args, **kwargs)
+            except (ValueError, TypeError) as error:
+                if type(error) not in (ValueError, TypeError) or str(error).startswith((f"{owner}:", f"{owner}(")):
+                    raise
+                raise type(error)(f"{owner}: {error}") from error
+        return named
+    return decorate
+
+
+@_named_by("prune")
 def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0.9, *, structure=None,
           scope: str = "global", val_data=None, test_data=None, epochs: int = 10, finetune_epochs: int = 10,
           batch_size: int = 64, seed: int = 0, rewind_state: dict | None = None, exclude=(), loss_fn=None,
