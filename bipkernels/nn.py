@@ -301,10 +301,7 @@ def _constructor_checks(layer: str, structure, dtype) -> Structure:
     initialisation would fail on an integer type with an error that does not say so)."""
     if dtype is not None and dtype not in ops._FLOATING:
         raise TypeError(f"{layer}: dtype must be float32, float64, float16 or bfloat16, got {dtype!r}")
-    try:
-        return parse_structure(structure)
-    except (ValueError, TypeError) as error:
-        raise type(error)(f"{layer}: {error}") from None
+    return parse_structure(structure, owner=layer)
 
 
 def check_module(owner: str, model) -> None:
@@ -486,10 +483,7 @@ def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure 
     ops.check_sparsity(sparsity, op)
     if scope not in SCOPES:
         raise ValueError(f"{op}: scope must be one of {SCOPES}, got {scope!r}")
-    try:
-        parsed = parse_structure("unstructured" if structure is None else structure)
-    except (ValueError, TypeError) as error:
-        raise type(error)(f"{op}: {error}") from None
+    parsed = parse_structure("unstructured" if structure is None else structure, owner=op)
     lazy = [name for name, tensor in (*model.named_parameters(), *model.named_buffers())
             if nn.parameter.is_lazy(tensor)]
     if lazy:

@@ -227,11 +227,11 @@ def _check_threshold(op: str, threshold, scores: torch.Tensor, structure: Struct
 
 def _structure(op: str, structure, p, scores: torch.Tensor) -> Structure:
     """The parsed structure, checked against the scores' shape and fitted to it; errors name the op."""
+    parsed = parse_structure(structure, p, owner=f"bipkernels.{op}")
     try:
-        parsed = parse_structure(structure, p)
         parsed.check_shape(scores.shape, "scores")
-    except (ValueError, TypeError) as error:
-        raise type(error)(f"bipkernels.{op}: {error}") from None
+    except ValueError as error:  # its message begins "structure 2:4: "
+        raise ValueError(f"bipkernels.{op}: {error}") from None
     return parsed.fitted(scores.shape)
 
 
@@ -313,10 +313,7 @@ def topk_masks(scores_list, k: int | None, structure: str | Structure = "unstruc
 
     For N:M structures the masks keep N of every M by themselves and ``k`` must be None.
     """
-    try:
-        parsed = parse_structure(structure, p)
-    except (ValueError, TypeError) as error:
-        raise type(error)(f"bipkernels.topk_masks: {error}") from None
+    parsed = parse_structure(structure, p, owner="bipkernels.topk_masks")
     if not isinstance(scores_list, (torch.Tensor, list, tuple)):
         raise TypeError(f"bipkernels.topk_masks: scores_list must be a tensor or a list of tensors, got "
                         f"{type(scores_list).__name__} {scores_list!r}")

@@ -31,6 +31,24 @@ _NM = re.compile(r"^(\d+):(\d+)$")
 _TILE = re.compile(r"^tile:?(\d+)x(\d+)$")
 
 
+def _fault(kind, a, b, p) -> str | None:
+    """What makes (kind, a, b, p) no Structure (see Structure), or None."""
+    if kind not in KINDS:
+        return f"unknown kind {kind!r}; expected one of {KINDS}"
+    if isinstance(p, bool) or not isinstance(p, int) or p not in (1, 2):
+        return f"p must be 1 or 2, got {p!r}"
+    for name, value in (("a", a), ("b", b)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"{name} must be an int, got {value!r}"
+        if not -2**63 <= value < 2**63:  # the compiled ops take int64
+            return f"{name} must fit in 64 bits, got {value!r}"
+    if kind == "nm" and not (b >= 1 and 0 <= a <= b):
+        return f"N:M needs 0 <= N <= M and M >= 1, got {a}:{b}"
+    if kind == "tile" and not (a >= 1 and b >= 1):
+        return f"tile sizes must be positive, got {a}x{b}"
+    return None
+
+
 @dataclass(frozen=True)
 class Structure:
     """A block structure. ``a``, ``b`` are N, M for "nm" and the tile height, width for "tile"."""
@@ -41,19 +59,9 @@ class Structure:
     p: int = 1
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"structure: unknown kind {self.kind!r}; expected one of {KINDS}")
-        if isinstance(self.p, bool) or not isinstance(self.p, int) or self.p not in (1, 2):
-            raise ValueError(f"structure: p must be 1 or 2, got {self.p!r}")
-        for name, value in (("a", self.a), ("b", self.b)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"structure: {name} must be an int, got {value!r}")
-            if not -2**63 <= value < 2**63:  # the compiled ops take int64
-                raise ValueError(f"structure: {name} must fit in 64 bits, got {value!r}")
-        if self.kind == "nm" and not (self.b >= 1 and 0 <= self.a <= self.b):
-            raise ValueError(f"structure: N:M needs 0 <= N <= M and M >= 1, got {self.a}:{self.b}")
-        if self.kind == "tile" and not (self.a >= 1 and self.b >= 1):
-            raise ValueError(f"structure: tile sizes must be positive, got {self.a}x{self.b}")
+        fault = _fault(self.kind, self.a, self.b, self.p)
+        if fault:
+            raise ValueError(f"Structure: {fault}")
 
     @property
     def kind_id(self) -> int:
@@ -115,29 +123,33 @@ class Structure:
         return name if self.p == 1 else f"{name} (p=2)"
 
 
-def parse_structure(structure: str | Structure = "unstructured", p: int | None = None) -> Structure:
+def parse_structure(structure: str | Structure = "unstructured", p: int | None = None,
+                    owner: str = "parse_structure") -> Structure:
     """A Structure from its spelling ("unstructured", "filter", "channel", "2:4", "tile4x4"; any case,
     surrounding spaces ignored, "tile:4x4" read as "tile4x4") or itself.
 
-    ``p`` (1 or 2), when given, replaces the structure's norm.
+    ``p`` (1 or 2), when given, replaces the structure's norm. ``owner``: what the errors name first (the
+    public function that took ``structure``; "" for none), e.g. "MaskedLinear: structure: N:M needs ...".
     """
+    named = f"{owner}: structure" if owner else "structure"
     if isinstance(structure, Structure):
-        parsed = structure
+        fields = (structure.kind, structure.a, structure.b, structure.p)
     elif isinstance(structure, str):
         spelled = structure.strip().lower()
         nm, tile = _NM.match(spelled), _TILE.match(spelled)
         if spelled in ("unstructured", "filter", "channel"):
-            parsed = Structure(spelled)
-        elif nm:
-            parsed = Structure("nm", int(nm.group(1)), int(nm.group(2)))
-        elif tile:
-            parsed = Structure("tile", int(tile.group(1)), int(tile.group(2)))
+            fields = (spelled, 0, 0, 1)
+        elif nm or tile:
+            fields = ("nm" if nm else "tile", int((nm or tile).group(1)), int((nm or tile).group(2)), 1)
         else:
             raise ValueError(
-                f"structure: cannot read {structure!r}; expected 'unstructured', 'filter', 'channel', "
+                f"{named}: cannot read {structure!r}; expected 'unstructured', 'filter', 'channel', "
                 "'N:M' (e.g. '2:4') or 'tileHxW' (e.g. 'tile4x4')")
     else:
-        raise TypeError(f"structure: expected a str or Structure, got {type(structure).__name__} {structure!r}")
-    if p is not None:  # rebuilt even when equal, so that p itself is checked (True == 1)
-        parsed = Structure(parsed.kind, parsed.a, parsed.b, p)
-    return parsed
+        raise TypeError(f"{named}: expected a str or Structure, got {type(structure).__name__} {structure!r}")
+    if p is not None:  # checked even when equal (True == 1)
+        fields = (*fields[:3], p)
+    fault = _fault(*fields)
+    if fault:
+        raise ValueError(f"{named}: {fault}")
+    return Structure(*fields)

@@ -124,6 +124,12 @@ CASES = {
     "Structure non-int N": (lambda: Structure("nm", 2.5, 4), ValueError, "a", "2.5"),
     "Structure M past int64": (lambda: parse_structure("1:99999999999999999999"), ValueError, "b",
                                "99999999999999999999"),
+    # Both public: their messages began "structure: ", naming neither.
+    "parse_structure unknown": (lambda: parse_structure("bogus"), ValueError, "parse_structure: structure",
+                                "'bogus'"),
+    "parse_structure N > M": (lambda: parse_structure("3:2"), ValueError, "parse_structure: structure", "3:2"),
+    "parse_structure not a str": (lambda: parse_structure(5), TypeError, "parse_structure: structure", "5"),
+    "Structure N > M": (lambda: Structure("nm", 3, 2), ValueError, "Structure: N:M", "3:2"),
     "parse_structure p = 0": (lambda: parse_structure("filter", p=0), ValueError, "p", "0"),
     # nn
     "MaskedLinear int dtype": (lambda: bipkernels.MaskedLinear(3, 4, dtype=torch.int32), TypeError, "dtype",

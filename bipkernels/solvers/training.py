@@ -32,10 +32,7 @@ def _choice(choices):
 
 
 def _structure(owner, name, value):
-    try:
-        parse_structure(value)
-    except (ValueError, TypeError) as error:  # its message begins "structure: "
-        raise type(error)(f"{owner + ': ' if owner else ''}{error}") from None
+    parse_structure(value, owner=owner)
 
 
 def _optional_flag(owner, name, value):
@@ -125,7 +122,7 @@ def check_masked_structure(owner: str, model: nn.Module, structure) -> None:
     solver prunes a masked model in its layers' own structures, so another one asked for would be ignored."""
     if structure is None:
         return
-    wanted = parse_structure(structure)
+    wanted = parse_structure(structure, owner=owner)
     for name, layer in masked_layers(model):
         if layer.structure != wanted:
             raise ValueError(f"{owner}: structure {structure!r}, but the model is already masked and its layer "
