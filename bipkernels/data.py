@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -97,9 +98,20 @@ def cifar10(folder: str) -> dict[str, TensorDataset]:
     return splits
 
 
+# What image_folder reads as images, by extension (any case): torchvision's IMG_EXTENSIONS and GIF (its
+# first frame), which torchvision leaves out.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+
 def image_folder(folder: str, size: int = 32) -> dict:
     """torchvision's ImageFolder layout: ``train/`` (and ``test/``; ``val/`` if present, else 10% of train
     held out by a fixed permutation), one sub-folder per class. Images resized to ``size``×``size``.
+
+    Hidden entries (a name that begins with "."), class folders and files at any depth, are left out without
+    a word: Jupyter's .ipynb_checkpoints was a class of its own, macOS's ._NAME files failed to decode. The
+    images of a class are its files (in its sub-folders too) with an extension of IMAGE_EXTENSIONS (GIF
+    included: torchvision's ImageFolder skipped GIFs in silence); other files are left out with one warning
+    that counts them and names the first.
 
     Every image of every split is decoded once here (see _check_images): a file that is no image, a
     truncated one or a 16-bit one is a ValueError naming it, before a run writes anything. ``folder``: a str
@@ -115,17 +127,34 @@ def image_folder(folder: str, size: int = 32) -> dict:
     if "train" not in names or "test" not in names:
         raise FileNotFoundError(f"image_folder: {root} needs train/ and test/ sub-folders")
     try:
-        from torchvision import datasets, transforms
+        from torchvision import transforms
+
+        from .visible_image_folder import VisibleImageFolder, hidden
     except (ImportError, RuntimeError) as error:  # RuntimeError: a torchvision built for another torch
         raise ImportError(f"image_folder: reading the images of {root} needs torchvision, which does not import: "
                           f"{error} (pip install torchvision)") from error
     transform = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor()])
+    not_images = []
+
+    def is_image(path: str) -> bool:  # a file below a class folder: an example, hidden, or named as skipped
+        if any(hidden(part) for part in Path(path).relative_to(root).parts):
+            return False
+        if Path(path).suffix.lower() in IMAGE_EXTENSIONS:
+            return True
+        not_images.append(path)
+        return False
+
     splits = {}
     for name in names:
         try:
-            splits[name] = datasets.ImageFolder(str(root / name), transform, loader=_rgb_image)
+            splits[name] = VisibleImageFolder(str(root / name), transform, loader=_rgb_image, is_valid_file=is_image)
         except FileNotFoundError as error:  # torchvision's names the class, not the folder
-            raise FileNotFoundError(f"image_folder: {root / name}: {error}") from None
+            raise FileNotFoundError(f"image_folder: {root / name}: {error} (images: "
+                                    f"{', '.join(IMAGE_EXTENSIONS)})") from None
+    if not_images:
+        warnings.warn(f"image_folder: left out {len(not_images)} file(s) of {root} whose extension is none of an "
+                      f"image ({', '.join(IMAGE_EXTENSIONS)}): {', '.join(not_images[:3])}"
+                      f"{', ...' if len(not_images) > 3 else ''}", stacklevel=2)
     for name, split in splits.items():  # each split numbers its own class folders: they must be the same
         if split.classes != splits["train"].classes:
             shown = [f"[{', '.join(map(ascii, classes))}]" for classes in (split.classes, splits["train"].classes)]

@@ -87,6 +87,39 @@ def test_image_folder_layout(tmp_path):
 
 
 @needs_torchvision
+def test_image_folder_leaves_out_hidden_entries_reads_gifs_and_names_other_files(tmp_path, seed):
+    """Hidden entries are left out: Jupyter's .ipynb_checkpoints in every split was a class of its own (3
+    outputs for 2 classes; in one split alone, a class mismatch), inside a class folder its copies were
+    examples twice, and macOS's ._NAME resource fork failed to decode. GIFs were skipped in silence; they are
+    images now (any case of extension), and other files are left out with a warning that names them."""
+    from PIL import Image
+
+    write_image_folder(tmp_path)  # 10 training and 3 test images per class
+    for folder in (tmp_path / "train" / ".ipynb_checkpoints", tmp_path / "test" / ".ipynb_checkpoints",
+                   tmp_path / "train" / "cat" / ".ipynb_checkpoints"):
+        folder.mkdir()
+        Image.new("RGB", (12, 9)).save(folder / "0-checkpoint.png")
+    (tmp_path / "train" / "cat" / "._0.png").write_bytes(b"\x00\x05\x16\x07AppleDouble")
+    (tmp_path / "test" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    colour = tuple(torch.randint(0, 256, (3,)).tolist())
+    Image.new("RGB", (12, 9), colour).save(tmp_path / "train" / "dog" / "gif.GIF")
+    (tmp_path / "train" / "dog" / "notes.txt").write_text("where the photos came from")
+    with pytest.warns(UserWarning, match=r"image_folder: left out 1 file\(s\) of .* whose extension is none of an "
+                                         r"image \(.*\.gif\): .*notes\.txt$"):
+        splits = data.load(f"folder:{tmp_path}")
+    assert data.describe(splits) == (3, 2) and splits["test"].classes == ["cat", "dog"]
+    assert [len(splits[name]) for name in ("train", "val", "test")] == [19, 2, 6]  # 21 training images
+    folder = splits["train"].dataset
+    paths = [Path(path).relative_to(tmp_path).as_posix() for path, _ in folder.samples]
+    assert not any("/." in path for path in paths)
+    image, label = folder[paths.index("train/dog/gif.GIF")]
+    assert label == folder.class_to_idx["dog"]
+    assert torch.equal(image, torch.tensor(colour).div(255).reshape(3, 1, 1).expand(3, 32, 32))
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"`{' '.join(data.IMAGE_EXTENSIONS)}`" in readme  # the README lists what is read
+
+
+@needs_torchvision
 def test_image_folder_splits_must_have_the_same_classes(tmp_path):
     write_image_folder(tmp_path)
     write_image_folder(tmp_path, counts=(("test", 1),), labels=("emu",))  # test/ numbers emu 1 and dog 2
