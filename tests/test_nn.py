@@ -42,6 +42,23 @@ def test_a_channels_last_conv_equals_torchs_bit_for_bit(monkeypatch, seed, backe
     check_channels_last_conv_equals_torchs(structure)
 
 
+def test_vmap_over_stacked_channels_last_conv_weights_equals_each_layer(seed):
+    """An ensemble of channels_last MaskedConv2d run as one torch.func.vmap over their stacked parameters (
+    stack_module_state) equals each layer run alone: a batched weight cannot say whether it is channels_last
+    (functorch raises NYI for that query), so the layout of θ ⊙ m is left to the op's result there."""
+    layers = [bipkernels.convert(nn.Conv2d(3, 4, 3, dtype=torch.float64), 0.5).to(memory_format=torch.channels_last)
+              for _ in range(3)]
+    params, buffers = torch.func.stack_module_state(layers)
+    assert params["weight"][0].is_contiguous(memory_format=torch.channels_last)
+    assert not params["weight"][0].is_contiguous()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # functorch's "no batching rule" performance warning
+        ensemble = torch.vmap(lambda p, b: torch.func.functional_call(layers[0], {**p, **b}, (x,)))(params, buffers)
+    for index, layer in enumerate(layers):
+        torch.testing.assert_close(ensemble[index], layer(x), rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_keep_all_equals_dense_and_loads_plain_state(seed, bias):
     dense = nn.Linear(7, 5, bias=bias)
@@ -102,6 +119,10 @@ def test_scores_set_of_a_non_float_dtype_name_the_layer(seed, dtype):
         with pytest.raises(TypeError, match=rf"{type(layer).__name__}: scores must be float32, float64, float16 or "
                                             rf"bfloat16, got {dtype}"):
             layer.scores = nn.Parameter(torch.randint(0, 2, layer.weight.shape).to(dtype), requires_grad=False)
+        assert layer.scores is scores
+        for value in (3, [0.5, 1.0]):  # no tensor: nn.Module's TypeError naming scores, not an AttributeError
+            with pytest.raises(TypeError, match=r"cannot assign '(int|list)' as parameter 'scores'"):
+                layer.scores = value
         assert layer.scores is scores
         layer.scores = nn.Parameter(torch.rand(layer.weight.shape))
         x = torch.randn(2, 7) if isinstance(layer, nn.Linear) else torch.randn(2, 3, 5, 5)
