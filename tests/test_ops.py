@@ -315,6 +315,31 @@ def test_dense_layouts_with_a_dimension_of_size_one(monkeypatch, seed, backend, 
                               (grad, weight, scores, threshold, 0, 1, 1, 1, 0.5, 0))
 
 
+@needs_cpu_kernels
+@pytest.mark.parametrize("dims", [8, 9])
+def test_permuted_layouts_keep_the_weight_layout_up_to_the_kernels_eight_dims(monkeypatch, seed, dims):
+    """A dense permuted weight of at most 8 dims (MemoryOrder::kMaxDims) runs over memory order in the C++
+    kernels and keeps its layout; one of 9 runs on contiguous copies. The reference (the torch backend) and
+    the fake kernels torch.compile plans with (reference.keeps_weight_layout) must give the same strides."""
+    shape = (2,) * dims
+    order = [*range(1, dims, 2), *range(0, dims, 2)]  # no two neighbouring dims lie together
+    permuted = lambda t: t.permute(order).contiguous().permute(sorted(range(dims), key=order.__getitem__))
+    weight, grad, scores = permuted(torch.randn(shape, dtype=torch.float64)), \
+        permuted(torch.randn(shape, dtype=torch.float64)), permuted(tied_scores(shape))
+    assert not weight.is_contiguous() and weight.stride() == scores.stride() == grad.stride()
+    structure = parse_structure("unstructured")
+    threshold = backend_threshold(scores, structure)
+    expected = weight.stride() if dims <= 8 else torch.empty(shape).stride()
+    for backend in ("cpu", "torch"):
+        force_backend(monkeypatch, backend)
+        results = [ops.masked_weight(weight, scores, threshold, structure),
+                   *ops.hypergrad(grad, weight, scores, threshold, structure, inv_gamma=0.5)]
+        assert [result.stride() for result in results] == [expected] * 3, backend
+        assert torch.equal(results[0], reference.masked_weight(weight, scores, threshold, structure))
+    torch.library.opcheck(torch.ops.bipkernels.masked_weight.default, (weight, scores, threshold, 0, 1, 1, 1))
+    torch.library.opcheck(torch.ops.bipkernels.hypergrad.default, (grad, weight, scores, threshold, 0, 1, 1, 1, 0.5, 0))
+
+
 @pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_cpu_kernels)])
 def test_empty_results_have_standard_strides(monkeypatch, backend):
     """An empty tensor counts as contiguous whatever its strides, so .contiguous() kept the (1, 0) of
