@@ -239,6 +239,9 @@ CASES = {
     "BiP.fit whole splits dict": (lambda: bipkernels.BiP(_model(), 0.5).fit({"train": _data()}, 1, 4), TypeError,
                                   "dataset", "'train'"),
     "evaluate whole splits dict": (lambda: evaluate(_model(), {"test": _data()}), TypeError, "dataset", "'test'"),
+    # Keyed by more than the indices 0 to len - 1: not map-style (KeyError 1 from its first examples' read).
+    "evaluate dict of an example and a split": (lambda: evaluate(_model(), {0: _data()[0], "test": _data()}), TypeError,
+                                                "dataset", "'test'"),
     # An empty split: torch.stack's RuntimeError (a list), or a test accuracy of 0.0 (an empty TensorDataset).
     "prune empty train_data": (lambda: bipkernels.prune(_model(), [], "omp"), ValueError, "train_data",
                                "no examples"),
@@ -385,6 +388,12 @@ def test_solvers_check_the_data_against_the_model_before_they_convert_it(seed, s
             solver(model, bad, 0.5, batch_size=4)
         assert not bipkernels.masked_layers(model)
         assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+    # Without training epochs the data are not read, so they are not checked: the solver prunes as asked.
+    no_training = {omp: {"finetune_epochs": 0}, random_prune: {"finetune_epochs": 0}, imp: {"epochs_per_round": 0},
+                   hydra: {"score_epochs": 0, "finetune_epochs": 0}}[solver]
+    model = _model()
+    solver(model, wrong_inputs, 0.5, batch_size=4, **no_training)
+    assert bipkernels.masked_layers(model) and bipkernels.sparsity(model) == pytest.approx(0.5, abs=0.01)
 
 
 def test_training_and_evaluation_check_the_data_against_the_model_first(seed):
