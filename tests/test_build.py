@@ -121,9 +121,10 @@ def test_cli_info_prints_the_build_facts():
     assert all(("triton" in backends) == installed for backends in build_info()["ops"].values())
 
 
-def test_setup_builds_with_the_toolkit_of_the_nvcc_on_path_not_the_folder_above_it(tmp_path):
-    """An nvcc on PATH that is a wrapper (/usr/local/bin/nvcc running /usr/local/cuda-13.0/bin/nvcc): torch
-    guessed CUDA_HOME=/usr/local from it, and the build compiled every kernel, then failed to link -lcudart."""
+def _cuda_home_seen_by_setup(tmp_path, **env) -> str:
+    """cpp_extension.CUDA_HOME after setup.py's extensions() ran with ``env`` (CUDA_HOME and CUDA_PATH unset
+    unless given) and, on PATH, an nvcc that is a wrapper (/usr/local/bin/nvcc running
+    /usr/local/cuda-13.0/bin/nvcc) of a toolkit at tmp_path/cuda-13.0."""
     real_bin = tmp_path / "cuda-13.0" / "bin"
     wrapper_bin = tmp_path / "local" / "bin"
     for folder, script in ((real_bin, 'echo "#\\$ _HERE_=$(cd "$(dirname "$0")" && pwd)" >&2\n'),
@@ -135,20 +136,38 @@ def test_setup_builds_with_the_toolkit_of_the_nvcc_on_path_not_the_folder_above_
             f"runpy.run_path({str(ROOT / 'setup.py')!r})['extensions']()\n"
             "from torch.utils import cpp_extension\n"
             "print(cpp_extension.CUDA_HOME)\n")
-    env = {name: value for name, value in os.environ.items() if name not in ("CUDA_HOME", "CUDA_PATH")}
+    outside = {name: value for name, value in os.environ.items() if name not in ("CUDA_HOME", "CUDA_PATH")}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                            env={**env, "PATH": f"{wrapper_bin}{os.pathsep}{env['PATH']}", "BIPKERNELS_CUDA": "auto"})
+                            env={**outside, "PATH": f"{wrapper_bin}{os.pathsep}{outside['PATH']}",
+                                 "BIPKERNELS_CUDA": "auto", **env})
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1] == str(tmp_path / "cuda-13.0")
+    return result.stdout.strip().splitlines()[-1]
+
+
+def test_setup_builds_with_the_toolkit_of_the_nvcc_on_path_not_the_folder_above_it(tmp_path):
+    """torch guessed CUDA_HOME=/usr/local from a wrapper nvcc, and the build compiled every kernel, then
+    failed to link -lcudart."""
+    assert _cuda_home_seen_by_setup(tmp_path) == str(tmp_path / "cuda-13.0")
+
+
+@pytest.mark.parametrize("variable", ["CUDA_HOME", "CUDA_PATH"])
+def test_setup_keeps_the_toolkit_the_environment_names(tmp_path, variable):
+    """CUDA_HOME or CUDA_PATH set (torch reads either) is the toolkit, whatever nvcc PATH holds (setup.py's
+    docstring): the nvcc probe must not override the one the user chose."""
+    chosen = tmp_path / "chosen-cuda"
+    chosen.mkdir()
+    assert _cuda_home_seen_by_setup(tmp_path, **{variable: str(chosen)}) == str(chosen)
 
 
 def test_sdist_holds_every_file_that_the_build_and_the_tests_read(tmp_path):
     """An sdist must build where the repository is not: setuptools alone packs the .cpp files setup.py lists
-    but no header (csrc/include, csrc/cpu/*.h) and no .cu, so the build from it failed at the first #include."""
+    but no header (csrc/include, csrc/cpu/*.h) and no .cu, so the build from it failed at the first #include.
+    It holds README's CMake build (.ci/cmake_build.sh) and nothing built or recorded here."""
     if shutil.which("git") is None:
         pytest.skip("no git: no list of the sources to compare the sdist with")
     listed = subprocess.run(["git", "ls-files", "bipkernels", "csrc", "python", "tests", "README.md", "setup.py",
-                             "pyproject.toml", "CMakeLists.txt"], cwd=ROOT, capture_output=True, text=True)
+                             "pyproject.toml", "CMakeLists.txt", ".ci/cmake_build.sh"], cwd=ROOT, capture_output=True,
+                            text=True)
     if listed.returncode != 0 or not listed.stdout:
         pytest.skip("not a git checkout: no list of the sources to compare the sdist with")
     build = subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path),
@@ -160,3 +179,8 @@ def test_sdist_holds_every_file_that_the_build_and_the_tests_read(tmp_path):
         packed = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
     missing = sorted(set(listed.stdout.split()) - packed)
     assert not missing, f"the sdist lacks {missing}"
+    # Nor what a checkout gathers beside its sources: recorded benchmark results (tens of MB of JSON), the
+    # extension built in place and bytecode (tests/__pycache__ exists once pytest has imported the tests).
+    extra = sorted(name for name in packed if name.startswith("benchmarks/results/") or "__pycache__" in name
+                   or name.endswith((".so", ".pyc")))
+    assert not extra, f"the sdist carries {extra[:5]}"
