@@ -90,6 +90,16 @@ def test_gpu_check_after_a_failed_build(tmp_path):
     assert "pytest ran: -q -p no:cacheprovider tests/triton/test_gpu.py" in stage_logs(out)["triton"]
 
 
+def test_gpu_check_runs_its_default_stages_most_wanted_first(tmp_path):
+    """Without stage names every default stage runs (or is reported) in the header's order: the correctness
+    checks (issue 9's >2^31-element tests included) before the benchmarks, which the time budget cuts
+    short first, and the sanitizers last."""
+    result, out = run_gpu_check(tmp_path)
+    summary = (out / "summary.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in summary] == ["build", "cuda", "triton", "large", "auto", "linear", "bench",
+                                                        "memcheck", "racecheck"], result.stdout + result.stderr
+
+
 def _collected_benchmarks(log: str) -> set[str]:
     """The benchmarks that the ``-k`` expression a benchmark stage passed (its log) selects."""
     expression = log.split("benchmarks ran: -k ", 1)[1].splitlines()[0]
