@@ -264,11 +264,12 @@ def test_dense_layouts(monkeypatch, seed, layout, structure_name, mixed):
     in_memory_order = structure_name == "unstructured" and not mixed
     expected_strides = weight.stride() if in_memory_order else torch.empty(weight.shape).stride()
     masked = ops.masked_weight(weight, scores, threshold, structure)
-    assert masked.stride() == expected_strides
-    assert torch.equal(masked, reference.masked_weight(weight, scores, threshold, structure))
+    want = reference.masked_weight(weight, scores, threshold, structure)
+    assert masked.stride() == want.stride() == expected_strides  # torch.equal alone would not see strides
+    assert torch.equal(masked, want)
     got = ops.hypergrad(grad, weight, scores, threshold, structure, inv_gamma=0.5, implicit="released")
     for result, want in zip(got, reference.hypergrad(grad, weight, scores, threshold, structure, 0.5, "released")):
-        assert result.stride() == expected_strides
+        assert result.stride() == want.stride() == expected_strides
         assert torch.equal(result, want)
 
 
