@@ -8,6 +8,8 @@ traceback comes back through torch.multiprocessing.spawn."""
 from __future__ import annotations
 
 import copy
+import datetime
+import itertools
 import os
 import sys
 
@@ -21,6 +23,10 @@ from torch.utils.data import TensorDataset
 
 import bipkernels
 from bipkernels import distributed
+from bipkernels.solvers.hydra import hydra
+from bipkernels.solvers.imp import imp
+from bipkernels.solvers.omp import omp, random_prune
+from bipkernels.solvers.training import epoch_batches, train_weights
 
 from conftest import tied_scores, with_specials
 
@@ -267,6 +273,75 @@ def _check_agreement(rank: int, seed: int, device: torch.device) -> None:
         bipkernels.BiP(ddp, 0.5, group=dist.group.WORLD)
 
 
+class _FailingExamples(torch.utils.data.Dataset):
+    """(input, target) pairs of ``inputs`` and ``targets``, but the examples at ``bad`` (indices) raise
+    on read (``read_fails``) or come with an input of one feature too few."""
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, bad, read_fails: bool):
+        self.inputs, self.targets, self.bad, self.read_fails = inputs, targets, set(bad), read_fails
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, index: int):
+        if index in self.bad and self.read_fails:
+            raise ValueError(f"example {index} cannot be read")
+        return (self.inputs[index][:-1] if index in self.bad else self.inputs[index]), self.targets[index]
+
+
+def _first_batch_of_rank_1(size: int, batch_size: int, seed: int, world_size: int) -> tuple[int, list[int]]:
+    """A seed from ``seed`` on and the indices of rank 1's first batch under it (of ``world_size`` ranks
+    sharing each epoch), such that the batch holds neither example 0 nor 1, which every rank's checks read
+    first: rank 1's checks alone then fail where its batch does."""
+    for candidate in itertools.count(seed):
+        batch = epoch_batches(range(size), batch_size, candidate, 0, (1, world_size))[0].tolist()
+        if not {0, 1} & set(batch):
+            return candidate, batch
+
+
+def _check_data_checks_together(rank: int, seed: int, device: torch.device) -> None:
+    """A solver's checks of its training data fail on rank 1's share alone: every rank raises, rank 1 its
+    own error and rank 0 a RuntimeError naming rank 1. Rank 0 went on into training and waited for ever in
+    the first gradient all-reduce (a projection over the group, for BiP's group=). Those collectives run
+    in a group of a short timeout here, so that a rank left waiting fails the test instead of blocking it,
+    and each case ends at a barrier of the default group, so that rank 1 waits there, not in rank 0's
+    collective."""
+    quick = dist.new_group(timeout=datetime.timedelta(seconds=30))
+    torch.manual_seed(seed)
+    inputs, targets, batch_size = torch.randn(24, 6), torch.randint(0, 3, (24,)), 4
+    model = bipkernels.convert(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).to(device), 0.0)
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[rank] if device.type == "cuda" else None,
+                                              process_group=quick)
+    fit_seed, bad = _first_batch_of_rank_1(len(inputs), batch_size, seed, WORLD)
+    data = _FailingExamples(inputs, targets, bad, read_fails=False)  # the same on every rank: rank 1's share fails
+    common = dict(batch_size=batch_size, seed=fit_seed)
+    runs = {"BiP.fit": lambda: bipkernels.BiP(ddp, 0.5, total_steps=6).fit(data, 1, **common),
+            "train_weights": lambda: train_weights(ddp, data, 1, **common),
+            "omp": lambda: omp(ddp, data, 0.5, finetune_epochs=1, **common),
+            "random_prune": lambda: random_prune(ddp, data, 0.5, finetune_epochs=1, **common),
+            "imp": lambda: imp(ddp, data, 0.5, epochs_per_round=1, **common),
+            "hydra": lambda: hydra(ddp, data, 0.5, score_epochs=1, finetune_epochs=1, **common),
+            "prune": lambda: bipkernels.prune(ddp, data, "bip", 0.5, epochs=1, **common)}
+    forward = r"the model's forward \(eval mode, no gradients\) failed on the first training batch"
+    for owner, run in runs.items():
+        expected = (RuntimeError, f"^{owner}: rank 1 of the process group failed") if rank == 0 else \
+            (ValueError, f"^{owner}: {forward}")
+        with pytest.raises(expected[0], match=expected[1]):
+            run()
+        dist.barrier()
+    # A model sharded by layers (BiP's group=): every rank reads every batch, of data of its own; rank 1's
+    # fail to read in its first batch.
+    fit_seed, bad = _first_batch_of_rank_1(len(inputs), batch_size, seed, 1)
+    shard = bipkernels.convert(nn.Sequential(nn.Linear(6, 3) if rank == 0 else nn.Linear(6, 6)).to(device), 0.0)
+    data = _FailingExamples(inputs, targets, bad if rank == 1 else (), read_fails=True)
+    solver = bipkernels.BiP(shard, 0.5, group=quick, total_steps=6)
+    expected = (RuntimeError, "^BiP.fit: rank 1 of the process group failed") if rank == 0 else \
+        (ValueError, f"^BiP.fit: ValueError: example {bad[0]} cannot be read")
+    with pytest.raises(expected[0], match=expected[1]):
+        solver.fit(data, 1, batch_size, fit_seed)
+    dist.barrier()
+
+
 def _worker(rank: int, backend: str, init_file: str, seed: int) -> None:
     if backend == "nccl":  # one GPU per rank, chosen before NCCL starts
         torch.cuda.set_device(rank)
@@ -278,7 +353,7 @@ def _worker(rank: int, backend: str, init_file: str, seed: int) -> None:
     try:
         torch.set_num_threads(1)
         for check in (_check_sharded_thresholds, _check_sharded_project_and_bip, _check_ddp, _check_ddp_fit,
-                      _check_group_edges, _check_agreement):
+                      _check_group_edges, _check_agreement, _check_data_checks_together):
             print(check.__name__, file=progress)
             check(rank, seed, device)
         print("teardown", file=progress)

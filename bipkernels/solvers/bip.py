@@ -39,8 +39,9 @@ from .. import nn as masked_nn
 from ..ops import check_int
 from ..structures import Structure
 from .training import (Progress, batch_count, check_dataset, check_masked_structure, check_settings,
-                       check_training_data, data_shard, ddp_wrapper, epoch_batches, fetch, model_device,
-                       nothing_to_mask, random_state, scheduler, set_random_state, shard_size, training_loss)
+                       check_training_data, checked_together, data_shard, ddp_wrapper, epoch_batches, fetch,
+                       model_device, nothing_to_mask, random_state, scheduler, set_random_state, shard_size,
+                       training_group, training_loss)
 
 
 def steps_per_epoch(dataset_size: int, batch_size: int, mode: str = "fused", lower_steps: int = 1,
@@ -300,35 +301,41 @@ class BiP:
         A DistributedDataParallel model: every rank steps on its own share of each epoch, ``batch_size``
         examples per rank (data_shard), and the loss it reports is its own share's; ``on_step`` must answer
         alike on every rank (a rank that stops alone leaves the others waiting in the next gradient
-        all-reduce).
+        all-reduce). There, and under a ``group``, a check that fails on one rank (of its share of the data)
+        raises on every rank: its own error there, a RuntimeError naming it on the others (checked_together).
         """
-        check_settings("BiP.fit", epochs=epochs, batch_size=batch_size, seed=seed, loss_fn=loss_fn, label=label)
-        if not (isinstance(start, (tuple, list)) and len(start) == 2
-                and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in start)):
-            raise ValueError(f"BiP.fit: start must be (epoch, step), two ints >= 0, got {start!r}")
-        if on_step is not None and not callable(on_step):
-            raise TypeError(f"BiP.fit: on_step must be callable or None, got {type(on_step).__name__} {on_step!r}")
-        check_dataset("BiP.fit", "dataset", dataset)
-        shard = data_shard(self.model)
-        per_step = self.batches_per_step()
-        steps = steps_per_epoch(len(dataset), batch_size, self.mode, self.lower_steps, shard[1])
-        if start[0] > epochs or start[1] > steps or (start[0] == epochs and start[1]):
-            raise ValueError(f"BiP.fit: start {tuple(start)} lies past the run: {epochs} epochs of {steps} steps "
-                             "(a position fit returned, or one on_step was given)")
-        planned = max(epochs - start[0], 0) * steps - start[1]
-        if self.iteration + planned > self.total_steps and self._schedules != {"constant"}:
-            warnings.warn(f"BiP.fit: {planned} steps from iteration {self.iteration} run past total_steps="
-                          f"{self.total_steps}: the schedules stay at their last factor from there (cosine: learning "
-                          "rate 0); build the solver with total_steps=epochs * steps_per_epoch(...)", stacklevel=2)
-        if epochs > start[0] and steps == 0:
-            examples = shard_size(len(dataset), shard[1])
-            batches = batch_count(examples, batch_size)
-            folded = " (a lone last example joins the batch before it)" if batches < -(-examples // batch_size) else ""
-            raise ValueError(f"BiP.fit: {len(dataset)} examples in batches of batch_size={batch_size}"
-                             f"{f' on each of {shard[1]} ranks' if shard[1] > 1 else ''} make {batches} "
-                             f"batch{'es' if batches != 1 else ''}{folded}, fewer than the {per_step} that one "
-                             f"{self.mode} step takes: nothing would train")
-        check_training_data("BiP.fit", self.model, dataset, epochs - start[0], batch_size, seed, loss_fn)
+        # Under a group or DistributedDataParallel a check of this rank's data may fail here alone.
+        with checked_together("BiP.fit", training_group(self.model, self.group)):
+            check_settings("BiP.fit", epochs=epochs, batch_size=batch_size, seed=seed, loss_fn=loss_fn, label=label)
+            if not (isinstance(start, (tuple, list)) and len(start) == 2
+                    and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in start)):
+                raise ValueError(f"BiP.fit: start must be (epoch, step), two ints >= 0, got {start!r}")
+            if on_step is not None and not callable(on_step):
+                raise TypeError(f"BiP.fit: on_step must be callable or None, got {type(on_step).__name__} "
+                                f"{on_step!r}")
+            check_dataset("BiP.fit", "dataset", dataset)
+            shard = data_shard(self.model)
+            per_step = self.batches_per_step()
+            steps = steps_per_epoch(len(dataset), batch_size, self.mode, self.lower_steps, shard[1])
+            if start[0] > epochs or start[1] > steps or (start[0] == epochs and start[1]):
+                raise ValueError(f"BiP.fit: start {tuple(start)} lies past the run: {epochs} epochs of {steps} steps "
+                                 "(a position fit returned, or one on_step was given)")
+            planned = max(epochs - start[0], 0) * steps - start[1]
+            if self.iteration + planned > self.total_steps and self._schedules != {"constant"}:
+                warnings.warn(f"BiP.fit: {planned} steps from iteration {self.iteration} run past total_steps="
+                              f"{self.total_steps}: the schedules stay at their last factor from there (cosine: "
+                              "learning rate 0); build the solver with total_steps=epochs * steps_per_epoch(...)",
+                              stacklevel=2)
+            if epochs > start[0] and steps == 0:
+                examples = shard_size(len(dataset), shard[1])
+                batches = batch_count(examples, batch_size)
+                folded = " (a lone last example joins the batch before it)" \
+                    if batches < -(-examples // batch_size) else ""
+                raise ValueError(f"BiP.fit: {len(dataset)} examples in batches of batch_size={batch_size}"
+                                 f"{f' on each of {shard[1]} ranks' if shard[1] > 1 else ''} make {batches} "
+                                 f"batch{'es' if batches != 1 else ''}{folded}, fewer than the {per_step} that one "
+                                 f"{self.mode} step takes: nothing would train")
+            check_training_data("BiP.fit", self.model, dataset, epochs - start[0], batch_size, seed, loss_fn)
         class_indices, loss_fn = loss_fn is None, training_loss(loss_fn)  # targets for cross_entropy, or as given
         device = model_device(self.model)
         progress = Progress(epochs, label)

@@ -7,7 +7,8 @@ from torch import nn
 
 from ..nn import check_module
 from .bip import BiP, steps_per_epoch
-from .training import check_data, check_settings, check_training_data, data_shard, train_weights
+from .training import (check_data, check_settings, check_training_data, checked_together, data_shard, train_weights,
+                       training_group)
 
 
 def hydra(model: nn.Module, dataset, sparsity: float, structure=None, scope: str = "global",
@@ -16,11 +17,12 @@ def hydra(model: nn.Module, dataset, sparsity: float, structure=None, scope: str
     """Returns the forward/backward passes spent. ``structure`` as BiP's (None: the masked layers' own).
     Both phases train on ``loss_fn(outputs, targets)`` (None: cross_entropy)."""
     check_module("hydra", model)
-    check_settings("hydra", sparsity=sparsity, structure="unstructured" if structure is None else structure,
-                   scope=scope, score_epochs=score_epochs, finetune_epochs=finetune_epochs, score_lr=score_lr, lr=lr,
-                   batch_size=batch_size, seed=seed, loss_fn=loss_fn)
-    check_data("hydra", dataset, score_epochs + finetune_epochs)  # before len(dataset)
-    check_training_data("hydra", model, dataset, score_epochs + finetune_epochs, batch_size, seed, loss_fn)
+    with checked_together("hydra", training_group(model)):  # a DDP rank's share of the data may fail alone
+        check_settings("hydra", sparsity=sparsity, structure="unstructured" if structure is None else structure,
+                       scope=scope, score_epochs=score_epochs, finetune_epochs=finetune_epochs, score_lr=score_lr,
+                       lr=lr, batch_size=batch_size, seed=seed, loss_fn=loss_fn)
+        check_data("hydra", dataset, score_epochs + finetune_epochs)  # before len(dataset)
+        check_training_data("hydra", model, dataset, score_epochs + finetune_epochs, batch_size, seed, loss_fn)
     steps = score_epochs * steps_per_epoch(len(dataset), batch_size, world_size=data_shard(model)[1])
     solver = BiP(model, sparsity, structure, scope, mode="fused", lr=0.0, weight_decay=0.0, momentum=0.0,
                  inv_gamma=0.0, score_lr=score_lr, total_steps=max(steps, 1))

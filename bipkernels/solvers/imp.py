@@ -16,8 +16,8 @@ from torch import nn
 
 from .. import nn as masked_nn
 from ..reference import score_dtype
-from .training import (check_data, check_settings, check_training_data, convert_to_reset, project_naming_emptied,
-                       train_weights)
+from .training import (check_data, check_settings, check_training_data, checked_together, convert_to_reset,
+                       project_naming_emptied, train_weights, training_group)
 
 
 def imp_rounds(sparsity: float, rate: float = 0.2) -> list[float]:
@@ -40,11 +40,12 @@ def imp(model: nn.Module, dataset, sparsity: float, structure="unstructured", sc
     Warns, as convert does, in the round where a global projection first keeps no block of a layer.
     """
     masked_nn.check_module("imp", model)
-    check_settings("imp", sparsity=sparsity, structure=structure, scope=scope, epochs_per_round=epochs_per_round,
-                   lr=lr, rate=rate, batch_size=batch_size, seed=seed, loss_fn=loss_fn)
-    check_data("imp", dataset, epochs_per_round)
-    check_training_data("imp", model, dataset, epochs_per_round, batch_size, seed, loss_fn)
-    check_rewind_state(model, rewind_state)
+    with checked_together("imp", training_group(model)):  # a DDP rank's share of the data may fail alone
+        check_settings("imp", sparsity=sparsity, structure=structure, scope=scope, epochs_per_round=epochs_per_round,
+                       lr=lr, rate=rate, batch_size=batch_size, seed=seed, loss_fn=loss_fn)
+        check_data("imp", dataset, epochs_per_round)
+        check_training_data("imp", model, dataset, epochs_per_round, batch_size, seed, loss_fn)
+        check_rewind_state(model, rewind_state)
     rewind_state = {k: v.clone() if isinstance(v, torch.Tensor) else v
                     for k, v in (rewind_state or model.state_dict()).items()}
     convert_to_reset("imp", model, structure, scope)

@@ -8,8 +8,8 @@ from torch import nn
 
 from .. import nn as masked_nn
 from .. import ops
-from .training import (check_data, check_settings, check_training_data, convert_to_reset, nothing_to_mask,
-                       project_naming_emptied, train_weights)
+from .training import (check_data, check_settings, check_training_data, checked_together, convert_to_reset,
+                       nothing_to_mask, project_naming_emptied, train_weights, training_group)
 
 
 def omp(model: nn.Module, dataset, sparsity: float, structure="unstructured", scope: str = "global",
@@ -17,10 +17,11 @@ def omp(model: nn.Module, dataset, sparsity: float, structure="unstructured", sc
     """Prune ``model`` once by |θ| (global top-k of block magnitudes), then fine-tune on ``loss_fn`` (None:
     cross_entropy); returns passes."""
     masked_nn.check_module("omp", model)
-    check_settings("omp", sparsity=sparsity, structure=structure, scope=scope, finetune_epochs=finetune_epochs, lr=lr,
-                   batch_size=batch_size, seed=seed, loss_fn=loss_fn)
-    check_data("omp", dataset, finetune_epochs)
-    check_training_data("omp", model, dataset, finetune_epochs, batch_size, seed, loss_fn)
+    with checked_together("omp", training_group(model)):  # a DDP rank's share of the data may fail alone
+        check_settings("omp", sparsity=sparsity, structure=structure, scope=scope, finetune_epochs=finetune_epochs,
+                       lr=lr, batch_size=batch_size, seed=seed, loss_fn=loss_fn)
+        check_data("omp", dataset, finetune_epochs)
+        check_training_data("omp", model, dataset, finetune_epochs, batch_size, seed, loss_fn)
     if not masked_nn.masked_layers(model):
         masked_nn.convert(model, sparsity, structure, scope)  # scores |θ| (and convert's warnings)
         if not masked_nn.masked_layers(model):  # it would fine-tune the model unpruned
@@ -60,10 +61,11 @@ def random_prune(model: nn.Module, dataset, sparsity: float, structure="unstruct
     cross_entropy); returns passes.
     One uniform draw per block (_random_scores), so blocks of every size are equally likely to stay."""
     masked_nn.check_module("random_prune", model)
-    check_settings("random_prune", sparsity=sparsity, structure=structure, scope=scope,
-                   finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size, seed=seed, loss_fn=loss_fn)
-    check_data("random_prune", dataset, finetune_epochs)
-    check_training_data("random_prune", model, dataset, finetune_epochs, batch_size, seed, loss_fn)
+    with checked_together("random_prune", training_group(model)):  # a DDP rank's share of the data may fail alone
+        check_settings("random_prune", sparsity=sparsity, structure=structure, scope=scope,
+                       finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size, seed=seed, loss_fn=loss_fn)
+        check_data("random_prune", dataset, finetune_epochs)
+        check_training_data("random_prune", model, dataset, finetune_epochs, batch_size, seed, loss_fn)
     convert_to_reset("random_prune", model, structure, scope)
     generator = torch.Generator().manual_seed(seed)
     for _, layer in masked_nn.masked_layers(model):

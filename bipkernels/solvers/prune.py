@@ -16,7 +16,8 @@ from .hydra import hydra
 from .imp import check_rewind_state, imp, imp_rounds
 from .omp import omp, random_prune
 from .training import (SETTINGS, check_dataset, check_examples, check_forward, check_masked_structure, check_settings,
-                       data_shard, evaluate, forked_random_state, mean_loss, recalibrate_batchnorm)
+                       checked_together, data_shard, evaluate, forked_random_state, mean_loss, recalibrate_batchnorm,
+                       training_group)
 
 METHODS = ("bip", "omp", "imp", "hydra", "random")
 # What each method runs: prune's options go to it as keyword arguments.
@@ -87,48 +88,50 @@ def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0
     example in eval mode; else None), wall time, training epochs and forward/backward passes spent.
     """
     masked_nn.check_module("prune", model)
-    if method not in METHODS:
-        raise ValueError(f"prune: method must be one of {METHODS}, got {method!r}")
-    computed = next((name for name in options if name in _COMPUTED.get(method, {})), None)
-    if computed is not None:
-        raise ValueError(f"prune: {computed}={options[computed]!r}: prune {_COMPUTED[method][computed]}")
-    accepted = _method_options(method)
-    unknown = [name for name in options if name not in accepted]
-    if unknown:
-        raise TypeError(f"prune: method {method!r} takes no option {', '.join(map(repr, unknown))} (its options: "
-                        f"{', '.join(accepted)}; besides prune's own arguments)")
-    if rewind_state is not None and method != "imp":
-        raise ValueError(f"prune: rewind_state is IMP's (the weights its rounds rewind to); method {method!r} takes "
-                         "none")
-    given = structure
-    if structure is None:  # BiP and HYDRA take None as it is
-        structure = "unstructured"
-    if (isinstance(exclude, str) or exclude) and masked_nn.masked_layers(model):
-        raise ValueError(f"prune: exclude={exclude!r}, but the model is already masked: its plain layers stay dense "
-                         "as they are, and exclude names layers to leave out of converting an unmasked model")
-    check_settings("prune", sparsity=sparsity, structure=structure, scope=scope, epochs=epochs,
-                   finetune_epochs=finetune_epochs, batch_size=batch_size, seed=seed, loss_fn=loss_fn)
-    check_masked_structure("prune", model, given)
-    for name, data in (("train_data", train_data), ("val_data", val_data), ("test_data", test_data)):
-        if data is not None or name == "train_data":  # before the model changes, not after the run
-            check_dataset("prune", name, data)
-            if not len(data):  # fetch cannot stack no examples; an empty split would score 0.0 or train nothing
-                raise ValueError(f"prune: {name} holds no examples: " + (
-                    "nothing would train" if name == "train_data" else f"give {name}=None to skip its evaluation"))
-            check_examples(f"prune: {name}", model, data, evaluated=name != "train_data", loss_fn=loss_fn)
-    # The method's own settings too, before a convert with exclude changes the model (the method checks
-    # them again, as it runs: its bad setting would have left the model converted, and a retry refused).
-    check_settings("prune", **{name: value for name, value in options.items() if name in SETTINGS})
-    if method == "imp":
-        check_rewind_state(model, rewind_state)
-    if method == "bip":
-        check_levels("prune", options.get("mode", "fused"), options.get("lower_steps", 1))
-        steps = epochs * steps_per_epoch(len(train_data), batch_size, options.get("mode", "fused"),
-                                         options.get("lower_steps", 1), data_shard(model)[1])
-        if epochs and not steps:  # before BiP converts the model
-            raise ValueError(f"prune: {len(train_data)} examples in batches of batch_size={batch_size} give no BiP "
-                             f"step ({options.get('mode', 'fused')} mode): nothing would train")
-    check_forward("prune", model, train_data, batch_size, seed)  # the last check: it runs the model
+    # Under DistributedDataParallel a check of this rank's share of the data may fail here alone.
+    with checked_together("prune", training_group(model)):
+        if method not in METHODS:
+            raise ValueError(f"prune: method must be one of {METHODS}, got {method!r}")
+        computed = next((name for name in options if name in _COMPUTED.get(method, {})), None)
+        if computed is not None:
+            raise ValueError(f"prune: {computed}={options[computed]!r}: prune {_COMPUTED[method][computed]}")
+        accepted = _method_options(method)
+        unknown = [name for name in options if name not in accepted]
+        if unknown:
+            raise TypeError(f"prune: method {method!r} takes no option {', '.join(map(repr, unknown))} (its options: "
+                            f"{', '.join(accepted)}; besides prune's own arguments)")
+        if rewind_state is not None and method != "imp":
+            raise ValueError(f"prune: rewind_state is IMP's (the weights its rounds rewind to); method {method!r} "
+                             "takes none")
+        given = structure
+        if structure is None:  # BiP and HYDRA take None as it is
+            structure = "unstructured"
+        if (isinstance(exclude, str) or exclude) and masked_nn.masked_layers(model):
+            raise ValueError(f"prune: exclude={exclude!r}, but the model is already masked: its plain layers stay "
+                             "dense as they are, and exclude names layers to leave out of converting an unmasked model")
+        check_settings("prune", sparsity=sparsity, structure=structure, scope=scope, epochs=epochs,
+                       finetune_epochs=finetune_epochs, batch_size=batch_size, seed=seed, loss_fn=loss_fn)
+        check_masked_structure("prune", model, given)
+        for name, data in (("train_data", train_data), ("val_data", val_data), ("test_data", test_data)):
+            if data is not None or name == "train_data":  # before the model changes, not after the run
+                check_dataset("prune", name, data)
+                if not len(data):  # fetch cannot stack no examples; an empty split would score 0.0 or train nothing
+                    raise ValueError(f"prune: {name} holds no examples: " + (
+                        "nothing would train" if name == "train_data" else f"give {name}=None to skip its evaluation"))
+                check_examples(f"prune: {name}", model, data, evaluated=name != "train_data", loss_fn=loss_fn)
+        # The method's own settings too, before a convert with exclude changes the model (the method checks
+        # them again, as it runs: its bad setting would have left the model converted, and a retry refused).
+        check_settings("prune", **{name: value for name, value in options.items() if name in SETTINGS})
+        if method == "imp":
+            check_rewind_state(model, rewind_state)
+        if method == "bip":
+            check_levels("prune", options.get("mode", "fused"), options.get("lower_steps", 1))
+            steps = epochs * steps_per_epoch(len(train_data), batch_size, options.get("mode", "fused"),
+                                             options.get("lower_steps", 1), data_shard(model)[1])
+            if epochs and not steps:  # before BiP converts the model
+                raise ValueError(f"prune: {len(train_data)} examples in batches of batch_size={batch_size} give no BiP "
+                                 f"step ({options.get('mode', 'fused')} mode): nothing would train")
+        check_forward("prune", model, train_data, batch_size, seed)  # the last check: it runs the model
     if isinstance(exclude, str) or exclude:  # checks its names before it changes the model
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="bipkernels.convert: nothing to mask")  # the error says it

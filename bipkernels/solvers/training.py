@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from .. import distributed
 from ..nn import SCOPES, check_module, convert, masked_layers, project, ranked_layers, unmasked_layers, warn_emptied
 from ..ops import check_int, check_number, check_sparsity
 from ..reference import IMPLICIT_FORMS
@@ -222,6 +223,35 @@ def data_shard(model: nn.Module) -> tuple[int, int]:
     if wrapper is None:
         return 0, 1
     return torch.distributed.get_rank(wrapper.process_group), torch.distributed.get_world_size(wrapper.process_group)
+
+
+def training_group(model: nn.Module, group=None):
+    """The process group whose ranks train ``model`` together, in collectives that every rank must reach:
+    ``group`` (BiP's, over a model sharded by layers), else that of a DistributedDataParallel ``model``
+    (ddp_wrapper), else None (this process trains alone)."""
+    if group is not None:
+        return group
+    wrapper = ddp_wrapper(model)
+    return None if wrapper is None else wrapper.process_group
+
+
+@contextlib.contextmanager
+def checked_together(owner: str, group):
+    """The checks inside the block, as a collective of ``group`` (training_group; None: this process alone,
+    and the block's errors raise as they are): an error on any rank raises on every rank, the failing rank's
+    own there and a RuntimeError naming ``owner`` and that rank on the others (distributed.raise_together).
+    The checks of one rank's share of the data fail on that rank alone, and a rank that raised alone left
+    the others waiting for ever in training's first collective (the gradient all-reduce, a projection over
+    the group). Every rank of ``group`` must run the block."""
+    if group is None:
+        yield
+        return
+    failure = None
+    try:
+        yield
+    except Exception as error:
+        failure = error
+    distributed.raise_together(owner, failure, group)
 
 
 def shard_size(size: int, world_size: int) -> int:
@@ -634,7 +664,8 @@ def train_weights(model: nn.Module, dataset: Dataset, epochs: int, lr: float = 0
     """SGD (momentum 0.9) on every parameter but the mask scores, masks fixed, on ``loss_fn(outputs,
     targets)`` (None: cross_entropy, training_loss); returns the passes spent
     (those of the call that saved ``start`` included). A DistributedDataParallel ``model`` trains on its
-    rank's share of each epoch (epoch_batches, data_shard). Epoch i takes the batches of epoch
+    rank's share of each epoch (epoch_batches, data_shard), and a check that fails on one rank raises on
+    every rank (checked_together). Epoch i takes the batches of epoch
     ``first_epoch`` + i of ``seed`` (epoch_batches): calls that continue one run (IMP's rounds) give it
     their epochs done so far, so that no two of them, nor two seeds' runs, see the same batches.
 
@@ -645,20 +676,22 @@ def train_weights(model: nn.Module, dataset: Dataset, epochs: int, lr: float = 0
     call never stopped. ``label`` (a str) names the progress line.
     """
     check_module("train_weights", model)
-    check_settings("train_weights", epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                   weight_decay=weight_decay, schedule=schedule, first_epoch=first_epoch, loss_fn=loss_fn,
-                   label=label)
-    if first_epoch + epochs > 2**32:  # epoch_batches' generators keep 32 bits: epoch 2^32 would be epoch 0
-        raise ValueError(f"train_weights: first_epoch + epochs must be at most 2^32, got {first_epoch} + {epochs}")
-    if on_epoch is not None and not callable(on_epoch):
-        raise TypeError(f"train_weights: on_epoch must be callable or None, got {on_epoch!r}")
-    check_data("train_weights", dataset, epochs)
-    if start is not None and not (isinstance(start, dict) and _TRAINING_STATE <= start.keys()
-                                  and isinstance(start["epoch"], int) and 0 <= start["epoch"] <= epochs):
-        got = f"keys {sorted(start)}, epoch {start.get('epoch')!r}" if isinstance(start, dict) else repr(start)
-        raise ValueError(f"train_weights: start must be a state given to on_epoch (keys {sorted(_TRAINING_STATE)}, "
-                         f"epoch in [0, {epochs}]), got {got}")
-    check_training_data("train_weights", model, dataset, epochs, batch_size, seed, loss_fn)
+    with checked_together("train_weights", training_group(model)):
+        check_settings("train_weights", epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                       weight_decay=weight_decay, schedule=schedule, first_epoch=first_epoch, loss_fn=loss_fn,
+                       label=label)
+        if first_epoch + epochs > 2**32:  # epoch_batches' generators keep 32 bits: epoch 2^32 would be epoch 0
+            raise ValueError(f"train_weights: first_epoch + epochs must be at most 2^32, got {first_epoch} + "
+                             f"{epochs}")
+        if on_epoch is not None and not callable(on_epoch):
+            raise TypeError(f"train_weights: on_epoch must be callable or None, got {on_epoch!r}")
+        check_data("train_weights", dataset, epochs)
+        if start is not None and not (isinstance(start, dict) and _TRAINING_STATE <= start.keys()
+                                      and isinstance(start["epoch"], int) and 0 <= start["epoch"] <= epochs):
+            got = f"keys {sorted(start)}, epoch {start.get('epoch')!r}" if isinstance(start, dict) else repr(start)
+            raise ValueError(f"train_weights: start must be a state given to on_epoch (keys "
+                             f"{sorted(_TRAINING_STATE)}, epoch in [0, {epochs}]), got {got}")
+        check_training_data("train_weights", model, dataset, epochs, batch_size, seed, loss_fn)
     class_indices, loss_fn = loss_fn is None, training_loss(loss_fn)  # targets for cross_entropy, or as given
     score_ids = {id(layer.scores) for _, layer in masked_layers(model)}
     weights = [p for p in model.parameters() if id(p) not in score_ids]
