@@ -396,6 +396,37 @@ def test_solvers_check_the_data_against_the_model_before_they_convert_it(seed, s
     assert bipkernels.masked_layers(model) and bipkernels.sparsity(model) == pytest.approx(0.5, abs=0.01)
 
 
+
+class _Unreadable(torch.utils.data.Dataset):
+    """``size`` examples, each of which raises on read; counts the reads."""
+
+    def __init__(self, size: int):
+        self.size, self.reads = size, 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int):
+        self.reads += 1
+        raise ValueError(f"example {index} read")
+
+
+def test_bip_fit_resumed_at_its_end_reads_no_data(seed):
+    """fit from the position it returned at the end, start=(epochs, 0), has no step left: it returns that
+    position again without reading (so without checking) the data, the solver and model as they were.
+    Checking the data for all the epochs rather than those left (a mutant) read them and raised. One epoch
+    left and the same data fail their check."""
+    solver = bipkernels.BiP(_model(), 0.5)
+    before = {key: value.clone() for key, value in solver.model.state_dict().items() if isinstance(value, torch.Tensor)}
+    data = _Unreadable(12)
+    for epochs in (1, 3):
+        assert solver.fit(data, epochs, batch_size=4, seed=seed, start=(epochs, 0)) == (epochs, 0)
+    assert data.reads == 0 and solver.iteration == 0 and solver.passes == 0
+    assert all(torch.equal(solver.model.state_dict()[key], value) for key, value in before.items())
+    with pytest.raises(ValueError, match="^BiP.fit: ValueError: example .* read"):
+        solver.fit(data, 3, batch_size=4, seed=seed, start=(2, 0))
+
+
 def test_training_and_evaluation_check_the_data_against_the_model_first(seed):
     """BiP.fit, train_weights, evaluate, mean_loss and recalibrate_batchnorm name themselves for data that
     the model cannot take, before any step or reset. They raised torch's IndexError (a class index out of
