@@ -8,8 +8,8 @@ from torch import nn
 
 from .. import nn as masked_nn
 from .. import ops
-from .training import (check_data, check_settings, check_training_data, checked_together, convert_to_reset,
-                       nothing_to_mask, project_naming_emptied, train_weights, training_group)
+from .training import (check_data, check_settings, check_training_data, checked_together, convert_masking_something,
+                       convert_to_reset, project_naming_emptied, train_weights, training_group)
 
 
 def omp(model: nn.Module, dataset, sparsity: float, structure="unstructured", scope: str = "global",
@@ -23,9 +23,7 @@ def omp(model: nn.Module, dataset, sparsity: float, structure="unstructured", sc
         check_data("omp", dataset, finetune_epochs)
         check_training_data("omp", model, dataset, finetune_epochs, batch_size, seed, loss_fn)
     if not masked_nn.masked_layers(model):
-        masked_nn.convert(model, sparsity, structure, scope)  # scores |θ| (and convert's warnings)
-        if not masked_nn.masked_layers(model):  # it would fine-tune the model unpruned
-            raise nothing_to_mask("omp", model)
+        convert_masking_something("omp", model, sparsity, structure, scope)  # scores |θ| (and convert's warnings)
     else:  # its masked layers alone, by today's |θ|: layers masked before hold scores of another time
         with torch.no_grad():
             for _, layer in masked_nn.masked_layers(model):

@@ -140,6 +140,15 @@ def nothing_to_mask(owner: str, model: nn.Module, where: str = "inside it") -> V
                       f"{unmasked_layers(model) or 'no layer with a weight'})")
 
 
+def convert_masking_something(owner: str, model: nn.Module, sparsity: float, structure, scope: str) -> None:
+    """bipkernels.convert(model, sparsity, structure, scope) of a model without masked layers, for a solver
+    that prunes it; nothing_to_mask, for ``owner``, where the convert masks nothing (the solver would train
+    the model unpruned)."""
+    convert(model, sparsity, structure, scope)
+    if not masked_layers(model):
+        raise nothing_to_mask(owner, model)
+
+
 def convert_to_reset(owner: str, model: nn.Module, structure, scope: str) -> None:
     """Prepares ``model`` for a solver that sets every mask itself next: a model without masked layers is
     converted at sparsity 0 (structure ``structure``); one with masked layers is pruned in those alone, as BiP
@@ -148,9 +157,7 @@ def convert_to_reset(owner: str, model: nn.Module, structure, scope: str) -> Non
     if masked_layers(model):
         project(model, 0.0, scope)
     else:
-        convert(model, 0.0, structure, scope)
-        if not masked_layers(model):
-            raise nothing_to_mask(owner, model)
+        convert_masking_something(owner, model, 0.0, structure, scope)
 
 
 def project_naming_emptied(owner: str, model: nn.Module, sparsity: float, scope: str,
