@@ -433,8 +433,13 @@ def test_training_and_evaluation_check_the_data_against_the_model_first(seed):
     range; train_weights after its first forward had moved the batch-norm statistics), RuntimeError (inputs
     of the wrong shape; recalibrate_batchnorm after resetting the statistics) or an error naming nobody
     (examples that are no pairs), and evaluate scored class indices out of range as misses.
-    recalibrate_batchnorm's read of the batch it checks named nobody either (no pairs, the meta device)."""
+    recalibrate_batchnorm's read of the batch it checks named nobody either (no pairs, the meta device).
+    Examples whose inputs differ in shape raised torch.stack's RuntimeError, naming neither the caller nor
+    the examples."""
     wrong_inputs = TensorDataset(torch.randn(12, 3, 5, 5), torch.randint(0, 3, (12,)))
+    ragged = [(torch.randn(2 + i % 2, 5, 5), i % 3) for i in range(12)]
+    unstacked = (ragged, r"ValueError: the data's examples must have inputs of one shape to batch, got \(2, 5, 5\) for "
+                         r"example 0 and \(3, 5, 5\) for example 1")
     wrong_classes = TensorDataset(torch.randn(12, 2, 5, 5), torch.full((12,), 7))
     no_pairs = [torch.randn(2, 5, 5)] * 12
     on_meta = TensorDataset(torch.randn(12, 2, 5, 5, device="meta"), torch.zeros(12, dtype=torch.long, device="meta"))
@@ -447,11 +452,12 @@ def test_training_and_evaluation_check_the_data_against_the_model_first(seed):
         model[1].running_var.uniform_(0.5, 2.0)
     solver = bipkernels.BiP(model, 0.5)
     cases = [("BiP.fit", lambda split: solver.fit(split, 1, 4), (wrong_classes, classes), (no_pairs, pairs),
-              (wrong_inputs, forward)),
+              (wrong_inputs, forward), unstacked),
              ("train_weights", lambda split: train_weights(model, split, 1, batch_size=4), (wrong_classes, classes),
-              (no_pairs, pairs), (wrong_inputs, forward)),
-             ("evaluate", lambda split: evaluate(model, split), (wrong_classes, classes), (wrong_inputs, forward)),
-             ("mean_loss", lambda split: mean_loss(model, split, F.cross_entropy), (wrong_inputs, forward)),
+              (no_pairs, pairs), (wrong_inputs, forward), unstacked),
+             ("evaluate", lambda split: evaluate(model, split), (wrong_classes, classes), (wrong_inputs, forward),
+              unstacked),
+             ("mean_loss", lambda split: mean_loss(model, split, F.cross_entropy), (wrong_inputs, forward), unstacked),
              ("recalibrate_batchnorm", lambda split: recalibrate_batchnorm(model, split), (wrong_inputs, forward),
               (no_pairs, pairs), (on_meta, "ValueError: the data's examples lie on the meta device"))]
     for owner, call, *bad in cases:

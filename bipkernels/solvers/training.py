@@ -298,7 +298,8 @@ def fetch(dataset: Dataset, indices: torch.Tensor, device, class_indices: bool =
     keep their dtype and shape. Without it (a loss of the caller's, whose targets are its own: a language
     model's one-token sequences stay (N, 1)) every target stays as stacked. A TensorDataset of two tensors
     whose examples are its own (not a subclass's) is sliced directly. ValueError for examples that are no
-    pairs, or that lie on the meta device while ``device`` does not."""
+    pairs, whose inputs (or targets) differ in shape, or that lie on the meta device while ``device`` does
+    not."""
     if type(dataset).__getitem__ is TensorDataset.__getitem__ and len(dataset.tensors) == 2:
         inputs, targets = (t[indices] for t in dataset.tensors)
     else:
@@ -307,8 +308,8 @@ def fetch(dataset: Dataset, indices: torch.Tensor, device, class_indices: bool =
         if odd is not None:
             got = f"{len(odd)} items" if isinstance(odd, (tuple, list)) else type(odd).__name__
             raise ValueError(f"the data's examples must be (input, target) pairs, got {got}")
-        inputs = torch.stack([torch.as_tensor(s[0]) for s in samples])
-        targets = torch.stack([torch.as_tensor(s[1]) for s in samples])
+        inputs, targets = (_stacked(part, indices, [torch.as_tensor(s[item]) for s in samples])
+                           for item, part in enumerate(("inputs", "targets")))
     if (inputs.is_meta or targets.is_meta) and torch.device(device).type != "meta":  # .to would raise
         raise ValueError(f"the data's examples lie on the meta device, with no values to copy to {device}")
     if class_indices and not (targets.is_floating_point() or targets.is_complex()):  # as cross_entropy takes them
@@ -316,6 +317,17 @@ def fetch(dataset: Dataset, indices: torch.Tensor, device, class_indices: bool =
         if targets.dim() == 2 and targets.shape[1] == 1:
             targets = targets.squeeze(1)
     return inputs.to(device), targets.to(device)
+
+
+def _stacked(part: str, indices: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch.stack of the examples' ``part`` (inputs or targets) read at ``indices``; ValueError naming the
+    first two examples of different shapes, which do not stack (torch's RuntimeError named neither)."""
+    other = next((i for i, tensor in enumerate(tensors) if tensor.shape != tensors[0].shape), None)
+    if other is not None:
+        raise ValueError(f"the data's examples must have {part} of one shape to batch, got {tuple(tensors[0].shape)} "
+                         f"for example {int(indices[0])} and {tuple(tensors[other].shape)} for example "
+                         f"{int(indices[other])}")
+    return torch.stack(tensors)
 
 
 def forked_random_state():
