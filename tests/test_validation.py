@@ -4,6 +4,7 @@ valid stay accepted."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -425,6 +426,20 @@ def test_bip_fit_resumed_at_its_end_reads_no_data(seed):
     assert all(torch.equal(solver.model.state_dict()[key], value) for key, value in before.items())
     with pytest.raises(ValueError, match="^BiP.fit: ValueError: example .* read"):
         solver.fit(data, 3, batch_size=4, seed=seed, start=(2, 0))
+
+
+def test_train_weights_resumed_at_its_end_reads_no_data(seed):
+    """train_weights from a state saved after its last epoch has no epoch left: it reads (so checks) no data and
+    returns the passes saved. It checked the data for all its epochs and raised. One epoch left and the same
+    data fail their check."""
+    states = []
+    passes = train_weights(_model(), _data(), 2, batch_size=4, seed=seed,
+                           on_epoch=lambda state: states.append(copy.deepcopy(state)))
+    data = _Unreadable(12)
+    assert train_weights(_model(), data, 2, batch_size=4, seed=seed, start=states[1]) == passes
+    assert data.reads == 0
+    with pytest.raises(ValueError, match="^train_weights: ValueError: example .* read"):
+        train_weights(_model(), data, 2, batch_size=4, seed=seed, start=states[0])
 
 
 def test_training_and_evaluation_check_the_data_against_the_model_first(seed):

@@ -710,7 +710,8 @@ def train_weights(model: nn.Module, dataset: Dataset, epochs: int, lr: float = 0
             got = f"keys {sorted(start)}, epoch {start.get('epoch')!r}" if isinstance(start, dict) else repr(start)
             raise ValueError(f"train_weights: start must be a state given to on_epoch (keys "
                              f"{sorted(_TRAINING_STATE)}, epoch in [0, {epochs}]), got {got}")
-        check_training_data("train_weights", model, dataset, epochs, batch_size, seed, loss_fn)
+        epochs_left = epochs - (start["epoch"] if start is not None else 0)  # a resumed run reads only those
+        check_training_data("train_weights", model, dataset, epochs_left, batch_size, seed, loss_fn)
     class_indices, loss_fn = loss_fn is None, training_loss(loss_fn)  # targets for cross_entropy, or as given
     score_ids = {id(layer.scores) for _, layer in masked_layers(model)}
     weights = [p for p in model.parameters() if id(p) not in score_ids]
