@@ -197,6 +197,8 @@ def _resume_or_start(args, typed: set[str] | None, lock: OutputLock) -> tuple[ar
                  "or delete it (or choose another --out) to start afresh")
     else:
         args.data, args.checkpoint = _as_saved("data", args.data), _as_saved("checkpoint", args.checkpoint)
+        if args.command == "prune":
+            args.sparsity = _prune_sparsity(args, typed)
     splits = _setup(args)
     digests = data.fingerprint(splits)
     if state.get("data") not in (None, digests):  # None: a state saved before fingerprints, not checked
@@ -264,7 +266,7 @@ def _setup(args) -> dict:
     converted and run on two training images in training mode (it must return logits) as a throwaway,
     with the RNG state restored after."""
     if args.command == "compare":
-        _check_nm_sparsities(args)
+        _check_nm_sparsities(args, "sparsities", args.sparsities)
     checkpoint = _checkpoint(args) if args.checkpoint else None
     try:
         splits = data.load(args.data)
@@ -307,20 +309,38 @@ def _setup(args) -> dict:
     return splits
 
 
-def _check_nm_sparsities(args) -> None:
-    """Exit unless every --sparsities value is the one an N:M --structure gives (every masked layer is N:M):
-    N of every M weights stay whatever the sparsity asked, so the other values would run again at that
-    sparsity and the table and plots would show them under the sparsity asked."""
-    structure = parse_structure(args.structure)
+def _check_nm_sparsities(args, option: str, sparsities: list[float]) -> None:
+    """Exit unless every value of ``option`` (--sparsities, --sparsity) is the one an N:M --structure gives
+    (every masked layer is N:M): N of every M weights stay whatever the sparsity asked, so the other values
+    would run at that sparsity and the results (the table and plots, results.json) would show them as asked.
+    A --structure that does not parse is left to _setup's error."""
+    try:
+        structure = parse_structure(args.structure)
+    except ValueError:
+        return
     if structure.kind != "nm":
         return
     fixed = 1 - structure.a / structure.b
-    other = [sparsity for sparsity in args.sparsities if not math.isclose(sparsity, fixed)]
+    other = [sparsity for sparsity in sparsities if not math.isclose(sparsity, fixed)]
     if other:
-        sys.exit(f"bipkernels compare: --structure {args.structure} keeps {structure.a} of every {structure.b} "
-                 f"weights (sparsity {fixed:g}) whatever the sparsity asked: --sparsities "
-                 f"{' '.join(map(str, other))} would run at {fixed:g} and be shown as asked; give --sparsities "
+        sys.exit(f"bipkernels {args.command}: --structure {args.structure} keeps {structure.a} of every "
+                 f"{structure.b} weights (sparsity {fixed:g}) whatever the sparsity asked: --{option} "
+                 f"{' '.join(map(str, other))} would run at {fixed:g} and be shown as asked; give --{option} "
                  f"{fixed!r}")  # every digit: 1:3's 0.666667 is not 1 - 1/3, and would be refused again
+
+
+def _prune_sparsity(args, typed: set[str] | None) -> float:
+    """--sparsity of a fresh prune run: as typed (checked by _check_nm_sparsities), but one left at its
+    default 0.9 takes an N:M --structure's own sparsity 1 − N/M, the one its layers keep (results.json
+    recorded 0.9 as the target of a 0.5 run). ``typed`` None (a call from Python): every value counts as typed."""
+    if typed is None or "sparsity" in typed:
+        _check_nm_sparsities(args, "sparsity", [args.sparsity])
+        return args.sparsity
+    try:
+        structure = parse_structure(args.structure)
+    except ValueError:  # left to _setup's error
+        return args.sparsity
+    return 1 - structure.a / structure.b if structure.kind == "nm" else args.sparsity
 
 
 def _checkpoint(args) -> dict:
@@ -687,7 +707,8 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("prune", help="BiP on the built-in digits data (the main job)",
                               formatter_class=_DefaultsHelpFormatter)
     _add_common(run, "runs/prune")
-    run.add_argument("--sparsity", type=_setting("sparsity"), default=0.9, help="pruned fraction")
+    run.add_argument("--sparsity", type=_setting("sparsity"), default=0.9,
+                     help="pruned fraction (an N:M --structure prunes 1 - N/M, which it takes by default)")
     run.add_argument("--save-every", type=_setting("save_every", int), default=0, metavar="STEPS",
                      help="also save OUT/resume.pt every STEPS BiP steps (0: at the end of each epoch only); "
                           "a run killed outright loses at most the work since the last save")

@@ -454,6 +454,17 @@ def warn_emptied(owner: str, emptied: list[str]) -> None:
                       "layer", stacklevel=3)
 
 
+def nm_sparsity_ignored(op: str, structure: Structure, sparsity: float) -> str | None:
+    """The warning, naming ``op``, where layers of an N:M ``structure`` are pruned at a ``sparsity`` other than
+    their own 1 − N/M, which they keep whatever the sparsity asked; None for another structure, sparsity 0
+    (a convert that sets no sparsity) or that sparsity."""
+    if structure.kind != "nm" or sparsity == 0 or math.isclose(sparsity, 1 - structure.a / structure.b):
+        return None
+    return (f"{op}: structure {structure} keeps {structure.a} of every {structure.b} weights (sparsity "
+            f"{1 - structure.a / structure.b:g}) whatever the sparsity asked ({sparsity:g}): the sparsity asked "
+            "applies to the model's layers of other structures only")
+
+
 def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure | None = None,
             scope: str = "global", exclude=()) -> nn.Module:
     """Swap every nn.Conv2d and nn.Linear of ``model`` (in place) for its masked twin and prune it.
@@ -551,12 +562,10 @@ def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure 
         warnings.warn(f"{op}: layers already masked keep their structure, not {parsed}: "
                       f"{', '.join(f'{name} ({kept})' for name, kept in other_structures.items())}; convert swaps "
                       "plain layers only (export_dense, then convert, to change a layer's structure)", stacklevel=2)
-    nm_sparsity = 1 - parsed.a / parsed.b if parsed.kind == "nm" else None
     nm_layers = swaps or any(layer.structure == parsed for _, layer in masked_layers(model))
-    if nm_layers and nm_sparsity is not None and sparsity != 0 and not math.isclose(sparsity, nm_sparsity):
-        warnings.warn(f"{op}: structure {parsed} keeps {parsed.a} of every {parsed.b} weights (sparsity "
-                      f"{nm_sparsity:g}) whatever the sparsity asked ({sparsity:g}): the sparsity asked applies to the "
-                      "model's layers of other structures only", stacklevel=2)
+    ignored = nm_sparsity_ignored(op, parsed, sparsity)
+    if nm_layers and ignored:
+        warnings.warn(ignored, stacklevel=2)
     already = [] if meta else list(masks(model).items())
     twins = {}
     try:

@@ -529,11 +529,27 @@ def test_n_m_runs_with_the_first_convolution_excluded(tmp_path):
     result = json.loads((tmp_path / "prune" / "results.json").read_text())
     assert result["exclude"] == ["stem.0"] and "stem.0" not in result["layers"]
     assert {layer["sparsity"] for layer in result["layers"].values()} == {0.5}
+    assert result["target_sparsity"] == 0.5  # --sparsity left at its default takes 2:4's (it recorded 0.9)
     main(["compare", "--pretrain-epochs", "1", "--epochs", "1", "--finetune-epochs", "1", "--sparsities", "0.5",
           "--methods", "bip", "omp", "imp", "random", "--structure", "2:4", "--exclude", "stem.0",
           "--out", str(tmp_path / "compare")])
     for result in json.loads((tmp_path / "compare" / "compare.json").read_text())["results"]:
         assert "stem.0" not in result["layers"] and set(result["layers"].values()) == {0.5}, result["method"]
+
+
+def test_prune_with_an_nm_structure_refuses_another_sparsity_typed(tmp_path):
+    """2:4 keeps half of every layer whatever the sparsity asked: --sparsity 0.9 ran at 0.5 without a word
+    and results.json recorded 0.9 as its target. Refused before anything is written, as compare refuses
+    --sparsities; the sparsity of 2:4 typed runs."""
+    arguments = ["prune", "--pretrain-epochs", "0", "--epochs", "0", "--structure", "2:4", "--exclude", "stem.0"]
+    with pytest.raises(SystemExit) as stopped:
+        main(arguments + ["--sparsity", "0.9", "--out", str(tmp_path / "refused")])
+    assert str(stopped.value) == ("bipkernels prune: --structure 2:4 keeps 2 of every 4 weights (sparsity 0.5) "
+                                  "whatever the sparsity asked: --sparsity 0.9 would run at 0.5 and be shown as "
+                                  "asked; give --sparsity 0.5")
+    assert not (tmp_path / "refused").exists()
+    main(arguments + ["--sparsity", "0.5", "--out", str(tmp_path / "run")])
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["target_sparsity"] == 0.5
 
 
 def test_an_exclude_of_every_layer_stops_the_setup(tmp_path):

@@ -223,6 +223,26 @@ def test_prune_every_method_reaches_its_sparsity(seed, method):
     assert result["passes"] > 0 and 0.0 <= result["test_accuracy"] <= 1.0
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_prune_says_once_that_an_nm_structure_keeps_its_own_sparsity(seed, method):
+    """2:4 layers keep half their weights whatever the sparsity asked. prune said so only where the method
+    converted at that sparsity (bip, omp, hydra, through convert's warning), not for random and imp (which
+    convert at 0) nor after a convert with exclude=. Now prune says it once, for every method, and nothing
+    at 2:4's own sparsity."""
+    rewind = copy.deepcopy(tiny_model().state_dict()) if method == "imp" else None
+    for sparsity, exclude, said in ((0.9, (), 1), (0.9, ("2",), 1), (0.5, (), 0)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _, result = bipkernels.prune(tiny_model(), tiny_task(), method, sparsity, structure="2:4", epochs=1,
+                                         finetune_epochs=1, batch_size=32, rewind_state=rewind, exclude=exclude)
+        about_nm = [str(warning.message) for warning in caught if "whatever the sparsity asked" in str(warning.message)]
+        assert about_nm == [f"prune: structure 2:4 keeps 2 of every 4 weights (sparsity 0.5) whatever the sparsity "
+                            f"asked ({sparsity:g}): the sparsity asked applies to the model's layers of other "
+                            "structures only"] * said, (exclude, about_nm)
+        assert caught[0].filename == __file__ if said else True  # the caller's line, not prune's
+        assert result["sparsity"] == 0.5  # of the masked layers
+
+
 def test_imp_rounds_and_schedules():
     rounds = imp_rounds(0.9)
     assert len(rounds) == 11 and rounds[0] == pytest.approx(0.2) and rounds[-1] == 0.9

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .. import nn as masked_nn
+from ..structures import parse_structure
 from .bip import BiP, check_levels, steps_per_epoch
 from .hydra import hydra
 from .imp import check_rewind_state, imp, imp_rounds
@@ -138,9 +139,16 @@ def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0
             masked_nn.convert(model, 0.0, structure, scope, exclude=exclude)
         if not masked_nn.masked_layers(model):  # every method would convert the model whole: all of it pruned
             raise ValueError(f"prune: exclude={exclude!r} leaves no nn.Conv2d or nn.Linear to prune")
+    # N:M layers keep N of every M whatever the sparsity: said once, by prune, whichever method converts (random
+    # and imp convert at sparsity 0, as does a convert with exclude, and would say nothing).
+    pruned_structures = {layer.structure for _, layer in masked_nn.masked_layers(model)} or \
+        {parse_structure(structure, owner="prune")}
+    for ignored in filter(None, (masked_nn.nm_sparsity_ignored("prune", kept, sparsity) for kept in pruned_structures)):
+        warnings.warn(ignored, stacklevel=3)  # the caller's line: prune is wrapped by _named_by
     # Every initialised GPU's generator seeded too (dropout on a GPU draws from its own); an uninitialised
     # CUDA is left alone: torch.manual_seed would queue a seed for its first use.
-    with forked_random_state():
+    with forked_random_state(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"bipkernels\.convert: structure \d+:\d+ keeps")  # said above
         torch.default_generator.manual_seed(seed)
         if torch.cuda.is_initialized():
             torch.cuda.manual_seed_all(seed)
