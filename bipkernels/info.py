@@ -47,7 +47,7 @@ def format_info(info: dict) -> str:
         lines += [
             f"compiled extension: {info['extension_version']}, built against torch {info['built_against_torch']}, "
             f"running torch {info['running_torch']}",
-            f"CUDA kernels: {'built for archs ' + str(info['cuda_archs']) if info['cuda_kernels_built'] else 'not built'}",
+            "CUDA kernels: " + (f"built for archs {info['cuda_archs']}" if info['cuda_kernels_built'] else "not built"),
         ]
     lines.append(f"triton: {info['triton_version']}" if info["triton_version"] else "triton: not installed")
     lines.append("ops (backends with a kernel):")

@@ -261,7 +261,7 @@ def test_cuda_masked_layers_match_the_float64_cpu_layer(seed, dtype, layer):
     dense = nn.Sequential(nn.Conv2d(6, 10, 3, padding=1)) if layer == "conv" else nn.Sequential(nn.Linear(24, 10))
     reference_model = bipkernels.convert(dense.double(), 0.6, "2:4" if layer == "linear" else "filter")
     cuda_model = copy.deepcopy(reference_model).to(device="cuda", dtype=dtype)
-    inputs = torch.randn(4, 6, 5, 5, dtype=torch.float64) if layer == "conv" else torch.randn(4, 24, dtype=torch.float64)
+    inputs = torch.randn((4, 6, 5, 5) if layer == "conv" else (4, 24), dtype=torch.float64)
     want = reference_model(inputs)
     got = cuda_model(inputs.to(device="cuda", dtype=dtype))
     tolerance = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 8e-2}[dtype]

@@ -376,8 +376,8 @@ _NO_NCCL = not dist.is_available() or not dist.is_nccl_available() or torch.cuda
 
 def test_bad_block_scores_are_named_before_any_collective():
     topk = distributed.topk_threshold
-    for bad, error in (([torch.tensor([3, 1])], "block_scores\\[0\\] must be float32, float64, float16 or bfloat16, got "
-                                              "torch.int64"),
+    for bad, error in (([torch.tensor([3, 1])], "block_scores\\[0\\] must be float32, float64, float16 or bfloat16, "
+                                              "got torch.int64"),
                        ([torch.zeros(2), [0.5, 0.2]], "block_scores\\[1\\] must be a tensor, got list"),
                        (3.0, "block_scores_list must be a tensor or an iterable of tensors, got float 3.0")):
         with pytest.raises(TypeError, match=f"bipkernels.distributed.topk_threshold: {error}"):

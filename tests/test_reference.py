@@ -72,8 +72,8 @@ def test_block_scores_match_definition(seed, structure_name, shape, p):
     if structure.kind in ("unstructured", "nm"):
         assert torch.equal(got, scores.abs())
     else:
-        torch.testing.assert_close(got.reshape(-1), torch.tensor(brute_block_scores(scores, structure), dtype=torch.float64),
-                                   rtol=1e-13, atol=0)
+        brute = torch.tensor(brute_block_scores(scores, structure), dtype=torch.float64)
+        torch.testing.assert_close(got.reshape(-1), brute, rtol=1e-13, atol=0)
 
 
 @pytest.mark.parametrize("sizes", [[1], [0], [10], [7, 0, 13], [5, 5, 5], [31, 2]])

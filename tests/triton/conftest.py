@@ -70,7 +70,8 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, scale: torch.Tensor | fl
     excess = error - tolerance.expand_as(want64)[finite]
     worst = int(excess.argmax()) if excess.numel() else 0
     assert bool((excess <= 0).all()), (f"error {error[worst].item():.3g} at reference value "
-                                       f"{want64[finite][worst].item():.6g} is over its tolerance by {excess[worst].item():.3g}")
+                                       f"{want64[finite][worst].item():.6g} is over its tolerance by "
+                                       f"{excess[worst].item():.3g}")
 
 
 @pytest.fixture
