@@ -863,27 +863,43 @@ def test_shrink_checks_its_result_against_the_model(seed, monkeypatch):
         bipkernels.export_shrunk(model, torch.randn(2, 3, 8, 8, dtype=torch.float64), warn=False)
 
 
-def test_shrink_checks_its_result_to_rounding(monkeypatch):
-    """The guard's bound is 2·√eps relative (3e-8 in float64): a shrunk batch norm whose shift is off by
-    1e-6 (outputs off by 4e-7 relative to 1 + their largest, 1.5) is caught."""
+def _shrink_with_a_broken_norm(spoil) -> None:
+    """export_shrunk of Conv2d(1, 2) → BatchNorm2d → Conv2d(2, 1) (float64; filter 1 is the constant 0.5,
+    which folds into the last layer's bias; outputs in [-0.5, 1.5]) with ``spoil(norm)`` applied in place
+    to the shrunk batch norm: the guard that compares the outputs sees what it did."""
     model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2), nn.Conv2d(2, 1, 1)).double().eval()
-    with torch.no_grad():  # filter 1 is the constant 0.5, which folds into the last layer's bias
+    with torch.no_grad():
         model[0].weight.copy_(torch.tensor([1.0, 0.0]).view(2, 1, 1, 1))
         model[0].bias.copy_(torch.tensor([0.0, 0.5]))
         model[2].weight.fill_(1.0)
         model[2].bias.zero_()
     shrunk_norm = bipkernels.export.shrink._shrunk_norm
 
-    def off_by_a_little(norm, index):
+    def spoiled(norm, index):
         new = shrunk_norm(norm, index)
         with torch.no_grad():
-            new.bias.add_(1e-6)
+            spoil(new)
         return new
 
-    monkeypatch.setattr("bipkernels.export.shrink._shrunk_norm", off_by_a_little)
-    x = torch.linspace(-1, 1, 16, dtype=torch.float64).view(1, 1, 4, 4)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("bipkernels.export.shrink._shrunk_norm", spoiled)
+        bipkernels.export_shrunk(model, torch.linspace(-1, 1, 16, dtype=torch.float64).view(1, 1, 4, 4), warn=False)
+
+
+def test_shrink_checks_its_result_to_rounding():
+    """The guard's bound is 2·√eps relative (3e-8 in float64): a shrunk batch norm whose shift is off by
+    1e-6 (outputs off by 4e-7 relative to 1 + their largest, 1.5) is caught; off by 1e-10 (4e-11), which
+    is rounding for the bound, it passes."""
     with pytest.raises(RuntimeError, match=r"the smaller Sequential gives other outputs .* difference 4e-07\)"):
-        bipkernels.export_shrunk(model, x, warn=False)
+        _shrink_with_a_broken_norm(lambda norm: norm.bias.add_(1e-6))
+    _shrink_with_a_broken_norm(lambda norm: norm.bias.add_(1e-10))
+
+
+def test_shrink_checks_where_its_result_is_nan():
+    """NaN outputs where the model's are finite are an infinite difference (a NaN difference compares
+    below every bound)."""
+    with pytest.raises(RuntimeError, match=r"the smaller Sequential gives other outputs .* difference inf\)"):
+        _shrink_with_a_broken_norm(lambda norm: norm.running_var.fill_(-1.0))
 
 
 def test_shrink_of_a_product_of_flattened_features(seed):
