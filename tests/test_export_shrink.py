@@ -777,32 +777,33 @@ def test_shrink_keeps_what_only_looks_removable(seed):
 
 class Opaque(nn.Module):
     """Layers shrinking cannot see into: an nn.TransformerEncoder (torch.fx calls torch.nn's modules
-    whole) and a convolution whose weight is used directly."""
+    whole) and a Linear layer whose weight is used directly (its name begins with the encoder's, yet it
+    is not inside it)."""
 
     def __init__(self):
         super().__init__()
         self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 1,
                                              enable_nested_tensor=False)
-        self.side = nn.Linear(8, 8)
+        self.encoder_side = nn.Linear(8, 8)
 
     def forward(self, x):
-        return self.encoder(x) + F.linear(x, self.side.weight)
+        return self.encoder(x) + F.linear(x, self.encoder_side.weight)
 
 
 def test_shrink_names_the_layers_it_cannot_see(seed):
     with pytest.warns(UserWarning, match="left dense"):  # attention's own projections
-        model = bipkernels.convert(Opaque(), 0.0, "filter", exclude="side").eval()
+        model = bipkernels.convert(Opaque(), 0.0, "filter", exclude="encoder_side").eval()
     bipkernels.project(model, 0.5, scope="layer")
     with torch.no_grad():
-        model.side.weight[0] = 0  # plain: its weight is used directly, as the forward does
-        model.side.weight[:, 2] = 0
+        model.encoder_side.weight[0] = 0  # plain: its weight is used directly, as the forward does
+        model.encoder_side.weight[:, 2] = 0
     x = torch.randn(2, 3, 8)
     with pytest.warns(UserWarning, match=r"encoder\.layers\.0\.linear1: 8 zero filters \(inside encoder, which"):
         small, report = bipkernels.export_shrunk(model, x)
     assert report.shapes == {}
     assert report.kept["encoder.layers.0.linear2"].startswith("4 zero filters (inside encoder")
-    assert report.kept["side"] == "1 zero filter, 1 zero input channel (not called as a module in the traced " \
-                                  "forward: shrinking leaves it whole)"
+    assert report.kept["encoder_side"] == "1 zero filter, 1 zero input channel (not called as a module in the " \
+                                          "traced forward: shrinking leaves it whole)"
     layer = nn.Linear(3, 2)
     with torch.no_grad():
         layer.weight[0] = 0
