@@ -14,6 +14,12 @@ from bipkernels import models
 
 from conftest import randomize_masked
 
+try:  # torchvision's stochastic depth, a leaf of the trace as in torchvision's own modules
+    from torchvision.ops.stochastic_depth import stochastic_depth
+    torch.fx.wrap("stochastic_depth")
+except ImportError:
+    stochastic_depth = None
+
 
 def _zero_rows_or_columns(model: nn.Module) -> set[str]:
     """Layers of a shrunk model that still hold an all-zero filter or input channel."""
@@ -372,15 +378,20 @@ def test_a_norm_called_twice_stays_whole_though_it_has_no_parameters(seed):
     assert "norm (called more than once) reads it" in report.kept["b"]
 
 
-class Noisy(nn.Module):
-    """F.dropout(x, p) keeps dropping in eval mode (training=True by default): the forward draws numbers."""
+_DROPS = {"dropout": lambda x: F.dropout(x, 0.5),
+          "stochastic_depth": lambda x: stochastic_depth(x, 0.5, "row")}
 
-    def __init__(self):
+
+class Noisy(nn.Module):
+    """F.dropout(x, p) keeps dropping in eval mode (training=True by default), and so does torchvision's
+    stochastic_depth called without its training argument: the forward draws numbers."""
+
+    def __init__(self, drop: str = "dropout"):
         super().__init__()
-        self.conv, self.head = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
+        self.conv, self.head, self.drop = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1), _DROPS[drop]
 
     def forward(self, x):
-        return self.head(F.dropout(F.relu(self.conv(x)), 0.5))
+        return self.head(self.drop(F.relu(self.conv(x))))
 
 
 def test_shrink_leaves_the_random_stream_of_a_forward_that_draws(seed):
@@ -391,15 +402,18 @@ def test_shrink_leaves_the_random_stream_of_a_forward_that_draws(seed):
     assert torch.equal(torch.get_rng_state(), state)
 
 
-def test_a_dropout_that_drops_in_eval_mode_keeps_its_constants(seed):
-    """F.dropout(x, p) drops in eval mode too (training=True by default): a pruned filter's constant
-    behind it is no constant, and stays."""
-    model, x = Noisy().double().eval(), torch.randn(2, 3, 4, 4, dtype=torch.float64)
+@pytest.mark.parametrize("drop", list(_DROPS))
+def test_a_dropout_that_drops_in_eval_mode_keeps_its_constants(seed, drop):
+    """F.dropout(x, p) drops in eval mode too (training=True by default), and so does stochastic_depth: a
+    pruned filter's constant behind it is no constant, and stays."""
+    if stochastic_depth is None and drop == "stochastic_depth":
+        pytest.skip("torchvision is not installed")
+    model, x = Noisy(drop).double().eval(), torch.randn(2, 3, 4, 4, dtype=torch.float64)
     with torch.no_grad():
         model.conv.weight[1] = 0
         model.conv.bias[1] = 1.0
     small, report = bipkernels.export_shrunk(model, x, warn=False)
-    assert report.shapes == {} and "1 zero filter (dropout (an op shrinking does not handle)" in report.kept["conv"]
+    assert report.shapes == {} and f"1 zero filter ({drop} (an op shrinking does not handle)" in report.kept["conv"]
 
 
 _BORDERS = {"average of own values": lambda: [nn.AvgPool2d(3, 1, 1, count_include_pad=False), nn.Conv2d(4, 2, 1)],
