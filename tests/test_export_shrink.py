@@ -970,6 +970,91 @@ def test_batch_norm_on_flattened_features_carries_no_constant(seed):
     torch.testing.assert_close(small(x), model(x), rtol=1e-12, atol=1e-12)
 
 
+def test_batch_norm_on_flattened_features_loses_the_features_of_a_removed_channel(seed):
+    """The Linear layer reads none of channel 1's features (a 2×2 map flattened: features 4 to 7), so the
+    channel goes from the convolution, and those four features from the BatchNorm1d between them."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 5)).double()
+    with torch.no_grad():
+        model[4].weight[:, 4:8] = 0
+        for statistic in (model[2].running_mean, model[2].weight, model[2].bias):
+            statistic.normal_()
+        model[2].running_var.uniform_(0.5, 2.0)
+    model.eval()
+    small, report = bipkernels.export_shrunk(model, torch.randn(2, 3, 4, 4, dtype=torch.float64), warn=False)
+    assert report.shapes == {"0": ((4, 3, 3, 3), (3, 3, 3, 3)), "2": ((16,), (12,)), "4": ((5, 16), (5, 12))}
+    kept = torch.tensor([0, 1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 15])
+    torch.testing.assert_close(small[2].running_mean, model[2].running_mean[kept], rtol=0, atol=0)
+    x = torch.randn(200, 3, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close(small(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+class NotChannelWise(nn.Module):
+    """Ops that look channel-wise but are not: an in-place method on a tensor a later layer reads (its
+    scaled values, not the recorded ones), a mean over the batch (dim 1 of its (C, H, W) output is
+    the height: flattened, each row is a channel), a concatenation along the height (channels line up,
+    but it is no join of channels), a spatial gate ((B, 1, H, W), broadcast over the channels) and
+    another layer's output plus a concatenation (a joined space stays apart)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scaled, self.before, self.after = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1), nn.Conv2d(4, 2, 1)
+        self.batch, self.rows = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(16, 2)
+        self.top, self.bottom, self.stacked = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
+        self.features, self.gate, self.gated = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 1, 1), nn.Conv2d(4, 2, 1)
+        self.left, self.right, self.other = nn.Conv2d(3, 2, 1), nn.Conv2d(3, 2, 1), nn.Conv2d(3, 4, 1)
+        self.summed = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):  # x: (B, 3, 4, 4)
+        hidden = self.scaled(x)
+        before = self.before(hidden)
+        hidden.mul_(2)
+        features = self.features(x)
+        return (before + self.after(hidden),
+                self.rows(torch.flatten(self.batch(x).mean(0), 1)),
+                self.stacked(torch.cat([self.top(x), self.bottom(x)], 2)),
+                self.gated(features * torch.sigmoid(self.gate(features))),
+                self.summed(self.other(x) + torch.cat([self.left(x), self.right(x)], 1)))
+
+
+def test_shrink_keeps_what_ops_that_are_not_channel_wise_read(seed):
+    model = NotChannelWise().double()
+    with torch.no_grad():
+        model.scaled.bias.uniform_(1.0, 2.0)  # a nonzero constant, which the in-place product doubles
+    report = _report_of_nothing_shrinking(model, ["scaled", "batch", "top", "features", "left", "other"],
+                                          torch.randn(2, 3, 4, 4, dtype=torch.float64))
+    assert "it overwrites in place a tensor that other ops read" in report.kept["scaled"]
+    assert "mean (an op shrinking does not handle) reads it" in report.kept["batch"]
+    assert "cat (an op shrinking does not handle) reads it" in report.kept["top"]
+    assert "mul (an op shrinking does not handle) reads it" in report.kept["features"]
+    assert "add (it joins a concatenation with another space) reads it" in report.kept["left"]
+
+
+class SequenceNorm(nn.Module):
+    """A convolution's output averaged over its width, (B, C, H), through BatchNorm1d (channels in dim 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm, self.head = nn.Conv2d(3, 4, 1), nn.BatchNorm1d(4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(F.relu(self.norm(self.conv(x).mean(-1))).mean(-1))
+
+
+def test_batch_norm_on_a_sequence_sheds_channels(seed):
+    """BatchNorm1d on (B, C, L) is channel-wise as on (B, C): a pruned filter's constant goes through it
+    into the head's bias, and the channel goes from the norm too."""
+    model = SequenceNorm().double().eval()
+    with torch.no_grad():
+        model.conv.weight[1] = 0
+        for statistic in (model.norm.running_mean, model.norm.weight, model.norm.bias):
+            statistic.normal_()
+        model.norm.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64)
+    small, report = bipkernels.export_shrunk(model, x, warn=False)
+    assert report.shapes == {"conv": ((4, 3, 1, 1), (3, 3, 1, 1)), "norm": ((4,), (3,)), "head": ((2, 4), (2, 3))}
+    _assert_same_outputs(small, model, x)
+
+
 def test_shrink_refuses_a_model_on_the_meta_device():
     with torch.device("meta"):
         model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1))
