@@ -294,14 +294,21 @@ def test_hypergrad_of_a_gradient_in_another_layout(monkeypatch, seed, layout):
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_cpu_kernels)])
 @pytest.mark.parametrize("shape", [(6, 12, 1, 5), (6, 12, 3, 1), (6, 1, 3, 5), (1, 12, 3, 5)])
-def test_dense_layouts_with_a_dimension_of_size_one(monkeypatch, seed, backend, shape):
+@pytest.mark.parametrize("size_one_stride", ["channels_last", "zero"])
+def test_dense_layouts_with_a_dimension_of_size_one(monkeypatch, seed, backend, shape, size_one_stride):
     """A channels_last weight with a dimension of size 1 (a (1, k) kernel, one input channel) is dense
-    whatever that dimension's stride (c10 ignores it): an unstructured mask keeps the weight's layout
-    on every backend and in the fake kernels (reference.keeps_weight_layout), as the kernels do."""
+    whatever that dimension's stride (c10 ignores it; 0 where it was expanded, which the kernels' memory
+    order must not divide by): an unstructured mask keeps the weight's layout on every backend and in the
+    fake kernels (reference.keeps_weight_layout), as the kernels do."""
     force_backend(monkeypatch, backend)
-    weight, grad = (torch.randn(shape, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-                    for _ in range(2))
-    scores = tied_scores(shape).contiguous(memory_format=torch.channels_last)
+
+    def arranged(tensor):
+        tensor = tensor.contiguous(memory_format=torch.channels_last)
+        return tensor if size_one_stride == "channels_last" else \
+            tensor.as_strided(shape, [0 if size == 1 else stride for size, stride in zip(shape, tensor.stride())])
+
+    weight, grad = (arranged(torch.randn(shape, dtype=torch.float64)) for _ in range(2))
+    scores = arranged(tied_scores(shape))
     threshold = backend_threshold(scores, parse_structure("unstructured"))
     assert reference.keeps_weight_layout(parse_structure("unstructured"), weight, scores, grad)
     masked = ops.masked_weight(weight, scores, threshold)
@@ -534,6 +541,10 @@ def test_compiled_ops_reject_bad_input_with_the_op_name():
     with pytest.raises(RuntimeError, match="bipkernels.block_scores: N:M with M = 4"):
         torch.ops.bipkernels.block_scores(torch.ones(3, 6), 3, 2, 4, 1)
     keep_all = torch.tensor([-1.0, 0.0], dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="bipkernels.block_scores: p must be 1 or 2, got 3"):
+        torch.ops.bipkernels.block_scores(torch.ones(3, 6), 1, 1, 1, 3)
+    with pytest.raises(RuntimeError, match="bipkernels.masked_weight: p must be 1 or 2, got 3"):
+        torch.ops.bipkernels.masked_weight(torch.ones(3, 6), torch.ones(3, 6), keep_all, 1, 1, 1, 3)
     for inv_gamma, arithmetic in [(-1.0, "float32"), (float("nan"), "float32"), (1e39, "float32")]:
         with pytest.raises(RuntimeError, match=rf"bipkernels.hypergrad: inv_gamma must be a number in \[0, "
                                                rf".*\] \(the {arithmetic} arithmetic of Float weights\), got"):
