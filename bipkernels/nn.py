@@ -456,9 +456,9 @@ def warn_emptied(owner: str, emptied: list[str]) -> None:
 
 def nm_sparsity_ignored(op: str, structure: Structure, sparsity: float) -> str | None:
     """The warning, naming ``op``, where layers of an N:M ``structure`` are pruned at a ``sparsity`` other than
-    their own 1 − N/M, which they keep whatever the sparsity asked; None for another structure, sparsity 0
-    (a convert that sets no sparsity) or that sparsity."""
-    if structure.kind != "nm" or sparsity == 0 or math.isclose(sparsity, 1 - structure.a / structure.b):
+    their own 1 − N/M, which they keep whatever the sparsity asked; None for another structure or that
+    sparsity. Sparsity 0 is asked too (prune's target); convert, where it sets no sparsity, does not ask."""
+    if structure.kind != "nm" or math.isclose(sparsity, 1 - structure.a / structure.b):
         return None
     return (f"{op}: structure {structure} keeps {structure.a} of every {structure.b} weights (sparsity "
             f"{1 - structure.a / structure.b:g}) whatever the sparsity asked ({sparsity:g}): the sparsity asked "
@@ -563,7 +563,7 @@ def convert(model: nn.Module, sparsity: float = 0.0, structure: str | Structure 
                       f"{', '.join(f'{name} ({kept})' for name, kept in other_structures.items())}; convert swaps "
                       "plain layers only (export_dense, then convert, to change a layer's structure)", stacklevel=2)
     nm_layers = swaps or any(layer.structure == parsed for _, layer in masked_layers(model))
-    ignored = nm_sparsity_ignored(op, parsed, sparsity)
+    ignored = nm_sparsity_ignored(op, parsed, sparsity) if sparsity else None  # 0: convert asks no sparsity
     if nm_layers and ignored:
         warnings.warn(ignored, stacklevel=2)
     already = [] if meta else list(masks(model).items())

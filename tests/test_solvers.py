@@ -243,6 +243,24 @@ def test_prune_says_once_that_an_nm_structure_keeps_its_own_sparsity(seed, metho
         assert result["sparsity"] == 0.5  # of the masked layers
 
 
+@pytest.mark.parametrize("method", ["bip", "omp", "hydra"])
+def test_prune_says_once_that_nm_keeps_its_own_sparsity_for_p_2_and_a_target_of_0(seed, method):
+    """The warning of 2:4 layers pruned at another sparsity, once, for a 2:4 of p=2 too (prune filtered
+    convert's repeat by a pattern of "2:4", which "2:4 (p=2)" slipped: said twice by the methods that
+    convert at the sparsity) and at a target of 0 (said by nobody, though the layers keep half)."""
+    for structure, sparsity in ((parse_structure("2:4", p=2), 0.9), ("2:4", 0.0)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _, result = bipkernels.prune(tiny_model(seed), tiny_task(seed=seed), method, sparsity,
+                                         structure=structure, epochs=1, finetune_epochs=1, batch_size=32)
+        about_nm = [str(warning.message) for warning in caught if "whatever the sparsity asked" in str(warning.message)]
+        spelled = parse_structure(structure)
+        assert about_nm == [f"prune: structure {spelled} keeps 2 of every 4 weights (sparsity 0.5) whatever the "
+                            f"sparsity asked ({sparsity:g}): the sparsity asked applies to the model's layers of "
+                            "other structures only"], (structure, about_nm)
+        assert result["sparsity"] == 0.5 and result["target_sparsity"] == sparsity
+
+
 def test_imp_rounds_and_schedules():
     rounds = imp_rounds(0.9)
     assert len(rounds) == 11 and rounds[0] == pytest.approx(0.2) and rounds[-1] == 0.9

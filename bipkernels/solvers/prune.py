@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 import time
 import warnings
 
@@ -148,7 +149,11 @@ def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0
     # Every initialised GPU's generator seeded too (dropout on a GPU draws from its own); an uninitialised
     # CUDA is left alone: torch.manual_seed would queue a seed for its first use.
     with forked_random_state(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"bipkernels\.convert: structure \d+:\d+ keeps")  # said above
+        # convert's own words for what prune said above, those alone: a pattern of the structure's spelling
+        # let 2:4 (p=2)'s through, and would hide a warning prune did not give.
+        for duplicate in filter(None, (masked_nn.nm_sparsity_ignored("bipkernels.convert", kept, sparsity)
+                                       for kept in pruned_structures)):
+            warnings.filterwarnings("ignore", message=re.escape(duplicate))
         torch.default_generator.manual_seed(seed)
         if torch.cuda.is_initialized():
             torch.cuda.manual_seed_all(seed)
