@@ -442,6 +442,29 @@ def test_train_weights_resumed_at_its_end_reads_no_data(seed):
         train_weights(_model(), data, 2, batch_size=4, seed=seed, start=states[0])
 
 
+def test_fit_and_train_weights_with_nothing_left_read_no_data(seed):
+    """BiP.fit from the last position on_step was given, (epochs - 1, steps), has no step left, as from
+    (epochs, 0): it returns (epochs, 0) without reading the data (it checked one epoch of them, and raised for
+    data it never reads). train_weights resumed after its last epoch takes empty data too (it checked them
+    for all its epochs: "the training data are empty")."""
+    solver = bipkernels.BiP(_model(), 0.5)
+    data, positions = _data(), []
+    assert solver.fit(data, 2, batch_size=4, seed=seed, on_step=lambda *at: positions.append(at) or False) == (2, 0)
+    iteration, passes = solver.iteration, solver.passes
+    unreadable = _Unreadable(12)
+    assert solver.fit(unreadable, 2, batch_size=4, seed=seed, start=positions[-1]) == (2, 0)
+    assert unreadable.reads == 0 and (solver.iteration, solver.passes) == (iteration, passes)
+    with pytest.raises(ValueError, match="^BiP.fit: ValueError: example .* read"):  # a step left: checked
+        solver.fit(unreadable, 2, batch_size=4, seed=seed, start=positions[-2])
+    states = []
+    passes = train_weights(_model(), data, 2, batch_size=4, seed=seed,
+                           on_epoch=lambda state: states.append(copy.deepcopy(state)))
+    empty = TensorDataset(torch.randn(0, 2, 5, 5), torch.zeros(0, dtype=torch.long))
+    assert train_weights(_model(), empty, 2, batch_size=4, seed=seed, start=states[1]) == passes
+    with pytest.raises(ValueError, match="^train_weights: the training data are empty: 1 epochs would train"):
+        train_weights(_model(), empty, 2, batch_size=4, seed=seed, start=states[0])
+
+
 def test_training_and_evaluation_check_the_data_against_the_model_first(seed):
     """BiP.fit, train_weights, evaluate, mean_loss and recalibrate_batchnorm name themselves for data that
     the model cannot take, before any step or reset. They raised torch's IndexError (a class index out of

@@ -335,7 +335,9 @@ class BiP:
                                  f"{f' on each of {shard[1]} ranks' if shard[1] > 1 else ''} make {batches} "
                                  f"batch{'es' if batches != 1 else ''}{folded}, fewer than the {per_step} that one "
                                  f"{self.mode} step takes: nothing would train")
-            check_training_data("BiP.fit", self.model, dataset, epochs - start[0], batch_size, seed, loss_fn)
+            # No step left (start (epochs, 0), or (epochs - 1, steps) as on_step was given it): nothing is read.
+            check_training_data("BiP.fit", self.model, dataset, epochs - start[0] if planned else 0, batch_size, seed,
+                                loss_fn)
         class_indices, loss_fn = loss_fn is None, training_loss(loss_fn)  # targets for cross_entropy, or as given
         device = model_device(self.model)
         progress = Progress(epochs, label)

@@ -704,13 +704,13 @@ def train_weights(model: nn.Module, dataset: Dataset, epochs: int, lr: float = 0
                              f"{epochs}")
         if on_epoch is not None and not callable(on_epoch):
             raise TypeError(f"train_weights: on_epoch must be callable or None, got {on_epoch!r}")
-        check_data("train_weights", dataset, epochs)
         if start is not None and not (isinstance(start, dict) and _TRAINING_STATE <= start.keys()
                                       and isinstance(start["epoch"], int) and 0 <= start["epoch"] <= epochs):
             got = f"keys {sorted(start)}, epoch {start.get('epoch')!r}" if isinstance(start, dict) else repr(start)
             raise ValueError(f"train_weights: start must be a state given to on_epoch (keys "
                              f"{sorted(_TRAINING_STATE)}, epoch in [0, {epochs}]), got {got}")
         epochs_left = epochs - (start["epoch"] if start is not None else 0)  # a resumed run reads only those
+        check_data("train_weights", dataset, epochs_left)
         check_training_data("train_weights", model, dataset, epochs_left, batch_size, seed, loss_fn)
     class_indices, loss_fn = loss_fn is None, training_loss(loss_fn)  # targets for cross_entropy, or as given
     score_ids = {id(layer.scores) for _, layer in masked_layers(model)}
