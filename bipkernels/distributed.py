@@ -58,12 +58,16 @@ def _digit(keys: torch.Tensor, shift: int) -> torch.Tensor:
     return (keys >> shift) + _BINS // 2 if shift == _SHIFTS[0] else (keys >> shift) & (_BINS - 1)
 
 
-def collective_device(block_scores: list, group) -> torch.device:
-    """Where a collective's tensors go: beside ``block_scores``, or, for none, where the backend takes them."""
+def collective_device(block_scores: list, group, device: torch.device | None = None) -> torch.device:
+    """Where a collective's tensors go: beside ``block_scores``; for none, where the backend takes them: NCCL
+    (CUDA tensors only) on ``device`` where it is a GPU (the caller's model's: a DistributedDataParallel
+    rank's GPU, given by device_ids, need not be the current one, and two ranks on one GPU fail), else on
+    the current GPU; the other backends on the CPU."""
     if block_scores:
         return block_scores[0].device
-    if dist.get_backend(group) == "nccl":  # NCCL communicates CUDA tensors only
-        return torch.device("cuda", torch.cuda.current_device())
+    if dist.get_backend(group) == "nccl":
+        return device if device is not None and device.type == "cuda" else \
+            torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
@@ -113,26 +117,27 @@ def check_devices(owner: str, tensors: list, backend: str) -> None:
                          f"rank's scores lie on {devices[0]}: move the shard to its GPU or use gloo")
 
 
-def raise_together(owner: str, error: Exception | None, group=None) -> None:
+def raise_together(owner: str, error: Exception | None, group=None, device: torch.device | None = None) -> None:
     """A collective: raises on every rank of ``group`` if ``error`` is set on any. A rank that failed
     raises its own ``error``, the others a RuntimeError naming the lowest rank that failed: a rank that
-    raised alone would leave the others waiting forever in the next collective."""
-    _agree(owner, error, group)
+    raised alone would leave the others waiting forever in the next collective. ``device``: where the
+    caller's model lies (collective_device)."""
+    _agree(owner, error, group, device=device)
 
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _agree(owner: str, error: Exception | None, group, tensors=(), k: int | None = None,
-           scope: str | None = None, sparsity: float | None = None) -> None:
+           scope: str | None = None, sparsity: float | None = None, device: torch.device | None = None) -> None:
     """One all-reduce (MAX) of what every rank of ``group`` must share before a collective's work: whether
     a rank failed its checks (``error``: it raises its own, the others a RuntimeError naming the lowest
     failing rank, by its global rank), the dtype of the block scores ``tensors`` (one over the group), ``k``,
     ``scope`` and ``sparsity`` (the same on every rank: layer scope has no k to compare, and a rank of
     its own sparsity would train on silently). Every rank sees the same reduced values, so every rank raises,
     or none. The all-reduce runs beside ``tensors`` (NCCL: on their GPU, whether or not it is the current
-    one), else where the backend takes tensors. Without a process group a rank's own error is raised as it
-    is, and no error is _no_process_group's."""
+    one), else where the backend takes tensors (NCCL: on ``device``, see collective_device). Without a
+    process group a rank's own error is raised as it is, and no error is _no_process_group's."""
     if not _initialised():
         raise error or _no_process_group(owner, group)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -143,7 +148,7 @@ def _agree(owner: str, error: Exception | None, group, tensors=(), k: int | None
     dtypes = {tensor.dtype for tensor in tensors}
     shared = [world - rank if error is not None else 0, *(int(dtype in dtypes) for dtype in _DTYPES),
               k_value, -k_value, scope_code, -scope_code, sparsity_bits, -sparsity_bits]
-    reduced = torch.tensor(shared, dtype=torch.int64, device=collective_device(list(tensors), group))
+    reduced = torch.tensor(shared, dtype=torch.int64, device=collective_device(list(tensors), group, device))
     dist.all_reduce(reduced, op=dist.ReduceOp.MAX, group=group)
     first_failed, *held, k_max, k_min, scope_max, scope_min, sparsity_max, sparsity_min = reduced.tolist()
     if error is not None:

@@ -26,6 +26,7 @@ from bipkernels import distributed
 from bipkernels.solvers.hydra import hydra
 from bipkernels.solvers.imp import imp
 from bipkernels.solvers.omp import omp, random_prune
+from bipkernels.solvers import training
 from bipkernels.solvers.training import epoch_batches, train_weights
 
 from conftest import tied_scores, with_specials
@@ -395,6 +396,24 @@ def test_devices_a_collective_takes():
         distributed.check_devices("op", [torch.zeros(2)], "nccl")
     with pytest.raises(ValueError, match=r"op: this rank's scores lie on several devices \['cpu', 'meta'\]"):
         distributed.check_devices("op", [torch.zeros(2), torch.zeros(2, device="meta")], "gloo")
+
+
+def test_checks_meet_on_the_models_gpu_under_nccl(monkeypatch):
+    """The all-reduce that makes the solvers' checks raise on every rank runs on the model's GPU under NCCL:
+    it ran on the current GPU, device 0 on every rank of a DistributedDataParallel(model.to(rank),
+    device_ids=[rank]) that never called torch.cuda.set_device, where NCCL fails (two ranks on one GPU).
+    No GPU here: the backend is NCCL by name, the collective recorded, not run."""
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda group: "nccl")
+    assert distributed.collective_device([], None, torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert distributed.collective_device([torch.zeros(1)], None, torch.device("cuda", 1)) == torch.device("cpu")
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda group: "gloo")
+    assert distributed.collective_device([], None, torch.device("cuda", 1)) == torch.device("cpu")
+    met = []
+    monkeypatch.setattr(distributed, "raise_together", lambda *arguments: met.append(arguments))
+    group, model = object(), nn.Linear(2, 2, device="meta")
+    with training.checked_together("op", model, group):
+        pass
+    assert met == [("op", None, group, torch.device("meta"))]
 
 
 @pytest.mark.parametrize("backend", [

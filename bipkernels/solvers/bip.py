@@ -41,7 +41,7 @@ from ..structures import Structure
 from .training import (Progress, batch_count, check_dataset, check_masked_structure, check_settings,
                        check_training_data, checked_together, data_shard, ddp_wrapper, epoch_batches, fetch,
                        model_device, nothing_to_mask, random_state, scheduler, set_random_state, shard_size,
-                       training_group, training_loss)
+                       training_loss)
 
 
 def steps_per_epoch(dataset_size: int, batch_size: int, mode: str = "fused", lower_steps: int = 1,
@@ -120,7 +120,8 @@ class BiP:
                 raise
             failure = error
         if group is not None:  # a rank that raised alone would leave the others waiting in the projection
-            distributed.raise_together("BiP", failure, group)
+            device = model_device(model) if isinstance(model, nn.Module) else None  # a model that failed its check
+            distributed.raise_together("BiP", failure, group, device)
         # What a state of this run must have been saved with (load_state_dict): the optimisers' and
         # schedules' states carry some of these, and the projection and the steps read the others.
         # Plain Python values (a numpy scalar would need torch.load(weights_only=False)).
@@ -170,7 +171,7 @@ class BiP:
         does (one shard may hold none, a stage of norms: it still takes part)."""
         count = len(masked_nn.masked_layers(self.model))
         if self.group is not None:
-            count = torch.tensor(count, device=distributed.collective_device([], self.group))
+            count = torch.tensor(count, device=distributed.collective_device([], self.group, model_device(self.model)))
             torch.distributed.all_reduce(count, group=self.group)
         if not int(count):
             raise nothing_to_mask("BiP", self.model, "inside it" if self.group is None else "on any rank of the group")
@@ -305,7 +306,7 @@ class BiP:
         raises on every rank: its own error there, a RuntimeError naming it on the others (checked_together).
         """
         # Under a group or DistributedDataParallel a check of this rank's data may fail here alone.
-        with checked_together("BiP.fit", training_group(self.model, self.group)):
+        with checked_together("BiP.fit", self.model, self.group):
             check_settings("BiP.fit", epochs=epochs, batch_size=batch_size, seed=seed, loss_fn=loss_fn, label=label)
             if not (isinstance(start, (tuple, list)) and len(start) == 2
                     and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in start)):

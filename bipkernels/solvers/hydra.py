@@ -7,8 +7,7 @@ from torch import nn
 
 from ..nn import check_module
 from .bip import BiP, steps_per_epoch
-from .training import (check_data, check_settings, check_training_data, checked_together, data_shard, train_weights,
-                       training_group)
+from .training import check_data, check_settings, check_training_data, checked_together, data_shard, train_weights
 
 
 def hydra(model: nn.Module, dataset, sparsity: float, structure=None, scope: str = "global",
@@ -17,7 +16,7 @@ def hydra(model: nn.Module, dataset, sparsity: float, structure=None, scope: str
     """Returns the forward/backward passes spent. ``structure`` as BiP's (None: the masked layers' own).
     Both phases train on ``loss_fn(outputs, targets)`` (None: cross_entropy)."""
     check_module("hydra", model)
-    with checked_together("hydra", training_group(model)):  # a DDP rank's share of the data may fail alone
+    with checked_together("hydra", model):  # a DDP rank's share of the data may fail alone
         check_settings("hydra", sparsity=sparsity, structure="unstructured" if structure is None else structure,
                        scope=scope, score_epochs=score_epochs, finetune_epochs=finetune_epochs, score_lr=score_lr,
                        lr=lr, batch_size=batch_size, seed=seed, loss_fn=loss_fn)

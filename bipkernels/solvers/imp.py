@@ -17,7 +17,7 @@ from torch import nn
 from .. import nn as masked_nn
 from ..reference import score_dtype
 from .training import (check_data, check_settings, check_training_data, checked_together, convert_to_reset,
-                       project_naming_emptied, train_weights, training_group)
+                       project_naming_emptied, train_weights)
 
 
 def imp_rounds(sparsity: float, rate: float = 0.2) -> list[float]:
@@ -40,7 +40,7 @@ def imp(model: nn.Module, dataset, sparsity: float, structure="unstructured", sc
     Warns, as convert does, in the round where a global projection first keeps no block of a layer.
     """
     masked_nn.check_module("imp", model)
-    with checked_together("imp", training_group(model)):  # a DDP rank's share of the data may fail alone
+    with checked_together("imp", model):  # a DDP rank's share of the data may fail alone
         check_settings("imp", sparsity=sparsity, structure=structure, scope=scope, epochs_per_round=epochs_per_round,
                        lr=lr, rate=rate, batch_size=batch_size, seed=seed, loss_fn=loss_fn)
         check_data("imp", dataset, epochs_per_round)

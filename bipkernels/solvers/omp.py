@@ -9,7 +9,7 @@ from torch import nn
 from .. import nn as masked_nn
 from .. import ops
 from .training import (check_data, check_settings, check_training_data, checked_together, convert_masking_something,
-                       convert_to_reset, project_naming_emptied, train_weights, training_group)
+                       convert_to_reset, project_naming_emptied, train_weights)
 
 
 def omp(model: nn.Module, dataset, sparsity: float, structure="unstructured", scope: str = "global",
@@ -17,7 +17,7 @@ def omp(model: nn.Module, dataset, sparsity: float, structure="unstructured", sc
     """Prune ``model`` once by |θ| (global top-k of block magnitudes), then fine-tune on ``loss_fn`` (None:
     cross_entropy); returns passes."""
     masked_nn.check_module("omp", model)
-    with checked_together("omp", training_group(model)):  # a DDP rank's share of the data may fail alone
+    with checked_together("omp", model):  # a DDP rank's share of the data may fail alone
         check_settings("omp", sparsity=sparsity, structure=structure, scope=scope, finetune_epochs=finetune_epochs,
                        lr=lr, batch_size=batch_size, seed=seed, loss_fn=loss_fn)
         check_data("omp", dataset, finetune_epochs)
@@ -59,7 +59,7 @@ def random_prune(model: nn.Module, dataset, sparsity: float, structure="unstruct
     cross_entropy); returns passes.
     One uniform draw per block (_random_scores), so blocks of every size are equally likely to stay."""
     masked_nn.check_module("random_prune", model)
-    with checked_together("random_prune", training_group(model)):  # a DDP rank's share of the data may fail alone
+    with checked_together("random_prune", model):  # a DDP rank's share of the data may fail alone
         check_settings("random_prune", sparsity=sparsity, structure=structure, scope=scope,
                        finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size, seed=seed, loss_fn=loss_fn)
         check_data("random_prune", dataset, finetune_epochs)

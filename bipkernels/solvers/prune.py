@@ -18,8 +18,7 @@ from .hydra import hydra
 from .imp import check_rewind_state, imp, imp_rounds
 from .omp import omp, random_prune
 from .training import (SETTINGS, check_dataset, check_examples, check_forward, check_masked_structure, check_settings,
-                       checked_together, data_shard, evaluate, forked_random_state, mean_loss, recalibrate_batchnorm,
-                       training_group)
+                       checked_together, data_shard, evaluate, forked_random_state, mean_loss, recalibrate_batchnorm)
 
 METHODS = ("bip", "omp", "imp", "hydra", "random")
 # What each method runs: prune's options go to it as keyword arguments.
@@ -91,7 +90,7 @@ def prune(model: nn.Module, train_data, method: str = "bip", sparsity: float = 0
     """
     masked_nn.check_module("prune", model)
     # Under DistributedDataParallel a check of this rank's share of the data may fail here alone.
-    with checked_together("prune", training_group(model)):
+    with checked_together("prune", model):
         if method not in METHODS:
             raise ValueError(f"prune: method must be one of {METHODS}, got {method!r}")
         computed = next((name for name in options if name in _COMPUTED.get(method, {})), None)

@@ -243,13 +243,15 @@ def training_group(model: nn.Module, group=None):
 
 
 @contextlib.contextmanager
-def checked_together(owner: str, group):
-    """The checks inside the block, as a collective of ``group`` (training_group; None: this process alone,
-    and the block's errors raise as they are): an error on any rank raises on every rank, the failing rank's
-    own there and a RuntimeError naming ``owner`` and that rank on the others (distributed.raise_together).
-    The checks of one rank's share of the data fail on that rank alone, and a rank that raised alone left
-    the others waiting for ever in training's first collective (the gradient all-reduce, a projection over
-    the group). Every rank of ``group`` must run the block."""
+def checked_together(owner: str, model: nn.Module, group=None):
+    """The checks inside the block, as a collective of training_group(model, group) (None: this process
+    alone, and the block's errors raise as they are): an error on any rank raises on every rank, the failing
+    rank's own there and a RuntimeError naming ``owner`` and that rank on the others
+    (distributed.raise_together, on the model's device under NCCL). The checks of one rank's share of the
+    data fail on that rank alone, and a rank that raised alone left the others waiting for ever in
+    training's first collective (the gradient all-reduce, a projection over the group). Every rank of the
+    group must run the block."""
+    group = training_group(model, group)
     if group is None:
         yield
         return
@@ -258,7 +260,7 @@ def checked_together(owner: str, group):
         yield
     except Exception as error:
         failure = error
-    distributed.raise_together(owner, failure, group)
+    distributed.raise_together(owner, failure, group, model_device(model))
 
 
 def shard_size(size: int, world_size: int) -> int:
@@ -695,7 +697,7 @@ def train_weights(model: nn.Module, dataset: Dataset, epochs: int, lr: float = 0
     call never stopped. ``label`` (a str) names the progress line.
     """
     check_module("train_weights", model)
-    with checked_together("train_weights", training_group(model)):
+    with checked_together("train_weights", model):
         check_settings("train_weights", epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                        weight_decay=weight_decay, schedule=schedule, first_epoch=first_epoch, loss_fn=loss_fn,
                        label=label)
