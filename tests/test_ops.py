@@ -170,6 +170,40 @@ def test_masks_across_parallel_chunks(monkeypatch, seed, structure_name):
 
 
 @needs_cpu_kernels
+@pytest.mark.parametrize("layout", ["contiguous"] + list(LAYOUTS))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_unstructured_ties_in_some_batches_only(monkeypatch, seed, layout, dtype):
+    """The CPU unstructured kernels decide a batch of 1024 elements (in memory order) by |s| > value alone and
+    decide again by the whole rule (the tie cut, by logical index) only a batch that holds a tie at the
+    threshold: random scores with ties of the threshold value in the first two batches only, cut among the
+    ties, give the reference's results bit for bit."""
+    force_backend(monkeypatch, "cpu")
+    shape, batch = (16, 24, 3, 3), 1024  # 3456 elements: 4 batches, the last one partial
+    structure = parse_structure("unstructured")
+    to_layout = LAYOUTS.get(layout, lambda t: t)
+    scores, weight, grad = (to_layout(torch.randn(shape, dtype=torch.float64).to(dtype)) for _ in range(3))
+    in_memory_order = scores.as_strided((scores.numel(),), (1,))
+    later = in_memory_order[2 * batch:]
+    tie_value = later.abs().median()  # later batches hold scores on both sides of it, and none equal to it
+    later[later.abs() == tie_value] *= 0.5
+    places = torch.randperm(2 * batch)[:6]
+    in_memory_order[places] = tie_value * torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, 1.0], dtype=dtype)
+    ties = int((scores.abs() == tie_value).sum())
+    k = int((scores.abs() > tie_value).sum()) + int(torch.randint(1, ties, ()))  # some ties kept, some not
+    threshold = reference.topk_threshold([scores.abs()], k)[0]
+    assert threshold[0] == tie_value and 0 < threshold[1] < scores.numel()
+    assert not (later.abs() == tie_value).any()
+    mask = ops.block_mask(scores, threshold, structure)
+    assert torch.equal(mask, reference.block_mask(scores, threshold, structure)) and int(mask.sum()) == k
+    assert torch.equal(ops.masked_weight(weight, scores, threshold, structure),
+                       reference.masked_weight(weight, scores, threshold, structure))
+    for implicit in ("paper", "released"):
+        got = ops.hypergrad(grad, weight, scores, threshold, structure, inv_gamma=0.5, implicit=implicit)
+        for g, w in zip(got, reference.hypergrad(grad, weight, scores, threshold, structure, 0.5, implicit)):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+@needs_cpu_kernels
 @pytest.mark.parametrize("structure_name, shape", [
     ("2:4", (3, 8, 17, 17)),  # groups of 4 * 289 elements: longer than a batch, decided one by one
     ("2:4", (3, 4, 16, 16)),  # groups of exactly one batch (1024 elements)

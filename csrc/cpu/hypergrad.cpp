@@ -32,15 +32,14 @@ std::tuple<at::Tensor, at::Tensor> hypergrad(const at::Tensor& grad, const at::T
     const acc_t inv_gamma_acc = static_cast<acc_t>(inv_gamma);
     with_kind(prepared.layout.kind, [&](auto kind) {
       at::parallel_for(0, weight.numel(), kGrain, [&](int64_t begin, int64_t end) {
-        constexpr bool kBranchFree = decltype(kind)::value == kNM;  // one decision per element, irregular
-        for_each_decision<decltype(kind)::value>(rule, begin, end, [&](int64_t first, int64_t stop, bool kept) {
-          for (int64_t i = first; i < stop; ++i) {
-            const auto element = hypergrad_element<acc_t, kBranchFree>(
-                static_cast<acc_t>(g[i]), static_cast<acc_t>(theta[i]), kept, s[i] < scalar_t(0), inv_gamma_acc,
-                implicit);
-            out_theta[i] = static_cast<scalar_t>(element.grad_theta);
-            out_score[i] = static_cast<scalar_t>(element.grad_score);
-          }
+        // One decision per element, irregular (math.h: hypergrad_element).
+        constexpr bool kBranchFree = decltype(kind)::value == kNM || decltype(kind)::value == kUnstructured;
+        for_each_decision<decltype(kind)::value>(rule, begin, end, [&](int64_t i, bool kept) {
+          const auto element = hypergrad_element<acc_t, kBranchFree>(
+              static_cast<acc_t>(g[i]), static_cast<acc_t>(theta[i]), kept, s[i] < scalar_t(0), inv_gamma_acc,
+              implicit);
+          out_theta[i] = static_cast<scalar_t>(element.grad_theta);
+          out_score[i] = static_cast<scalar_t>(element.grad_score);
         });
       });
     });

@@ -328,8 +328,9 @@ BIPK_HD T negated_if(bool negative, T value) {
 }
 
 // BranchFree: the same values by kept_or_zero and negated_if, for callers whose `kept` changes from one
-// element to the next (the CPU N:M walk: 2:4 hypergrad 14.1 -> 11.3 ms on a 512x512x3x3 weight). Elsewhere
-// the plain selects are faster (the unstructured CPU hypergrad went 3.4 -> 3.9 ms with the bit forms).
+// element to the next (the CPU N:M walk: 2:4 hypergrad 14.1 -> 11.3 ms on a 512x512x3x3 weight; the CPU
+// unstructured walk, where they also let the loop vectorise: see cpu/block_scores.h). Elsewhere the plain
+// selects are faster (runs of one decision, and the CUDA kernels).
 template <typename acc_t, bool BranchFree = false>
 BIPK_HD HypergradElement<acc_t> hypergrad_element(
     acc_t grad, acc_t theta, bool kept, bool negative_score, acc_t inv_gamma, int64_t implicit) {
