@@ -34,7 +34,9 @@ std::tuple<at::Tensor, at::Tensor> hypergrad(const at::Tensor& grad, const at::T
       at::parallel_for(0, weight.numel(), kGrain, [&](int64_t begin, int64_t end) {
         // One decision per element, irregular (math.h: hypergrad_element).
         constexpr bool kBranchFree = decltype(kind)::value == kNM || decltype(kind)::value == kUnstructured;
-        for_each_decision<decltype(kind)::value>(rule, begin, end, [&](int64_t i, bool kept) {
+        // inv_gamma by value: by reference, a store of a float result might change it, so the compiler
+        // reloaded it for every element and left the loop scalar.
+        for_each_decision<decltype(kind)::value>(rule, begin, end, [&, inv_gamma_acc](int64_t i, bool kept) {
           const auto element = hypergrad_element<acc_t, kBranchFree>(
               static_cast<acc_t>(g[i]), static_cast<acc_t>(theta[i]), kept, s[i] < scalar_t(0), inv_gamma_acc,
               implicit);
