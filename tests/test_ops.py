@@ -37,7 +37,8 @@ def test_block_scores(monkeypatch, seed, structure_name, shape, p):
         pytest.skip("structure does not fit the shape")
     force_backend(monkeypatch, "cpu")
     structure = parse_structure(structure_name, p)
-    for scores in (tied_scores(shape), torch.randn(shape, dtype=torch.float64), torch.randn(shape).mT if len(shape) == 2 else torch.randn(shape)):
+    strided = torch.randn(shape).mT if len(shape) == 2 else torch.randn(shape)
+    for scores in (tied_scores(shape), torch.randn(shape, dtype=torch.float64), strided):
         got, want = ops.block_scores(scores, structure), reference.block_scores(scores, structure)
         assert got.dtype == want.dtype and got.shape == want.shape
         assert torch.equal(got, want)  # both sum in math.h's canonical order
@@ -536,11 +537,14 @@ def test_keep_count_rounding():
     (lambda: ops.block_scores(torch.ones(3, 6), "blocks"), ValueError, "cannot read 'blocks'"),
     (lambda: ops.block_scores(torch.ones(3, 6), p=3), ValueError, "p must be 1 or 2"),
     (lambda: ops.topk_threshold([torch.ones(3)], -1), ValueError, "k must be an int >= 0"),
-    (lambda: ops.topk_threshold([torch.ones(3), torch.ones(3, dtype=torch.float64)], 1), ValueError, r"block_scores\[1\]"),
+    (lambda: ops.topk_threshold([torch.ones(3), torch.ones(3, dtype=torch.float64)], 1), ValueError,
+     r"block_scores\[1\]"),
     (lambda: ops.masked_weight(torch.ones(3), torch.ones(4), torch.zeros(2, dtype=torch.float64)), ValueError,
      "scores has shape"),
-    (lambda: ops.masked_weight(torch.ones(3), torch.ones(3), torch.zeros(2)), TypeError, "threshold must be a float64"),
-    (lambda: ops.masked_weight(torch.ones(3), torch.ones(3), 0.5), TypeError, "threshold must be a float64 .* got float"),
+    (lambda: ops.masked_weight(torch.ones(3), torch.ones(3), torch.zeros(2)), TypeError,
+     "threshold must be a float64"),
+    (lambda: ops.masked_weight(torch.ones(3), torch.ones(3), 0.5), TypeError,
+     "threshold must be a float64 .* got float"),
     (lambda: ops.block_mask(torch.ones(3), torch.zeros(3, dtype=torch.float64)), ValueError,
      r"threshold must be a float64 tensor of shape \(2,\)"),
     (lambda: ops.topk_masks([torch.ones(3)], 1, "bogus"), ValueError, "bipkernels.topk_masks: .*bogus"),
@@ -571,7 +575,8 @@ def test_bad_arguments_name_the_op_and_value(call, error, message):
 @needs_cpu_kernels
 def test_compiled_ops_reject_bad_input_with_the_op_name():
     with pytest.raises(RuntimeError, match="bipkernels.masked_weight: scores has shape"):
-        torch.ops.bipkernels.masked_weight(torch.ones(3), torch.ones(4), torch.zeros(2, dtype=torch.float64), 0, 0, 0, 1)
+        torch.ops.bipkernels.masked_weight(torch.ones(3), torch.ones(4), torch.zeros(2, dtype=torch.float64),
+                                           0, 0, 0, 1)
     with pytest.raises(RuntimeError, match="bipkernels.block_scores: N:M with M = 4"):
         torch.ops.bipkernels.block_scores(torch.ones(3, 6), 3, 2, 4, 1)
     keep_all = torch.tensor([-1.0, 0.0], dtype=torch.float64)
