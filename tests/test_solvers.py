@@ -826,10 +826,12 @@ def test_prune_points_a_language_model_to_its_loss_fn(seed):
 def test_prune_trains_every_method_on_a_loss_of_its_own(seed, method):
     """prune trained every method on cross_entropy with classes in dim 1, and only BiP.fit took a loss of
     the caller's: a language model could not be pruned by OMP, IMP, HYDRA or random pruning. With loss_fn,
-    each reaches its exact kept count and lowers the token loss, and reports the loss, not an accuracy."""
+    each reaches its exact kept count and lowers the token loss, and reports the loss, not an accuracy.
+    Fine-tuning takes 8 epochs: after 4, random pruning's loss stayed above the dense model's for about one
+    seed in 30 (956768863: 2.406 against 2.391); after 8 it was at least 0.28 below it on 151 seeds."""
     model, data = token_task(seed)
     before = mean_loss(model, data, token_loss)
-    model, result = bipkernels.prune(model, data, method, 0.5, epochs=4, finetune_epochs=4, batch_size=8,
+    model, result = bipkernels.prune(model, data, method, 0.5, epochs=4, finetune_epochs=8, batch_size=8,
                                      seed=seed, val_data=data, loss_fn=token_loss)
     assert len(bipkernels.masks(model)) == 2 and kept_blocks(model) == bipkernels.keep_count(8 * (8 + 12), 0.5)
     assert result["val_accuracy"] is None and result["test_loss"] is None
