@@ -97,9 +97,10 @@ class BiP:
         self.step_scores_in_backward = step_scores_in_backward
         self._failure = None  # why the state matches no run, after a step failed halfway
         self.group = group
-        failure = None
         distributed.check_group("BiP", group)  # before the model changes, and before raise_together uses it
-        try:  # under a group every check in here raises on every rank (raise_together)
+        # Under a group (or DistributedDataParallel) every check in here raises on every rank: a rank that raised
+        # alone would leave the others waiting in the projection.
+        with checked_together("BiP", model, group):
             check_settings("BiP", sparsity=sparsity, structure=to_convert, scope=scope, mode=mode, lr=lr,
                            score_lr=score_lr, momentum=momentum, score_momentum=score_momentum,
                            weight_decay=weight_decay, inv_gamma=inv_gamma, implicit=implicit,
@@ -115,13 +116,6 @@ class BiP:
             if group is not None and scope == "global":  # before the projection's first collective
                 distributed.check_devices("BiP", [layer.scores for _, layer in masked_nn.ranked_layers(model)],
                                           distributed.group_backend("BiP", group))
-        except Exception as error:
-            if group is None:
-                raise
-            failure = error
-        if group is not None:  # a rank that raised alone would leave the others waiting in the projection
-            device = model_device(model) if isinstance(model, nn.Module) else None  # a model that failed its check
-            distributed.raise_together("BiP", failure, group, device)
         # What a state of this run must have been saved with (load_state_dict): the optimisers' and
         # schedules' states carry some of these, and the projection and the steps read the others.
         # Plain Python values (a numpy scalar would need torch.load(weights_only=False)).

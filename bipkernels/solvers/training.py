@@ -250,8 +250,10 @@ def checked_together(owner: str, model: nn.Module, group=None):
     (distributed.raise_together, on the model's device under NCCL). The checks of one rank's share of the
     data fail on that rank alone, and a rank that raised alone left the others waiting for ever in
     training's first collective (the gradient all-reduce, a projection over the group). Every rank of the
-    group must run the block."""
-    group = training_group(model, group)
+    group must run the block. ``model`` may be one the block refuses (not an nn.Module): then ``group``
+    alone is the group, and the collective runs where the backend takes tensors."""
+    is_module = isinstance(model, nn.Module)
+    group = training_group(model, group) if is_module else group
     if group is None:
         yield
         return
@@ -260,7 +262,7 @@ def checked_together(owner: str, model: nn.Module, group=None):
         yield
     except Exception as error:
         failure = error
-    distributed.raise_together(owner, failure, group, model_device(model))
+    distributed.raise_together(owner, failure, group, model_device(model) if is_module else None)
 
 
 def shard_size(size: int, world_size: int) -> int:
